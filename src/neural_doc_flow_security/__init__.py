@@ -1,0 +1,1 @@
+"""neural-doc-flow security: the process sandbox for untrusted document plugins."""

@@ -1,0 +1,210 @@
+"""`ndf-sandbox`: the command line over the same engine as the Python API.
+
+    ndf-sandbox run [limits...] -- CMD ARGS...   run a program in a fresh sandbox
+    ndf-sandbox check [--json]                   what this host can enforce
+    ndf-sandbox demo [--json]                    a document pipeline with hostile plugins
+
+Exit status of `run`: the program's own code; 128+N when it was killed by
+signal N; 124 on timeout; 125 when the kernel OOM-killed it; 126 when the
+sandbox could not be set up (a protection could not be applied); 123 on a
+protocol violation; 2 for a bad command line or profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from .config import (
+    BindMount,
+    CapabilityConfig,
+    FilesystemConfig,
+    SandboxConfig,
+    parse_rate,
+    parse_size_mb,
+)
+from .errors import ConfigError, SandboxError
+from .result import EXIT_SANDBOX_ERROR
+
+EXIT_USAGE = 2
+
+
+def _optional(value: str, parse: Any) -> Any:
+    return None if value.lower() in ("none", "0", "unlimited") else parse(value)
+
+
+def _build_run_parser(sub: Any) -> None:
+    run = sub.add_parser("run", help="run a program in a fresh sandbox",
+                         description="Run CMD in a fresh sandbox. Defaults are the secure profile.")
+    run.add_argument("--profile", metavar="FILE", help="TOML profile to start from")
+    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M, 1G (or none)")
+    run.add_argument("--cpu", metavar="PERCENT", help="CPU quota; 100 = one full CPU (or none)")
+    run.add_argument("--pids", metavar="N", help="maximum number of processes (or none)")
+    run.add_argument("--timeout", metavar="SECONDS", help="wall-clock timeout (or none)")
+    run.add_argument("--nofile", metavar="N", type=int, help="maximum open files (RLIMIT_NOFILE)")
+    run.add_argument("--io-read-bps", metavar="RATE", help="disk read bandwidth, e.g. 10M")
+    run.add_argument("--io-write-bps", metavar="RATE", help="disk write bandwidth, e.g. 10M")
+    net = run.add_mutually_exclusive_group()
+    net.add_argument("--net", dest="net", action="store_true", default=None,
+                     help="share the host's network (no network namespace)")
+    net.add_argument("--no-net", dest="net", action="store_false",
+                     help="a new, empty network namespace: loopback only (default)")
+    run.add_argument("--ro-bind", metavar="SRC[:DST]", action="append", default=[],
+                     help="bind a host path read-only")
+    run.add_argument("--bind", metavar="SRC[:DST]", action="append", default=[],
+                     help="bind a host path read-write")
+    run.add_argument("--tmpfs-size", metavar="SIZE", help="size of the private /tmp, e.g. 64M")
+    run.add_argument("--python", action="store_true", help="make the Python installation visible")
+    run.add_argument("--cap", metavar="CAP", action="append", default=[],
+                     help="keep this capability (e.g. CAP_NET_BIND_SERVICE)")
+    run.add_argument("--ambient-cap", metavar="CAP", action="append", default=[],
+                     help="keep this capability across exec for a non-root uid")
+    run.add_argument("--hostname", metavar="NAME")
+    run.add_argument("--uid", metavar="N", type=int)
+    run.add_argument("--gid", metavar="N", type=int)
+    run.add_argument("--env", metavar="K=V", action="append", default=[],
+                     help="set an environment variable (the environment is clean otherwise)")
+    run.add_argument("--seccomp", metavar="default|off|FILE", help="seccomp profile")
+    run.add_argument("--cwd", metavar="DIR", default="/", help="working directory inside the sandbox")
+    run.add_argument("--json-result", metavar="FILE", help="write the full result as JSON to FILE")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `ndf-sandbox`."""
+    parser = argparse.ArgumentParser(prog="ndf-sandbox", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="subcommand", required=True)
+    _build_run_parser(sub)
+    check = sub.add_parser("check", help="report what this host can enforce")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = sub.add_parser("demo", help="run a document pipeline with good and hostile plugins")
+    demo.add_argument("--json", action="store_true", help="machine-readable output")
+    demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SandboxConfig:
+    """Apply the command-line options on top of the profile (or the defaults)."""
+    config = SandboxConfig.from_toml(args.profile) if args.profile else SandboxConfig()
+    changes: dict[str, Any] = {}
+    if args.memory is not None:
+        changes["memory_limit_mb"] = _optional(args.memory, lambda v: parse_size_mb(v, "memory_limit_mb"))
+    if args.cpu is not None:
+        changes["cpu_quota_percent"] = _optional(args.cpu, lambda v: _int(v, "cpu_quota_percent"))
+    if args.pids is not None:
+        changes["max_processes"] = _optional(args.pids, lambda v: _int(v, "max_processes"))
+    if args.timeout is not None:
+        changes["timeout_seconds"] = _optional(args.timeout, lambda v: _float(v, "timeout_seconds"))
+    if args.nofile is not None:
+        changes["max_open_files"] = args.nofile
+    if args.io_read_bps is not None:
+        changes["io_read_bps"] = _optional(args.io_read_bps, lambda v: parse_rate(v, "io_read_bps"))
+    if args.io_write_bps is not None:
+        changes["io_write_bps"] = _optional(args.io_write_bps, lambda v: parse_rate(v, "io_write_bps"))
+    if args.net is not None:
+        changes["namespaces"] = replace(config.namespaces, net=not args.net)
+    if args.ro_bind or args.bind or args.tmpfs_size or args.python:
+        fs = config.filesystem
+        changes["filesystem"] = FilesystemConfig(
+            read_only_binds=fs.read_only_binds + tuple(BindMount.parse(s, read_only=True) for s in args.ro_bind),
+            binds=fs.binds + tuple(BindMount.parse(s, read_only=False) for s in args.bind),
+            tmp_size_mb=parse_size_mb(args.tmpfs_size, "filesystem.tmp_size_mb") if args.tmpfs_size
+            else fs.tmp_size_mb,
+            python=fs.python or args.python,
+        )
+    if args.cap or args.ambient_cap:
+        caps = config.capabilities
+        allowed = tuple(dict.fromkeys(caps.allowed + tuple(args.cap) + tuple(args.ambient_cap)))
+        changes["capabilities"] = CapabilityConfig(
+            drop_all=True, allowed=allowed, ambient=tuple(dict.fromkeys(caps.ambient + tuple(args.ambient_cap))))
+    for name in ("hostname", "uid", "gid", "seccomp"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.env:
+        env = dict(config.environment)
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError("environment", f"--env takes K=V, got {item!r}")
+            env[key] = value
+        changes["environment"] = tuple(env.items())
+    return replace(config, **changes) if changes else config
+
+
+def _int(text: str, field: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(field, f"must be a whole number, got {text!r}") from None
+
+
+def _float(text: str, field: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(field, f"must be a number of seconds, got {text!r}") from None
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from .launch.supervise import run_program
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("ndf-sandbox run: missing command (ndf-sandbox run [options] -- CMD ARGS...)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = run_program(config, command, cwd=args.cwd)
+    except SandboxError as e:
+        print(f"ndf-sandbox: {e}", file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
+    if result.outcome.value == "sandbox_error" or result.outcome.value in ("timeout", "oom"):
+        print(f"ndf-sandbox: {result.outcome.value}: {result.error}", file=sys.stderr)
+    if args.json_result:
+        with open(args.json_result, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    return result.cli_exit_status()
+
+
+def _command_check(args: argparse.Namespace) -> int:
+    from .detect import detect_features, format_report, missing_for, report_to_dict
+
+    features = detect_features()
+    missing = missing_for(SandboxConfig(), features)
+    if args.json:
+        print(json.dumps({"features": report_to_dict(features), "default_profile_missing": missing}, indent=2))
+    else:
+        print(format_report(features))
+        print()
+        if missing:
+            print("The default profile CANNOT be enforced here:")
+            for line in missing:
+                print(f"  - {line}")
+        else:
+            print("The default profile can be enforced on this host.")
+    return 1 if missing else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ndf-sandbox` console script."""
+    args = build_parser().parse_args(argv)
+    if args.subcommand == "run":
+        return _command_run(args)
+    if args.subcommand == "check":
+        return _command_check(args)
+    from .demo import run_demo
+
+    return run_demo(json_output=args.json, plain=args.plain)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

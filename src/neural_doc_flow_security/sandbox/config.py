@@ -1,0 +1,328 @@
+"""Sandbox configuration: frozen dataclasses, validation, and TOML profiles.
+
+Every value is checked when the object is built; a bad value raises ConfigError
+naming the field (as a dotted path), the value, and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+# Linux capability numbers (include/uapi/linux/capability.h).
+CAPABILITIES: dict[str, int] = {
+    name: number
+    for number, name in enumerate(
+        """CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_KILL
+        CAP_SETGID CAP_SETUID CAP_SETPCAP CAP_LINUX_IMMUTABLE CAP_NET_BIND_SERVICE
+        CAP_NET_BROADCAST CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_IPC_OWNER CAP_SYS_MODULE
+        CAP_SYS_RAWIO CAP_SYS_CHROOT CAP_SYS_PTRACE CAP_SYS_PACCT CAP_SYS_ADMIN CAP_SYS_BOOT
+        CAP_SYS_NICE CAP_SYS_RESOURCE CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_MKNOD CAP_LEASE
+        CAP_AUDIT_WRITE CAP_AUDIT_CONTROL CAP_SETFCAP CAP_MAC_OVERRIDE CAP_MAC_ADMIN
+        CAP_SYSLOG CAP_WAKE_ALARM CAP_BLOCK_SUSPEND CAP_AUDIT_READ CAP_PERFMON CAP_BPF
+        CAP_CHECKPOINT_RESTORE""".split()
+    )
+}
+
+NOBODY = 65534
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+DEFAULT_ENVIRONMENT: tuple[tuple[str, str], ...] = (
+    ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    ("HOME", "/tmp"),
+    ("LANG", "C.UTF-8"),
+)
+
+
+def _suggest(value: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _positive(field_name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(field_name, f"must be a number > 0, got {value!r}")
+    if value <= 0:
+        raise ConfigError(field_name, f"must be > 0, got {value!r}")
+
+
+def _capability_names(field_name: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if name not in CAPABILITIES:
+            raise ConfigError(
+                field_name, f"unknown capability {name}{_suggest(str(name), CAPABILITIES)}"
+            )
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """Which Linux namespaces the sandbox gets. `net=True` means a new, empty network
+    namespace (only loopback). `user=None` means: on when not running as root."""
+
+    pid: bool = True
+    net: bool = True
+    mnt: bool = True
+    uts: bool = True
+    ipc: bool = True
+    user: bool | None = None
+    cgroup: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, bool) or (f.name == "user" and value is None)):
+                raise ConfigError(f"namespaces.{f.name}", f"must be true or false, got {value!r}")
+
+    def user_enabled(self, euid: int) -> bool:
+        """Whether a user namespace is used when running with effective uid `euid`."""
+        return self.user if self.user is not None else euid != 0
+
+
+@dataclass(frozen=True)
+class CapabilityConfig:
+    """Capabilities of the payload. `allowed` stay in the bounding, permitted and
+    effective sets; `ambient` ones also survive exec for a non-root uid."""
+
+    drop_all: bool = True
+    allowed: tuple[str, ...] = ()
+    ambient: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", tuple(self.allowed))
+        object.__setattr__(self, "ambient", tuple(self.ambient))
+        if not isinstance(self.drop_all, bool):
+            raise ConfigError("capabilities.drop_all", f"must be true or false, got {self.drop_all!r}")
+        _capability_names("capabilities.allowed", self.allowed)
+        _capability_names("capabilities.ambient", self.ambient)
+        if not self.drop_all and (self.allowed or self.ambient):
+            raise ConfigError(
+                "capabilities.drop_all",
+                "false keeps every capability; `allowed`/`ambient` only make sense with true",
+            )
+        missing = [c for c in self.ambient if c not in self.allowed]
+        if missing:
+            raise ConfigError(
+                "capabilities.ambient",
+                f"{', '.join(missing)} must also be in capabilities.allowed",
+            )
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path made visible inside the sandbox at `target` (default: same path)."""
+
+    source: str
+    target: str = ""
+    read_only: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            object.__setattr__(self, "target", self.source)
+        kind = "read_only_binds" if self.read_only else "binds"
+        for name in ("source", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ConfigError(f"filesystem.{kind}", f"{name} must be an absolute path, got {value!r}")
+            if ".." in Path(value).parts:
+                raise ConfigError(f"filesystem.{kind}", f"{name} must not contain '..', got {value!r}")
+        if os.path.normpath(self.target) == "/":
+            raise ConfigError(f"filesystem.{kind}", "target must not be / (the root is read-only)")
+
+    @classmethod
+    def parse(cls, spec: str, *, read_only: bool) -> BindMount:
+        """Parse the CLI form SRC[:DST]."""
+        source, _, target = spec.partition(":")
+        return cls(source=source, target=target, read_only=read_only)
+
+
+@dataclass(frozen=True)
+class FilesystemConfig:
+    """The sandbox's file system: a read-only root built from system directories,
+    plus these binds, a private /tmp of `tmp_size_mb`, and the Python
+    installation when `python` is true (needed to run Python callables)."""
+
+    read_only_binds: tuple[BindMount, ...] = ()
+    binds: tuple[BindMount, ...] = ()
+    tmp_size_mb: int = 64
+    python: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read_only_binds", tuple(self.read_only_binds))
+        object.__setattr__(self, "binds", tuple(self.binds))
+        for name in ("read_only_binds", "binds"):
+            for bind in getattr(self, name):
+                if not isinstance(bind, BindMount):
+                    raise ConfigError(f"filesystem.{name}", f"must be BindMount, got {bind!r}")
+        _positive("filesystem.tmp_size_mb", self.tmp_size_mb, allow_none=False)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Everything one sandbox enforces. The defaults are the secure profile: every
+    namespace, no network, a read-only root, all capabilities dropped, seccomp on,
+    an unprivileged uid and a clean environment. Resource limits set here are
+    required: if this host cannot enforce one, the sandbox refuses to start.
+
+    `cpu_quota_percent`: 100 means one full CPU, 50 half of one, 200 two CPUs.
+    """
+
+    memory_limit_mb: int | None = None
+    cpu_quota_percent: int | None = None
+    timeout_seconds: float | None = 30.0
+    max_processes: int | None = None
+    max_open_files: int = 256
+    io_read_bps: int | None = None
+    io_write_bps: int | None = None
+    io_read_iops: int | None = None
+    io_write_iops: int | None = None
+    namespaces: NamespaceConfig = field(default_factory=NamespaceConfig)
+    capabilities: CapabilityConfig = field(default_factory=CapabilityConfig)
+    filesystem: FilesystemConfig = field(default_factory=FilesystemConfig)
+    hostname: str = "sandbox"
+    uid: int = NOBODY
+    gid: int = NOBODY
+    environment: tuple[tuple[str, str], ...] = DEFAULT_ENVIRONMENT
+    seccomp: str = "default"
+    no_new_privs: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.environment, Mapping):
+            object.__setattr__(self, "environment", tuple(self.environment.items()))
+        else:
+            object.__setattr__(self, "environment", tuple(tuple(kv) for kv in self.environment))
+        for name in ("memory_limit_mb", "cpu_quota_percent", "max_processes", "io_read_bps",
+                     "io_write_bps", "io_read_iops", "io_write_iops"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(name, f"must be a whole number > 0 or none, got {value!r}")
+            _positive(name, value)
+        _positive("timeout_seconds", self.timeout_seconds)
+        _positive("max_open_files", self.max_open_files, allow_none=False)
+        if not isinstance(self.max_open_files, int) or self.max_open_files < 3:
+            raise ConfigError("max_open_files", f"must be a whole number >= 3, got {self.max_open_files!r}")
+        for name, cls in (("namespaces", NamespaceConfig), ("capabilities", CapabilityConfig),
+                          ("filesystem", FilesystemConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(name, f"must be {cls.__name__}, got {getattr(self, name)!r}")
+        if not isinstance(self.hostname, str) or not _HOSTNAME.match(self.hostname):
+            raise ConfigError("hostname", f"must be a DNS label (letters, digits, '-'), got {self.hostname!r}")
+        for name in ("uid", "gid"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
+                raise ConfigError(name, f"must be a whole number from 0 to 4294967294, got {value!r}")
+        for pair in self.environment:
+            if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
+                raise ConfigError("environment", f"entries must be (name, value) strings, got {pair!r}")
+            if not _ENV_NAME.match(pair[0]) or "\0" in pair[1]:
+                raise ConfigError("environment", f"invalid variable {pair[0]!r}")
+        if not isinstance(self.seccomp, str) or not (
+            self.seccomp in ("default", "off") or self.seccomp.startswith("/")
+        ):
+            raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
+        if self.max_processes is not None and self.max_processes < 2:
+            raise ConfigError("max_processes", f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
+        if not self.namespaces.mnt and (self.filesystem.binds or self.filesystem.read_only_binds):
+            raise ConfigError("filesystem", "binds need namespaces.mnt = true")
+
+    @property
+    def cgroup_limits_requested(self) -> bool:
+        """Whether any limit needs a cgroup."""
+        return any(
+            getattr(self, name) is not None
+            for name in ("memory_limit_mb", "cpu_quota_percent", "max_processes", "io_read_bps",
+                         "io_write_bps", "io_read_iops", "io_write_iops")
+        )
+
+    def replace(self, **changes: Any) -> SandboxConfig:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SandboxConfig:
+        """Build a config from a mapping shaped like the dataclasses (a parsed profile)."""
+        return _from_mapping(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> SandboxConfig:
+        """Load a TOML profile; errors name the file and the field."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("profile", f"cannot read {os.fspath(path)!r}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("profile", f"{os.fspath(path)!r} is not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+
+def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "profile", f"must be a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}", f"unknown field{_suggest(key, fields)}")
+        hint = hints[key]
+        if hint in (NamespaceConfig, CapabilityConfig, FilesystemConfig):
+            value = _from_mapping(hint, value, f"{prefix}{key}.")
+        elif key in ("read_only_binds", "binds"):
+            value = tuple(_bind_from_profile(v, read_only=key == "read_only_binds") for v in value)
+        elif key == "environment" and isinstance(value, Mapping):
+            value = tuple((str(k), str(v)) for k, v in value.items())
+        elif key in ("allowed", "ambient") and isinstance(value, list):
+            value = tuple(value)
+        elif value == "none" and type(None) in typing.get_args(hint):
+            value = None
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _bind_from_profile(value: Any, *, read_only: bool) -> BindMount:
+    if isinstance(value, str):
+        return BindMount.parse(value, read_only=read_only)
+    if isinstance(value, Mapping):
+        return BindMount(source=value.get("source", ""), target=value.get("target", ""),
+                         read_only=read_only)
+    kind = "read_only_binds" if read_only else "binds"
+    raise ConfigError(f"filesystem.{kind}", f"entries must be 'SRC[:DST]' or a table, got {value!r}")
+
+
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")
+
+
+def parse_size_mb(text: str, field_name: str) -> int:
+    """Parse '256M', '1G', '512' (MiB) into MiB."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ConfigError(field_name, f"must be a size like 256M or 1G, got {text!r}")
+    number, unit = int(match.group(1)), match.group(2).upper()
+    mib = {"": number, "K": -(-number // 1024), "M": number, "G": number * 1024}[unit]
+    if mib <= 0:
+        raise ConfigError(field_name, f"must be > 0, got {text!r}")
+    return mib
+
+
+def parse_rate(text: str, field_name: str) -> int:
+    """Parse a byte rate like '10M' (per second) into bytes per second."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ConfigError(field_name, f"must be a rate like 10M (bytes per second), got {text!r}")
+    number, unit = int(match.group(1)), match.group(2).upper()
+    value = number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
+    if value <= 0:
+        raise ConfigError(field_name, f"must be > 0, got {text!r}")
+    return value

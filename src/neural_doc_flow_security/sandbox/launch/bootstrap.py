@@ -1,0 +1,170 @@
+"""The child's bootstrap: every protection, in order, in one place.
+
+The child is created by clone3 with all its namespaces (see spawn.py). It runs
+the init stages, then forks: the first process stays behind as the sandbox's
+pid 1 (init.py), the second runs the payload stages and becomes the payload.
+Any stage that fails reports "stage, errno, message" on the error pipe and the
+process exits: nothing half-protected ever runs the payload (fail closed).
+
+    init stages                         payload stages
+    1 signals reset                     9  parent-death signal
+    2 parent-death signal               10 file descriptors (map, close the rest)
+    3 wait for parent (cgroup, id maps) 11 rlimits
+    4 mounts (new root, pivot_root)     12 identity (unprivileged uid/gid)
+    5 hostname                          13 capabilities
+    6 loopback                          14 no_new_privs
+    7 fork pid-1 init                   15 seccomp (last)
+    8 (init: reap, forward signals)     16 exec / run the callable
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from ..linux import seccomp
+from ..linux import syscalls as sc
+from ..linux.capabilities import apply_capabilities
+from ..linux.credentials import drop_to
+from ..linux.network import bring_up_loopback
+from ..linux.rlimits import apply_rlimits
+from ..linux.rootfs import apply_rootfs
+from ..result import EXIT_SANDBOX_ERROR
+from . import init
+from .plan import LaunchPlan
+
+# The error pipe is moved here so that the payload's fd map cannot collide with it.
+_ERROR_FD = 1023
+_FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGCHLD)
+
+
+class Payload:
+    """What runs once every protection is in place. `run` must not return."""
+
+    needs_python = False
+
+    def run(self, environment: tuple[bytes, ...]) -> NoReturn:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ExecPayload(Payload):
+    """Execute a program (looked up in the sandbox's PATH)."""
+
+    argv: tuple[str, ...]
+    cwd: str = "/"
+
+    def run(self, environment: tuple[bytes, ...]) -> NoReturn:
+        env = dict(entry.decode().split("=", 1) for entry in environment)
+        os.chdir(self.cwd)
+        os.execvpe(self.argv[0], list(self.argv), env)
+
+
+@dataclass(frozen=True)
+class ChildPipes:
+    """The child's ends of the pipes to its parent."""
+
+    sync_read: int     # parent writes b"g" once cgroup and id maps are in place
+    error_write: int   # CLOEXEC: closed by exec, so EOF means "all stages passed"
+    status_write: int  # init reports the payload's wait status here
+
+
+def report_failure(error_fd: int, stage: str, exc: BaseException) -> NoReturn:
+    """Write 'stage NUL errno NUL message' to the parent and exit."""
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+    message = str(exc) or type(exc).__name__
+    try:
+        os.write(error_fd, f"{stage}\0{code}\0{message}".encode(errors="replace")[:4000])
+    finally:
+        os._exit(EXIT_SANDBOX_ERROR)
+
+
+def _stage(name: str, error_fd: int, action: Callable[[], object]) -> None:
+    try:
+        action()
+    except BaseException as exc:  # noqa: BLE001 - any failure must end the child
+        report_failure(error_fd, name, exc)
+
+
+def _reset_signals() -> None:
+    for sig in _FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _wait_for_parent(sync_read: int) -> None:
+    # PDEATHSIG is armed already: if the parent died before that, the pipe shows EOF.
+    if os.read(sync_read, 1) != b"g":
+        raise ProcessLookupError(errno.ESRCH, "the parent exited before releasing the sandbox")
+    os.close(sync_read)
+
+
+def _arrange_fds(fd_map: tuple[tuple[int, int], ...], error_fd: int) -> None:
+    """Give the payload exactly the fds of `fd_map` (target <- source); close all others."""
+    staged = [(target, fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, 1024 + i))
+              for i, (target, source) in enumerate(fd_map)]
+    for target, source in staged:
+        os.dup2(source, target, inheritable=True)
+        os.close(source)
+    keep = sorted({target for target, _ in fd_map} | {error_fd})
+    first = 0
+    for fd in keep:
+        if fd > first:
+            sc.close_range(first, fd - 1)
+        first = fd + 1
+    sc.close_range(first, 0xFFFFFFFF)
+
+
+def run_child(plan: LaunchPlan, pipes: ChildPipes, payload: Payload,
+              fd_map: tuple[tuple[int, int], ...], parent_pid: int) -> NoReturn:
+    """Entry point of the clone3 child. Never returns."""
+    err = fcntl.fcntl(pipes.error_write, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD)
+    os.close(pipes.error_write)
+    cfg = plan.config
+
+    # -- init stages (this process is pid 1 of the new pid namespace) --
+    _stage("signals", err, _reset_signals)
+    _stage("parent-death signal", err, lambda: sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL))
+    _stage("wait for parent", err, lambda: _wait_for_parent(pipes.sync_read))
+    if plan.rootfs is not None:
+        rootfs = plan.rootfs
+        _stage("mounts", err, lambda: apply_rootfs(rootfs))
+    if "uts" in plan.namespaces.names:
+        _stage("hostname", err, lambda: socket.sethostname(cfg.hostname))
+    if "net" in plan.namespaces.names:
+        _stage("loopback", err, bring_up_loopback)
+    if "pid" not in plan.namespaces.names:
+        _stage("child subreaper", err, lambda: sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1))
+    init_pid = os.getpid()
+    payload_pid = os.fork()
+    if payload_pid:
+        os.close(err)
+        init.run_init(payload_pid, pipes.status_write, _FORWARDED_SIGNALS)
+
+    # -- payload stages (child of init) --
+    os.close(pipes.status_write)
+    _stage("parent-death signal", err, lambda: _die_with(init_pid))
+    _stage("file descriptors", err, lambda: _arrange_fds(fd_map, err))
+    _stage("rlimits", err, lambda: apply_rlimits(plan.rlimits))
+    _stage("identity", err, lambda: drop_to(cfg.uid, cfg.gid, in_user_namespace=plan.namespaces.user))
+    _stage("parent-death signal", err, lambda: _die_with(init_pid))  # a uid change clears it
+    _stage("capabilities", err, lambda: apply_capabilities(plan.capabilities))
+    if cfg.no_new_privs:
+        _stage("no_new_privs", err, lambda: sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1))
+    if plan.seccomp.enabled:
+        _stage("seccomp", err, lambda: seccomp.install_program(plan.seccomp))
+    _stage("exec", err, lambda: payload.run(plan.environment))
+    os._exit(EXIT_SANDBOX_ERROR)  # unreachable: payload.run does not return
+
+
+def _die_with(parent_pid: int) -> None:
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        raise ProcessLookupError(errno.ESRCH, "the sandbox init exited")

@@ -1,0 +1,67 @@
+"""A LaunchPlan: everything the child bootstrap needs, computed once per config.
+
+Planning (reading /etc, compiling the seccomp filter, resolving capabilities)
+happens in the parent and is cached, so the forked child only executes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from ..config import SandboxConfig
+from ..linux import seccomp
+from ..linux.capabilities import CapabilityPlan, plan_capabilities
+from ..linux.namespaces import NamespacePlan, plan_namespaces
+from ..linux.rlimits import RlimitPlan, plan_rlimits
+from ..linux.rootfs import RootfsPlan, plan_rootfs
+from ..result import IsolationReport
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The decided form of a SandboxConfig for this host and this caller."""
+
+    config: SandboxConfig
+    namespaces: NamespacePlan
+    rootfs: RootfsPlan | None
+    rlimits: RlimitPlan
+    capabilities: CapabilityPlan
+    seccomp: seccomp.SeccompProgram
+    environment: tuple[bytes, ...]
+
+    def isolation_report(self, cgroup: str = "", limits: tuple[str, ...] = ()) -> IsolationReport:
+        """What this plan enforces (the bootstrap fails closed, so planned == in force)."""
+        cfg = self.config
+        return IsolationReport(
+            backend="linux",
+            namespaces=self.namespaces.names,
+            rootfs="read-only tmpfs root, private /tmp, fresh /proc, minimal /dev" if self.rootfs else "host",
+            uid=cfg.uid,
+            gid=cfg.gid,
+            capabilities=self.capabilities.names,
+            no_new_privs=cfg.no_new_privs,
+            seccomp=self.seccomp.description,
+            cgroup=cgroup,
+            limits=self.rlimits.describe() + limits,
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def plan_launch(config: SandboxConfig, euid: int | None = None, egid: int | None = None) -> LaunchPlan:
+    """Plan a launch of `config` for a caller with these effective ids (default: ours)."""
+    euid = os.geteuid() if euid is None else euid
+    egid = os.getegid() if egid is None else egid
+    ns = plan_namespaces(config.namespaces, config.uid, config.gid, euid, egid)
+    rootfs = (plan_rootfs(config.filesystem, uid=config.uid, gid=config.gid, hostname=config.hostname)
+              if config.namespaces.mnt else None)
+    return LaunchPlan(
+        config=config,
+        namespaces=ns,
+        rootfs=rootfs,
+        rlimits=plan_rlimits(config.max_open_files),
+        capabilities=plan_capabilities(config.capabilities),
+        seccomp=seccomp.compile_profile(config.seccomp),
+        environment=tuple(f"{k}={v}".encode() for k, v in config.environment),
+    )

@@ -1,0 +1,82 @@
+"""Before a launch: the isolation floor and the sandbox's cgroup.
+
+Limits set in the config are required: a host that cannot enforce one refuses
+the launch (UnsupportedError naming it). Without limits, a cgroup is still
+created where the host allows it, for kernel-side accounting and kill-all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from ..config import SandboxConfig
+from ..errors import UnsupportedError
+from ..linux import cgroups
+from ..linux.cgroups.base import CgroupLimits, SandboxCgroup
+from .plan import LaunchPlan
+
+_sequence = itertools.count()
+
+
+def check_floor(config: SandboxConfig) -> None:
+    """Raise UnsupportedError when the host cannot provide what `config` requires."""
+    from ..detect import detect_features, missing_for
+
+    missing = missing_for(config, detect_features())
+    if missing:
+        raise UnsupportedError(missing[0].split(":")[0], "; ".join(missing))
+
+
+def block_devices(paths: list[str]) -> tuple[str, ...]:
+    """The whole-disk block devices ("MAJ:MIN") that back these paths."""
+    found: list[str] = []
+    for path in paths:
+        try:
+            dev = os.stat(path).st_dev
+        except OSError:
+            continue
+        number = f"{os.major(dev)}:{os.minor(dev)}"
+        sys_dir = f"/sys/dev/block/{number}"
+        if not os.path.isdir(sys_dir):
+            continue  # not a block device (tmpfs, overlay, ...)
+        if os.path.exists(sys_dir + "/partition"):
+            with open(os.path.realpath(sys_dir) + "/../dev") as f:
+                number = f.read().strip()
+        if number not in found:
+            found.append(number)
+    return tuple(found)
+
+
+def cgroup_limits(config: SandboxConfig, plan: LaunchPlan) -> CgroupLimits:
+    """The cgroup limits of a config; I/O limits apply to the disks behind its binds."""
+    devices: tuple[str, ...] = ()
+    if any(v is not None for v in (config.io_read_bps, config.io_write_bps,
+                                   config.io_read_iops, config.io_write_iops)):
+        sources = [b.source for b in plan.rootfs.binds] if plan.rootfs else ["/"]
+        devices = block_devices(sources + ["/tmp"])
+        if not devices:
+            raise UnsupportedError("io limits", "no block device backs the sandbox's file system")
+    mb = 1024 * 1024
+    return CgroupLimits(
+        memory_bytes=config.memory_limit_mb * mb if config.memory_limit_mb else None,
+        cpu_quota_percent=config.cpu_quota_percent,
+        max_processes=config.max_processes,
+        io_read_bps=config.io_read_bps,
+        io_write_bps=config.io_write_bps,
+        io_read_iops=config.io_read_iops,
+        io_write_iops=config.io_write_iops,
+        io_devices=devices,
+    )
+
+
+def create_cgroup(config: SandboxConfig, name: str, plan: LaunchPlan) -> SandboxCgroup | None:
+    """The sandbox's cgroup: required when limits are set, else made when possible."""
+    limits = cgroup_limits(config, plan)
+    label = f"{name}-{next(_sequence)}"
+    if config.cgroup_limits_requested:
+        return cgroups.create_sandbox_cgroup(label, limits)
+    try:
+        return cgroups.create_sandbox_cgroup(label, limits)
+    except (UnsupportedError, OSError):
+        return None  # accounting only; nothing was required

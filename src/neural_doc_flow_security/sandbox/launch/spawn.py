@@ -1,0 +1,187 @@
+"""The parent side of a launch: clone the child, place it, release it, and read
+what it reports when it ends.
+
+    spawn_sandbox()   clone3 with the namespaces (and the v2 cgroup), write the
+                      id maps, add the child to v1 cgroups, release it
+    finish_sandbox()  after the init process exited: wait status, rusage, the
+                      error and status pipes, cgroup stats -> SandboxResult
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field, replace
+
+from ..errors import SetupError
+from ..linux import syscalls as sc
+from ..linux.cgroups.base import CgroupStats, SandboxCgroup
+from ..linux.namespaces import write_id_maps
+from ..result import Outcome, ResourceUsage, SandboxResult
+from . import bootstrap
+from .plan import LaunchPlan
+
+STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
+
+
+@dataclass
+class SpawnedSandbox:
+    """A running sandbox as its parent sees it. `pid` is the sandbox's init."""
+
+    plan: LaunchPlan
+    pid: int
+    pidfd: int
+    error_read: int
+    status_read: int
+    cgroup: SandboxCgroup | None
+    started: float = field(default_factory=time.monotonic)
+    timed_out: bool = False
+    stopped: bool = False
+
+    def signal(self, sig: int) -> None:
+        """Signal the sandbox's init (never a recycled pid: it goes through the pidfd)."""
+        try:
+            sc.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Kill the whole tree: init (which ends the pid namespace) and the cgroup."""
+        self.signal(signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+
+def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
+                  cgroup: SandboxCgroup | None = None,
+                  fd_map: tuple[tuple[int, int], ...] = STD_FDS) -> SpawnedSandbox:
+    """Start a sandbox. The caller must be single-threaded (the zygote or the CLI)."""
+    sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
+    error_read, error_write = os.pipe2(os.O_CLOEXEC)
+    status_read, status_write = os.pipe2(os.O_CLOEXEC)
+    parent_pid = os.getpid()
+    cgroup_fd = cgroup.clone_into_fd() if cgroup is not None else None
+    try:
+        pid, pidfd = sc.clone3_fork(plan.namespaces.clone_flags, cgroup_fd)
+    except OSError as e:
+        for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write):
+            os.close(fd)
+        raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
+                         f"failed: {e.strerror}", e.errno) from None
+    if pid == 0:
+        os.close(sync_write)
+        os.close(error_read)
+        os.close(status_read)
+        pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
+        bootstrap.run_child(plan, pipes, payload, fd_map, parent_pid)
+    for fd in (sync_read, error_write, status_write):
+        os.close(fd)
+    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup)
+    try:
+        if plan.namespaces.user:
+            write_id_maps(pid, plan.namespaces)
+        if cgroup is not None and cgroup_fd is None:
+            cgroup.add_process(pid)
+        os.write(sync_write, b"g")
+    except BaseException:
+        spawned.kill()
+        os.waitpid(pid, 0)
+        _close(spawned)
+        raise
+    finally:
+        os.close(sync_write)
+    return spawned
+
+
+def _read_all(fd: int, limit: int = 65536) -> bytes:
+    chunks = []
+    total = 0
+    while total < limit:
+        chunk = os.read(fd, limit - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _close(spawned: SpawnedSandbox) -> None:
+    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def parse_setup_error(report: bytes) -> SetupError:
+    """Decode the child's 'stage NUL errno NUL message'."""
+    stage, _, rest = report.decode(errors="replace").partition("\0")
+    code, _, message = rest.partition("\0")
+    errno_value = int(code) if code.isdigit() else 0
+    if errno_value and os.strerror(errno_value) not in message:
+        message = f"{message} (errno {errno_value}: {os.strerror(errno_value)})"
+    return SetupError(stage, message, errno_value)
+
+
+def finish_sandbox(spawned: SpawnedSandbox, *, wait: bool = True) -> SandboxResult:
+    """Reap the init process and turn everything it left into a SandboxResult.
+    Always kills what is left of the tree and destroys the cgroup."""
+    try:
+        _, wait_status, rusage = os.wait4(spawned.pid, 0 if wait else os.WNOHANG)
+        wall = time.monotonic() - spawned.started
+        error_report = _read_all(spawned.error_read)
+        status_report = _read_all(spawned.status_read, 64)
+        stats: CgroupStats | None = None
+        if spawned.cgroup is not None:
+            spawned.cgroup.kill()
+            stats = spawned.cgroup.stats()
+        return _result(spawned, wait_status, rusage, wall, error_report, status_report, stats)
+    finally:
+        if spawned.cgroup is not None:
+            spawned.cgroup.destroy()
+        _close(spawned)
+
+
+def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_rusage, wall: float,
+            error_report: bytes, status_report: bytes, stats: CgroupStats | None) -> SandboxResult:
+    usage = ResourceUsage(
+        wall_seconds=wall,
+        cpu_user_seconds=rusage.ru_utime,
+        cpu_system_seconds=rusage.ru_stime,
+        memory_peak_bytes=rusage.ru_maxrss * 1024,
+    )
+    if stats is not None:
+        usage = ResourceUsage(
+            wall_seconds=wall,
+            cpu_user_seconds=max(rusage.ru_utime, stats.cpu_user_usec / 1e6),
+            cpu_system_seconds=max(rusage.ru_stime, stats.cpu_system_usec / 1e6),
+            memory_peak_bytes=stats.memory_peak_bytes or usage.memory_peak_bytes,
+            processes_peak=stats.pids_peak,
+            io_read_bytes=stats.io_read_bytes,
+            io_write_bytes=stats.io_write_bytes,
+        )
+    isolation = spawned.plan.isolation_report(
+        cgroup=spawned.cgroup.description if spawned.cgroup else "")
+    base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation)
+    if error_report:
+        return replace(base, outcome=Outcome.SANDBOX_ERROR, error=str(parse_setup_error(error_report)))
+    kind, _, value = status_report.decode(errors="replace").partition(" ")
+    exit_code = int(value) if kind == "exit" and value.lstrip("-").isdigit() else None
+    sig = int(value) if kind == "signal" and value.isdigit() else None
+    if kind not in ("exit", "signal") and os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)  # init itself was killed (timeout, stop, OOM)
+    base = replace(base, exit_code=exit_code, signal=sig)
+    config = spawned.plan.config
+    if spawned.timed_out:
+        return replace(base, outcome=Outcome.TIMEOUT, error=f"wall timeout of {config.timeout_seconds}s")
+    if stats is not None and stats.oom_kills:
+        return replace(base, outcome=Outcome.OOM,
+                       error=f"out of memory: the kernel OOM-killed {stats.oom_kills} process(es) "
+                             f"at memory_limit_mb={config.memory_limit_mb}")
+    if sig is not None:
+        return replace(base, outcome=Outcome.KILLED, error=f"killed by signal {sig}")
+    if exit_code == 0:
+        return base
+    return replace(base, outcome=Outcome.ERROR, error=f"exit code {exit_code}")

@@ -1,0 +1,90 @@
+"""Run one sandbox to the end in the calling (single-threaded) process: the
+engine of `ndf-sandbox run`.
+
+Signals the caller receives (Ctrl-C, SIGTERM, SIGHUP) are forwarded to the
+sandbox; if it has not ended `grace_seconds` later, the whole tree is killed.
+The wall timeout kills the whole tree. Either way the tree is gone on return.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..config import SandboxConfig
+from ..result import SandboxResult
+from . import bootstrap, resources
+from .plan import plan_launch
+from .spawn import STD_FDS, SpawnedSandbox, finish_sandbox, spawn_sandbox
+
+_FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _forwarding_signals(spawned: SpawnedSandbox, received: list[float]) -> Iterator[None]:
+    def forward(signum: int, _frame: object) -> None:
+        received.append(time.monotonic())
+        spawned.signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in _FORWARD}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: float) -> None:
+    """Block until the sandbox's init exits, enforcing the timeout and signal grace."""
+    deadline = None if timeout is None else spawned.started + timeout
+    received: list[float] = []
+    poller = select.poll()
+    poller.register(spawned.pidfd, select.POLLIN)
+    with _forwarding_signals(spawned, received):
+        while True:
+            now = time.monotonic()
+            limits = [t for t in (deadline, received[0] + grace_seconds if received else None) if t is not None]
+            wait_ms = None if not limits else max(0, int((min(limits) - now) * 1000) + 1)
+            if poller.poll(wait_ms):
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                spawned.timed_out = True
+                spawned.kill()
+            elif received and now >= received[0] + grace_seconds:
+                spawned.stopped = True
+                spawned.kill()
+
+
+def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: str = "run",
+                  fd_map: tuple[tuple[int, int], ...] = STD_FDS,
+                  grace_seconds: float = 5.0) -> SandboxResult:
+    """Run `payload` in a fresh sandbox and return its result."""
+    plan = plan_launch(config)
+    resources.check_floor(config)
+    cgroup = resources.create_cgroup(config, name, plan)
+    try:
+        spawned = spawn_sandbox(plan, payload, cgroup=cgroup, fd_map=fd_map)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.destroy()
+        raise
+    try:
+        wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
+    finally:
+        if not _exited(spawned):
+            spawned.kill()
+    return finish_sandbox(spawned)
+
+
+def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd: str = "/") -> SandboxResult:
+    """Run a program in a fresh sandbox, with this process's stdin/stdout/stderr."""
+    return run_sandboxed(config, bootstrap.ExecPayload(tuple(argv), cwd))
+
+
+def _exited(spawned: SpawnedSandbox) -> bool:
+    return bool(select.select([spawned.pidfd], [], [], 0)[0]) if spawned.pidfd >= 0 else True
+

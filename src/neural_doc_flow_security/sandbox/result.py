@@ -1,0 +1,115 @@
+"""What a sandbox run hands back: outcome, output, resources used, isolation in force."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OutcomeError
+
+
+class Outcome(str, enum.Enum):
+    """How a run ended."""
+
+    OK = "ok"                      # exited 0 / callable returned
+    ERROR = "error"                # non-zero exit / callable raised
+    TIMEOUT = "timeout"            # wall timeout fired, tree killed
+    OOM = "oom"                    # the kernel OOM-killed inside the sandbox's cgroup
+    KILLED = "killed"              # ended by a signal (or stopped by the host)
+    PROTOCOL_VIOLATION = "protocol_violation"  # sent bytes the host refused
+    SANDBOX_ERROR = "sandbox_error"  # a protection could not be applied; payload never ran
+
+
+# Exit codes of `ndf-sandbox run` for outcomes that have no code of their own.
+EXIT_TIMEOUT = 124
+EXIT_OOM = 125
+EXIT_SANDBOX_ERROR = 126
+EXIT_PROTOCOL_VIOLATION = 123
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """Resources the run used, as measured by the kernel (cgroup files, rusage)."""
+
+    wall_seconds: float = 0.0
+    cpu_user_seconds: float = 0.0
+    cpu_system_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+    processes_peak: int = 0
+    io_read_bytes: int = 0
+    io_write_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class IsolationReport:
+    """Which protections were actually in force for a run, and which were not."""
+
+    backend: str = "linux"
+    namespaces: tuple[str, ...] = ()
+    rootfs: str = ""
+    uid: int | None = None
+    gid: int | None = None
+    capabilities: tuple[str, ...] = ()
+    no_new_privs: bool = False
+    seccomp: str = "off"
+    cgroup: str = ""
+    limits: tuple[str, ...] = ()
+    not_enforced: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """The result of one sandboxed run."""
+
+    outcome: Outcome
+    exit_code: int | None = None
+    signal: int | None = None
+    output: Any = None
+    error: str | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    resource_usage: ResourceUsage = field(default_factory=ResourceUsage)
+    isolation: IsolationReport = field(default_factory=IsolationReport)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def raise_for_outcome(self) -> SandboxResult:
+        """Return self when the outcome is ok, else raise OutcomeError."""
+        if self.outcome is not Outcome.OK:
+            detail = self.error or (
+                f"killed by signal {self.signal}" if self.signal else f"exit code {self.exit_code}"
+            )
+            raise OutcomeError(self.outcome.value, detail)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (stdout/stderr/output left out; use the attributes)."""
+        return {
+            "outcome": self.outcome.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "error": self.error,
+            "resource_usage": dataclasses.asdict(self.resource_usage),
+            "isolation": self.isolation.to_dict(),
+        }
+
+    def cli_exit_status(self) -> int:
+        """The exit status `ndf-sandbox run` returns for this result."""
+        if self.outcome is Outcome.TIMEOUT:
+            return EXIT_TIMEOUT
+        if self.outcome is Outcome.OOM:
+            return EXIT_OOM
+        if self.outcome is Outcome.SANDBOX_ERROR:
+            return EXIT_SANDBOX_ERROR
+        if self.outcome is Outcome.PROTOCOL_VIOLATION:
+            return EXIT_PROTOCOL_VIOLATION
+        if self.signal:
+            return 128 + self.signal
+        return self.exit_code or 0
