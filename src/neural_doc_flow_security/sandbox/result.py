@@ -100,6 +100,19 @@ class SandboxResult:
             "isolation": self.isolation.to_dict(),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxResult:
+        """Rebuild a result from to_dict() output (from the trusted zygote, never a sandbox)."""
+        isolation = {k: tuple(v) if isinstance(v, list) else v for k, v in data["isolation"].items()}
+        return cls(
+            outcome=Outcome(data["outcome"]),
+            exit_code=data["exit_code"],
+            signal=data["signal"],
+            error=data["error"],
+            resource_usage=ResourceUsage(**data["resource_usage"]),
+            isolation=IsolationReport(**isolation),
+        )
+
     def cli_exit_status(self) -> int:
         """The exit status `ndf-sandbox run` returns for this result."""
         if self.outcome is Outcome.TIMEOUT:

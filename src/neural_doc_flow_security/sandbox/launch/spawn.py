@@ -19,7 +19,7 @@ from ..errors import SetupError
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import CgroupStats, SandboxCgroup
 from ..linux.namespaces import write_id_maps
-from ..result import Outcome, ResourceUsage, SandboxResult
+from ..result import EXIT_SANDBOX_ERROR, Outcome, ResourceUsage, SandboxResult
 from . import bootstrap
 from .plan import LaunchPlan
 
@@ -74,8 +74,11 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
         os.close(sync_write)
         os.close(error_read)
         os.close(status_read)
-        pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
-        bootstrap.run_child(plan, pipes, payload, fd_map, parent_pid)
+        try:
+            pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
+            bootstrap.run_child(plan, pipes, payload, fd_map, parent_pid)
+        finally:
+            os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
     for fd in (sync_read, error_write, status_write):
         os.close(fd)
     spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup)

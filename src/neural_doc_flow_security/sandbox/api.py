@@ -1,0 +1,464 @@
+"""The Python API: `SandboxManager` runs callables and programs in fresh sandboxes.
+
+    async with SandboxManager(config) as manager:
+        result = await manager.execute_sandboxed("my_plugin", lambda: 42)
+        run = await manager.execute_command("pdftotext", ["pdftotext", "-", "-"], stdin=pdf)
+        handle = await manager.spawn("ocr", long_running_fn)
+        await manager.send_message("ocr", IpcMessage.control(ControlMessage.PAUSE))
+        message = await manager.receive_message("ocr", timeout=1.0)
+
+Every sandbox is used once. Leaving the `async with` block (or shutdown())
+kills every sandbox still running; cancelling an awaiting task kills its
+sandbox tree before the cancellation completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import itertools
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import cloudpickle
+
+from .config import SandboxConfig
+from .errors import ProtocolViolation, SandboxError
+from .ipc.channel import AsyncChannel, create_channel_pair
+from .ipc.limits import DecodeLimits
+from .ipc.memfd import seal_bytes
+from .ipc.messages import ControlMessage, IpcMessage, MessageKind
+from .launch.bootstrap import ExecPayload, Payload
+from .launch.launcher import LaunchRequest
+from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
+from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter
+from .result import Outcome, SandboxResult
+
+DEFAULT_OUTPUT_LIMIT = 1024 * 1024
+
+
+class Health(str, enum.Enum):
+    """Where a sandbox is in its life."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """One line of list_sandboxes()."""
+
+    plugin_id: str
+    sandbox_id: int
+    pid: int
+    health: Health
+    kind: str
+    age_seconds: float
+
+
+async def _drain(fd: int, limit: int) -> bytes:
+    """Read a pipe to EOF, keeping at most `limit` bytes (the rest is discarded)."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    kept = bytearray()
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                readable.clear()
+                await readable.wait()
+                continue
+            if not chunk:
+                return bytes(kept)
+            if len(kept) < limit:
+                kept += chunk[: limit - len(kept)]
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+class SandboxHandle:
+    """A running sandbox: talk to it, watch it, pause, resume, stop, wait for it."""
+
+    def __init__(self, manager: SandboxManager, plugin_id: str, sandbox_id: int, kind: str,
+                 config: SandboxConfig, keep_messages: bool) -> None:
+        self.plugin_id = plugin_id
+        self.sandbox_id = sandbox_id
+        self.kind = kind
+        self.config = config
+        self.pid = 0
+        self.health = Health.STARTING
+        self._manager = manager
+        self._starter = manager._starter
+        self._keep_messages = keep_messages
+        self._inbox: asyncio.Queue[IpcMessage] = asyncio.Queue(maxsize=1024)
+        self._status_pending = False
+        self._channel: AsyncChannel | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._output_tasks: list[asyncio.Task[bytes]] = []
+        self._reply: IpcMessage | None = None
+        self._violation: ProtocolViolation | None = None
+        self._stopped_by_host = False
+        self._started = time.monotonic()
+        self._last_seen = self._started
+        self._result: SandboxResult | None = None
+
+    # -- talking ------------------------------------------------------------
+
+    async def send(self, message: IpcMessage) -> None:
+        """Send data to the plugin; control messages pause, resume or stop it."""
+        if message.kind is MessageKind.CONTROL:
+            command = message.control_message
+            if command is ControlMessage.PAUSE:
+                await self.pause()
+            elif command is ControlMessage.RESUME:
+                await self.resume()
+            else:
+                await self.stop()
+            return
+        if self._channel is None:
+            raise SandboxError(f"{self.plugin_id}: a program sandbox has no message channel")
+        await self._channel.send(message)
+
+    async def receive(self, timeout: float | None = None) -> IpcMessage | None:
+        """The next message from the plugin (data, progress, log) or a status sample;
+        None on timeout or once the sandbox has ended and everything was read."""
+        if self.health is Health.EXITED and self._inbox.empty():
+            return None
+        try:
+            message = await asyncio.wait_for(self._inbox.get(), timeout)
+        except TimeoutError:
+            return None
+        if message.kind is MessageKind.STATUS:
+            self._status_pending = False
+        return message
+
+    async def status(self) -> IpcMessage:
+        """Health, heartbeat age and live resource usage, read from the kernel now."""
+        usage: dict[str, float] = {}
+        if self.health is not Health.EXITED:
+            reply = await self._starter.control("stats", self.sandbox_id)
+            if reply.get("ok"):
+                usage = {k: float(v) for k, v in reply["stats"].items()}
+        return IpcMessage.status(health=self.health.value, heartbeat_age=time.monotonic() - self._last_seen,
+                                 usage=usage)
+
+    # -- control ------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Freeze the whole tree (cgroup freezer, else SIGSTOP): its CPU time stops."""
+        reply = await self._starter.control("freeze", self.sandbox_id)
+        if not reply.get("ok"):
+            raise SandboxError(f"{self.plugin_id}: cannot pause: {reply.get('error')}")
+        self.health = Health.PAUSED
+
+    async def resume(self) -> None:
+        """Undo pause()."""
+        reply = await self._starter.control("thaw", self.sandbox_id)
+        if not reply.get("ok"):
+            raise SandboxError(f"{self.plugin_id}: cannot resume: {reply.get('error')}")
+        self.health = Health.RUNNING
+
+    async def stop(self, grace_seconds: float = 2.0) -> SandboxResult:
+        """Ask the plugin to stop (STOP message), then SIGTERM, then kill the tree."""
+        if self.health is Health.PAUSED:
+            await self.resume()
+        exit_future = self._starter.exit_future(self.sandbox_id)
+        self._stopped_by_host = True
+        if self._channel is not None:
+            with contextlib.suppress(OSError, ValueError):
+                await self._channel.send(IpcMessage.control(ControlMessage.STOP))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_future), grace_seconds)
+        if not exit_future.done():
+            await self._starter.control("signal", self.sandbox_id, signal=signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_future), grace_seconds)
+        if not exit_future.done():
+            await self._starter.control("kill", self.sandbox_id)
+        return await self.wait()
+
+    async def kill(self) -> SandboxResult:
+        """Kill the whole tree now and return the result."""
+        self._stopped_by_host = True
+        if not self._starter.exit_future(self.sandbox_id).done():
+            await self._starter.control("kill", self.sandbox_id)
+        return await self.wait()
+
+    # -- the end ------------------------------------------------------------
+
+    async def wait(self) -> SandboxResult:
+        """Wait for the sandbox to end; the result merges the kernel's view (exit,
+        resources) with what the plugin sent (its return value or exception)."""
+        if self._result is None:
+            ended = await asyncio.shield(self._starter.exit_future(self.sandbox_id))
+            self.health = Health.EXITED
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            stdout, stderr = [await t for t in self._output_tasks] or [b"", b""]
+            if self._channel is not None:
+                self._channel.close()
+            self._result = self._merge(ended, stdout, stderr)
+        return self._result
+
+    def _merge(self, ended: SandboxResult, stdout: bytes, stderr: bytes) -> SandboxResult:
+        result = dataclasses.replace(ended, stdout=stdout, stderr=stderr)
+        if self._violation is not None:
+            return dataclasses.replace(result, outcome=Outcome.PROTOCOL_VIOLATION,
+                                       error=f"protocol violation: {self._violation}")
+        if result.outcome in (Outcome.TIMEOUT, Outcome.OOM, Outcome.SANDBOX_ERROR):
+            return result
+        reply = self._reply
+        if self._channel is None:  # a program: its exit status is its result
+            return result
+        if reply is not None and reply.kind is MessageKind.ERROR:
+            return dataclasses.replace(result, outcome=Outcome.ERROR,
+                                       error=f"{reply.error_type}: {reply.message}\n{reply.traceback}".rstrip())
+        if reply is not None and result.outcome is Outcome.OK:
+            return dataclasses.replace(result, output=reply.value)
+        if result.outcome is Outcome.OK:
+            what = "was stopped by the host" if self._stopped_by_host else "exited"
+            return dataclasses.replace(result, outcome=Outcome.KILLED if self._stopped_by_host else Outcome.ERROR,
+                                       error=f"the plugin {what} without sending a result")
+        return result
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _attach(self, channel: AsyncChannel | None, stdout_fd: int, stderr_fd: int, output_limit: int,
+                status_interval: float | None) -> None:
+        self._channel = channel
+        self._output_tasks = [asyncio.create_task(_drain(stdout_fd, output_limit)),
+                              asyncio.create_task(_drain(stderr_fd, output_limit))]
+        if channel is not None:
+            self._tasks.append(asyncio.create_task(self._read_channel(channel)))
+        if status_interval and self._keep_messages:
+            self._tasks.append(asyncio.create_task(self._sample_status(status_interval)))
+
+    async def _read_channel(self, channel: AsyncChannel) -> None:
+        try:
+            while True:
+                message = await channel.receive()
+                if message is None:
+                    return
+                self._last_seen = time.monotonic()
+                if message.kind in (MessageKind.RESULT, MessageKind.ERROR):
+                    if self._reply is not None:
+                        raise ProtocolViolation("the plugin sent a second result")
+                    self._reply = message
+                elif message.kind is not MessageKind.HEARTBEAT and self._keep_messages:
+                    await self._inbox.put(message)
+        except ProtocolViolation as violation:
+            self._violation = violation
+            with contextlib.suppress(SandboxError):
+                await self._starter.control("kill", self.sandbox_id)
+        except (OSError, SandboxError):
+            return
+
+    async def _sample_status(self, interval: float) -> None:
+        exit_future = self._starter.exit_future(self.sandbox_id)
+        while not exit_future.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_future), interval)
+            if exit_future.done():
+                return
+            if not self._status_pending and not self._inbox.full():
+                with contextlib.suppress(SandboxError):
+                    self._inbox.put_nowait(await self.status())
+                    self._status_pending = True
+
+
+class SandboxManager:
+    """Runs callables and programs in fresh, throw-away sandboxes.
+
+    `config` is the default for every call (secure defaults when omitted).
+    `start_method`: "zygote" (default; a small fork server, the host is never
+    forked) or "fork" (fork this process; only for small single-threaded hosts).
+    `max_concurrent`: sandboxes alive at once (default: CPUs x 4); more calls wait.
+    `status_interval`: seconds between status samples delivered to spawn() handles.
+    """
+
+    def __init__(self, config: SandboxConfig | None = None, *,
+                 start_method: Literal["zygote", "fork"] = "zygote",
+                 max_concurrent: int | None = None,
+                 status_interval: float | None = 1.0,
+                 output_limit: int = DEFAULT_OUTPUT_LIMIT,
+                 decode_limits: DecodeLimits | None = None) -> None:
+        if start_method not in ("zygote", "fork"):
+            raise ValueError(f"start_method: must be 'zygote' or 'fork', got {start_method!r}")
+        self.config = config or SandboxConfig()
+        self._starter: StartMethod = ZygoteStarter() if start_method == "zygote" else ForkStarter()
+        self._max_concurrent = max_concurrent or (os.cpu_count() or 1) * 4
+        self._slots: asyncio.Semaphore | None = None
+        self._status_interval = status_interval
+        self._output_limit = output_limit
+        self._decode_limits = decode_limits or DecodeLimits()
+        self._ids = itertools.count(1)
+        self._handles: dict[int, SandboxHandle] = {}
+        self._by_plugin: dict[str, SandboxHandle] = {}
+        self._started = False
+        self._closed = False
+
+    async def __aenter__(self) -> SandboxManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Start the zygote and remove cgroups left behind by a dead manager."""
+        if self._started:
+            return
+        from .linux.cgroups import remove_stale_cgroups
+
+        with contextlib.suppress(OSError, SandboxError):
+            remove_stale_cgroups()
+        self._slots = asyncio.Semaphore(self._max_concurrent)
+        await self._starter.start()
+        self._started = True
+
+    async def shutdown(self) -> None:
+        """Kill every sandbox still running and stop the zygote."""
+        if self._closed or not self._started:
+            return
+        self._closed = True
+        await self._starter.close()
+        await asyncio.gather(*(h.wait() for h in list(self._handles.values())), return_exceptions=True)
+
+    # -- running ------------------------------------------------------------
+
+    async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
+                                sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxResult:
+        """Run `function(*args, **kwargs)` in a fresh sandbox; its return value is
+        `result.output`. A callable whose first parameter is `ctx` gets a PluginContext."""
+        handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=False,
+                                    call=(function, args, kwargs))
+        return await self._finish(handle)
+
+    async def execute_command(self, plugin_id: str, argv: list[str] | tuple[str, ...], *,
+                              stdin: bytes | None = None, cwd: str = "/",
+                              sandbox_config: SandboxConfig | None = None) -> SandboxResult:
+        """Run a program in a fresh sandbox; `stdin` bytes are its standard input,
+        its stdout and stderr come back (bounded) in the result."""
+        handle = await self._launch(plugin_id, ExecPayload(tuple(argv), cwd), sandbox_config,
+                                    keep_messages=False, stdin=stdin)
+        return await self._finish(handle)
+
+    async def spawn(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
+                    sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxHandle:
+        """Start a long-running plugin and return its handle (also reachable by plugin_id)."""
+        handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=True,
+                                    call=(function, args, kwargs))
+        self._by_plugin[plugin_id] = handle
+        return handle
+
+    async def send_message(self, plugin_id: str, message: IpcMessage) -> None:
+        """Send a message to the spawned plugin `plugin_id` (control: pause, resume, stop)."""
+        await self._handle(plugin_id).send(message)
+
+    async def receive_message(self, plugin_id: str, timeout: float | None = None) -> IpcMessage | None:
+        """The next message from the spawned plugin, or None on timeout / when it ended."""
+        return await self._handle(plugin_id).receive(timeout)
+
+    def get_handle(self, plugin_id: str) -> SandboxHandle:
+        """The handle of the plugin most recently spawned as `plugin_id`."""
+        return self._handle(plugin_id)
+
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        """Every sandbox alive now."""
+        now = time.monotonic()
+        return [SandboxInfo(h.plugin_id, h.sandbox_id, h.pid, h.health, h.kind, now - h._started)
+                for h in self._handles.values() if h.health is not Health.EXITED]
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _handle(self, plugin_id: str) -> SandboxHandle:
+        try:
+            return self._by_plugin[plugin_id]
+        except KeyError:
+            raise SandboxError(f"no spawned plugin named {plugin_id!r}") from None
+
+    async def _launch(self, plugin_id: str, payload: Payload, config: SandboxConfig | None, *,
+                      keep_messages: bool, call: tuple[Any, ...] | None = None,
+                      stdin: bytes | None = None) -> SandboxHandle:
+        if not self._started or self._closed:
+            raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
+        assert self._slots is not None
+        config = config or self.config
+        call_bytes = cloudpickle.dumps(call) if call is not None else None
+        await self._slots.acquire()
+        sandbox_id = next(self._ids)
+        handle = SandboxHandle(self, plugin_id, sandbox_id, "callable" if call else "command", config,
+                               keep_messages)
+        ours: list[int] = []
+        theirs: list[int] = []
+        try:
+            if stdin is not None:
+                stdin_fd = seal_bytes(stdin, "ndf-stdin")
+                os.lseek(stdin_fd, 0, os.SEEK_SET)
+            else:
+                stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            theirs.append(stdin_fd)
+            stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+            stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+            ours += [stdout_r, stderr_r]
+            theirs += [stdout_w, stderr_w]
+            fds = {0: stdin_fd, 1: stdout_w, 2: stderr_w}
+            channel = None
+            if call_bytes is not None:
+                host_end, sandbox_end = create_channel_pair()
+                channel = AsyncChannel(host_end, self._decode_limits)
+                theirs.append(sandbox_end.detach())
+                fds[CHANNEL_FD] = theirs[-1]
+            request = LaunchRequest(config, payload, plugin_id)
+            handle.pid = await self._starter.spawn(sandbox_id, request, fds)
+        except BaseException:
+            self._slots.release()
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self._handles[sandbox_id] = handle
+        exit_future = self._starter.exit_future(sandbox_id)
+        exit_future.add_done_callback(lambda _: self._release(sandbox_id))
+        handle.health = Health.RUNNING
+        handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval)
+        if channel is not None and call_bytes is not None:
+            try:
+                await channel.send(IpcMessage.call(call_bytes))
+            except OSError:
+                pass  # it died before reading its work; wait() reports how
+        return handle
+
+    def _release(self, sandbox_id: int) -> None:
+        assert self._slots is not None
+        self._slots.release()
+        handle = self._handles.pop(sandbox_id, None)
+        if handle is not None and self._by_plugin.get(handle.plugin_id) is handle:
+            handle.health = Health.EXITED
+
+    async def _finish(self, handle: SandboxHandle) -> SandboxResult:
+        try:
+            return await handle.wait()
+        except asyncio.CancelledError:
+            # The tree must be gone before the cancellation completes.
+            await asyncio.shield(self._kill_quietly(handle))
+            raise
+
+    async def _kill_quietly(self, handle: SandboxHandle) -> None:
+        with contextlib.suppress(SandboxError):
+            await handle.kill()

@@ -1,0 +1,698 @@
+"""What this host can enforce, probed once.
+
+`detect_features()` returns a frozen `HostFeatures` report. On Linux every answer
+comes from the kernel: namespaces are tried for real by unshare(2) in a forked,
+throw-away child (nothing in the calling process changes), Landlock, clone3 and
+pidfd_open by harmless syscalls, seccomp by prctl, capabilities from
+/proc/self/status, cgroups from the cgroup backends' own probe. On macOS and
+Windows it reports the OS and what the fallback backend can enforce, without
+touching any Linux-only call.
+
+`missing_for(config, features)` is the isolation floor: the protections a config
+requires that this host cannot provide, one sentence each. The launcher refuses
+to start a sandbox while that list is not empty; `ndf-sandbox check` prints
+`format_report()` and fails when the default config is not fully enforceable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno as errno_mod
+import functools
+import json
+import os
+import platform
+import select
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import CAPABILITIES, NOBODY, SandboxConfig
+
+if TYPE_CHECKING:
+    from .linux.cgroups.base import CgroupSupport
+
+__all__ = [
+    "HostFeatures",
+    "NamespaceSupport",
+    "detect_features",
+    "format_report",
+    "missing_for",
+    "probe_features",
+    "report_to_dict",
+]
+
+# include/uapi/linux/sched.h
+NAMESPACE_FLAGS: dict[str, int] = {
+    "user": 0x10000000,
+    "pid": 0x20000000,
+    "net": 0x40000000,
+    "mnt": 0x00020000,
+    "uts": 0x04000000,
+    "ipc": 0x08000000,
+    "cgroup": 0x02000000,
+}
+_NAMESPACE_WORDS = {
+    "user": "a user namespace",
+    "pid": "a PID namespace",
+    "net": "a network namespace",
+    "mnt": "a mount namespace",
+    "uts": "a UTS (hostname) namespace",
+    "ipc": "an IPC namespace",
+    "cgroup": "a cgroup namespace",
+}
+# Generic syscall numbers (the same on every architecture but alpha).
+_SYS_PIDFD_OPEN = 434
+_SYS_CLONE3 = 435
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_PR_GET_SECCOMP = 21
+_PR_GET_NO_NEW_PRIVS = 39
+_CAP_SYS_ADMIN = CAPABILITIES["CAP_SYS_ADMIN"]
+_PROBE_TIMEOUT_SECONDS = 10.0
+
+# Which cgroup controller enforces which SandboxConfig limit.
+_LIMIT_CONTROLLERS: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
+    (("memory_limit_mb",), ("memory",), "memory limit"),
+    (("cpu_quota_percent",), ("cpu",), "CPU quota"),
+    (("max_processes",), ("pids",), "process limit"),
+    (("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops"), ("io", "blkio"), "I/O limit"),
+)
+
+
+@dataclass(frozen=True)
+class NamespaceSupport:
+    """Whether this process can create one namespace type.
+
+    `creatable` is true when unshare(2) of that type worked, either alone or (for a
+    non-root process) together with a new user namespace; `needs_user_ns` says it
+    only worked the second way. `reason` explains a failure.
+    """
+
+    name: str
+    creatable: bool
+    needs_user_ns: bool = False
+    errno: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HostFeatures:
+    """What this host can enforce. Linux-only fields are empty/False elsewhere.
+
+    `unprivileged_user_namespaces` is None when it was not probed (not root, so the
+    `namespaces` entry for "user" already answers the question for this process).
+    `cgroups` is None when the cgroup probe could not run; `cgroups_reason` says why.
+    `fallback` names the backend used where Linux isolation is absent and
+    `fallback_enforces` what it can still enforce.
+    """
+
+    os: str
+    platform: str
+    machine: str
+    kernel_release: str
+    euid: int | None
+    is_root: bool
+    in_container: bool = False
+    container_hints: tuple[str, ...] = ()
+    namespaces: tuple[NamespaceSupport, ...] = ()
+    unprivileged_user_namespaces: bool | None = None
+    unprivileged_user_namespaces_reason: str = ""
+    user_namespace_knobs: tuple[tuple[str, str], ...] = ()
+    seccomp: bool = False
+    seccomp_mode: int | None = None
+    seccomp_actions: tuple[str, ...] = ()
+    seccomp_reason: str = ""
+    no_new_privs: bool = False
+    landlock_abi: int = 0
+    landlock_reason: str = ""
+    cap_bounding: int = 0
+    cap_effective: int = 0
+    has_cap_sys_admin: bool = False
+    caps_not_in_bounding: tuple[str, ...] = ()
+    cgroups: CgroupSupport | None = None
+    cgroups_reason: str = ""
+    pidfd_open: bool = False
+    clone3: bool = False
+    overlayfs: bool = False
+    fallback: str = ""
+    fallback_enforces: tuple[str, ...] = ()
+
+    def namespace(self, name: str) -> NamespaceSupport | None:
+        """The probe result for namespace `name` ("user", "net", ...), or None."""
+        return next((ns for ns in self.namespaces if ns.name == name), None)
+
+
+# --------------------------------------------------------------------------- probing
+
+
+@functools.cache
+def detect_features() -> HostFeatures:
+    """Probe the host once per process; later calls return the same report.
+
+    Tests (or a long-lived host after a sysctl change) call
+    `detect_features.cache_clear()` or use `probe_features()` for a fresh probe.
+    """
+    return probe_features()
+
+
+def probe_features() -> HostFeatures:
+    """Probe the host now (uncached)."""
+    if sys.platform == "linux":
+        return _probe_linux()
+    return _probe_other()
+
+
+def _probe_other() -> HostFeatures:
+    euid: int | None = None
+    if sys.platform != "win32":
+        euid = os.geteuid()
+    if sys.platform == "win32":
+        fallback = "windows-job-objects"
+        enforces: tuple[str, ...] = (
+            "memory limit (job memory)", "process limit (active processes)",
+            "CPU quota (hard-capped CPU rate)", "wall timeout", "kill of the whole process tree",
+            "privileges dropped (restricted token)", "UI restrictions",
+        )
+    else:
+        fallback = "posix-rlimits"
+        enforces = (
+            "wall timeout", "CPU time (RLIMIT_CPU)", "open files (RLIMIT_NOFILE)",
+            "kill of the process group",
+        )
+    return HostFeatures(
+        os=sys.platform,
+        platform=platform.platform(),
+        machine=platform.machine(),
+        kernel_release=platform.release(),
+        euid=euid,
+        is_root=euid == 0,
+        fallback=fallback,
+        fallback_enforces=enforces,
+        cgroups_reason="cgroups are Linux-only",
+        seccomp_reason="seccomp is Linux-only",
+        landlock_reason="Landlock is Linux-only",
+        unprivileged_user_namespaces_reason="namespaces are Linux-only",
+    )
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Cached, and first called in the parent, so the probe children never run
+    # find_library (which spawns ldconfig) after fork.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _errno_text(err: int) -> str:
+    name = errno_mod.errorcode.get(err, str(err))
+    return f"{name} ({os.strerror(err)})"
+
+
+def _probe_linux() -> HostFeatures:
+    if sys.platform != "linux":
+        raise OSError("Linux-only probe")
+    libc = _libc()
+    euid = os.geteuid()
+    knobs = _user_namespace_knobs()
+    ns_results = _run_in_child(_namespace_probe_child, {})
+    namespaces = _namespace_support(ns_results, knobs, euid)
+    unpriv: bool | None = None
+    unpriv_reason = ""
+    if euid == 0:
+        result = _run_in_child(_unprivileged_userns_probe_child, {})
+        unpriv = bool(result.get("ok"))
+        if not unpriv:
+            unpriv_reason = _user_namespace_reason(int(result.get("errno", 0)), knobs, unprivileged=True)
+    seccomp, seccomp_mode, actions, seccomp_reason = _probe_seccomp(libc)
+    landlock_abi, landlock_reason = _probe_landlock(libc)
+    cap_bnd, cap_eff = _capabilities()
+    cgroups, cgroups_reason = _probe_cgroups()
+    in_container, hints = _container_hints()
+    return HostFeatures(
+        os="linux",
+        platform=platform.platform(),
+        machine=platform.machine(),
+        kernel_release=platform.release(),
+        euid=euid,
+        is_root=euid == 0,
+        in_container=in_container,
+        container_hints=hints,
+        namespaces=namespaces,
+        unprivileged_user_namespaces=unpriv,
+        unprivileged_user_namespaces_reason=unpriv_reason,
+        user_namespace_knobs=tuple(sorted(knobs.items())),
+        seccomp=seccomp,
+        seccomp_mode=seccomp_mode,
+        seccomp_actions=actions,
+        seccomp_reason=seccomp_reason,
+        no_new_privs=libc.prctl(_PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) >= 0,
+        landlock_abi=landlock_abi,
+        landlock_reason=landlock_reason,
+        cap_bounding=cap_bnd,
+        cap_effective=cap_eff,
+        has_cap_sys_admin=bool(cap_eff >> _CAP_SYS_ADMIN & 1),
+        caps_not_in_bounding=_caps_missing(cap_bnd),
+        cgroups=cgroups,
+        cgroups_reason=cgroups_reason,
+        pidfd_open=_probe_pidfd_open(),
+        clone3=_probe_clone3(libc),
+        overlayfs=_probe_overlayfs(),
+    )
+
+
+def _run_in_child(probe: Any, arg: dict[str, Any]) -> dict[str, Any]:
+    """Fork, run `probe(arg) -> dict` in the child, return its JSON answer.
+
+    The child only makes syscalls and exits with os._exit, so forking from a
+    threaded host is safe enough; a child that does not answer in time is killed.
+    """
+    if sys.platform != "linux":
+        raise OSError("Linux-only probe")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_fd)
+            answer = json.dumps(probe(arg)).encode()
+            os.write(write_fd, answer)
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            try:
+                os.write(write_fd, json.dumps({"error": repr(e)}).encode())
+            finally:
+                os._exit(1)
+        os._exit(0)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            ready, _, _ = select.select([read_fd], [], [], _PROBE_TIMEOUT_SECONDS)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    try:
+        decoded = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        decoded = {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+def _namespace_probe_child(_: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - child
+    """Unshare each namespace type alone, then a user namespace, then retry the
+    failures inside it (what a non-root sandbox would do)."""
+    libc = _libc()
+    results: dict[str, list[Any]] = {}
+    others = [n for n in NAMESPACE_FLAGS if n != "user"]
+    for name in others:
+        ok = libc.unshare(NAMESPACE_FLAGS[name]) == 0
+        results[name] = [ok, 0 if ok else ctypes.get_errno(), False]
+    user_ok = libc.unshare(NAMESPACE_FLAGS["user"]) == 0
+    results["user"] = [user_ok, 0 if user_ok else ctypes.get_errno(), False]
+    if user_ok:
+        for name in others:
+            if not results[name][0] and libc.unshare(NAMESPACE_FLAGS[name]) == 0:
+                results[name] = [True, 0, True]
+    return results
+
+
+def _unprivileged_userns_probe_child(_: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
+    """As root: drop to nobody, then try to create a user namespace."""
+    if sys.platform != "linux":
+        raise OSError("Linux-only probe")
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+    libc = _libc()
+    ok = libc.unshare(NAMESPACE_FLAGS["user"]) == 0
+    return {"ok": ok, "errno": 0 if ok else ctypes.get_errno()}
+
+
+def _user_namespace_knobs() -> dict[str, str]:
+    """The sysctls that can switch user namespaces off (those present here)."""
+    knobs: dict[str, str] = {}
+    for key, path in (
+        ("user.max_user_namespaces", "/proc/sys/user/max_user_namespaces"),
+        ("kernel.unprivileged_userns_clone", "/proc/sys/kernel/unprivileged_userns_clone"),
+        ("kernel.apparmor_restrict_unprivileged_userns",
+         "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+    ):
+        value = _read(path)
+        if value is not None:
+            knobs[key] = value.strip()
+    return knobs
+
+
+def _user_namespace_reason(err: int, knobs: dict[str, str], *, unprivileged: bool) -> str:
+    """Name the knob that blocks user namespaces, else explain the errno."""
+    if knobs.get("user.max_user_namespaces") == "0":
+        return "user namespaces are disabled by user.max_user_namespaces=0"
+    if unprivileged and knobs.get("kernel.unprivileged_userns_clone") == "0":
+        return ("user namespaces for non-root users are disabled by "
+                "kernel.unprivileged_userns_clone=0")
+    if unprivileged and knobs.get("kernel.apparmor_restrict_unprivileged_userns") == "1":
+        return ("user namespaces for non-root users are disabled by "
+                "kernel.apparmor_restrict_unprivileged_userns=1")
+    if err == errno_mod.ENOSPC:
+        limit = knobs.get("user.max_user_namespaces", "?")
+        return (f"the user namespace limit is reached (user.max_user_namespaces={limit} "
+                "here or in an enclosing user namespace)")
+    if err == errno_mod.EUSERS:
+        return "the user namespace nesting limit (32 levels) is reached"
+    if err == errno_mod.EINVAL:
+        return "unshare(CLONE_NEWUSER) failed with EINVAL: the kernel lacks CONFIG_USER_NS"
+    if err == errno_mod.EPERM:
+        return ("unshare(CLONE_NEWUSER) failed with EPERM: a seccomp filter or LSM of the "
+                "container/host forbids it, or the process runs in a chroot")
+    return f"unshare(CLONE_NEWUSER) failed: {_errno_text(err)}" if err else "probe failed"
+
+
+def _namespace_support(
+    results: dict[str, Any], knobs: dict[str, str], euid: int
+) -> tuple[NamespaceSupport, ...]:
+    out = []
+    probe_error = results.get("error")
+    for name in NAMESPACE_FLAGS:
+        entry = results.get(name)
+        if not isinstance(entry, list) or len(entry) != 3:
+            reason = f"namespace probe failed: {probe_error}" if probe_error else "namespace probe failed"
+            out.append(NamespaceSupport(name, False, reason=reason))
+            continue
+        ok, err, via_user = bool(entry[0]), int(entry[1]), bool(entry[2])
+        if ok:
+            reason = "only together with a new user namespace" if via_user else ""
+        elif name == "user":
+            reason = _user_namespace_reason(err, knobs, unprivileged=euid != 0)
+        elif err == errno_mod.EPERM:
+            reason = ("unshare failed with EPERM: this process lacks CAP_SYS_ADMIN and cannot "
+                      "create a user namespace to gain it")
+        elif err == errno_mod.EINVAL:
+            reason = "unshare failed with EINVAL: the kernel was built without this namespace type"
+        elif err == errno_mod.ENOSPC:
+            reason = "unshare failed with ENOSPC: the per-user namespace limit is reached"
+        else:
+            reason = f"unshare failed: {_errno_text(err)}"
+        out.append(NamespaceSupport(name, ok, needs_user_ns=via_user, errno=err, reason=reason))
+    return tuple(out)
+
+
+def _probe_seccomp(libc: ctypes.CDLL) -> tuple[bool, int | None, tuple[str, ...], str]:
+    mode = libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0)
+    if mode < 0:
+        return False, None, (), f"prctl(PR_GET_SECCOMP) failed: {_errno_text(ctypes.get_errno())}"
+    actions_text = _read("/proc/sys/kernel/seccomp/actions_avail")
+    if actions_text is None:
+        return False, mode, (), "no /proc/sys/kernel/seccomp/actions_avail: kernel lacks seccomp filters"
+    actions = tuple(actions_text.split())
+    reason = "this process already runs under a seccomp filter (filters stack)" if mode == 2 else ""
+    if "errno" not in actions or "kill_process" not in actions:
+        return False, mode, actions, "the kernel lacks the errno/kill_process seccomp actions"
+    return True, mode, actions, reason
+
+
+def _probe_landlock(libc: ctypes.CDLL) -> tuple[int, str]:
+    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.c_void_p(None), ctypes.c_size_t(0),
+                       ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    if abi > 0:
+        return int(abi), ""
+    err = ctypes.get_errno()
+    if err == errno_mod.ENOSYS:
+        return 0, "the kernel has no Landlock syscalls (ENOSYS)"
+    if err == errno_mod.EOPNOTSUPP:
+        return 0, "Landlock is built in but disabled at boot (not in the lsm= list)"
+    return 0, f"landlock_create_ruleset failed: {_errno_text(err)}"
+
+
+def _capabilities() -> tuple[int, int]:
+    status = _read("/proc/self/status") or ""
+    values = {"CapBnd": 0, "CapEff": 0}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in values:
+            values[key] = int(value.strip(), 16)
+    return values["CapBnd"], values["CapEff"]
+
+
+def _caps_missing(cap_bounding: int) -> tuple[str, ...]:
+    last_text = _read("/proc/sys/kernel/cap_last_cap")
+    last = int(last_text) if last_text and last_text.strip().isdigit() else max(CAPABILITIES.values())
+    return tuple(name for name, bit in CAPABILITIES.items()
+                 if bit <= last and not cap_bounding >> bit & 1)
+
+
+def _probe_cgroups() -> tuple[CgroupSupport | None, str]:
+    try:
+        from .linux.cgroups import probe_cgroups
+    except ImportError as e:
+        return None, f"cgroup support unknown: the cgroup probe is not available ({e})"
+    try:
+        support: CgroupSupport = probe_cgroups()
+    except Exception as e:  # noqa: BLE001 - a broken probe must not break the whole report
+        return None, f"cgroup support unknown: the cgroup probe failed ({e!r})"
+    return support, ""
+
+
+def _probe_pidfd_open() -> bool:
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return False
+    try:
+        fd = pidfd_open(os.getpid(), 0)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _probe_clone3(libc: ctypes.CDLL) -> bool:
+    # clone3(NULL, 0) never creates a process: a kernel that has clone3 rejects the
+    # size with EINVAL; ENOSYS means no clone3 (old kernel or a container's filter).
+    libc.syscall(_SYS_CLONE3, ctypes.c_void_p(None), ctypes.c_size_t(0))
+    return ctypes.get_errno() != errno_mod.ENOSYS
+
+
+def _probe_overlayfs() -> bool:
+    text = _read("/proc/filesystems") or ""
+    return any(line.split()[-1:] == ["overlay"] for line in text.splitlines())
+
+
+def _container_hints() -> tuple[bool, tuple[str, ...]]:
+    hints = []
+    if os.path.exists("/.dockerenv"):
+        hints.append("/.dockerenv exists")
+    if os.path.exists("/run/.containerenv"):
+        hints.append("/run/.containerenv exists (podman)")
+    cgroup_text = _read("/proc/1/cgroup") or ""
+    for word in ("docker", "kubepods", "containerd", "libpod", "lxc"):
+        if word in cgroup_text:
+            hints.append(f"/proc/1/cgroup mentions {word}")
+            break
+    environ = _read("/proc/1/environ") or ""
+    for var in environ.split("\0"):
+        if var.startswith("container="):
+            hints.append(f"pid 1 has {var}")
+    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/" and " - " in line:
+            fstype = line.split(" - ", 1)[1].split()[0]
+            if fstype == "overlay":
+                hints.append("the root file system is an overlay mount")
+    return bool(hints), tuple(hints)
+
+
+# --------------------------------------------------------------------------- floor check
+
+
+def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
+    """The protections `config` requires that this host cannot provide.
+
+    Each entry is one sentence naming the protection (with its config field) and
+    why it is unavailable. An empty list means the isolation floor is met.
+    """
+    if features.os != "linux":
+        return _missing_non_linux(config, features)
+    missing: list[str] = []
+    euid = features.euid if features.euid is not None else 0
+    user_wanted = config.namespaces.user_enabled(euid)
+    user = features.namespace("user")
+    if user_wanted and (user is None or not user.creatable):
+        why = user.reason if user else "it was not probed"
+        because = (" because the sandbox runs as a non-root user"
+                   if config.namespaces.user is None else "")
+        missing.append(f"namespaces.user: {_NAMESPACE_WORDS['user']} is required{because}, "
+                       f"but this process cannot create one: {why}")
+    for name in ("pid", "net", "mnt", "uts", "ipc", "cgroup"):
+        if not getattr(config.namespaces, name):
+            continue
+        ns = features.namespace(name)
+        if ns is None or not ns.creatable:
+            why = ns.reason if ns else "it was not probed"
+            missing.append(f"namespaces.{name}: {_NAMESPACE_WORDS[name]} is required, "
+                           f"but this process cannot create one: {why}")
+        elif ns.needs_user_ns and not user_wanted:
+            missing.append(f"namespaces.{name}: {_NAMESPACE_WORDS[name]} can only be created "
+                           "together with a user namespace (this process lacks CAP_SYS_ADMIN), "
+                           "but namespaces.user = false")
+    if config.uid != euid and euid != 0 and not (
+        user_wanted and user is not None and user.creatable
+    ):
+        missing.append(f"uid: switching to uid {config.uid}/gid {config.gid} needs root or a "
+                       "user namespace, and neither is available")
+    if config.seccomp != "off" and not features.seccomp:
+        missing.append(f"seccomp: a seccomp filter ({config.seccomp!r}) is required, "
+                       f"but {features.seccomp_reason or 'seccomp is unavailable'}")
+    if config.no_new_privs and not features.no_new_privs:
+        missing.append("no_new_privs: required, but prctl(PR_GET_NO_NEW_PRIVS) is not supported")
+    missing.extend(_missing_cgroup_limits(config, features))
+    return missing
+
+
+def _missing_cgroup_limits(config: SandboxConfig, features: HostFeatures) -> list[str]:
+    missing = []
+    for fields, controllers, what in _LIMIT_CONTROLLERS:
+        requested = [f for f in fields if getattr(config, f) is not None]
+        if not requested:
+            continue
+        label = "/".join(requested)
+        if features.cgroups is None:
+            why = features.cgroups_reason or "cgroup support is unknown"
+            missing.append(f"{label}: a {what} is required, but {why}")
+            continue
+        found = [c for c in (features.cgroups.get(n) for n in controllers) if c is not None]
+        if any(c.usable for c in found):
+            continue
+        names = " or ".join(controllers)
+        if found:
+            reasons = "; ".join(f"{c.name} ({c.version or 'absent'}): {c.reason or 'not usable'}"
+                                for c in found)
+            missing.append(f"{label}: a {what} is required, but the {names} cgroup controller "
+                           f"is not usable: {reasons}")
+        else:
+            missing.append(f"{label}: a {what} is required, but no {names} cgroup controller "
+                           "is available on this host")
+    return missing
+
+
+def _missing_non_linux(config: SandboxConfig, features: HostFeatures) -> list[str]:
+    if features.os == "win32":
+        # One source of truth: the Windows backend's own fail-closed list.
+        from .fallback.windows import unenforced_protections
+
+        return [f"{name}: required, but {reason}"
+                for name, reason, requested in unenforced_protections(config) if requested]
+    system = {"darwin": "macOS"}.get(features.os, features.os)
+    missing = []
+    for name in ("user", "pid", "net", "mnt", "uts", "ipc", "cgroup"):
+        wanted = (config.namespaces.user is True) if name == "user" else getattr(config.namespaces, name)
+        if wanted:
+            missing.append(f"namespaces.{name}: {_NAMESPACE_WORDS[name]} is required, "
+                           f"but namespaces are Linux-only and this host runs {system}")
+    if config.seccomp != "off":
+        missing.append(f"seccomp: a seccomp filter is required, but seccomp is Linux-only ({system})")
+    if config.no_new_privs:
+        missing.append(f"no_new_privs: required, but it is a Linux prctl ({system})")
+    for fields, _, what in _LIMIT_CONTROLLERS:
+        requested = [f for f in fields if getattr(config, f) is not None]
+        if requested:
+            missing.append(f"{'/'.join(requested)}: a {what} is required, but the "
+                           f"{features.fallback or 'fallback'} backend on {system} cannot enforce it")
+    return missing
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _yes(flag: bool | None) -> str:
+    return "unknown" if flag is None else ("yes" if flag else "no")
+
+
+def _report_rows(f: HostFeatures) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = [
+        ("os", f.os, f.platform),
+        ("kernel", f.kernel_release or "-", f.machine),
+        ("root", _yes(f.is_root), f"euid {f.euid}" if f.euid is not None else ""),
+    ]
+    if f.os != "linux":
+        rows.append(("fallback backend", f.fallback, ", ".join(f.fallback_enforces)))
+        rows.append(("namespaces", "no", "Linux-only"))
+        rows.append(("seccomp", "no", "Linux-only"))
+        rows.append(("cgroups", "no", "Linux-only"))
+        return rows
+    rows.append(("in container", _yes(f.in_container), "; ".join(f.container_hints)))
+    for ns in f.namespaces:
+        rows.append((f"namespace {ns.name}", _yes(ns.creatable), ns.reason))
+    if f.unprivileged_user_namespaces is not None:
+        rows.append(("user ns for non-root users", _yes(f.unprivileged_user_namespaces),
+                     f.unprivileged_user_namespaces_reason))
+    rows.append(("user ns knobs", "-", ", ".join(f"{k}={v}" for k, v in f.user_namespace_knobs)))
+    seccomp_detail = f.seccomp_reason or ("actions: " + " ".join(f.seccomp_actions))
+    rows.append(("seccomp", _yes(f.seccomp), seccomp_detail))
+    rows.append(("no_new_privs", _yes(f.no_new_privs), ""))
+    rows.append(("landlock", f"ABI {f.landlock_abi}" if f.landlock_abi else "no", f.landlock_reason))
+    rows.append(("CAP_SYS_ADMIN", _yes(f.has_cap_sys_admin),
+                 f"CapEff={f.cap_effective:#x} CapBnd={f.cap_bounding:#x}"))
+    rows.append(("caps not in bounding set", str(len(f.caps_not_in_bounding)),
+                 " ".join(f.caps_not_in_bounding)))
+    if f.cgroups is None:
+        rows.append(("cgroups", "unknown", f.cgroups_reason))
+    else:
+        for c in f.cgroups.controllers:
+            detail = f"{c.version} {c.parent}".strip() if c.usable else (c.reason or "not usable")
+            rows.append((f"cgroup {c.name}", _yes(c.usable), detail))
+    rows.append(("pidfd_open", _yes(f.pidfd_open), ""))
+    rows.append(("clone3", _yes(f.clone3), ""))
+    rows.append(("overlayfs", _yes(f.overlayfs), "" if f.overlayfs else "not in /proc/filesystems"))
+    return rows
+
+
+def format_report(features: HostFeatures) -> str:
+    """A readable, aligned table: feature, status (yes/no/version), detail."""
+    rows = _report_rows(features)
+    width0 = max(len(r[0]) for r in rows)
+    width1 = max(len(r[1]) for r in rows)
+    lines = [f"{'feature'.ljust(width0)}  {'status'.ljust(width1)}  detail"]
+    lines.append(f"{'-' * width0}  {'-' * width1}  ------")
+    lines.extend(f"{a.ljust(width0)}  {b.ljust(width1)}  {c}".rstrip() for a, b, c in rows)
+    missing = missing_for(SandboxConfig(), features)
+    lines.append("")
+    if missing:
+        lines.append("The default sandbox config cannot be fully enforced here:")
+        lines.extend(f"  - {m}" for m in missing)
+    else:
+        lines.append("The default sandbox config can be fully enforced here.")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def report_to_dict(features: HostFeatures) -> dict[str, Any]:
+    """A JSON-ready dict of the report (for `ndf-sandbox check --json`), plus the
+    default config's missing protections under "missing_for_default_config"."""
+    data: dict[str, Any] = _jsonable(features)
+    data["user_namespace_knobs"] = dict(features.user_namespace_knobs)
+    data["missing_for_default_config"] = missing_for(SandboxConfig(), features)
+    return data

@@ -1,0 +1,160 @@
+"""The Launcher: owns the sandboxes started by this (single-threaded) process.
+
+It is transport-agnostic: the zygote drives it from a selectors loop, the
+`fork` start method from the manager's asyncio loop, and `ndf-sandbox run`
+from a blocking poll. It starts sandboxes, enforces wall deadlines, reaps them
+into results, freezes, thaws, signals and kills them, and reads live stats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from ..config import SandboxConfig
+from ..result import SandboxResult
+from . import bootstrap, resources
+from .plan import plan_launch
+from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """One sandbox to start: its config, payload, a label and its fds (target <- source)."""
+
+    config: SandboxConfig
+    payload: bootstrap.Payload
+    name: str = "sandbox"
+    fd_map: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
+
+
+def effective_config(request: LaunchRequest) -> SandboxConfig:
+    """A Python payload needs the interpreter visible inside the sandbox."""
+    config = request.config
+    if request.payload.needs_python and not config.filesystem.python:
+        config = dataclasses.replace(config, filesystem=dataclasses.replace(config.filesystem, python=True))
+    return config
+
+
+class Launcher:
+    """Sandboxes started by this process, by id."""
+
+    def __init__(self) -> None:
+        self.running: dict[int, SpawnedSandbox] = {}
+        self._paused_by_signal: dict[int, list[int]] = {}
+
+    def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
+        """Check the floor, create the cgroup, spawn. Raises SandboxError subclasses."""
+        config = effective_config(request)
+        plan = plan_launch(config)
+        resources.check_floor(config)
+        cgroup = resources.create_cgroup(config, request.name, plan)
+        try:
+            spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.destroy()
+            raise
+        self.running[sandbox_id] = spawned
+        return spawned
+
+    def next_deadline(self) -> float | None:
+        """The earliest wall deadline of the running sandboxes (monotonic clock)."""
+        deadlines = [s.started + s.plan.config.timeout_seconds for s in self.running.values()
+                     if s.plan.config.timeout_seconds is not None and not s.timed_out]
+        return min(deadlines, default=None)
+
+    def expire(self, now: float | None = None) -> list[int]:
+        """Kill every sandbox past its deadline; returns their ids."""
+        now = time.monotonic() if now is None else now
+        expired = []
+        for sandbox_id, spawned in self.running.items():
+            timeout = spawned.plan.config.timeout_seconds
+            if timeout is not None and not spawned.timed_out and now >= spawned.started + timeout:
+                spawned.timed_out = True
+                self._thaw_quietly(sandbox_id)
+                spawned.kill()
+                expired.append(sandbox_id)
+        return expired
+
+    def finish(self, sandbox_id: int) -> SandboxResult:
+        """Reap an exited sandbox (its pidfd is readable) into its result."""
+        spawned = self.running.pop(sandbox_id)
+        self._paused_by_signal.pop(sandbox_id, None)
+        return finish_sandbox(spawned)
+
+    def kill(self, sandbox_id: int) -> None:
+        """Kill the whole tree now (the result says `killed`)."""
+        spawned = self.running.get(sandbox_id)
+        if spawned is not None:
+            spawned.stopped = True
+            self._thaw_quietly(sandbox_id)
+            spawned.kill()
+
+    def signal(self, sandbox_id: int, sig: int) -> None:
+        """Send `sig` to the sandbox's init, which forwards it to the payload."""
+        spawned = self.running.get(sandbox_id)
+        if spawned is not None:
+            spawned.signal(sig)
+
+    def freeze(self, sandbox_id: int) -> str:
+        """Stop every process of the sandbox: the cgroup freezer, else SIGSTOP to the tree."""
+        spawned = self.running[sandbox_id]
+        if spawned.cgroup is not None:
+            spawned.cgroup.freeze()
+            return "cgroup freezer"
+        pids = [spawned.pid] + [p.pid for p in psutil.Process(spawned.pid).children(recursive=True)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        self._paused_by_signal[sandbox_id] = pids
+        return "SIGSTOP"
+
+    def thaw(self, sandbox_id: int) -> None:
+        """Undo freeze()."""
+        spawned = self.running[sandbox_id]
+        if spawned.cgroup is not None:
+            spawned.cgroup.thaw()
+        for pid in self._paused_by_signal.pop(sandbox_id, []):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def _thaw_quietly(self, sandbox_id: int) -> None:
+        try:
+            self.thaw(sandbox_id)
+        except (OSError, KeyError):
+            pass  # a frozen tree is killed anyway (SIGKILL reaches frozen tasks)
+
+    def stats(self, sandbox_id: int) -> dict[str, Any]:
+        """Live usage from the kernel: the cgroup's counters, else /proc of the tree."""
+        spawned = self.running[sandbox_id]
+        wall = time.monotonic() - spawned.started
+        if spawned.cgroup is not None:
+            stats = spawned.cgroup.stats()
+            return {"wall_seconds": wall, "cpu_seconds": stats.cpu_usage_usec / 1e6,
+                    "memory_bytes": stats.memory_current_bytes, "memory_peak_bytes": stats.memory_peak_bytes,
+                    "processes": stats.pids_current, "frozen": stats.frozen}
+        try:
+            tree = [psutil.Process(spawned.pid)]
+            tree += tree[0].children(recursive=True)
+            cpu = sum(sum(p.cpu_times()[:2]) for p in tree)
+            rss = sum(p.memory_info().rss for p in tree)
+        except psutil.Error:
+            cpu, rss, tree = 0.0, 0, []
+        return {"wall_seconds": wall, "cpu_seconds": cpu, "memory_bytes": rss,
+                "processes": len(tree), "frozen": sandbox_id in self._paused_by_signal}
+
+    def shutdown(self) -> list[tuple[int, SandboxResult]]:
+        """Kill and reap everything still running."""
+        results = []
+        for sandbox_id in list(self.running):
+            self.kill(sandbox_id)
+            results.append((sandbox_id, self.finish(sandbox_id)))
+        return results

@@ -1,0 +1,140 @@
+"""The payload for Python callables: runs inside the sandbox, after every protection.
+
+It waits on its channel (fd 3) for one CALL message (cloudpickled function and
+arguments, sent by the host), runs it, sends back one RESULT or ERROR message
+(msgpack: nothing pickled ever travels towards the host) and exits. The module
+imports the payload needs happen here, inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from ..ipc.channel import SyncChannel
+from ..ipc.messages import ControlMessage, IpcMessage, MessageKind
+from .bootstrap import Payload
+
+CHANNEL_FD = 3
+
+
+class PluginContext:
+    """What a plugin gets when its callable takes a `ctx` parameter.
+
+    send / receive binary data, report progress, log, and see whether the host
+    asked it to stop (poll `stop_requested` or block in `wait_for_stop`).
+    """
+
+    def __init__(self, channel: SyncChannel) -> None:
+        self._channel = channel
+        self._inbox: deque[IpcMessage] = deque()
+        self._stop = False
+
+    def send(self, data: bytes | bytearray | memoryview, *, tag: str = "") -> None:
+        """Send bytes to the host (large ones travel as a sealed memfd)."""
+        self._channel.send(IpcMessage.data(data, tag=tag))
+
+    def report_progress(self, fraction: float, note: str = "") -> None:
+        """Tell the host how far along the work is (0.0 to 1.0)."""
+        self._channel.send(IpcMessage.progress(fraction, note))
+
+    def log(self, text: str, level: str = "info") -> None:
+        """Send a log line to the host."""
+        self._channel.send(IpcMessage.log(level, text))
+
+    def _pump(self, timeout: float | None) -> bool:
+        try:
+            message = self._channel.receive(timeout)
+        except TimeoutError:
+            return False
+        if message is None:
+            return False
+        if message.kind is MessageKind.CONTROL and message.control_message is ControlMessage.STOP:
+            self._stop = True
+        else:
+            self._inbox.append(message)
+        return True
+
+    def receive(self, timeout: float | None = None) -> IpcMessage | None:
+        """The next message from the host (data), or None on timeout / host gone."""
+        while not self._inbox:
+            if not self._pump(timeout):
+                return None
+        return self._inbox.popleft()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the host sent STOP (checks the channel without blocking)."""
+        while not self._stop and self._pump(0):
+            pass
+        return self._stop
+
+    def wait_for_stop(self, timeout: float | None = None) -> bool:
+        """Block until the host sends STOP (True) or the timeout passes (False)."""
+        while not self._stop:
+            if not self._pump(timeout):
+                break
+        return self._stop
+
+
+def wants_context(function: Callable[..., Any]) -> bool:
+    """Whether the callable's first parameter is the plugin context (`ctx`)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and (parameters[0].name == "ctx" or parameters[0].annotation is PluginContext)
+
+
+@dataclass(frozen=True)
+class PythonWorkerPayload(Payload):
+    """Run one cloudpickled call received on fd 3."""
+
+    needs_python = True
+
+    def run(self, environment: tuple[bytes, ...]) -> NoReturn:
+        os.environ.clear()
+        os.environ.update(entry.decode().split("=", 1) for entry in environment)  # type: ignore[misc]
+        os.chdir("/tmp")
+        channel = SyncChannel.from_fd(CHANNEL_FD)
+        try:
+            call = channel.receive()
+            if call is None or call.kind is not MessageKind.CALL:
+                os._exit(0)  # the host went away before sending work
+            reply = _run_call(bytes(call.payload), channel)
+            try:
+                channel.send(reply)
+            except (TypeError, ValueError) as exc:  # msgpack cannot carry the value
+                channel.send(IpcMessage.error(
+                    "TypeError", f"the result cannot be sent to the host: {exc} "
+                                 "(results must be msgpack types: None, bool, int, float, str, "
+                                 "bytes, list, dict)"))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0)
+
+
+def _run_call(payload: bytes, channel: SyncChannel) -> IpcMessage:
+    try:
+        import cloudpickle
+
+        function, args, kwargs = cloudpickle.loads(payload)
+        if wants_context(function):
+            args = (PluginContext(channel), *args)
+        value = function(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+        return IpcMessage.result(value)
+    except BaseException as exc:  # noqa: BLE001 - the plugin's failure is its result
+        return IpcMessage.from_exception(exc)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

@@ -1,0 +1,164 @@
+"""The zygote: a small, single-threaded fork server that starts every sandbox.
+
+The manager starts it as a fresh interpreter (`python -m ...launch.zygote FD
+PARENT_PID`), so the host process, which may run threads and hold gigabytes,
+is never forked. The zygote imports what sandboxes need once, then serves
+requests on a SOCK_SEQPACKET socket:
+
+    manager -> zygote  pickle (both sides are the trusted host), fds by SCM_RIGHTS
+        {"op": "hello", "sys_path": [...]}
+        {"op": "spawn", "id": N, "request": LaunchRequest, "targets": [fd numbers]} + fds
+        {"op": "kill" | "freeze" | "thaw" | "stats" | "signal", "id": N, ...}
+    zygote -> manager  msgpack
+        {"op": "started", "id", "pid"} | {"op": "exited", "id", "result": {...}}
+        {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", "type"}
+
+When the manager goes away (socket EOF, or SIGTERM from the parent-death
+signal) the zygote kills every sandbox, removes their cgroups and exits.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from ..errors import SandboxError, UnsupportedError
+from ..linux import syscalls as sc
+from .launcher import Launcher, LaunchRequest
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_FDS = 8
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(msgpack.packb(message, use_bin_type=True))
+
+
+def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
+    op, sandbox_id = request["op"], request.get("id")
+    if op == "hello":
+        sys.path[:] = request["sys_path"]
+        return None
+    if op == "spawn":
+        launch: LaunchRequest = request["request"]
+        try:
+            fd_map = tuple(zip(request["targets"], fds, strict=True))
+            launch = LaunchRequest(launch.config, launch.payload, launch.name, fd_map)
+            spawned = launcher.start(sandbox_id, launch)
+            return {"op": "started", "id": sandbox_id, "pid": spawned.pid}
+        except UnsupportedError as e:
+            return {"op": "failed", "id": sandbox_id, "error": str(e), "protection": e.protection,
+                    "reason": e.reason}
+        except (SandboxError, OSError) as e:
+            return {"op": "failed", "id": sandbox_id, "error": str(e)}
+        finally:
+            for fd in fds:
+                os.close(fd)
+    for fd in fds:
+        os.close(fd)
+    try:
+        reply: dict[str, Any] = {"op": "reply", "id": sandbox_id, "ok": True}
+        if op == "kill":
+            launcher.kill(sandbox_id)
+        elif op == "freeze":
+            reply["how"] = launcher.freeze(sandbox_id)
+        elif op == "thaw":
+            launcher.thaw(sandbox_id)
+        elif op == "signal":
+            launcher.signal(sandbox_id, request["signal"])
+        elif op == "stats":
+            reply["stats"] = launcher.stats(sandbox_id)
+        else:
+            return {"op": "reply", "id": sandbox_id, "ok": False, "error": f"unknown op {op!r}"}
+        return reply
+    except KeyError:
+        return {"op": "reply", "id": sandbox_id, "ok": False, "error": "no such sandbox (it has exited)"}
+    except (SandboxError, OSError) as e:
+        return {"op": "reply", "id": sandbox_id, "ok": False, "error": str(e)}
+
+
+def serve(sock: socket.socket, launcher: Launcher) -> None:
+    """Serve requests until the manager closes its end."""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, None)
+    pidfds: dict[int, int] = {}  # pidfd -> sandbox id
+    while True:
+        deadline = launcher.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        for key, _ in selector.select(timeout):
+            if key.data is None:
+                data, fds = _recv(sock)
+                if not data:
+                    return
+                reply = _handle(launcher, pickle.loads(data), fds)
+                if reply is not None:
+                    if reply["op"] == "started":
+                        spawned = launcher.running[reply["id"]]
+                        pidfds[spawned.pidfd] = reply["id"]
+                        selector.register(spawned.pidfd, selectors.EVENT_READ, reply["id"])
+                    _send(sock, reply)
+            else:
+                sandbox_id = key.data
+                selector.unregister(key.fd)
+                pidfds.pop(key.fd, None)
+                result = launcher.finish(sandbox_id)
+                _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
+        launcher.expire()
+
+
+def _warm_up() -> None:
+    """Do once what every sandbox would otherwise do: probe the host, compile the
+    default seccomp filter, import what Python payloads use."""
+    import cloudpickle  # noqa: F401
+
+    from ..config import SandboxConfig
+    from ..detect import detect_features
+    from . import python_worker  # noqa: F401
+    from .plan import plan_launch
+
+    detect_features()
+    plan_launch(SandboxConfig())
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: `python -m neural_doc_flow_security.sandbox.launch.zygote FD PARENT_PID`."""
+    fd, parent_pid = int(argv[1]), int(argv[2])
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which decides
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        return 0
+    sock = socket.socket(fileno=fd)
+    launcher = Launcher()
+    try:
+        _warm_up()
+        serve(sock, launcher)
+    finally:
+        launcher.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,619 @@
+"""Seccomp: compile a syscall filter once in the parent, install it in the child with one syscall.
+
+The filter is built with libseccomp (through pyseccomp) and exported as raw
+classic-BPF bytes by :func:`compile_profile`, which caches the result. The
+child bootstrap then calls :func:`install_program`, which hands those bytes to
+``seccomp(SECCOMP_SET_MODE_FILTER)`` through ctypes: the child never calls into
+libseccomp, allocates no filter database and parses no profile.
+
+Profiles
+    ``"default"``
+        Allow by default and deny, with ``EPERM``, the calls Docker's default
+        profile keeps from an unprivileged container: mounts and the new mount
+        API, namespaces (``unshare``, ``setns``, ``clone`` with any
+        ``CLONE_NEW*`` flag), ``ptrace`` and cross-process memory access,
+        kernel keyrings, ``bpf``, ``perf_event_open``, ``userfaultfd``,
+        ``io_uring``, kernel modules, ``kexec``, ``reboot``, swap, accounting,
+        clock setting, file handles, ``syslog``, port I/O, NUMA placement,
+        terminal input injection (``ioctl`` ``TIOCSTI``/``TIOCLINUX``) and
+        ``personality`` values outside Docker's safe set. ``clone3`` gets
+        ``ENOSYS`` so libc falls back to ``clone``, whose flags the filter can
+        see. Only the native architecture is in the filter: a call through a
+        foreign ABI (i386 ``int 0x80``, x32) kills the process.
+    ``"off"``
+        No filter: returns :data:`NO_FILTER`, which :func:`install_program`
+        skips, so callers never need a ``None`` check.
+    ``/absolute/path.toml`` or ``.json``
+        A profile file, see :func:`load_profile_file`.
+
+Syscall names libseccomp does not know, or that do not exist on the native
+architecture, never break the default profile: they are skipped and listed in
+the program's description (which the isolation report shows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import difflib
+import errno as errno_mod
+import json
+import os
+import struct
+import sys
+import threading
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from neural_doc_flow_security.sandbox.errors import ConfigError, SetupError
+
+STAGE: Final = "seccomp"
+"""Name of the bootstrap stage, used in SetupError and the isolation report."""
+
+DOCKER_SAFE_PERSONALITIES: Final = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
+"""personality() values allowed by the default profile (Docker's list; 0xffffffff only queries)."""
+
+CLONE_NAMESPACE_FLAGS: Final[dict[str, int]] = {
+    "CLONE_NEWNS": 0x00020000,
+    "CLONE_NEWCGROUP": 0x02000000,
+    "CLONE_NEWUTS": 0x04000000,
+    "CLONE_NEWIPC": 0x08000000,
+    "CLONE_NEWUSER": 0x10000000,
+    "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+    # CLONE_NEWTIME (0x80) overlaps the exit-signal byte of clone(); only clone3 and
+    # unshare accept it, and both are refused outright.
+}
+"""clone() flags that the default profile refuses (any one of them makes clone fail with EPERM)."""
+_TTY_INJECTION_IOCTLS: Final = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C}
+_LOW32: Final = 0xFFFFFFFF
+
+# How a denied syscall is matched.
+_Match = Literal["always", "clone_new_flags", "tty_injection", "unsafe_personality", "enosys"]
+
+_DEFAULT_DENY: Final[dict[str, _Match]] = {
+    # filesystems and mounts
+    **dict.fromkeys(
+        (
+            "mount",
+            "umount",
+            "umount2",
+            "pivot_root",
+            "chroot",
+            "fsopen",
+            "fsconfig",
+            "fsmount",
+            "fspick",
+            "move_mount",
+            "open_tree",
+            "mount_setattr",
+            "open_by_handle_at",
+            "name_to_handle_at",
+            "quotactl",
+            "quotactl_fd",
+            "swapon",
+            "swapoff",
+            "nfsservctl",
+            "uselib",
+            "ustat",
+            "sysfs",
+            "_sysctl",
+            "lookup_dcookie",
+        ),
+        "always",
+    ),
+    # namespaces and other processes
+    **dict.fromkeys(
+        (
+            "unshare",
+            "setns",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "kcmp",
+            "pidfd_getfd",
+        ),
+        "always",
+    ),
+    "clone": "clone_new_flags",
+    "clone3": "enosys",
+    # kernel attack surface that an unprivileged container does not need
+    **dict.fromkeys(
+        (
+            "keyctl",
+            "add_key",
+            "request_key",
+            "bpf",
+            "perf_event_open",
+            "userfaultfd",
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "create_module",
+            "get_kernel_syms",
+            "query_module",
+            "kexec_load",
+            "kexec_file_load",
+            "reboot",
+            "acct",
+            "syslog",
+            "vhangup",
+            "iopl",
+            "ioperm",
+            "vm86",
+            "vm86old",
+            "lsm_set_self_attr",
+        ),
+        "always",
+    ),
+    # clocks
+    **dict.fromkeys(
+        ("settimeofday", "stime", "clock_settime", "clock_adjtime", "adjtimex"),
+        "always",
+    ),
+    # NUMA placement (Docker: only with CAP_SYS_NICE)
+    **dict.fromkeys(
+        ("mbind", "set_mempolicy", "set_mempolicy_home_node", "migrate_pages", "move_pages"),
+        "always",
+    ),
+    "ioctl": "tty_injection",
+    "personality": "unsafe_personality",
+}
+
+_PROFILE_KEYS: Final = ("extends", "deny", "allow", "action", "errno")
+_BPF_MAX_INSNS: Final = 4096
+_SOCK_FILTER_SIZE: Final = 8
+
+# libseccomp's __NR_SCMP_ERROR; pseudo numbers (< -1) mean "known, not on this arch".
+_NR_UNKNOWN: Final = -1
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+@dataclass(frozen=True)
+class SeccompProgram:
+    """A compiled seccomp filter: raw classic-BPF bytes ready for ``seccomp(2)``.
+
+    ``name`` is the spec it was compiled from ("default", "off" or the profile
+    path); ``description`` is a one-line summary for the isolation report;
+    ``denied`` lists the syscalls the filter refuses; ``skipped`` the names that
+    were requested but are unknown to libseccomp or absent on this architecture.
+    An empty ``bpf`` (the "off" program) means no filter.
+
+    The ``struct sock_fprog`` handed to the kernel is built once, here, so a
+    forked child pays for one syscall and no allocation or copy-on-write faults.
+    """
+
+    name: str
+    description: str
+    bpf: bytes = field(repr=False)
+    instructions: int
+    denied: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.bpf) % _SOCK_FILTER_SIZE or len(self.bpf) // _SOCK_FILTER_SIZE != self.instructions:
+            raise ValueError(f"seccomp program {self.name!r}: BPF size does not match instruction count")
+        if self.instructions > _BPF_MAX_INSNS:
+            raise ValueError(f"seccomp program {self.name!r}: {self.instructions} > {_BPF_MAX_INSNS} insns")
+        insns = (_SockFilter * self.instructions).from_buffer_copy(self.bpf)
+        fprog = _SockFprog(self.instructions, ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
+        object.__setattr__(self, "_kernel_args", (insns, fprog, ctypes.byref(fprog)))
+
+    _kernel_args: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The ctypes structures cannot be pickled; rebuild them from the public fields.
+        return (
+            SeccompProgram,
+            (self.name, self.description, self.bpf, self.instructions, self.denied, self.skipped),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when installing this program adds a filter."""
+        return self.instructions > 0
+
+
+NO_FILTER: Final = SeccompProgram(name="off", description="off: no seccomp filter", bpf=b"", instructions=0)
+"""The program for spec "off": install_program() does nothing with it."""
+
+
+@dataclass(frozen=True)
+class SeccompProfile:
+    """A validated profile: which syscalls to deny and what a denied call gets.
+
+    ``action`` is "errno" (the call fails with ``errno``) or "kill" (the whole
+    process is killed with SIGSYS). ``clone3`` keeps ``ENOSYS`` either way unless
+    a profile denies it explicitly, so libc falls back to ``clone``.
+    """
+
+    name: str
+    deny: Mapping[str, _Match]
+    action: Literal["errno", "kill"] = "errno"
+    errno: int = errno_mod.EPERM
+
+
+# --------------------------------------------------------------------------------------------------
+# compiling (parent / zygote side; uses libseccomp)
+# --------------------------------------------------------------------------------------------------
+
+_cache: dict[tuple[str, int, int, int], SeccompProgram] = {}
+_cache_lock = threading.Lock()
+
+
+def compile_profile(spec: str) -> SeccompProgram:
+    """Compile ``spec`` ("default", "off" or an absolute profile path) to a SeccompProgram.
+
+    Results are cached by the spec and, for files, their inode, mtime and size:
+    compiling the same unchanged spec again returns the same object. Call this in
+    the parent or zygote; the child only needs :func:`install_program`.
+
+    Raises ConfigError("seccomp", ...) for an invalid spec or profile file.
+    """
+    if spec == "off":
+        return NO_FILTER
+    if spec == "default":
+        key = (spec, 0, 0, 0)
+    elif os.path.isabs(spec):
+        try:
+            st = os.stat(spec)
+        except OSError as exc:
+            raise ConfigError(STAGE, f"{spec}: cannot read profile file: {exc.strerror}") from exc
+        key = (spec, st.st_ino, st.st_mtime_ns, st.st_size)
+    else:
+        raise ConfigError(
+            STAGE, f"expected 'default', 'off' or an absolute path to a .toml/.json profile, got {spec!r}"
+        )
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            return cached
+        profile = default_profile() if spec == "default" else load_profile_file(spec)
+        program = build_program(profile)
+        _cache[key] = program
+        return program
+
+
+def default_profile() -> SeccompProfile:
+    """The built-in deny-list profile (see the module docstring)."""
+    return SeccompProfile(name="default", deny=dict(_DEFAULT_DENY))
+
+
+def load_profile_file(path: str) -> SeccompProfile:
+    """Read and validate a TOML or JSON profile file (chosen by extension).
+
+    Keys (all optional)::
+
+        extends = "default"        # or "none": start from an empty deny list
+        deny = ["name", ...]       # syscalls to refuse in full (added to the inherited list)
+        allow = ["name", ...]      # remove inherited denials, e.g. "ptrace", "clone" (its flag check)
+        action = "errno"           # or "kill": kill the process with SIGSYS
+        errno = "EPERM"            # errno name or number, only with action = "errno"
+
+    Raises ConfigError("seccomp", "<file>: ...") naming the bad key, value or
+    syscall, with a suggestion for misspelled keys and syscall names.
+    """
+    data = _read_profile_data(path)
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(STAGE, f"{path}: {message}")
+
+    for key in data:
+        if key not in _PROFILE_KEYS:
+            raise fail(f"unknown key {key!r}{_did_you_mean(str(key), _PROFILE_KEYS)}")
+
+    extends = data.get("extends", "default")
+    if extends not in ("default", "none"):
+        raise fail(f"extends must be 'default' or 'none', got {extends!r}")
+    deny: dict[str, _Match] = dict(_DEFAULT_DENY) if extends == "default" else {}
+
+    deny_names = _syscall_list(data, "deny", fail)
+    allow_names = _syscall_list(data, "allow", fail)
+    both = sorted(set(deny_names) & set(allow_names))
+    if both:
+        raise fail(f"syscalls both denied and allowed: {', '.join(both)}")
+    for name in allow_names:
+        deny.pop(name, None)
+    for name in deny_names:
+        deny[name] = "always"
+
+    action = data.get("action", "errno")
+    if action not in ("errno", "kill"):
+        raise fail(f"action must be 'errno' or 'kill', got {action!r}")
+    if "errno" in data and action != "errno":
+        raise fail("errno is only meaningful with action = 'errno'")
+    err = _parse_errno(data.get("errno", "EPERM"), fail)
+    return SeccompProfile(name=path, deny=deny, action=action, errno=err)
+
+
+def build_program(profile: SeccompProfile) -> SeccompProgram:
+    """Compile a validated profile with libseccomp and export it as raw BPF."""
+    import pyseccomp
+
+    flt, denied, skipped = _build_filter(profile)
+    fd = os.memfd_create("ndf-seccomp-bpf", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as sink:
+            flt.export_bpf(sink)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        bpf = os.pread(fd, size, 0)
+    except OSError as exc:
+        raise SetupError(STAGE, f"exporting the filter from libseccomp failed: {exc}", exc.errno or 0) from (
+            exc
+        )
+    finally:
+        os.close(fd)
+    if profile.deny.get("personality") == "unsafe_personality":
+        bpf = _personality_prefix(pyseccomp, _deny_action(pyseccomp, profile)) + bpf
+
+    instructions = len(bpf) // _SOCK_FILTER_SIZE
+    what = f"{profile.action} {errno_mod.errorcode.get(profile.errno, profile.errno)}"
+    if profile.action == "kill":
+        what = "kill process"
+    parts = [
+        f"{os.path.basename(profile.name) if profile.name != 'default' else 'default'}: "
+        f"allow by default, {len(denied)} syscalls denied ({what})",
+    ]
+    if "clone3" in denied and profile.deny.get("clone3") == "enosys":
+        parts.append("clone3 -> ENOSYS")
+    conditional = [name for name in denied if profile.deny[name] not in ("always", "enosys")]
+    if conditional:
+        parts.append("argument checks on " + "/".join(conditional))
+    parts.append("foreign ABIs (i386, x32) kill the process")
+    parts.append(f"{instructions} BPF instructions")
+    if skipped:
+        parts.append("skipped (" + "; ".join(skipped) + ")")
+    return SeccompProgram(
+        name=profile.name,
+        description="; ".join(parts),
+        bpf=bpf,
+        instructions=instructions,
+        denied=tuple(denied),
+        skipped=tuple(skipped),
+    )
+
+
+def build_libseccomp_filter(profile: SeccompProfile) -> Any:
+    """Return the pyseccomp SyscallFilter for ``profile`` (without the personality check).
+
+    For diagnostics and benchmarks (``export_pfc``, ``load``); the sandbox itself
+    installs the exported program with :func:`install_program`.
+    """
+    return _build_filter(profile)[0]
+
+
+def known_syscalls() -> tuple[str, ...]:
+    """The syscall names libseccomp knows for the native architecture, sorted."""
+    return _native_syscall_names()
+
+
+def libseccomp_version() -> str:
+    """The version of the system libseccomp, e.g. "2.5.4"."""
+
+    class _Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+    path = ctypes.util.find_library("seccomp")
+    if path is None:
+        return "unknown"
+    fn = ctypes.CDLL(path).seccomp_version
+    fn.restype = ctypes.POINTER(_Version)
+    v = fn().contents
+    return f"{v.major}.{v.minor}.{v.micro}"
+
+
+def _build_filter(profile: SeccompProfile) -> tuple[Any, list[str], list[str]]:
+    import pyseccomp as scmp
+
+    deny_action = _deny_action(scmp, profile)
+    flt = scmp.SyscallFilter(scmp.ALLOW)
+    # Only the native arch is in the filter; everything else (i386 via int 0x80, and x32
+    # numbers, which libseccomp checks for on x86_64) takes this action.
+    flt.set_attr(scmp.Attr.ACT_BADARCH, scmp.KILL_PROCESS)
+    with contextlib.suppress(OSError):  # binary tree, O(log n) per syscall; libseccomp >= 2.5
+        flt.set_attr(scmp.Attr.CTL_OPTIMIZE, 2)
+
+    denied: list[str] = []
+    unknown: list[str] = []
+    foreign: list[str] = []
+    for name, match in sorted(profile.deny.items()):
+        nr = scmp.resolve_syscall(scmp.Arch.NATIVE, name)
+        if nr == _NR_UNKNOWN:
+            unknown.append(name)
+            continue
+        if nr < 0:
+            foreign.append(name)
+            continue
+        if match == "always":
+            flt.add_rule(deny_action, nr)
+        elif match == "enosys":
+            flt.add_rule(scmp.ERRNO(errno_mod.ENOSYS), nr)
+        elif match == "clone_new_flags":
+            for flag in CLONE_NAMESPACE_FLAGS.values():
+                flt.add_rule(deny_action, nr, scmp.Arg(0, scmp.MASKED_EQ, flag, flag))
+        elif match == "tty_injection":
+            # The kernel's ioctl cmd is an unsigned int: compare only the low 32 bits,
+            # so setting high bits cannot slip past the filter.
+            for request in _TTY_INJECTION_IOCTLS.values():
+                flt.add_rule(deny_action, nr, scmp.Arg(1, scmp.MASKED_EQ, _LOW32, request))
+        elif match == "unsafe_personality":
+            pass  # a hand-written BPF prefix, see _personality_prefix
+        denied.append(name)
+    skipped: list[str] = []
+    if unknown:
+        skipped.append(f"unknown to libseccomp {libseccomp_version()}: {', '.join(unknown)}")
+    if foreign:
+        skipped.append(f"not syscalls on {os.uname().machine}: {', '.join(foreign)}")
+    return flt, denied, skipped
+
+
+def _deny_action(scmp: Any, profile: SeccompProfile) -> int:
+    return int(scmp.KILL_PROCESS) if profile.action == "kill" else int(scmp.ERRNO(profile.errno))
+
+
+def _personality_prefix(scmp: Any, deny_action: int) -> bytes:
+    """BPF that denies personality() unless the persona is in DOCKER_SAFE_PERSONALITIES.
+
+    libseccomp 2.5 rules are ORs of ANDs with at most one comparison per
+    argument, so "not one of five values" cannot be written as deny rules in an
+    allow-by-default filter; these few instructions run before libseccomp's
+    program. Every jump out of the prefix lands on libseccomp's first
+    instruction, which re-checks the architecture. The kernel takes the persona
+    as an unsigned int, so only the low 32 bits of args[0] are compared.
+    """
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    arg0_low = 16 if sys.byteorder == "little" else 20  # offsetof(seccomp_data, args[0]) + endianness
+    nr = scmp.resolve_syscall(scmp.Arch.NATIVE, "personality")
+    safe = DOCKER_SAFE_PERSONALITIES
+    # Layout: 0 ld arch, 1 jeq, 2 ld nr, 3 jeq, 4 ld arg0, 5.. jeq safe values, then ret deny.
+    length = 5 + len(safe) + 1
+    insns: list[tuple[int, int, int, int]] = [
+        (ld_abs, 0, 0, 4),
+        (jeq, 0, length - 2, scmp.system_arch()),
+        (ld_abs, 0, 0, 0),
+        (jeq, 0, length - 4, nr),
+        (ld_abs, 0, 0, arg0_low),
+    ]
+    for i, value in enumerate(safe):
+        pc = 5 + i
+        insns.append((jeq, length - pc - 1, 0, value))
+    insns.append((ret, 0, 0, deny_action))
+    assert len(insns) == length
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+
+
+_native_names: tuple[str, ...] | None = None
+
+
+def _native_syscall_names() -> tuple[str, ...]:
+    global _native_names
+    if _native_names is None:
+        import pyseccomp as scmp
+
+        names: set[str] = set()
+        for nr in range(1024):
+            try:
+                names.add(scmp.resolve_syscall(scmp.Arch.NATIVE, nr).decode())
+            except ValueError:
+                continue
+        _native_names = tuple(sorted(names))
+    return _native_names
+
+
+def _read_profile_data(path: str) -> dict[str, Any]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".toml", ".json"):
+        raise ConfigError(STAGE, f"{path}: profile files must end in .toml or .json, not {ext or '(none)'!r}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(STAGE, f"{path}: cannot read profile file: {exc.strerror}") from exc
+    try:
+        data: Any = tomllib.loads(raw.decode()) if ext == ".toml" else json.loads(raw)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(STAGE, f"{path}: not valid {ext[1:].upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(STAGE, f"{path}: the top level must be a table/object, got {type(data).__name__}")
+    return data
+
+
+def _syscall_list(data: Mapping[str, Any], key: str, fail: Any) -> list[str]:
+    import pyseccomp as scmp
+
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail(f"{key} must be a list of syscall names")
+    for name in value:
+        if scmp.resolve_syscall(scmp.Arch.NATIVE, name) == _NR_UNKNOWN:
+            raise fail(f"{key}: unknown syscall {name!r}{_did_you_mean(name, _native_syscall_names())}")
+    return list(dict.fromkeys(value))
+
+
+def _parse_errno(value: Any, fail: Any) -> int:
+    if isinstance(value, bool):
+        raise fail(f"errno must be a name like 'EPERM' or a number, got {value!r}")
+    if isinstance(value, int):
+        if not 1 <= value <= 4095:
+            raise fail(f"errno must be between 1 and 4095, got {value}")
+        return value
+    if isinstance(value, str):
+        number = getattr(errno_mod, value, None)
+        if not value.startswith("E") or not isinstance(number, int):
+            names = sorted(errno_mod.errorcode.values())
+            raise fail(f"unknown errno {value!r}{_did_you_mean(value, names)}")
+        return number
+    raise fail(f"errno must be a name like 'EPERM' or a number, got {value!r}")
+
+
+def _did_you_mean(word: str, candidates: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# installing (child side; libc only)
+# --------------------------------------------------------------------------------------------------
+
+
+_SECCOMP_SET_MODE_FILTER: Final = 1
+_PR_SET_SECCOMP: Final = 22
+_SECCOMP_MODE_FILTER: Final = 2
+_NR_SECCOMP: Final = {"x86_64": 317, "aarch64": 277, "i686": 354, "riscv64": 277}.get(os.uname().machine, -1)
+
+# Resolved at import, in the parent, so the child does no dlopen/dlsym work.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_syscall = _libc.syscall
+_libc_syscall.restype = ctypes.c_long
+_libc_prctl = _libc.prctl
+_libc_prctl.restype = ctypes.c_int
+_C_NR_SECCOMP: Final = ctypes.c_long(_NR_SECCOMP)
+_C_SET_MODE_FILTER: Final = ctypes.c_long(_SECCOMP_SET_MODE_FILTER)
+_C_ZERO: Final = ctypes.c_long(0)
+
+
+def install_program(program: SeccompProgram) -> None:
+    """Install ``program`` on the calling thread with one ``seccomp(2)`` call (child side).
+
+    Does nothing for the "off" program. The kernel accepts a filter only from a
+    process with no_new_privs set or CAP_SYS_ADMIN in its user namespace; the
+    child bootstrap sets no_new_privs in an earlier stage. The filter is
+    inherited by children and kept across execve; it cannot be removed.
+
+    Raises SetupError("seccomp", ..., errno) if the kernel refuses the filter.
+    """
+    if not program.enabled:
+        return
+    prog_ref = program._kernel_args[2]
+    ctypes.set_errno(0)
+    if _NR_SECCOMP >= 0:
+        rc = _libc_syscall(_C_NR_SECCOMP, _C_SET_MODE_FILTER, _C_ZERO, prog_ref)
+        err = ctypes.get_errno() if rc != 0 else 0
+    else:
+        rc, err = -1, errno_mod.ENOSYS
+    if rc != 0 and err == errno_mod.ENOSYS:  # kernel < 3.17: only the prctl interface
+        rc = _libc_prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER), prog_ref)
+        err = ctypes.get_errno() if rc != 0 else 0
+    if rc != 0:
+        hint = ""
+        if err == errno_mod.EACCES:
+            hint = " (no_new_privs is not set and the process lacks CAP_SYS_ADMIN)"
+        raise SetupError(STAGE, f"installing filter {program.name!r} failed: {os.strerror(err)}{hint}", err)

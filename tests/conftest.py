@@ -1,0 +1,223 @@
+"""Shared fixtures and helpers for the test suite.
+
+Keep this file small and generic: each group of fixtures is clearly named after
+what it provides. Helpers for running the `ndf-sandbox` CLI live in the
+"ndf-sandbox CLI" section below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+# ---------------------------------------------------------------------------
+# ndf-sandbox CLI: run it (as root or as an unprivileged user), find processes
+# ---------------------------------------------------------------------------
+
+NDF_SANDBOX = str(Path(sys.executable).with_name("ndf-sandbox"))
+UNPRIVILEGED_UID = 4242
+UNPRIVILEGED_NAME = "ndftest"
+CLI_TIMEOUT = 60.0  # generous: the machine is noisy
+
+
+def _ensure_unprivileged_user() -> None:
+    try:
+        pwd.getpwuid(UNPRIVILEGED_UID)
+        return
+    except KeyError:
+        pass
+    if os.geteuid() == 0 and shutil.which("useradd"):
+        subprocess.run(["useradd", "-M", "-s", "/bin/sh", "-u", str(UNPRIVILEGED_UID), UNPRIVILEGED_NAME],
+                       check=False, capture_output=True)
+    # setpriv takes the numeric uid either way; the user entry only makes logs nicer.
+
+
+@dataclass(frozen=True)
+class SandboxCaller:
+    """Who starts `ndf-sandbox`: root, or an unprivileged user through setpriv."""
+
+    name: str
+    prefix: tuple[str, ...]
+    uid: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def argv(self, options: Sequence[str], command: Sequence[str]) -> list[str]:
+        """The full host command line for `ndf-sandbox run OPTIONS -- COMMAND`."""
+        return [*self.prefix, NDF_SANDBOX, "run", *options, "--", *command]
+
+    def run(self, options: Sequence[str], command: Sequence[str], *, input: bytes | None = None,
+            env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT,
+            **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        """Run `ndf-sandbox run OPTIONS -- COMMAND` to the end, capturing its output."""
+        return subprocess.run(self.argv(options, command), input=input, capture_output=True,
+                              env=env if env is not None else ndf_host_env(), cwd="/tmp",
+                              timeout=timeout, check=False, **kwargs)  # type: ignore[call-overload]
+
+    def popen(self, options: Sequence[str], command: Sequence[str],
+              **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start `ndf-sandbox run OPTIONS -- COMMAND` without waiting."""
+        kwargs.setdefault("env", ndf_host_env())
+        kwargs.setdefault("cwd", "/tmp")
+        return subprocess.Popen(self.argv(options, command), **kwargs)  # type: ignore[call-overload]
+
+
+ROOT_CALLER = SandboxCaller("root", (), 0)
+UNPRIVILEGED_CALLER = SandboxCaller(
+    "unprivileged",
+    ("setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", "--"),
+    UNPRIVILEGED_UID,
+)
+
+
+def ndf_host_env(**extra: str) -> dict[str, str]:
+    """A small host environment for the CLI (no pytest variables), plus `extra`."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def sandbox_caller(request: pytest.FixtureRequest) -> SandboxCaller:
+    """Runs each test twice: `ndf-sandbox` started by root, and by uid 4242."""
+    if os.geteuid() != 0:
+        pytest.skip("the CLI tests start the sandbox as root and as uid 4242: run them as root")
+    if request.param == "root":
+        return ROOT_CALLER
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    return UNPRIVILEGED_CALLER
+
+
+@pytest.fixture
+def root_caller() -> SandboxCaller:
+    """`ndf-sandbox` started by root only."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    return ROOT_CALLER
+
+
+def unique_marker() -> str:
+    """A `sleep` argument nobody else uses: 1000.<random digits> seconds."""
+    return f"1000.{secrets.randbelow(10**9):09d}"
+
+
+def processes_with_argument(argument: str, program: str | None = "sleep") -> list[psutil.Process]:
+    """Every live (non-zombie) host process whose command line contains `argument`
+    and, unless `program` is None, whose argv[0] has that base name."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if (argument in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and (program is None or os.path.basename(cmdline[0]) == program)):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes; return its last truth."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+def kill_processes_with_argument(argument: str) -> None:
+    """Cleanup: SIGKILL the processes this test started (found by their unique marker)."""
+    for proc in processes_with_argument(argument, program=None):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+@pytest.fixture
+def sleep_marker() -> Iterator[str]:
+    """A unique `sleep` duration; any process still carrying it is killed at teardown."""
+    marker = unique_marker()
+    yield marker
+    kill_processes_with_argument(marker)
+
+
+@pytest.fixture
+def sentinel_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A host `sleep` the sandbox must not be able to see or signal."""
+    proc = subprocess.Popen(["sleep", unique_marker()], start_new_session=True)
+    yield proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def shared_host_dir() -> Iterator[Path]:
+    """A host directory under /tmp that every uid may read and write (so an
+    unprivileged caller could reach it if the sandbox leaked the host /tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="ndf-host-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Host-side network listeners a sandbox must (or, with --net, may) reach
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def loopback_listener() -> Iterator[socket.socket]:
+    """A non-blocking TCP listener on 127.0.0.1:<random port> in the host's netns."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def abstract_unix_listener() -> Iterator[tuple[socket.socket, str]]:
+    """A non-blocking listener on an abstract unix socket; yields (socket, name without NUL)."""
+    name = f"ndf-test-{secrets.token_hex(8)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind("\0" + name)
+    sock.listen(8)
+    sock.setblocking(False)
+    yield sock, name
+    sock.close()
+
+
+def accepted_connections(listener: socket.socket, grace: float = 1.0) -> int:
+    """Drain `listener` with non-blocking accept() for `grace` seconds; return how many came."""
+    count = 0
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            time.sleep(0.02)
+            continue
+        conn.close()
+        count += 1
+    return count

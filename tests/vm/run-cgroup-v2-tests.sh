@@ -1,0 +1,22 @@
+#!/bin/bash
+# Run the cgroup_v2-marked tests in the cgroup-v2-only guest, with a scratch
+# ext4 disk at /mnt/vdisk (NDF_TEST_IO_DIR) for the io.max tests.
+#
+#   tests/vm/run-cgroup-v2-tests.sh [PYTEST ARGS...]     (default: tests/)
+#
+# Extra run-in-vm.sh options go in NDF_VM_ARGS, e.g. NDF_VM_ARGS="--mem 4G".
+# Exits with pytest's status (124: timed out, 125: the VM failed).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$HERE/../.."
+
+(($#)) || set -- tests/
+
+# Plugin autoload is off (no stray site plugins); pytest_timeout is loaded by
+# hand because pyproject sets `timeout`.
+# shellcheck disable=SC2086
+exec "$HERE/run-in-vm.sh" --disk ${NDF_VM_ARGS:-} \
+    -e PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 -e NDF_TEST_IO_DIR=/mnt/vdisk \
+    -- /opt/ndf-venv/bin/python -m pytest -m cgroup_v2 -p no:cacheprovider -p pytest_timeout \
+    -q "$@"
