@@ -221,3 +221,38 @@ def accepted_connections(listener: socket.socket, grace: float = 1.0) -> int:
         conn.close()
         count += 1
     return count
+
+
+# ---------------------------------------------------------------------------
+# cgroups left behind by an ndf-sandbox the test SIGKILLed
+# ---------------------------------------------------------------------------
+
+def cgroups_of(owner_pid: int) -> list[str]:
+    """Sandbox cgroup directories named after the manager `owner_pid` (ndf-<pid>-*)."""
+    prefix = f"ndf-{owner_pid}-"
+    found = []
+    for top, dirs, _ in os.walk("/sys/fs/cgroup"):
+        for name in list(dirs):
+            if name.startswith("ndf-"):
+                dirs.remove(name)  # never descend into sandbox cgroups
+                if name.startswith(prefix):
+                    found.append(os.path.join(top, name))
+        if top.count("/") >= 7:
+            dirs.clear()
+    return found
+
+
+def remove_cgroups_of(owner_pid: int) -> None:
+    """Cleanup: remove the (empty) cgroups a SIGKILLed ndf-sandbox `owner_pid` left."""
+    for path in cgroups_of(owner_pid):
+        wait_until(lambda p=path: _try_rmdir(p), timeout=10)  # type: ignore[misc]
+
+
+def _try_rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True

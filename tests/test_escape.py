@@ -23,10 +23,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import (
     SandboxCaller,
     accepted_connections,
     processes_with_argument,
+    remove_cgroups_of,
     wait_until,
 )
 
@@ -185,7 +187,8 @@ for root, dirs, files in os.walk("/dev"):
         path = os.path.join(root, name)
         st = os.lstat(path)
         kind = "b" if stat.S_ISBLK(st.st_mode) else "c" if stat.S_ISCHR(st.st_mode) else "-"
-        print(kind, path, os.major(st.st_rdev) if kind != "-" else "", os.minor(st.st_rdev) if kind != "-" else "")
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind != "-" else ()
+        print(kind, path, *dev)
 print("DONE")
 """
     result = sandbox_caller.run(list(PY), python(code))
@@ -246,6 +249,21 @@ for path in {host_files!r}:
     assert result.returncode == 0, describe(result)
     assert "CGROUPFS False" in out(result)
     assert "OPENED" not in out(result)
+
+
+def test_cannot_see_host_sysv_ipc(sandbox_caller: SandboxCaller) -> None:
+    created = subprocess.run(["ipcmk", "-M", "4096", "-p", "0644"],
+                             capture_output=True, check=True, text=True)
+    shmid = created.stdout.split()[-1]
+    key = subprocess.run(["ipcs", "-m", "-i", shmid], capture_output=True, check=True, text=True).stdout
+    try:
+        result = sandbox_caller.run([], ["sh", "-c", f"ipcs -m; ipcs -m -i {shmid}; echo DONE"])
+    finally:
+        subprocess.run(["ipcrm", "-m", shmid], check=True)
+    assert b"DONE" in result.stdout, describe(result)
+    assert f"id {shmid} not found".encode() in result.stderr, describe(result)
+    host_key = next(line.split("=")[1].split()[0] for line in key.splitlines() if "key=" in line)
+    assert host_key.encode() not in result.stdout
 
 
 # --- network -----------------------------------------------------------------
@@ -329,6 +347,12 @@ call("chroot", lambda: libc.chroot(b"/tmp"))
 call("unshare_user", lambda: libc.unshare(CLONE_NEWUSER))
 call("unshare_mnt", lambda: libc.unshare(CLONE_NEWNS))
 call("unshare_net", lambda: libc.unshare(CLONE_NEWNET))
+rc, err = sys_call(56, CLONE_NEWUSER | 17, 0, 0, 0, 0)   # raw clone(CLONE_NEWUSER | SIGCHLD)
+if rc == 0:
+    os._exit(0)                                             # a child: only if the filter were broken
+if rc > 0:
+    os.waitpid(rc, 0)
+report("clone_newuser", rc, err)
 for ns in ("net", "mnt", "user", "pid", "uts"):
     fd = os.open(f"/proc/self/ns/{ns}", os.O_RDONLY)
     call("setns_" + ns, lambda: libc.setns(fd, 0))
@@ -339,7 +363,7 @@ print("DONE")
     assert result.returncode == 0, describe(result)
     found = probes(out(result))
     assert "DONE" in out(result)
-    assert len(found) == 11, found
+    assert len(found) == 12, found
     for name, (rc, err) in found.items():
         assert rc == -1 and err == "EPERM", (name, rc, err)
     # the command-line tools fail the same way
@@ -443,8 +467,8 @@ def test_no_inherited_file_descriptor(sandbox_caller: SandboxCaller) -> None:
     os.set_inheritable(read_end, True)
     os.set_inheritable(extra, True)
     try:
-        proc = sandbox_caller.popen([], ["ls", "/proc/self/fd"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(read_end, extra))
+        proc = sandbox_caller.popen([], ["ls", "/proc/self/fd"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=(read_end, extra))
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         for fd in (read_end, write_end, extra):
@@ -484,7 +508,8 @@ while True:   # wait until the daemon has exec'd, then leave it orphaned
 
 
 def test_payload_dies_with_the_sandbox_process(sandbox_caller: SandboxCaller, sleep_marker: str) -> None:
-    proc = sandbox_caller.popen([], ["sleep", sleep_marker], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = sandbox_caller.popen([], ["sleep", sleep_marker],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: processes_with_argument(sleep_marker), timeout=30)
         proc.send_signal(signal.SIGKILL)  # setpriv exec'd ndf-sandbox: this pid is ndf-sandbox
@@ -495,6 +520,7 @@ def test_payload_dies_with_the_sandbox_process(sandbox_caller: SandboxCaller, sl
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        remove_cgroups_of(proc.pid)  # a SIGKILLed ndf-sandbox cannot remove its own cgroup
 
 
 def test_wall_timeout_kills_the_whole_tree(sandbox_caller: SandboxCaller, sleep_marker: str) -> None:

@@ -72,8 +72,15 @@ if ((FORCE == 0)) && cache_is_fresh; then
     exit 0
 fi
 
-ensure_host_packages
+# One builder at a time; whoever waited finds the cache fresh.
 mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+if ((FORCE == 0)) && cache_is_fresh; then
+    exit 0
+fi
+
+ensure_host_packages
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ndf-vm-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 

@@ -9,7 +9,7 @@
 #     the control share, write its exit code there, power off.
 #
 # The control share (9p tag "vmctl", a temp dir on the host) holds vm.conf
-# (VERBOSE, DISK, ONLCR), job.sh, and receives exitcode / boot-error.
+# (VERBOSE, DISK, TTY_SIZE), job.sh, and receives exitcode / boot-error.
 
 BB=/bin/busybox
 NEWROOT=/newroot
@@ -81,13 +81,17 @@ stage2() {
     BB=$VMDIR/busybox
     CTL=$VMDIR/ctl
     export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-    VERBOSE=0 ONLCR=1
+    VERBOSE=0 DISK=0 TTY_SIZE=
     . $VMDIR/ctl/vm.conf
     [ "$VERBOSE" = 1 ] && set -x
     # Keep the kernel off the console (OOM kills, hung tasks) unless verbose.
     [ "$VERBOSE" = 1 ] || echo "1 4 1 7" >/proc/sys/kernel/printk
-    # When the host side is a pipe or file, send bare \n (no \r) on the console.
-    [ "$ONLCR" = 1 ] || $BB stty -onlcr </dev/console
+    # Bare \n on the console: a host terminal adds the \r itself, a pipe wants none.
+    $BB stty -onlcr </dev/console
+    if [ -n "$TTY_SIZE" ]; then
+        set -- $TTY_SIZE
+        $BB stty rows "$1" cols "$2" </dev/console
+    fi
     $BB hostname ndf-vm
     $BB ip link set lo up 2>/dev/null
     # Like a systemd host: every controller enabled below the root cgroup.

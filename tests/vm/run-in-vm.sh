@@ -51,6 +51,11 @@ while (($#)); do
 done
 (($#)) || { usage >&2; die "no command given"; }
 
+case $PWD/ in
+    /tmp/*|/run/*|/dev/*|/proc/*|/sys/*)
+        printf 'run-in-vm: warning: %s is hidden in the guest by a fresh mount\n' "$PWD" >&2 ;;
+esac
+
 "$HERE/build.sh" || die "building the guest image failed"
 
 T0=$(date +%s.%N)
@@ -65,18 +70,24 @@ trap 'exit 130' INT TERM
 mkdir "$RUNDIR/ctl"
 
 # The job: cwd, clean environment, argv, each word quoted for bash.
-ONLCR=1
-[[ -t 1 ]] || ONLCR=0
+# The guest console is a tty; when ours is not, say so (no colours). Either
+# way the guest sends bare \n: qemu leaves OPOST on for a terminal.
+GUEST_TERM=${TERM:-dumb} SIZE=
+if [[ -t 1 ]]; then
+    SIZE=$(stty size 2>/dev/null </dev/tty || true)
+else
+    GUEST_TERM=dumb
+fi
 {
     printf 'cd -- %q || { echo "run-in-vm: directory %q does not exist in the guest" >&2; exit 125; }\n' \
         "$PWD" "$PWD"
     printf 'exec env -i --'
     printf ' %q' "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-        "HOME=/root" "TERM=${TERM:-dumb}" "LANG=${LANG:-C.UTF-8}" ${ENV_ARGS[@]+"${ENV_ARGS[@]}"}
+        "HOME=/root" "TERM=$GUEST_TERM" "NDF_IN_VM=1" "LANG=${LANG:-C.UTF-8}" ${ENV_ARGS[@]+"${ENV_ARGS[@]}"}
     printf ' %q' "$@"
     printf '\n'
 } >"$RUNDIR/ctl/job.sh"
-printf 'VERBOSE=%s\nDISK=%s\nONLCR=%s\n' "$VERBOSE" "$DISK" "$ONLCR" >"$RUNDIR/ctl/vm.conf"
+printf 'VERBOSE=%s\nDISK=%s\nTTY_SIZE="%s"\n' "$VERBOSE" "$DISK" "$SIZE" >"$RUNDIR/ctl/vm.conf"
 
 ACCEL=(-accel tcg,thread=multi -cpu max)
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -w /dev/kvm ]]; then
@@ -121,6 +132,9 @@ QEMU=(qemu-system-x86_64
     -device virtio-9p-pci,fsdev=ctl,mount_tag=vmctl
     "${DRIVE[@]}"
 )
+# Extra qemu arguments for experiments (later ones win), e.g. "-cpu qemu64".
+# shellcheck disable=SC2206
+QEMU+=(${NDF_VM_QEMU_ARGS:-})
 
 # qemu puts a terminal stdin into raw mode; restore it however qemu ends.
 STTY=
@@ -139,7 +153,7 @@ else
 fi
 if [[ -n ${NDF_VM_TIMING:-} ]]; then
     printf 'run-in-vm: guest uptime at command start %ss, total %.2fs\n' \
-        "$BOOT" "$(echo "$T1 - $T0" | bc)" >&2
+        "$BOOT" "$(awk "BEGIN {print $T1 - $T0}")" >&2
 fi
 
 if ((QRC == 124 || QRC == 137)); then

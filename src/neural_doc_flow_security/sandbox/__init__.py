@@ -3,6 +3,7 @@
 The public API is re-exported here; see README.md for a tour.
 """
 
+from .api import Health, SandboxHandle, SandboxInfo, SandboxManager
 from .config import (
     BindMount,
     CapabilityConfig,
@@ -18,9 +19,20 @@ from .errors import (
     SetupError,
     UnsupportedError,
 )
+from .executor import SandboxExecutor
+from .ipc.messages import ControlMessage, IpcMessage
+from .launch.python_worker import PluginContext
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 
 __all__ = [
+    "ControlMessage",
+    "Health",
+    "IpcMessage",
+    "PluginContext",
+    "SandboxExecutor",
+    "SandboxHandle",
+    "SandboxInfo",
+    "SandboxManager",
     "BindMount",
     "CapabilityConfig",
     "ConfigError",

@@ -39,12 +39,13 @@ from .launch.bootstrap import ExecPayload, Payload
 from .launch.launcher import LaunchRequest
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter
+from .pool import WarmPool
 from .result import Outcome, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 
 
-class Health(str, enum.Enum):
+class Health(enum.StrEnum):
     """Where a sandbox is in its life."""
 
     STARTING = "starting"
@@ -278,26 +279,41 @@ class SandboxHandle:
                     self._status_pending = True
 
 
+def _start_method(name: str) -> StartMethod:
+    if name == "zygote":
+        return ZygoteStarter()
+    if name == "fork":
+        return ForkStarter()
+    if name == "posix":
+        from .fallback.posix import PosixStarter
+
+        return PosixStarter()
+    raise ValueError(f"start_method: must be 'zygote', 'fork' or 'posix', got {name!r}")
+
+
 class SandboxManager:
     """Runs callables and programs in fresh, throw-away sandboxes.
 
     `config` is the default for every call (secure defaults when omitted).
     `start_method`: "zygote" (default; a small fork server, the host is never
-    forked) or "fork" (fork this process; only for small single-threaded hosts).
+    forked), "fork" (fork this process; only for small single-threaded hosts) or
+    "posix" (the fallback backend: rlimits and a process group, no namespaces;
+    macOS, or Linux without namespaces; it refuses configs it cannot enforce).
     `max_concurrent`: sandboxes alive at once (default: CPUs x 4); more calls wait.
     `status_interval`: seconds between status samples delivered to spawn() handles.
+    `pool_size`: keep this many sandboxes of `config` set up in advance (each used
+    once); execute_sandboxed calls with the manager's config take one from the pool.
     """
 
     def __init__(self, config: SandboxConfig | None = None, *,
-                 start_method: Literal["zygote", "fork"] = "zygote",
+                 start_method: Literal["zygote", "fork", "posix"] = "zygote",
                  max_concurrent: int | None = None,
                  status_interval: float | None = 1.0,
+                 pool_size: int = 0,
                  output_limit: int = DEFAULT_OUTPUT_LIMIT,
                  decode_limits: DecodeLimits | None = None) -> None:
-        if start_method not in ("zygote", "fork"):
-            raise ValueError(f"start_method: must be 'zygote' or 'fork', got {start_method!r}")
         self.config = config or SandboxConfig()
-        self._starter: StartMethod = ZygoteStarter() if start_method == "zygote" else ForkStarter()
+        self._starter = _start_method(start_method)
         self._max_concurrent = max_concurrent or (os.cpu_count() or 1) * 4
         self._slots: asyncio.Semaphore | None = None
         self._status_interval = status_interval
@@ -306,6 +322,8 @@ class SandboxManager:
         self._ids = itertools.count(1)
         self._handles: dict[int, SandboxHandle] = {}
         self._by_plugin: dict[str, SandboxHandle] = {}
+        self._pool_size = pool_size
+        self._pool: WarmPool | None = None
         self._started = False
         self._closed = False
 
@@ -328,12 +346,19 @@ class SandboxManager:
         self._slots = asyncio.Semaphore(self._max_concurrent)
         await self._starter.start()
         self._started = True
+        if self._pool_size > 0:
+            self._pool = WarmPool(self._pool_size, lambda: self._create(
+                "pool", PythonWorkerPayload(), self.config, keep_messages=False, with_channel=True,
+                stdin=None, armed=False))
+            self._pool.start()
 
     async def shutdown(self) -> None:
         """Kill every sandbox still running and stop the zygote."""
         if self._closed or not self._started:
             return
         self._closed = True
+        if self._pool is not None:
+            await self._pool.close()
         await self._starter.close()
         await asyncio.gather(*(h.wait() for h in list(self._handles.values())), return_exceptions=True)
 
@@ -345,7 +370,11 @@ class SandboxManager:
         `result.output`. A callable whose first parameter is `ctx` gets a PluginContext."""
         handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=False,
                                     call=(function, args, kwargs))
-        return await self._finish(handle)
+        try:
+            return await self._finish(handle)
+        finally:
+            if self._pool is not None:
+                self._pool.refill()
 
     async def execute_command(self, plugin_id: str, argv: list[str] | tuple[str, ...], *,
                               stdin: bytes | None = None, cwd: str = "/",
@@ -396,14 +425,38 @@ class SandboxManager:
         if not self._started or self._closed:
             raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
         assert self._slots is not None
-        config = config or self.config
         call_bytes = cloudpickle.dumps(call) if call is not None else None
         await self._slots.acquire()
+        try:
+            handle = self._pool.take() if self._pool is not None and config in (None, self.config) \
+                and call_bytes is not None and not keep_messages else None
+            if handle is not None:
+                handle.plugin_id = plugin_id
+                await self._starter.control("arm", handle.sandbox_id)
+            else:
+                handle = await self._create(plugin_id, payload, config or self.config,
+                                            keep_messages=keep_messages, with_channel=call_bytes is not None,
+                                            stdin=stdin, armed=True)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._starter.exit_future(handle.sandbox_id).add_done_callback(lambda _: self._slots.release())  # type: ignore[union-attr]
+        if handle._channel is not None and call_bytes is not None:
+            try:
+                await handle._channel.send(IpcMessage.call(call_bytes))
+            except OSError:
+                pass  # it died before reading its work; wait() reports how
+        return handle
+
+    async def _create(self, plugin_id: str, payload: Payload, config: SandboxConfig, *, keep_messages: bool,
+                      with_channel: bool, stdin: bytes | None, armed: bool) -> SandboxHandle:
+        """Start one sandbox (not counted against max_concurrent: the caller does that)."""
         sandbox_id = next(self._ids)
-        handle = SandboxHandle(self, plugin_id, sandbox_id, "callable" if call else "command", config,
+        handle = SandboxHandle(self, plugin_id, sandbox_id, "callable" if with_channel else "command", config,
                                keep_messages)
         ours: list[int] = []
         theirs: list[int] = []
+        channel = None
         try:
             if stdin is not None:
                 stdin_fd = seal_bytes(stdin, "ndf-stdin")
@@ -416,39 +469,31 @@ class SandboxManager:
             ours += [stdout_r, stderr_r]
             theirs += [stdout_w, stderr_w]
             fds = {0: stdin_fd, 1: stdout_w, 2: stderr_w}
-            channel = None
-            if call_bytes is not None:
+            if with_channel:
                 host_end, sandbox_end = create_channel_pair()
                 channel = AsyncChannel(host_end, self._decode_limits)
                 theirs.append(sandbox_end.detach())
                 fds[CHANNEL_FD] = theirs[-1]
-            request = LaunchRequest(config, payload, plugin_id)
+            request = LaunchRequest(config, payload, plugin_id, armed=armed)
             handle.pid = await self._starter.spawn(sandbox_id, request, fds)
         except BaseException:
-            self._slots.release()
             for fd in ours:
                 os.close(fd)
+            if channel is not None:
+                channel.close()
             raise
         finally:
             for fd in theirs:
                 os.close(fd)
         self._handles[sandbox_id] = handle
-        exit_future = self._starter.exit_future(sandbox_id)
-        exit_future.add_done_callback(lambda _: self._release(sandbox_id))
+        self._starter.exit_future(sandbox_id).add_done_callback(lambda _: self._forget(sandbox_id))
         handle.health = Health.RUNNING
         handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval)
-        if channel is not None and call_bytes is not None:
-            try:
-                await channel.send(IpcMessage.call(call_bytes))
-            except OSError:
-                pass  # it died before reading its work; wait() reports how
         return handle
 
-    def _release(self, sandbox_id: int) -> None:
-        assert self._slots is not None
-        self._slots.release()
+    def _forget(self, sandbox_id: int) -> None:
         handle = self._handles.pop(sandbox_id, None)
-        if handle is not None and self._by_plugin.get(handle.plugin_id) is handle:
+        if handle is not None:
             handle.health = Health.EXITED
 
     async def _finish(self, handle: SandboxHandle) -> SandboxResult:

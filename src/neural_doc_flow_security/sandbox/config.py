@@ -12,9 +12,10 @@ import os
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -22,14 +23,15 @@ from .errors import ConfigError
 CAPABILITIES: dict[str, int] = {
     name: number
     for number, name in enumerate(
-        """CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_KILL
-        CAP_SETGID CAP_SETUID CAP_SETPCAP CAP_LINUX_IMMUTABLE CAP_NET_BIND_SERVICE
-        CAP_NET_BROADCAST CAP_NET_ADMIN CAP_NET_RAW CAP_IPC_LOCK CAP_IPC_OWNER CAP_SYS_MODULE
-        CAP_SYS_RAWIO CAP_SYS_CHROOT CAP_SYS_PTRACE CAP_SYS_PACCT CAP_SYS_ADMIN CAP_SYS_BOOT
-        CAP_SYS_NICE CAP_SYS_RESOURCE CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_MKNOD CAP_LEASE
-        CAP_AUDIT_WRITE CAP_AUDIT_CONTROL CAP_SETFCAP CAP_MAC_OVERRIDE CAP_MAC_ADMIN
-        CAP_SYSLOG CAP_WAKE_ALARM CAP_BLOCK_SUSPEND CAP_AUDIT_READ CAP_PERFMON CAP_BPF
-        CAP_CHECKPOINT_RESTORE""".split()
+        """
+        CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_KILL CAP_SETGID
+        CAP_SETUID CAP_SETPCAP CAP_LINUX_IMMUTABLE CAP_NET_BIND_SERVICE CAP_NET_BROADCAST CAP_NET_ADMIN
+        CAP_NET_RAW CAP_IPC_LOCK CAP_IPC_OWNER CAP_SYS_MODULE CAP_SYS_RAWIO CAP_SYS_CHROOT
+        CAP_SYS_PTRACE CAP_SYS_PACCT CAP_SYS_ADMIN CAP_SYS_BOOT CAP_SYS_NICE CAP_SYS_RESOURCE
+        CAP_SYS_TIME CAP_SYS_TTY_CONFIG CAP_MKNOD CAP_LEASE CAP_AUDIT_WRITE CAP_AUDIT_CONTROL
+        CAP_SETFCAP CAP_MAC_OVERRIDE CAP_MAC_ADMIN CAP_SYSLOG CAP_WAKE_ALARM CAP_BLOCK_SUSPEND
+        CAP_AUDIT_READ CAP_PERFMON CAP_BPF CAP_CHECKPOINT_RESTORE
+        """.split()
     )
 }
 
@@ -232,7 +234,8 @@ class SandboxConfig:
         ):
             raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
         if self.max_processes is not None and self.max_processes < 2:
-            raise ConfigError("max_processes", f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
+            raise ConfigError("max_processes",
+                              f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
         if not self.namespaces.mnt and (self.filesystem.binds or self.filesystem.read_only_binds):
             raise ConfigError("filesystem", "binds need namespaces.mnt = true")
 
@@ -252,7 +255,8 @@ class SandboxConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SandboxConfig:
         """Build a config from a mapping shaped like the dataclasses (a parsed profile)."""
-        return _from_mapping(cls, data, "")
+        config: SandboxConfig = _from_mapping(cls, data, "")
+        return config
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> SandboxConfig:

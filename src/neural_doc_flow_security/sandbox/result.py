@@ -10,7 +10,7 @@ from typing import Any
 from .errors import OutcomeError
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """How a run ended."""
 
     OK = "ok"                      # exited 0 / callable returned
@@ -103,7 +103,8 @@ class SandboxResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxResult:
         """Rebuild a result from to_dict() output (from the trusted zygote, never a sandbox)."""
-        isolation = {k: tuple(v) if isinstance(v, list) else v for k, v in data["isolation"].items()}
+        isolation: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in data["isolation"].items()}
         return cls(
             outcome=Outcome(data["outcome"]),
             exit_code=data["exit_code"],

@@ -7,14 +7,20 @@ Any stage that fails reports "stage, errno, message" on the error pipe and the
 process exits: nothing half-protected ever runs the payload (fail closed).
 
     init stages                         payload stages
-    1 signals reset                     9  parent-death signal
-    2 parent-death signal               10 file descriptors (map, close the rest)
-    3 wait for parent (cgroup, id maps) 11 rlimits
-    4 mounts (new root, pivot_root)     12 identity (unprivileged uid/gid)
-    5 hostname                          13 capabilities
-    6 loopback                          14 no_new_privs
-    7 fork pid-1 init                   15 seccomp (last)
-    8 (init: reap, forward signals)     16 exec / run the callable
+    1 signals reset                     10 parent-death signal
+    2 parent-death signal               11 file descriptors (map, close the rest)
+    3 wait for the id maps              12 rlimits
+    4 mounts (new root, pivot_root)     13 identity (unprivileged uid/gid)
+    5 hostname                          14 capabilities
+    6 loopback                          15 no_new_privs
+    7 wait for the cgroup               16 seccomp (last)
+    8 fork pid-1 init                   17 exec / run the callable
+    9 (init: reap, forward signals)
+
+The parent releases the child twice: once the user namespace's id maps are
+written (b"m"), and once the child is in its cgroups (b"c"). The mounts run
+in between, overlapping the slow cgroup v1 migration; no process is forked,
+and nothing untrusted runs, before the child is in its cgroups.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ class ExecPayload(Payload):
 class ChildPipes:
     """The child's ends of the pipes to its parent."""
 
-    sync_read: int     # parent writes b"g" once cgroup and id maps are in place
+    sync_read: int     # parent writes b"m" after the id maps, b"c" after the cgroup
     error_write: int   # CLOEXEC: closed by exec, so EOF means "all stages passed"
     status_write: int  # init reports the payload's wait status here
 
@@ -99,11 +105,10 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def _wait_for_parent(sync_read: int) -> None:
+def _wait_for_parent(sync_read: int, token: bytes) -> None:
     # PDEATHSIG is armed already: if the parent died before that, the pipe shows EOF.
-    if os.read(sync_read, 1) != b"g":
+    if os.read(sync_read, 1) != token:
         raise ProcessLookupError(errno.ESRCH, "the parent exited before releasing the sandbox")
-    os.close(sync_read)
 
 
 def _arrange_fds(fd_map: tuple[tuple[int, int], ...], error_fd: int) -> None:
@@ -132,7 +137,7 @@ def run_child(plan: LaunchPlan, pipes: ChildPipes, payload: Payload,
     # -- init stages (this process is pid 1 of the new pid namespace) --
     _stage("signals", err, _reset_signals)
     _stage("parent-death signal", err, lambda: sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL))
-    _stage("wait for parent", err, lambda: _wait_for_parent(pipes.sync_read))
+    _stage("wait for the id maps", err, lambda: _wait_for_parent(pipes.sync_read, b"m"))
     if plan.rootfs is not None:
         rootfs = plan.rootfs
         _stage("mounts", err, lambda: apply_rootfs(rootfs))
@@ -140,6 +145,8 @@ def run_child(plan: LaunchPlan, pipes: ChildPipes, payload: Payload,
         _stage("hostname", err, lambda: socket.sethostname(cfg.hostname))
     if "net" in plan.namespaces.names:
         _stage("loopback", err, bring_up_loopback)
+    _stage("wait for the cgroup", err, lambda: _wait_for_parent(pipes.sync_read, b"c"))
+    os.close(pipes.sync_read)
     if "pid" not in plan.namespaces.names:
         _stage("child subreaper", err, lambda: sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1))
     init_pid = os.getpid()

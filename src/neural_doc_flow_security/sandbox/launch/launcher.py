@@ -26,12 +26,13 @@ from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox
 
 @dataclass(frozen=True)
 class LaunchRequest:
-    """One sandbox to start: its config, payload, a label and its fds (target <- source)."""
+    """One sandbox to start: its config, payload, a label, its fds (target <- source)."""
 
     config: SandboxConfig
     payload: bootstrap.Payload
     name: str = "sandbox"
     fd_map: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
+    armed: bool = True  # False: no wall clock until arm() (pooled sandboxes)
 
 
 def effective_config(request: LaunchRequest) -> SandboxConfig:
@@ -61,27 +62,30 @@ class Launcher:
             if cgroup is not None:
                 cgroup.destroy()
             raise
+        spawned.armed = request.armed
         self.running[sandbox_id] = spawned
         return spawned
 
     def next_deadline(self) -> float | None:
         """The earliest wall deadline of the running sandboxes (monotonic clock)."""
-        deadlines = [s.started + s.plan.config.timeout_seconds for s in self.running.values()
-                     if s.plan.config.timeout_seconds is not None and not s.timed_out]
-        return min(deadlines, default=None)
+        return min((s.deadline for s in self.running.values() if s.deadline is not None), default=None)
 
     def expire(self, now: float | None = None) -> list[int]:
         """Kill every sandbox past its deadline; returns their ids."""
         now = time.monotonic() if now is None else now
         expired = []
         for sandbox_id, spawned in self.running.items():
-            timeout = spawned.plan.config.timeout_seconds
-            if timeout is not None and not spawned.timed_out and now >= spawned.started + timeout:
+            deadline = spawned.deadline
+            if deadline is not None and now >= deadline:
                 spawned.timed_out = True
                 self._thaw_quietly(sandbox_id)
                 spawned.kill()
                 expired.append(sandbox_id)
         return expired
+
+    def arm(self, sandbox_id: int) -> None:
+        """Start the wall clock of a pooled sandbox: its call has just been sent."""
+        self.running[sandbox_id].arm()
 
     def finish(self, sandbox_id: int) -> SandboxResult:
         """Reap an exited sandbox (its pidfd is readable) into its result."""

