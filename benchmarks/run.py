@@ -86,8 +86,9 @@ def summary(samples_s: list[float]) -> dict[str, float]:
 class Table:
     """Rows of one scenario, rendered as markdown with a ratio column."""
 
-    def __init__(self, title: str, baseline: str | None, note: str = "", unit: str = "ms") -> None:
-        self.title, self.baseline, self.note = title, baseline, note
+    def __init__(self, title: str, baseline: str | None, note: str = "", unit: str = "ms",
+                 timing: bool = True) -> None:
+        self.title, self.baseline, self.note, self.timing = title, baseline, note, timing
         self.med, self.p90 = f"median_{unit}", f"p90_{unit}"
         self.unit = "µs" if unit == "us" else unit
         self.rows: list[dict[str, Any]] = []
@@ -100,7 +101,7 @@ class Table:
         extra_keys = [k for r in self.rows for k in r if k not in
                       ("name", "n", self.med, self.p90, "missing", "why")]
         extra_keys = list(dict.fromkeys(extra_keys))
-        head = ["what", "n", f"median {self.unit}", f"p90 {self.unit}"]
+        head = ["what", "n", f"median {self.unit}", f"p90 {self.unit}"] if self.timing else ["what"]
         if base:
             head.append(f"x {self.baseline}")
         head += extra_keys
@@ -114,6 +115,7 @@ class Table:
                 cells += [""] * (len(head) - len(cells))
             else:
                 cells = [r["name"], str(r.get("n", "")), _fmt(r.get(self.med)), _fmt(r.get(self.p90))]
+                cells = cells if self.timing else cells[:1]
                 if base:
                     ratio = r[self.med] / base[self.med] if r.get(self.med) is not None else None
                     cells.append("" if ratio is None else f"{ratio:.2f}")
@@ -239,16 +241,18 @@ def import_cost(runs: int = 5) -> Table:
             if not m:
                 continue
             total += int(m.group(1))
-            if len(m.group(3)) <= 1:  # top level import (one space after the bar)
-                name = m.group(4)
+            depth = (len(m.group(3)) - 1) // 2  # one space after the bar, two more per level
+            if depth <= 3:
+                name = ". " * depth + m.group(4)
                 top[name] = top.get(name, 0.0) + int(m.group(2))
         totals.append((total, top))
     totals.sort(key=lambda t: t[0])
     total, top = totals[len(totals) // 2]
     table = Table("1c. Import cost inside `ndf-sandbox run -- /bin/true` (python -X importtime, median run)",
-                  None, "Sum of all imports (self times), then the largest top-level imports (cumulative).")
+                  None, "Sum of all imports (self times), then the largest imports (cumulative, "
+                  "nesting shown by dots; up to 3 levels deep).")
     table.add("all imports", {"n": runs, "median_ms": total / 1000, "p90_ms": totals[-1][0] / 1000})
-    for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:10]:
+    for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:16]:
         table.add(f"import {name}", {"n": 1, "median_ms": us / 1000, "p90_ms": None})
     return table
 
@@ -416,7 +420,8 @@ async def scenario_memory(sizes: tuple[int, ...], latency_calls: int) -> list[Ta
     me = psutil.Process()
     mem = Table("4a. Memory per live sandbox (spawn(fn waiting for STOP), default profile, zygote)", None,
                 "manager: this process's RSS growth / N. zygote: its RSS. sandbox USS: unique memory of "
-                "one idle sandbox's init + payload (median of up to 10 sampled). sum USS / N: all sandboxes.")
+                "one idle sandbox's init + payload (median of up to 10 sampled). sum USS / N: all sandboxes.",
+                timing=False)
     lat = Table("4b. execute_sandboxed(lambda: 42) latency with N long-running sandboxes alive",
                 "0 live", "")
     mem_rows = []
@@ -510,6 +515,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+UNRETRIEVED: list[str] = []
+
+
+def arun(coro: Awaitable[list[Table]]) -> list[Table]:
+    """asyncio.run, counting "exception was never retrieved" reports instead of printing them."""
+    async def wrapped() -> list[Table]:
+        loop = asyncio.get_running_loop()
+
+        def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            UNRETRIEVED.append(f"{context.get('message')}: {context.get('exception')!r}"[:200])
+        loop.set_exception_handler(handler)
+        return await coro
+    return asyncio.run(wrapped())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -543,12 +563,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 
     section("cli", lambda: scenario_cli(nsj, 15 if quick else 60))
-    section("api", lambda: asyncio.run(scenario_api(nsj, 30 if quick else 200)))
-    section("throughput", lambda: asyncio.run(scenario_throughput(1.0 if quick else 5.0, (2, 8, 32))))
+    section("api", lambda: arun(scenario_api(nsj, 30 if quick else 200)))
+    section("throughput", lambda: arun(scenario_throughput(1.0 if quick else 5.0, (2, 8, 32))))
     sizes = tuple(n for n in (1, 10, 100, 1000) if n <= args.max_sandboxes and (not quick or n <= 100))
-    section("memory", lambda: asyncio.run(scenario_memory(sizes, 10 if quick else 30)))
+    section("memory", lambda: arun(scenario_memory(sizes, 10 if quick else 30)))
     section("stages", lambda: scenario_stages(15 if quick else 100))
 
+    if UNRETRIEVED:
+        print(f"note: {len(UNRETRIEVED)} asyncio errors reported by the loop, e.g. {UNRETRIEVED[0]}",
+              file=sys.stderr)
     header = (f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
               f"{'--quick' if quick else 'full'}, {time.time() - started:.0f} s; machine: {machine()}; "
               f"nsjail: {nsj or 'missing'}\n")
@@ -557,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": machine(), "quick": quick, "nsjail": nsj,
+            {"machine": machine(), "quick": quick, "nsjail": nsj, "asyncio_errors": UNRETRIEVED[:20],
              "tables": [{"title": t.title, "baseline": t.baseline, "rows": t.rows} for t in tables]},
             indent=2, default=str))
     return 0

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import io
 import os
 import pickle
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -405,20 +407,55 @@ def test_host_never_unpickles_sandbox_output(method: str, no_leaks: LeakTracker)
 
 # --- stdout / stderr ----------------------------------------------------------------
 
+def _chatty() -> str:
+    import sys
+
+    print("to stdout", flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    sys.stdout.buffer.write(b"\x00\xffraw\n")
+    sys.stdout.flush()
+    return "done"
+
+
+@contextlib.contextmanager
+def plain_host_streams() -> Iterator[None]:
+    """sys.stdout/sys.stderr as a plain host has them (pytest's capture replaces them
+    at the start of the call phase, so this is used inside the test body)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def test_stdout_and_stderr_are_captured(method: str) -> None:
-    def chatty() -> str:
-        import sys
-
-        print("to stdout", flush=True)
-        print("to stderr", file=sys.stderr, flush=True)
-        sys.stdout.buffer.write(b"\x00\xffraw\n")
-        return "done"
-
-    result = run(one(method, chatty))
+    with plain_host_streams():
+        result = run(one(method, _chatty))
     assert result.outcome is Outcome.OK, describe(result)
     assert b"to stdout" in result.stdout and b"\x00\xffraw" in result.stdout
     assert b"to stderr" in result.stderr
     assert b"to stderr" not in result.stdout
+
+
+def test_stdout_is_captured_when_the_host_replaced_sys_stdout(method: str, request: pytest.FixtureRequest,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hosts replace sys.stdout (pytest's capture, Jupyter, logging setups). The plugin's
+    # print() must still reach its own fd 1, not the host's Python-level object.
+    if method == "fork":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "BUG: python_worker.PythonWorkerPayload.run keeps the host's sys.stdout/sys.stderr "
+            "objects inherited through fork; they do not write to fds 1/2 of the sandbox, so "
+            "print() raises EBADF / is lost. Rebind sys.stdout/sys.stderr to fds 1/2 in run().")))
+
+    class HostStream(io.StringIO):
+        buffer = io.BytesIO()
+
+    monkeypatch.setattr(sys, "stdout", HostStream())
+    monkeypatch.setattr(sys, "stderr", HostStream())
+    result = run(one(method, _chatty))
+    assert result.outcome is Outcome.OK, describe(result)
+    assert b"to stdout" in result.stdout and b"to stderr" in result.stderr
 
 
 def test_stdout_is_bounded_by_output_limit(method: str) -> None:
@@ -436,7 +473,8 @@ def test_stdout_is_bounded_by_output_limit(method: str) -> None:
         async with manager(method, output_limit=4096) as m:
             return await m.execute_sandboxed("flood", flood)
 
-    result = run(scenario())
+    with plain_host_streams():
+        result = run(scenario())
     assert result.outcome is Outcome.OK, describe(result)  # the drain keeps reading: no deadlock
     assert result.output == 1
     assert len(result.stdout) == 4096 and set(result.stdout) == {ord("y")}

@@ -22,7 +22,7 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -279,7 +279,7 @@ class SandboxHandle:
                     self._status_pending = True
 
 
-def _start_method(name: str) -> StartMethod:
+def _start_method(name: str, allow_unenforced: Iterable[str]) -> StartMethod:
     if name == "zygote":
         return ZygoteStarter()
     if name == "fork":
@@ -287,7 +287,7 @@ def _start_method(name: str) -> StartMethod:
     if name == "posix":
         from .fallback.posix import PosixStarter
 
-        return PosixStarter()
+        return PosixStarter(allow_unenforced=allow_unenforced)
     raise ValueError(f"start_method: must be 'zygote', 'fork' or 'posix', got {name!r}")
 
 
@@ -298,7 +298,9 @@ class SandboxManager:
     `start_method`: "zygote" (default; a small fork server, the host is never
     forked), "fork" (fork this process; only for small single-threaded hosts) or
     "posix" (the fallback backend: rlimits and a process group, no namespaces;
-    macOS, or Linux without namespaces; it refuses configs it cannot enforce).
+    macOS, or Linux without namespaces; it refuses configs it cannot enforce
+    unless each missing protection is named in `allow_unenforced`, see
+    fallback/posix.py's POSIX_UNENFORCEABLE; "all" allows every one).
     `max_concurrent`: sandboxes alive at once (default: CPUs x 4); more calls wait.
     `status_interval`: seconds between status samples delivered to spawn() handles.
     `pool_size`: keep this many sandboxes of `config` set up in advance (each used
@@ -311,9 +313,12 @@ class SandboxManager:
                  status_interval: float | None = 1.0,
                  pool_size: int = 0,
                  output_limit: int = DEFAULT_OUTPUT_LIMIT,
-                 decode_limits: DecodeLimits | None = None) -> None:
+                 decode_limits: DecodeLimits | None = None,
+                 allow_unenforced: Iterable[str] = ()) -> None:
         self.config = config or SandboxConfig()
-        self._starter = _start_method(start_method)
+        if allow_unenforced and start_method != "posix":
+            raise ValueError("allow_unenforced: only the posix start method can run with missing protections")
+        self._starter = _start_method(start_method, allow_unenforced)
         self._max_concurrent = max_concurrent or (os.cpu_count() or 1) * 4
         self._slots: asyncio.Semaphore | None = None
         self._status_interval = status_interval

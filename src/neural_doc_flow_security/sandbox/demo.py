@@ -105,7 +105,8 @@ class PluginRun:
     result: SandboxResult | None = None
     text: str = ""
     reason: str = ""
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the full story behind a skip or a dropped limit
+    limits_dropped: bool = False
     config: SandboxConfig | None = None
 
     @property
@@ -237,7 +238,8 @@ def plan_runs(specs: list[PluginSpec]) -> list[PluginRun]:
         elif spec.needs_cgroups:
             run.status = "skipped"
             root = "run as root" if os.geteuid() != 0 else "this host cannot enforce it"
-            run.reason = f"{spec.needs_cgroups} needs cgroups: {root} ({missing[0]})"
+            run.reason = f"{spec.needs_cgroups} needs cgroups: {root}"
+            run.notes.append(missing[0])
         else:
             degraded = _without_cgroup_limits(spec.config)
             still = missing_for(degraded, features)
@@ -245,6 +247,7 @@ def plan_runs(specs: list[PluginSpec]) -> list[PluginRun]:
                 run.status, run.reason = "skipped", f"cannot sandbox here: {still[0]}"
             else:
                 run.config = degraded
+                run.limits_dropped = True
                 run.notes.append(f"memory/pids limits not enforced here: {missing[0]}")
         runs.append(run)
     return runs
@@ -448,20 +451,20 @@ def _plain_line(run: PluginRun) -> str:
     line = (f"[{mark}] {run.spec.name:<19} {what:<27} {facts['outcome']:<28} wall {facts['wall']:>5}  "
             f"cpu {facts['cpu']:>5}  mem {facts['memory']:>7}  procs {facts['procs']:>2}")
     if run.status != "passed":
-        line += f"
-       {run.status}: {facts['detail']}"
+        line += f"\n       {run.status}: {facts['detail']}"
     elif run.spec.good:
-        line += f"
-       text: {facts['detail']}"
+        line += f"\n       text: {facts['detail']}"
     else:
-        line += f"
-       stopped by {facts['detail']}: {_snippet(run.error_line, 90)}"
-    return line + "".join(f"\n       note: {note}" for note in run.notes)
+        line += f"\n       stopped by {facts['detail']}: {_snippet(run.error_line, 90)}"
+    return line
 
 
-def _evidence_lines(evidence: dict[str, Any]) -> list[str]:
+def _evidence_lines(runs: list[PluginRun], evidence: dict[str, Any]) -> list[str]:
     listener = evidence["listener"]
-    return [
+    dropped = [r for r in runs if r.limits_dropped]
+    note = [f"note: {len(dropped)} plugins ran without memory/pids limits (cgroups need root here; "
+            "--json has the details)"] if dropped else []
+    return note + [
         f"host evidence: decoy secret {evidence['secret']['path']}: "
         + ("LEAKED into a plugin's output" if evidence["secret"]["leaked"] else "in no plugin's output"),
         f"host evidence: marker {evidence['marker']['path']}: "
@@ -482,26 +485,72 @@ def _run_plain() -> tuple[list[PluginRun], dict[str, Any], int, str, float]:
     runs, evidence = asyncio.run(run_pipeline(on_update))
     status, reason = verdict(runs, evidence)
     seconds = time.monotonic() - started
-    for line in _evidence_lines(evidence):
+    for line in _evidence_lines(runs, evidence):
         print(line)
     print(f"{'PASS' if status == EXIT_OK else 'FAIL' if status == EXIT_FAILED else 'INCOMPLETE'}: "
           f"{reason} ({seconds:.1f} s)")
     return runs, evidence, status, reason, seconds
 
 
+_COLORS = {"passed": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan", "waiting": "dim"}
+
+
+def _rich_table(runs: list[PluginRun], width: int) -> Any:
+    """The final table, fitted to `width` columns; narrow terminals get the four
+    resource columns folded into one."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="Each plugin ran in its own fresh sandbox", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    compact = width < 112
+    widths = [20, 9, 13] if compact else [20, 17, 5, 5, 8, 5]
+    # each column costs 2 padding + 1 divider (and the table its 2 edges)
+    detail_width = min(72, max(16, width - sum(widths) - 3 * (len(widths) + 1) - 2))
+    table.add_column("plugin", no_wrap=True, width=20)
+    table.add_column("outcome", no_wrap=True, width=9 if compact else 17)
+    if compact:
+        table.add_column("wall / CPU\nmem / procs", justify="right", no_wrap=True, width=13)
+    else:
+        for column, width in (("wall", 5), ("CPU", 5), ("peak mem", 8), ("procs", 5)):
+            table.add_column(column, justify="right", no_wrap=True, width=width)
+    table.add_column("text (good) / stopped by (hostile)", no_wrap=True, overflow="ellipsis",
+                     max_width=detail_width)
+    for run in runs:
+        facts = _row_facts(run)
+        color = _COLORS.get(run.status, "white")
+        what = run.spec.document if run.spec.good else run.spec.threat
+        plugin = Text.assemble((run.spec.name, "bold green" if run.spec.good else "bold magenta"), "\n",
+                               (what, "dim"))
+        outcome_text, _, error_type = facts["outcome"].partition(" ")
+        outcome = Text.assemble((outcome_text, color), "\n", (error_type, "dim"))
+        text = _snippet(run.text, detail_width) if run.spec.good and run.status == "passed" else facts["detail"]
+        detail = Text(text, style="" if run.status == "passed" else color)
+        if not run.spec.good and run.status == "passed" and run.error_line:
+            message = run.error_line.removeprefix(f"{run.error_type}: ") if run.error_type else run.error_line
+            detail.append("\n" + _snippet(message, detail_width), style="dim")
+        if compact:
+            usage = [f"{facts['wall']} / {facts['cpu']}\n{facts['memory']} / {facts['procs']}"]
+        else:
+            usage = [facts["wall"], facts["cpu"], facts["memory"], facts["procs"]]
+        table.add_row(plugin, outcome, *usage, detail)
+    return table
+
+
 def _run_rich() -> int:
     from rich.console import Console
     from rich.live import Live
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     console.print("[bold]ndf-sandbox demo[/]: a document pipeline, every plugin in its own sandbox, all at once")
-    progress = Progress(SpinnerColumn(finished_text="•"), TextColumn("{task.fields[kind]:<7}"),
-                        TextColumn("[bold]{task.description:<20}"), TextColumn("{task.fields[what]:<28}"),
+    progress = Progress(SpinnerColumn(finished_text="•"), TextColumn("{task.description}"),
+                        TextColumn("{task.fields[what]:<27}"),
                         TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console, transient=True)
     tasks: dict[int, TaskID] = {}
-    colors = {"passed": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan", "waiting": "dim"}
 
     def on_update(run: PluginRun) -> None:
         key = id(run)
@@ -509,9 +558,12 @@ def _run_rich() -> int:
         state = run.status
         if run.status == "passed":
             state = "produced text" if run.spec.good else f"contained: {_row_facts(run)['outcome']}"
-        state = f"[{colors.get(run.status, 'white')}]{state}[/]"
+        elif run.status == "failed":
+            state = f"FAILED: {run.reason}"
+        state = f"[{_COLORS.get(run.status, 'white')}]{escape(state)}[/]"
         if key not in tasks:
-            tasks[key] = progress.add_task(run.spec.name, total=1, kind=run.spec.kind, what=what, state=state,
+            name = f"[bold {'green' if run.spec.good else 'magenta'}]{run.spec.name:<19}[/]"
+            tasks[key] = progress.add_task(name, total=1, what=what, state=state,
                                            start=run.status != "waiting")
         task = tasks[key]
         if run.status == "running":
@@ -524,29 +576,12 @@ def _run_rich() -> int:
     status, reason = verdict(runs, evidence)
     seconds = time.monotonic() - started
 
-    table = Table(title="Plugins (each in a fresh sandbox)", title_justify="left", expand=False)
-    for column, justify in (("plugin", "left"), ("document / threat", "left"), ("outcome", "left"),
-                            ("wall", "right"), ("CPU", "right"), ("peak mem", "right"), ("procs", "right"),
-                            ("text / stopped by", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for run in runs:
-        facts = _row_facts(run)
-        color = colors.get(run.status, "white")
-        detail = facts["detail"]
-        if not run.spec.good and run.status == "passed" and run.error_line:
-            detail += f"\n[dim]{_snippet(run.error_line, 70)}[/]"
-        for note in run.notes:
-            detail += f"\n[yellow]{note}[/]"
-        what = run.spec.document if run.spec.good else run.spec.threat
-        table.add_row(f"[{'green' if run.spec.good else 'magenta'}]{run.spec.name}[/]", what,
-                      f"[{color}]{facts['outcome']}[/]", facts["wall"], facts["cpu"], facts["memory"],
-                      facts["procs"], detail)
-    console.print(table)
-    for line in _evidence_lines(evidence):
-        console.print(line, highlight=False)
+    console.print(_rich_table(runs, console.width))
+    for line in _evidence_lines(runs, evidence):
+        console.print(Text(line, style="red" if "LEAKED" in line or "EXISTS" in line else ""))
     style = {EXIT_OK: "bold green", EXIT_FAILED: "bold red"}.get(status, "bold yellow")
     label = {EXIT_OK: "PASS", EXIT_FAILED: "FAIL"}.get(status, "INCOMPLETE")
-    console.print(f"[{style}]{label}[/]: {reason} ({seconds:.1f} s)", highlight=False)
+    console.print(Text.assemble((label, style), f": {reason} ({seconds:.1f} s)"))
     return status
 
 

@@ -596,23 +596,11 @@ def _missing_non_linux(config: SandboxConfig, features: HostFeatures) -> list[st
 
         return [f"{name}: required, but {reason}"
                 for name, reason, requested in unenforced_protections(config) if requested]
-    system = {"darwin": "macOS"}.get(features.os, features.os)
-    missing = []
-    for name in ("user", "pid", "net", "mnt", "uts", "ipc", "cgroup"):
-        wanted = (config.namespaces.user is True) if name == "user" else getattr(config.namespaces, name)
-        if wanted:
-            missing.append(f"namespaces.{name}: {_NAMESPACE_WORDS[name]} is required, "
-                           f"but namespaces are Linux-only and this host runs {system}")
-    if config.seccomp != "off":
-        missing.append(f"seccomp: a seccomp filter is required, but seccomp is Linux-only ({system})")
-    if config.no_new_privs:
-        missing.append(f"no_new_privs: required, but it is a Linux prctl ({system})")
-    for fields, _, what in _LIMIT_CONTROLLERS:
-        requested = [f for f in fields if getattr(config, f) is not None]
-        if requested:
-            missing.append(f"{'/'.join(requested)}: a {what} is required, but the "
-                           f"{features.fallback or 'fallback'} backend on {system} cannot enforce it")
-    return missing
+    # Elsewhere (macOS) the posix backend runs; its own list is the truth.
+    from .fallback.posix import unenforced_protections as posix_gaps
+
+    return [f"{name}: required, but {reason}"
+            for name, reason, requested in posix_gaps(config, platform=features.os) if requested]
 
 
 # --------------------------------------------------------------------------- output

@@ -52,6 +52,7 @@ import math
 import os
 import pickle
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -287,7 +288,7 @@ class PosixStarter(StartMethod):
         self._running: dict[int, _Sandbox] = {}
 
     async def start(self) -> None:
-        if sys.platform != "linux" and not hasattr(__import__("select"), "kqueue"):
+        if sys.platform != "linux" and not hasattr(select, "kqueue"):
             raise UnsupportedError("posix backend", f"no way to watch process exits on {sys.platform}")
 
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
@@ -340,8 +341,6 @@ class PosixStarter(StartMethod):
             sandbox.exit_fd = os.pidfd_open(sandbox.pid)
             loop.add_reader(sandbox.exit_fd, self._reap, sandbox_id)
         else:
-            import select
-
             kq = select.kqueue()
             sandbox.exit_source = kq
             sandbox.exit_fd = kq.fileno()
