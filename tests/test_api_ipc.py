@@ -19,7 +19,6 @@ import api_helpers
 from api_helpers import (
     START_METHODS,
     alive,
-    async_wait_until,
     linux_only,
     needs_root,
     run,
@@ -189,10 +188,10 @@ def test_manager_level_messaging_and_unknown_plugin(method: str) -> None:
             assert message is not None and bytes(message.content) == b"zyx"
             with pytest.raises(SandboxError, match="nobody"):
                 await m.send_message("nobody", IpcMessage.data(b"x"))
+            # echo_plugin never looks at stop_requested: STOP escalates to SIGTERM.
             await m.send_message("echo", IpcMessage.control(ControlMessage.STOP))
             result = await m.get_handle("echo").wait()
-            assert result.outcome is Outcome.OK and result.output == "host went away" or result.ok, \
-                describe(result)
+            assert result.outcome is Outcome.KILLED and result.signal == 15, describe(result)
 
     run(scenario())
 
@@ -314,13 +313,13 @@ def test_plugin_with_default_sigterm_ends_on_sigterm(method: str) -> None:
 
     async def scenario() -> SandboxResult:
         async with manager(method) as m:
-            handle = await m.spawn("oblivious", oblivious)
+            handle = await m.spawn("oblivious", oblivious, sandbox_config=SandboxConfig(timeout_seconds=300))
             await next_of_kind(handle, MessageKind.DATA)
-            return await handle.stop(grace_seconds=30)
+            return await handle.stop(grace_seconds=1)
 
     result = run(scenario())
     assert result.outcome is Outcome.KILLED, describe(result)
-    assert result.signal in (15, 9)
+    assert result.signal == 15
 
 
 def test_receive_returns_none_after_the_plugin_ended(method: str) -> None:
@@ -400,7 +399,7 @@ RAW_ATTACKS = {
     "not_a_memfd": ("send_record(b'\\x02', [0])", "memfd"),
     "bad_message_shape": ("send_record(b'\\x01' + msgpack.packb({'kind': 'progress', 'fraction': 7.0, "
                           "'note': ''}))", "fraction"),
-    "ext_type": ("send_record(b'\\x01' + msgpack.packb(msgpack.ExtType(1, b'x')))", "ext type"),
+    "ext_type": ("send_record(b'\\x01' + msgpack.packb(msgpack.ExtType(1, b'x')))", "ext"),
     "second_result": ("send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 1}))\n"
                       "send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 2}))",
                       "second result"),

@@ -9,7 +9,7 @@
 #     the control share, write its exit code there, power off.
 #
 # The control share (9p tag "vmctl", a temp dir on the host) holds vm.conf
-# (VERBOSE, DISK, TTY_SIZE), job.sh, and receives exitcode / boot-error.
+# (VERBOSE, DISK, TTY_SIZE, P9CACHE), job.sh, and receives exitcode / boot-error.
 
 BB=/bin/busybox
 NEWROOT=/newroot
@@ -40,11 +40,11 @@ stage1() {
     done </modules.load
 
     mount -t 9p -o "$P9OPTS" vmctl /ctl || fail "mount the control share"
-    VERBOSE=0 DISK=0
+    VERBOSE=0 DISK=0 P9CACHE=loose
     [ -f /ctl/vm.conf ] && . /ctl/vm.conf
     [ "$VERBOSE" = 1 ] && set -x
 
-    mount -t 9p -o "ro,$P9OPTS,cache=loose" hostroot /lower || fail "mount host / over 9p"
+    mount -t 9p -o "ro,$P9OPTS,cache=$P9CACHE" hostroot /lower || fail "mount host / over 9p"
     mount -t tmpfs -o mode=0755 overlay-rw /rw || fail "mount the overlay tmpfs"
     mkdir -p /rw/upper /rw/work
     mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work \

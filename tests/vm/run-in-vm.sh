@@ -13,6 +13,8 @@
 #   --timeout DUR     kill the VM after DUR (timeout(1) syntax, default 20m)
 #   -e NAME[=VALUE]   set NAME in the command's environment (NAME alone: copy
 #                     the host's value); repeatable
+#   --9p-cache MODE   cache mode of the host-root 9p mount (default loose;
+#                     mmap or none see host edits made while the guest runs)
 #   --verbose         show kernel and init messages
 #
 # The command runs in the host's current directory (which must exist in the
@@ -25,7 +27,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="$HERE/.cache"
 
-DISK=0 DISK_SIZE=256M MEM=2G SMP=2 TIMEOUT=20m VERBOSE=0
+DISK=0 DISK_SIZE=256M MEM=2G SMP=2 TIMEOUT=20m VERBOSE=0 P9CACHE=loose
 ENV_ARGS=()
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
@@ -41,6 +43,9 @@ while (($#)); do
         -e|--env)
             if [[ ${2:?} == *=* ]]; then ENV_ARGS+=("$2")
             else ENV_ARGS+=("$2=${!2-}"); fi
+            shift ;;
+        --9p-cache)
+            case ${2:?} in loose|fscache|mmap|none) P9CACHE=$2 ;; *) die "bad --9p-cache: $2" ;; esac
             shift ;;
         --verbose) VERBOSE=1 ;;
         -h|--help) usage; exit 0 ;;
@@ -87,7 +92,8 @@ fi
     printf ' %q' "$@"
     printf '\n'
 } >"$RUNDIR/ctl/job.sh"
-printf 'VERBOSE=%s\nDISK=%s\nTTY_SIZE="%s"\n' "$VERBOSE" "$DISK" "$SIZE" >"$RUNDIR/ctl/vm.conf"
+printf 'VERBOSE=%s\nDISK=%s\nTTY_SIZE="%s"\nP9CACHE=%s\n' "$VERBOSE" "$DISK" "$SIZE" "$P9CACHE" \
+    >"$RUNDIR/ctl/vm.conf"
 
 ACCEL=(-accel tcg,thread=multi -cpu max)
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -w /dev/kvm ]]; then

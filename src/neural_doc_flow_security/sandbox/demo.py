@@ -35,6 +35,7 @@ from . import demo_plugins as plugins
 from .api import SandboxManager
 from .config import SandboxConfig
 from .detect import detect_features, missing_for
+from .errors import SandboxError
 from .result import Outcome, SandboxResult
 
 EXIT_OK = 0
@@ -590,12 +591,25 @@ def run_demo(json_output: bool = False, plain: bool = False) -> int:
     lines otherwise or with `plain`, a JSON report with `json_output`); returns
     the exit status (0: all good plugins produced text and all hostile ones were
     contained)."""
-    if json_output:
-        started = time.monotonic()
-        runs, evidence = asyncio.run(run_pipeline())
-        status, reason = verdict(runs, evidence)
-        print(json.dumps(report_to_dict(runs, evidence, status, reason, time.monotonic() - started), indent=2))
-        return status
-    if not plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None:
-        return _run_rich()
-    return _run_plain()[2]
+    try:
+        if json_output:
+            started = time.monotonic()
+            runs, evidence = asyncio.run(run_pipeline())
+            status, reason = verdict(runs, evidence)
+            report = report_to_dict(runs, evidence, status, reason, time.monotonic() - started)
+            print(json.dumps(report, indent=2))
+            return status
+        if not plain and sys.stdout.isatty() and importlib.util.find_spec("rich") is not None:
+            return _run_rich()
+        return _run_plain()[2]
+    except BrokenPipeError:  # `ndf-sandbox demo | head`: the reader left; the sandboxes are already gone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
+    except SandboxError as e:  # the manager itself could not start (the rows' own errors are results)
+        if json_output:
+            print(json.dumps({"ok": False, "exit_status": EXIT_FAILED, "reason": f"cannot run the demo: {e}"}))
+        else:
+            print(f"ndf-sandbox demo: cannot run the demo: {e}", file=sys.stderr)
+        return EXIT_FAILED

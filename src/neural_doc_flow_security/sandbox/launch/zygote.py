@@ -102,6 +102,13 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
 
 def serve(sock: socket.socket, launcher: Launcher) -> None:
     """Serve requests until the manager closes its end."""
+    try:
+        _serve(sock, launcher)
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the manager is gone: main() kills what is left
+
+
+def _serve(sock: socket.socket, launcher: Launcher) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
     pidfds: dict[int, int] = {}  # pidfd -> sandbox id

@@ -1,0 +1,337 @@
+"""Lifetimes: cancellation kills the sandbox before it completes, leaving
+`async with` kills every sandbox, a SIGKILLed manager takes its zygote and
+sandboxes with it, and the next manager removes the cgroups it left.
+
+Every test runs under both start methods and ends with the `no_leaks` check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import api_helpers
+from api_helpers import (
+    START_METHODS,
+    LeakTracker,
+    alive,
+    async_wait_until,
+    linux_only,
+    make_host_dir,
+    needs_root,
+    remove_cgroup_dirs,
+    run,
+    rw_bind_config,
+    sandbox_cgroups,
+    tree_of,
+    wait_until,
+)
+from neural_doc_flow_security.sandbox.api import Health, SandboxManager
+from neural_doc_flow_security.sandbox.result import Outcome, SandboxResult
+
+no_leaks = api_helpers.no_leaks  # the fixture, used by every test below
+
+pytestmark = [linux_only, needs_root, pytest.mark.usefixtures("no_leaks"), pytest.mark.timeout(300)]
+
+
+@pytest.fixture(params=START_METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def manager(method: str, **kwargs: Any) -> SandboxManager:
+    kwargs.setdefault("status_interval", 0.2)
+    return SandboxManager(start_method=method, **kwargs)  # type: ignore[arg-type]
+
+
+def describe(result: SandboxResult) -> str:
+    return f"outcome={result.outcome.value} output={result.output!r:.200} error={result.error!r:.2000}"
+
+
+def kill_survivors(processes: list[psutil.Process]) -> None:
+    """Cleanup after a failure: SIGKILL the processes we watched that still run
+    (psutil checks the start time, so a recycled pid is never hit)."""
+    for proc in processes:
+        if alive(proc):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def sleeper_writing_marker(path: str) -> None:
+    """Write a marker file (in a read-write bind) once running, then sleep."""
+    import time
+
+    with open(path, "w") as f:
+        f.write("running")
+    time.sleep(600)
+
+
+def sleeper(ctx: Any) -> None:
+    import time
+
+    ctx.send(b"", tag="ready")
+    time.sleep(600)
+
+
+async def wait_ready(handle: Any) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        message = await handle.receive(timeout=1)
+        if message is not None and message.tag == "ready":
+            return
+    raise AssertionError("the plugin never said it was ready")
+
+
+# --- cancellation ------------------------------------------------------------------
+
+def test_cancelling_the_awaiting_task_kills_the_sandbox(method: str, no_leaks: LeakTracker) -> None:
+    directory = make_host_dir(no_leaks)
+    marker = directory / "running"
+
+    async def scenario() -> list[psutil.Process]:
+        async with manager(method) as m:
+            task = asyncio.create_task(m.execute_sandboxed(
+                "sleeper", sleeper_writing_marker, str(marker), sandbox_config=rw_bind_config(directory)))
+            assert await async_wait_until(marker.exists, timeout=60), "the plugin never started"
+            listed = [info for info in m.list_sandboxes() if info.plugin_id == "sleeper"]
+            assert len(listed) == 1
+            tree = tree_of(listed[0].pid)
+            assert len(tree) >= 2 and all(alive(p) for p in tree)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The promise: the tree is gone before the cancellation completes.
+            still = [p.pid for p in tree if alive(p)]
+            assert not still, f"alive after cancellation: {still}"
+            assert m.list_sandboxes() == []
+            # The manager keeps working after a cancellation.
+            after = await m.execute_sandboxed("after", lambda: "ok")
+            assert after.output == "ok", describe(after)
+            return tree
+
+    run(scenario())
+
+
+def test_wait_for_timeout_on_execute_kills_the_sandbox(method: str) -> None:
+    def spin() -> None:
+        while True:
+            pass
+
+    async def scenario() -> None:
+        async with manager(method) as m:
+            task = asyncio.ensure_future(m.execute_sandboxed("spin", spin))
+            assert await async_wait_until(lambda: any(len(tree_of(i.pid)) >= 2 for i in m.list_sandboxes()),
+                                          timeout=60)
+            tree = tree_of(m.list_sandboxes()[0].pid)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(task, 0.5)
+            still = [p.pid for p in tree if alive(p)]
+            assert not still, f"alive after asyncio.wait_for timed out: {still}"
+
+    run(scenario())
+
+
+def test_handle_kill_ends_the_tree(method: str) -> None:
+    async def scenario() -> tuple[SandboxResult, list[psutil.Process]]:
+        async with manager(method) as m:
+            handle = await m.spawn("sleeper", sleeper)
+            await wait_ready(handle)
+            tree = tree_of(handle.pid)
+            result = await handle.kill()
+            assert not [p.pid for p in tree if alive(p)]
+            assert handle.health is Health.EXITED
+            return result, tree
+
+    result, tree = run(scenario())
+    assert len(tree) >= 2
+    assert result.outcome is Outcome.KILLED, describe(result)
+
+
+# --- leaving `async with` -------------------------------------------------------------
+
+def test_leaving_async_with_kills_live_sandboxes(method: str) -> None:
+    async def scenario() -> tuple[list[psutil.Process], list[Any]]:
+        async with manager(method) as m:
+            handles = [await m.spawn(f"sleeper-{i}", sleeper) for i in range(3)]
+            for handle in handles:
+                await wait_ready(handle)
+            trees = [p for h in handles for p in tree_of(h.pid)]
+            assert len(trees) >= 6
+        # Left the block: every sandbox is gone now, not eventually.
+        still = [p.pid for p in trees if alive(p)]
+        assert not still, f"alive after the manager closed: {still}"
+        return trees, handles
+
+    run(scenario())
+
+
+def test_handles_report_killed_after_manager_shutdown(method: str) -> None:
+    async def scenario() -> list[Any]:
+        async with manager(method) as m:
+            handles = [await m.spawn(f"sleeper-{i}", sleeper) for i in range(2)]
+            for handle in handles:
+                await wait_ready(handle)
+        outcomes = []
+        for handle in handles:
+            try:
+                outcomes.append((await handle.wait()).outcome)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+        return outcomes
+
+    outcomes = run(scenario())
+    assert outcomes == [Outcome.KILLED, Outcome.KILLED]
+
+
+def test_execute_in_flight_at_shutdown_returns_or_raises_cleanly(method: str) -> None:
+    async def scenario() -> object:
+        m = manager(method)
+        await m.start()
+        task = asyncio.ensure_future(m.execute_sandboxed("spin", lambda: [0 for _ in iter(int, 1)]))
+        assert await async_wait_until(lambda: any(len(tree_of(i.pid)) >= 2 for i in m.list_sandboxes()),
+                                      timeout=60)
+        tree = tree_of(m.list_sandboxes()[0].pid)
+        await m.shutdown()
+        try:
+            outcome: object = (await asyncio.wait_for(task, 60)).outcome
+        except Exception as exc:  # noqa: BLE001
+            outcome = type(exc).__name__
+        assert not [p.pid for p in tree if alive(p)]
+        return outcome
+
+    outcome = run(scenario())
+    assert outcome in (Outcome.KILLED, "SandboxError"), outcome
+
+
+# --- the manager dies --------------------------------------------------------------
+
+MANAGER_SCRIPT = textwrap.dedent("""
+    import asyncio, os, sys, time
+    from neural_doc_flow_security.sandbox.api import SandboxManager
+    from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, SandboxConfig
+
+    method, directory = sys.argv[1], sys.argv[2]
+
+    def sleeper(path):
+        import time
+        with open(path, "w") as f:
+            f.write("running")
+        time.sleep(600)
+
+    async def main():
+        config = SandboxConfig(timeout_seconds=600, memory_limit_mb=256, filesystem=FilesystemConfig(
+            binds=(BindMount(directory, read_only=False),)))
+        async with SandboxManager(start_method=method) as m:
+            handle = await m.spawn("victim", sleeper, os.path.join(directory, "running"),
+                                   sandbox_config=config)
+            zygote = getattr(m._starter, "pid", None) or 0
+            print(f"{handle.pid} {zygote}", flush=True)
+            await asyncio.sleep(600)
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("kill_zygote_too", [False, True], ids=["manager", "manager+zygote"])
+def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_too: bool,
+                                                     no_leaks: LeakTracker) -> None:
+    if kill_zygote_too and method != "zygote":
+        pytest.skip("only the zygote start method has a zygote")
+    directory = make_host_dir(no_leaks)
+    script = directory / "manager.py"
+    script.write_text(MANAGER_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), method, str(directory)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    owners: set[int] = {process.pid}
+    watched: list[psutil.Process] = []
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line, f"the manager script failed: {process.stderr.read().decode() if process.stderr else ''}"
+        sandbox_pid, zygote_pid = (int(x) for x in line.split())
+        assert wait_until((directory / "running").exists, timeout=60), "the plugin never started"
+        watched += tree_of(sandbox_pid)
+        assert len(watched) >= 2
+        if zygote_pid:
+            owners.add(zygote_pid)
+            watched.append(psutil.Process(zygote_pid))
+        assert sandbox_cgroups(owners), "the sandbox had no cgroup (a memory limit was set)"
+
+        if kill_zygote_too:
+            os.kill(zygote_pid, signal.SIGKILL)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+
+        assert wait_until(lambda: not any(alive(p) for p in watched), timeout=60), \
+            f"alive after the manager died: {[p.pid for p in watched if alive(p)]}"
+
+        # A new manager removes whatever cgroup the dead one left behind.
+        async def fresh_manager() -> None:
+            async with manager(method):
+                pass
+
+        run(fresh_manager())
+        left = sandbox_cgroups(owners)
+        assert not left, f"stale cgroups of the dead manager survived a new start(): {left}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+        kill_survivors(watched)
+        with contextlib.suppress(Exception):
+            remove_cgroup_dirs(sandbox_cgroups(owners))
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_fork_manager_leaves_stale_cgroups_that_the_next_start_removes(no_leaks: LeakTracker) -> None:
+    """Evidence that remove_stale_cgroups() runs: with `fork`, the dead manager owns
+    the cgroup itself, and nobody but the next manager can clean it up."""
+    directory = make_host_dir(no_leaks)
+    script = directory / "manager.py"
+    script.write_text(MANAGER_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), "fork", str(directory)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    owners = {process.pid}
+    watched: list[psutil.Process] = []
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line, f"the manager script failed: {process.stderr.read().decode() if process.stderr else ''}"
+        sandbox_pid = int(line.split()[0])
+        assert wait_until((directory / "running").exists, timeout=60)
+        watched = tree_of(sandbox_pid)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        assert wait_until(lambda: not any(alive(p) for p in watched), timeout=60)
+        stale = sandbox_cgroups(owners)
+        assert stale, "expected the SIGKILLed fork manager to leave its cgroups"
+
+        async def fresh_manager() -> None:
+            async with manager("fork"):
+                pass
+
+        run(fresh_manager())
+        assert not [Path(p) for p in stale if os.path.exists(p)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+        kill_survivors(watched)
+        with contextlib.suppress(Exception):
+            remove_cgroup_dirs(sandbox_cgroups(owners))
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
