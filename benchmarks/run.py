@@ -486,7 +486,7 @@ def scenario_stages(runs: int) -> list[Table]:
                           json.dumps(bwrap("/bin/true"))], capture_output=True, text=True, check=True).stdout
     data = json.loads(out)
     table = Table(f"5. One cold run_program(SandboxConfig(), ['/bin/true']), by stage ({runs} runs)",
-                  "= total run_program", unit="us", note=
+                  "= total run_program", unit="us", note="The ratio column is the share of the total. "
                   "P = parent (the CLI process), C = sandbox child (pid 1, then the payload after the fork), "
                   "I = init after the fork, S = syscalls inside the `mounts` stage (summed per run). "
                   "`at` is the median start offset from the start of run_program. Rows overlap: "

@@ -30,48 +30,59 @@ from collections.abc import Callable
 from typing import Any
 
 _BUF_SIZE = 1 << 20
+_REGIONS = 3  # parent, sandbox pid 1 (before and after its fork), payload: one writer each
+_REGION_SIZE = _BUF_SIZE // _REGIONS
 _HEADER = struct.Struct("<Q")   # bytes used
 _RECORD = struct.Struct("<48sqq")  # label, start ns, end ns
 
 
 class Timeline:
-    """Records shared by every process forked from this one."""
+    """Records shared by every process forked from this one. Processes that run at the
+    same time write to separate regions (`region` is set in each child after its fork)."""
 
     def __init__(self) -> None:
         self.buf = mmap.mmap(-1, _BUF_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.region = 0
         self.reset()
 
     def reset(self) -> None:
-        _HEADER.pack_into(self.buf, 0, 0)
+        for region in range(_REGIONS):
+            _HEADER.pack_into(self.buf, region * _REGION_SIZE, 0)
 
     def add(self, label: str, start: int, end: int) -> None:
-        (used,) = _HEADER.unpack_from(self.buf, 0)
-        offset = _HEADER.size + used
-        if offset + _RECORD.size > _BUF_SIZE:
+        base = self.region * _REGION_SIZE
+        (used,) = _HEADER.unpack_from(self.buf, base)
+        offset = base + _HEADER.size + used
+        if offset + _RECORD.size > base + _REGION_SIZE:
             return
         _RECORD.pack_into(self.buf, offset, label.encode()[:48], start, end)
-        _HEADER.pack_into(self.buf, 0, used + _RECORD.size)
+        _HEADER.pack_into(self.buf, base, used + _RECORD.size)
 
     def records(self) -> list[tuple[str, int, int]]:
-        (used,) = _HEADER.unpack_from(self.buf, 0)
         out = []
-        for offset in range(_HEADER.size, _HEADER.size + used, _RECORD.size):
-            raw, start, end = _RECORD.unpack_from(self.buf, offset)
-            out.append((raw.rstrip(b"\0").decode(), start, end))
-        return out
+        for region in range(_REGIONS):
+            base = region * _REGION_SIZE
+            (used,) = _HEADER.unpack_from(self.buf, base)
+            for offset in range(base + _HEADER.size, base + _HEADER.size + used, _RECORD.size):
+                raw, start, end = _RECORD.unpack_from(self.buf, offset)
+                out.append((raw.rstrip(b"\0").decode(), start, end))
+        return sorted(out, key=lambda r: r[1])
 
 
 TIMELINE = Timeline()
 _now = time.monotonic_ns
 
 
-def _wrap(module: Any, name: str, label: str | Callable[[Any], str]) -> None:
+def _wrap(module: Any, name: str, label: str | Callable[[Any], str],
+          child_region: int | None = None) -> None:
     original = getattr(module, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = _now()
         result = original(*args, **kwargs)
         end = _now()
+        if child_region is not None and result[0] == 0:
+            TIMELINE.region = child_region
         TIMELINE.add(label(result) if callable(label) else label, start, end)
         return result
 
@@ -87,7 +98,8 @@ def install_probes() -> None:
     _wrap(resources, "check_floor", "P check_floor (detect)")
     _wrap(resources, "create_cgroup", "P create_cgroup")
     _wrap(syscalls, "clone3_fork",
-          lambda r: "C clone3 -> child runs" if r[0] == 0 else "P clone3 returns in parent")
+          lambda r: "C clone3 -> child runs" if r[0] == 0 else "P clone3 returns in parent",
+          child_region=1)
     _wrap(spawn, "write_id_maps", "P write uid/gid maps")
     _wrap(supervise, "wait_sandbox", "P wait (pidfd poll)")
     _wrap(supervise, "finish_sandbox", "P finish (wait4, result)")
@@ -99,6 +111,8 @@ def install_probes() -> None:
     def fork() -> int:
         start = _now()
         pid = real_fork()
+        if pid == 0:
+            TIMELINE.region = 2
         TIMELINE.add("I fork pid-1 init" if pid else "C fork -> payload runs", start, _now())
         return pid
 
@@ -176,7 +190,8 @@ def measure(runs: int, bwrap_argv: list[str] | None) -> dict[str, Any]:
     rows = [{"label": label, "calls_per_run": calls[label] / runs, "median_us": statistics.median(values),
              "p90_us": _p90(values), "offset_us": statistics.median(offsets[label])}
             for label, values in durations.items()]
-    rows.sort(key=lambda r: (r["label"].startswith("="), r["offset_us"]))
+    rank = {label: i for i, (label, _s, _e) in enumerate(sorted(one_run(), key=lambda r: r[1]))}
+    rows.sort(key=lambda r: (r["label"].startswith("="), rank.get(r["label"], 999), r["offset_us"]))
     return {"runs": runs, "rows": rows, "plan_launch_uncached_us": plan_cold_us,
             "bwrap_us": {"median": statistics.median(bwrap), "p90": _p90(bwrap)} if bwrap else None}
 

@@ -64,12 +64,6 @@ def test_timeout_exits_124(sandbox_caller: SandboxCaller, sleep_marker: str) -> 
 
 def test_missing_bind_source_exits_126_naming_the_path(sandbox_caller: SandboxCaller,
                                                         request: pytest.FixtureRequest) -> None:
-    if sandbox_caller.is_root:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG (race, fails ~1 run in 3): spawn_sandbox writes the second release byte b'c' after "
-            "cgroup.add_process(), but the child may already have failed at stage 'mounts' (which runs "
-            "between b'm' and b'c') and exited: the parent dies with an uncaught BrokenPipeError "
-            "(exit 1, traceback) and the child's setup-error report naming the path is lost")))
     missing = f"/nonexistent-{secrets.token_hex(6)}"
     for _ in range(20):  # the setup failure races the parent's release: every attempt must be clean
         result = sandbox_caller.run(["--ro-bind", missing], ["true"])
@@ -153,10 +147,6 @@ def test_sigterm_reaches_the_sandbox_and_the_tree_is_gone(sandbox_caller: Sandbo
     assert not processes_with_argument(sleep_marker)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: supervise.wait_sandbox blocks in poll() with the timeout computed before"
-                   " the signal arrived (PEP 475 retries it unchanged), so the 5 s SIGTERM grace is "
-                   "never enforced: a payload that ignores SIGTERM runs on until the wall timeout (124)")
 def test_sigterm_ignoring_payload_is_killed_after_the_grace(root_caller: SandboxCaller,
                                                             sleep_marker: str) -> None:
     script = f"trap '' TERM; echo ready; sleep {sleep_marker}"
@@ -403,8 +393,6 @@ def test_ambient_cap_is_the_only_capability(root_caller: SandboxCaller) -> None:
 
 # --- leftovers of a killed ndf-sandbox -----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: `ndf-sandbox run` never calls remove_stale_cgroups(), so the "
-                                       "cgroups of a SIGKILLed ndf-sandbox stay forever")
 def test_cgroups_of_a_killed_cli_are_reclaimed_by_the_next_run(root_caller: SandboxCaller,
                                                                sleep_marker: str) -> None:
     proc = root_caller.popen([], ["sleep", sleep_marker],

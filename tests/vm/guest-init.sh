@@ -90,7 +90,7 @@ stage2() {
     $BB stty -onlcr </dev/console
     if [ -n "$TTY_SIZE" ]; then
         set -- $TTY_SIZE
-        $BB stty rows "$1" cols "$2" </dev/console
+        [ "${1:-0}" -gt 0 ] && [ "${2:-0}" -gt 0 ] && $BB stty rows "$1" cols "$2" </dev/console
     fi
     $BB hostname ndf-vm
     $BB ip link set lo up 2>/dev/null

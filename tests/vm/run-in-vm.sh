@@ -67,11 +67,13 @@ T0=$(date +%s.%N)
 RUNDIR=$(mktemp -d "${TMPDIR:-/tmp}/ndf-vm.XXXXXX")
 QEMU_PID=
 cleanup() {
-    [[ -n $QEMU_PID ]] && kill -KILL "$QEMU_PID" 2>/dev/null
+    # timeout(1) passes the TERM on to qemu.
+    [[ -n $QEMU_PID ]] && kill -TERM "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     rm -rf "$RUNDIR"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir "$RUNDIR/ctl"
 
 # The job: cwd, clean environment, argv, each word quoted for bash.
@@ -146,8 +148,18 @@ QEMU+=(${NDF_VM_QEMU_ARGS:-})
 STTY=
 [[ -t 0 ]] && STTY=$(stty -g)
 set +e
-timeout --foreground -k 5 "$TIMEOUT" "${QEMU[@]}"
-QRC=$?
+if [[ -n $STTY ]]; then
+    # Interactive: qemu must be in the terminal's foreground process group.
+    timeout --foreground -k 5 "$TIMEOUT" "${QEMU[@]}"
+    QRC=$?
+else
+    # Batch: in the background, so a TERM/INT to this script stops the VM at once.
+    timeout -k 5 "$TIMEOUT" "${QEMU[@]}" &
+    QEMU_PID=$!
+    wait "$QEMU_PID"
+    QRC=$?
+    QEMU_PID=
+fi
 set -e
 [[ -n $STTY ]] && stty "$STTY"
 T1=$(date +%s.%N)

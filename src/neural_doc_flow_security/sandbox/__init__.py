@@ -3,7 +3,8 @@
 The public API is re-exported here; see README.md for a tour.
 """
 
-from .api import Health, SandboxHandle, SandboxInfo, SandboxManager
+from typing import TYPE_CHECKING, Any
+
 from .config import (
     BindMount,
     CapabilityConfig,
@@ -19,10 +20,30 @@ from .errors import (
     SetupError,
     UnsupportedError,
 )
-from .executor import SandboxExecutor
-from .ipc.messages import ControlMessage, IpcMessage
-from .launch.python_worker import PluginContext
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
+
+if TYPE_CHECKING:
+    from .api import Health, SandboxHandle, SandboxInfo, SandboxManager
+    from .executor import SandboxExecutor
+    from .ipc.messages import ControlMessage, IpcMessage
+    from .launch.python_worker import PluginContext
+
+# The asyncio API is imported on first use, so that `ndf-sandbox run` (which
+# does not need it) starts fast.
+_LAZY = {
+    "Health": ".api", "SandboxHandle": ".api", "SandboxInfo": ".api", "SandboxManager": ".api",
+    "SandboxExecutor": ".executor", "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages",
+    "PluginContext": ".launch.python_worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ControlMessage",

@@ -269,7 +269,7 @@ class SandboxHandle:
     async def _sample_status(self, interval: float) -> None:
         exit_future = self._starter.exit_future(self.sandbox_id)
         while not exit_future.done():
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(TimeoutError, SandboxError):
                 await asyncio.wait_for(asyncio.shield(exit_future), interval)
             if exit_future.done():
                 return

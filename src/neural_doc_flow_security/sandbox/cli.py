@@ -162,6 +162,7 @@ def _command_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
+    _remove_stale_cgroups()
     try:
         result = run_program(config, command, cwd=args.cwd)
     except SandboxError as e:
@@ -173,6 +174,16 @@ def _command_run(args: argparse.Namespace) -> int:
         with open(args.json_result, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
     return result.cli_exit_status()
+
+
+def _remove_stale_cgroups() -> None:
+    """Reclaim cgroups left by sandboxes whose launcher was killed (never others')."""
+    from .linux.cgroups import remove_stale_cgroups
+
+    try:
+        remove_stale_cgroups()
+    except (OSError, SandboxError):
+        pass  # nothing of ours to reclaim, or no cgroups here
 
 
 def _command_check(args: argparse.Namespace) -> int:

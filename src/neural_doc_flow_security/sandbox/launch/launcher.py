@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from ..config import SandboxConfig
+from ..errors import SetupError
 from ..result import SandboxResult
 from . import bootstrap, resources
 from .plan import plan_launch
@@ -51,16 +52,18 @@ class Launcher:
         self._paused_by_signal: dict[int, list[int]] = {}
 
     def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
-        """Check the floor, create the cgroup, spawn. Raises SandboxError subclasses."""
+        """Create the cgroup and spawn. Raises SandboxError subclasses: a protection
+        the host cannot provide is an UnsupportedError that names it."""
         config = effective_config(request)
         plan = plan_launch(config)
-        resources.check_floor(config)
         cgroup = resources.create_cgroup(config, request.name, plan)
         try:
             spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map)
-        except BaseException:
+        except BaseException as e:
             if cgroup is not None:
                 cgroup.destroy()
+            if isinstance(e, SetupError):
+                raise resources.explain_setup_failure(config, e) from None
             raise
         spawned.armed = request.armed
         self.running[sandbox_id] = spawned

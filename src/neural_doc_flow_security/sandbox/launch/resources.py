@@ -1,4 +1,4 @@
-"""Before a launch: the isolation floor and the sandbox's cgroup.
+"""Around a launch: the sandbox's cgroup, and what to say when the host refuses.
 
 Limits set in the config are required: a host that cannot enforce one refuses
 the launch (UnsupportedError naming it). Without limits, a cgroup is still
@@ -11,7 +11,7 @@ import itertools
 import os
 
 from ..config import SandboxConfig
-from ..errors import UnsupportedError
+from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import cgroups
 from ..linux.cgroups.base import CgroupLimits, SandboxCgroup
 from .plan import LaunchPlan
@@ -19,13 +19,18 @@ from .plan import LaunchPlan
 _sequence = itertools.count()
 
 
-def check_floor(config: SandboxConfig) -> None:
-    """Raise UnsupportedError when the host cannot provide what `config` requires."""
+def explain_setup_failure(config: SandboxConfig, error: SetupError) -> SandboxError:
+    """A clone that failed usually means the host cannot create a namespace the
+    config requires: name it and the reason (a sysctl, an LSM, no privilege).
+    Probing the host is done only then, off the hot path."""
+    if error.stage != "clone":
+        return error
     from ..detect import detect_features, missing_for
 
     missing = missing_for(config, detect_features())
-    if missing:
-        raise UnsupportedError(missing[0].split(":")[0], "; ".join(missing))
+    if not missing:
+        return error
+    return UnsupportedError(missing[0].split(":")[0], "; ".join(missing) + f" ({error})")
 
 
 def block_devices(paths: list[str]) -> tuple[str, ...]:

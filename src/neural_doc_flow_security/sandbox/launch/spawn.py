@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -108,6 +109,8 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
             cgroup.add_process(pid)
         os.write(sync_write, b"c")
     except BaseException:
+        if _has_exited(pidfd):
+            return spawned  # a stage failed in the child: finish_sandbox() reports it
         spawned.kill()
         os.waitpid(pid, 0)
         _close(spawned)
@@ -115,6 +118,10 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     finally:
         os.close(sync_write)
     return spawned
+
+
+def _has_exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _read_all(fd: int, limit: int = 65536) -> bytes:

@@ -8,6 +8,7 @@ The wall timeout kills the whole tree. Either way the tree is gone on return.
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import time
@@ -16,9 +17,9 @@ from contextlib import contextmanager
 
 from ..config import SandboxConfig
 from ..result import SandboxResult
-from . import bootstrap, resources
-from .plan import plan_launch
-from .spawn import STD_FDS, SpawnedSandbox, finish_sandbox, spawn_sandbox
+from . import bootstrap
+from .launcher import Launcher, LaunchRequest
+from .spawn import STD_FDS, SpawnedSandbox
 
 _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -43,41 +44,55 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
     received: list[float] = []
     poller = select.poll()
     poller.register(spawned.pidfd, select.POLLIN)
-    with _forwarding_signals(spawned, received):
-        while True:
-            now = time.monotonic()
-            limits = [t for t in (deadline, received[0] + grace_seconds if received else None) if t is not None]
-            wait_ms = None if not limits else max(0, int((min(limits) - now) * 1000) + 1)
-            if poller.poll(wait_ms):
-                return
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                spawned.timed_out = True
-                spawned.kill()
-            elif received and now >= received[0] + grace_seconds:
-                spawned.stopped = True
-                spawned.kill()
+    # A signal must end the poll (Python would retry it with the old timeout):
+    # the handler's wake-up byte lands on this pipe.
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    poller.register(wake_read, select.POLLIN)
+    previous_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    try:
+        with _forwarding_signals(spawned, received):
+            while True:
+                now = time.monotonic()
+                limits = [t for t in (deadline, received[0] + grace_seconds if received else None) if t is not None]
+                wait_ms = None if not limits else max(0, int((min(limits) - now) * 1000) + 1)
+                ready = {fd for fd, _ in poller.poll(wait_ms)}
+                if spawned.pidfd in ready:
+                    return
+                if wake_read in ready:
+                    while _drain(wake_read):
+                        pass
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    spawned.timed_out = True
+                    spawned.kill()
+                elif received and now >= received[0] + grace_seconds:
+                    spawned.stopped = True
+                    spawned.kill()
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_read)
+        os.close(wake_write)
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
 
 
 def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: str = "run",
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS,
                   grace_seconds: float = 5.0) -> SandboxResult:
     """Run `payload` in a fresh sandbox and return its result."""
-    plan = plan_launch(config)
-    resources.check_floor(config)
-    cgroup = resources.create_cgroup(config, name, plan)
-    try:
-        spawned = spawn_sandbox(plan, payload, cgroup=cgroup, fd_map=fd_map)
-    except BaseException:
-        if cgroup is not None:
-            cgroup.destroy()
-        raise
+    launcher = Launcher()
+    spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map))
     try:
         wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
     finally:
         if not _exited(spawned):
             spawned.kill()
-    return finish_sandbox(spawned)
+    return launcher.finish(0)
 
 
 def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd: str = "/") -> SandboxResult:

@@ -137,16 +137,14 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
 
 
 def _warm_up() -> None:
-    """Do once what every sandbox would otherwise do: probe the host, compile the
-    default seccomp filter, import what Python payloads use."""
+    """Do once what every sandbox would otherwise do: compile the default seccomp
+    filter, plan the default root, import what Python payloads use."""
     import cloudpickle  # noqa: F401
 
     from ..config import SandboxConfig
-    from ..detect import detect_features
     from . import python_worker  # noqa: F401
     from .plan import plan_launch
 
-    detect_features()
     plan_launch(SandboxConfig())
     # Everything imported so far lives as long as the zygote: keep the collector
     # away from it, so forked sandboxes do not copy those pages just to scan them.
