@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -176,10 +175,32 @@ def test_leaving_async_with_kills_live_sandboxes(method: str) -> None:
     run(scenario())
 
 
-def test_handles_report_killed_after_manager_shutdown(method: str) -> None:
+ZYGOTE_SHUTDOWN_BUG = (
+    "BUG: start_methods.ZygoteStarter.close() closes the socket before the zygote reports "
+    "'exited' for the sandboxes it kills, then fails every pending exit future with "
+    "SandboxError('the manager was shut down'); SandboxHandle.wait() (api.py) re-raises it "
+    "before closing the handle's channel, so a handle killed by shutdown raises instead of "
+    "returning a KILLED result (the fork start method returns KILLED) and its host channel "
+    "socket leaks. Fix: resolve pending exit futures with a KILLED SandboxResult once the "
+    "zygote has exited, and/or do the cleanup in wait() in a finally.")
+
+
+def _close_channels(handles: list[Any]) -> None:
+    """Cleanup for the known zygote shutdown bug: close what wait() failed to close."""
+    for handle in handles:
+        channel = getattr(handle, "_channel", None)
+        if channel is not None:
+            channel.close()
+
+
+def test_handles_report_killed_after_manager_shutdown(method: str, request: pytest.FixtureRequest) -> None:
+    if method == "zygote":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=ZYGOTE_SHUTDOWN_BUG))
+    handles: list[Any] = []
+
     async def scenario() -> list[Any]:
         async with manager(method) as m:
-            handles = [await m.spawn(f"sleeper-{i}", sleeper) for i in range(2)]
+            handles.extend([await m.spawn(f"sleeper-{i}", sleeper) for i in range(2)])
             for handle in handles:
                 await wait_ready(handle)
         outcomes = []
@@ -190,28 +211,41 @@ def test_handles_report_killed_after_manager_shutdown(method: str) -> None:
                 outcomes.append(f"{type(exc).__name__}: {exc}")
         return outcomes
 
-    outcomes = run(scenario())
-    assert outcomes == [Outcome.KILLED, Outcome.KILLED]
+    try:
+        outcomes = run(scenario())
+        assert outcomes == [Outcome.KILLED, Outcome.KILLED]
+    finally:
+        _close_channels(handles)
 
 
-def test_execute_in_flight_at_shutdown_returns_or_raises_cleanly(method: str) -> None:
-    async def scenario() -> object:
+def test_execute_in_flight_at_shutdown_ends_cleanly(method: str, request: pytest.FixtureRequest) -> None:
+    if method == "zygote":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=ZYGOTE_SHUTDOWN_BUG))
+    handles: list[Any] = []
+
+    async def scenario() -> tuple[object, int, int]:
+        fds_before = len(os.listdir("/proc/self/fd"))
         m = manager(method)
         await m.start()
         task = asyncio.ensure_future(m.execute_sandboxed("spin", lambda: [0 for _ in iter(int, 1)]))
         assert await async_wait_until(lambda: any(len(tree_of(i.pid)) >= 2 for i in m.list_sandboxes()),
                                       timeout=60)
         tree = tree_of(m.list_sandboxes()[0].pid)
+        handles.extend(m._handles.values())  # only for the cleanup of the known bug
         await m.shutdown()
         try:
             outcome: object = (await asyncio.wait_for(task, 60)).outcome
         except Exception as exc:  # noqa: BLE001
             outcome = type(exc).__name__
         assert not [p.pid for p in tree if alive(p)]
-        return outcome
+        return outcome, fds_before, len(os.listdir("/proc/self/fd"))
 
-    outcome = run(scenario())
-    assert outcome in (Outcome.KILLED, "SandboxError"), outcome
+    try:
+        outcome, fds_before, fds_after = run(scenario())
+        assert outcome is Outcome.KILLED, outcome
+        assert fds_after <= fds_before, "the shut-down sandbox's channel socket is still open"
+    finally:
+        _close_channels(handles)
 
 
 # --- the manager dies --------------------------------------------------------------
@@ -275,6 +309,9 @@ def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_to
 
         assert wait_until(lambda: not any(alive(p) for p in watched), timeout=60), \
             f"alive after the manager died: {[p.pid for p in watched if alive(p)]}"
+        # Let the owners be reaped (the orphaned zygote by pid 1): a zombie owner is
+        # the subject of test_stale_cgroups_of_a_zombie_manager_are_removed.
+        assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in owners), timeout=60)
 
         # A new manager removes whatever cgroup the dead one left behind.
         async def fresh_manager() -> None:
@@ -296,9 +333,16 @@ def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_to
                 stream.close()
 
 
-def test_fork_manager_leaves_stale_cgroups_that_the_next_start_removes(no_leaks: LeakTracker) -> None:
-    """Evidence that remove_stale_cgroups() runs: with `fork`, the dead manager owns
-    the cgroup itself, and nobody but the next manager can clean it up."""
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: linux/cgroups/_files.owner_alive() compares only pid and start time, so a dead "
+    "manager that is still a zombie (its parent has not reaped it yet: a slow supervisor, a "
+    "container init that never reaps, the orphaned zygote before pid 1 gets to it) counts as "
+    "alive and remove_stale_cgroups() keeps its cgroups. Fix: treat state Z/X in "
+    "/proc/<pid>/stat (field 3) as dead."))
+def test_stale_cgroups_of_a_zombie_manager_are_removed(no_leaks: LeakTracker) -> None:
+    """A SIGKILLed `fork` manager owns its sandbox cgroups itself; while it is a zombie
+    (not yet reaped by its parent, here this test) it can never clean them up, so the
+    next manager's start() must."""
     directory = make_host_dir(no_leaks)
     script = directory / "manager.py"
     script.write_text(MANAGER_SCRIPT)
@@ -313,9 +357,9 @@ def test_fork_manager_leaves_stale_cgroups_that_the_next_start_removes(no_leaks:
         sandbox_pid = int(line.split()[0])
         assert wait_until((directory / "running").exists, timeout=60)
         watched = tree_of(sandbox_pid)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+        os.kill(process.pid, signal.SIGKILL)  # not reaped yet: a zombie
         assert wait_until(lambda: not any(alive(p) for p in watched), timeout=60)
+        assert wait_until(lambda: psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE, timeout=60)
         stale = sandbox_cgroups(owners)
         assert stale, "expected the SIGKILLed fork manager to leave its cgroups"
 
@@ -324,11 +368,11 @@ def test_fork_manager_leaves_stale_cgroups_that_the_next_start_removes(no_leaks:
                 pass
 
         run(fresh_manager())
-        assert not [Path(p) for p in stale if os.path.exists(p)]
+        assert not [p for p in stale if os.path.exists(p)]
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait(timeout=60)
+        process.wait(timeout=60)
         kill_survivors(watched)
         with contextlib.suppress(Exception):
             remove_cgroup_dirs(sandbox_cgroups(owners))

@@ -13,10 +13,23 @@ cd "$HERE/../.."
 
 (($#)) || set -- tests/
 
+# The guest sees the host's / except /tmp, /run and /dev (fresh mounts there):
+# a checkout below them is copied to /var/tmp for the run and imported from there.
+extra_env=()
+case "$PWD" in
+    /tmp/*|/run/*|/dev/*)
+        copy=$(mktemp -d /var/tmp/ndf-vm-src.XXXXXX)
+        trap 'rm -rf "$copy"' EXIT
+        tar --exclude=./tests/vm/.cache --exclude=./.git -cf - . | tar -C "$copy" -xf -
+        cd "$copy"
+        extra_env=(-e "PYTHONPATH=$copy/src")
+        ;;
+esac
+
 # Plugin autoload is off (no stray site plugins); pytest_timeout is loaded by
 # hand because pyproject sets `timeout`.
 # shellcheck disable=SC2086
-exec "$HERE/run-in-vm.sh" --disk ${NDF_VM_ARGS:-} \
+"$HERE/run-in-vm.sh" --disk ${NDF_VM_ARGS:-} "${extra_env[@]}" \
     -e PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 -e NDF_TEST_IO_DIR=/mnt/vdisk \
     -- /opt/ndf-venv/bin/python -m pytest -m cgroup_v2 -p no:cacheprovider -p pytest_timeout \
     -q "$@"

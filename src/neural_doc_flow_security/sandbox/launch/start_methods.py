@@ -16,6 +16,7 @@ import abc
 import array
 import asyncio
 import dataclasses
+import itertools
 import os
 import pickle
 import socket
@@ -124,98 +125,152 @@ class ForkStarter(StartMethod):
             self._deadline_timer.cancel()
 
 
-class ZygoteStarter(StartMethod):
-    """Talk to a zygote process over a SOCK_SEQPACKET socket."""
+class _Zygote:
+    """One zygote process and the manager's end of its socket."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._sock: socket.socket | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._unpacker = msgpack.Unpacker(raw=False)
-        self._dead: str | None = None
+    def __init__(self, starter: ZygoteStarter) -> None:
+        self.starter = starter
+        self.sock: socket.socket | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.running: set[int] = set()
+        self.dead: str | None = None
 
-    @property
-    def pid(self) -> int | None:
-        """The zygote's pid."""
-        return self._process.pid if self._process else None
-
-    async def start(self) -> None:
+    def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # Started from the event-loop thread: the zygote's parent-death signal
             # follows this thread (it is usually the main thread).
-            self._process = subprocess.Popen(
+            self.process = subprocess.Popen(
                 [sys.executable, "-m", "neural_doc_flow_security.sandbox.launch.zygote",
                  str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
             )
         finally:
             theirs.close()
-        self._sock = ours
+        self.sock = ours
         ours.sendall(pickle.dumps({"op": "hello", "sys_path": sys.path}))
         ours.setblocking(False)
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        assert self._sock is not None
+        assert self.sock is not None
         try:
-            data = self._sock.recv(1 << 20)
+            data = self.sock.recv(1 << 20)
         except BlockingIOError:
             return
         if not data:
-            self._zygote_gone("the zygote exited")
+            self.gone("the zygote exited")
             return
         message = msgpack.unpackb(data, raw=False)
-        sandbox_id = message.get("id")
         if message["op"] == "exited":
-            self._exited(sandbox_id, SandboxResult.from_dict(message["result"]))
+            self.running.discard(message["id"])
+            self.starter._exited(message["id"], SandboxResult.from_dict(message["result"]))
             return
-        future = self._replies.pop(sandbox_id, None)
+        future = self.replies.pop(message["req"], None)
         if future is not None and not future.done():
             future.set_result(message)
 
-    def _zygote_gone(self, why: str) -> None:
-        self._dead = why
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        for future in list(self._replies.values()) + list(self._exits.values()):
+    def gone(self, why: str) -> None:
+        self.dead = why
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        for future in self.replies.values():
             if not future.done():
                 future.set_exception(SandboxError(why))
-        self._replies.clear()
+        for sandbox_id in self.running:
+            exit_future = self.starter.exit_future(sandbox_id)
+            if not exit_future.done():
+                exit_future.set_exception(SandboxError(why))
+        self.replies.clear()
 
-    async def _request(self, message: dict[str, Any], fds: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
-        if self._dead or self._sock is None:
-            raise SandboxError(self._dead or "the zygote is not running")
-        sandbox_id = message.get("id")
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._replies[sandbox_id] = future  # type: ignore[index]
+    async def request(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        if self.dead or self.sock is None:
+            raise SandboxError(self.dead or "the zygote is not running")
+        loop = asyncio.get_running_loop()
+        message["req"] = next(self.starter._requests)
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.replies[message["req"]] = future
+        data = pickle.dumps(message)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        self._sock.sendmsg([pickle.dumps(message)], ancillary)
+        while True:
+            try:
+                self.sock.sendmsg([data], ancillary)
+                break
+            except BlockingIOError:  # the zygote is behind: wait until it reads
+                writable = loop.create_future()
+                loop.add_writer(self.sock.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self.sock.fileno())
         return await future
 
+    async def close(self) -> None:
+        if self.sock is not None:
+            if not self.dead:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()  # EOF: the zygote kills its sandboxes and exits
+            self.sock = None
+        if self.process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
+        self.gone(self.dead or "the manager was shut down")
+
+
+class ZygoteStarter(StartMethod):
+    """Sandboxes are started by `count` zygote processes (default: one per CPU, at
+    most 4), each over its own SOCK_SEQPACKET socket. A zygote spends much of a
+    launch waiting on the kernel (cgroup migration, namespace set-up), so more
+    than one keeps the CPUs busy."""
+
+    def __init__(self, count: int | None = None) -> None:
+        super().__init__()
+        self._zygotes = [_Zygote(self) for _ in range(count or min(4, os.cpu_count() or 1))]
+        self._owner: dict[int, _Zygote] = {}
+        self._requests = itertools.count(1)
+
+    @property
+    def pid(self) -> int | None:
+        """The first zygote's pid."""
+        process = self._zygotes[0].process
+        return process.pid if process else None
+
+    @property
+    def pids(self) -> list[int]:
+        """Every zygote's pid."""
+        return [z.process.pid for z in self._zygotes if z.process is not None]
+
+    async def start(self) -> None:
+        for zygote in self._zygotes:
+            zygote.start()
+
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
-        reply = await self._request(
-            {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
+        alive = [z for z in self._zygotes if not z.dead]
+        if not alive:
+            raise SandboxError(self._zygotes[0].dead or "no zygote is running")
+        zygote = min(alive, key=lambda z: len(z.running) + len(z.replies))
+        self._owner[sandbox_id] = zygote
+        self.exit_future(sandbox_id).add_done_callback(lambda _: self._owner.pop(sandbox_id, None))
+        zygote.running.add(sandbox_id)
+        try:
+            reply = await zygote.request(
+                {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
+        except BaseException:
+            zygote.running.discard(sandbox_id)
+            raise
         if reply["op"] == "failed":
+            zygote.running.discard(sandbox_id)
+            self._owner.pop(sandbox_id, None)
             if reply.get("protection"):
                 raise UnsupportedError(reply["protection"], reply["reason"])
             raise SandboxError(reply["error"])
-        self.exit_future(sandbox_id)
         return int(reply["pid"])
 
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:
-        return await self._request({"op": op, "id": sandbox_id, **args})
+        zygote = self._owner.get(sandbox_id)
+        if zygote is None:
+            return {"ok": False, "error": "no such sandbox (it has exited)"}
+        return await zygote.request({"op": op, "id": sandbox_id, **args}, [])
 
     async def close(self) -> None:
-        if self._sock is not None:
-            if not self._dead:
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()  # EOF: the zygote kills its sandboxes and exits
-            self._sock = None
-        if self._process is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._process.wait)
-        self._dead = self._dead or "the manager was shut down"
-        for future in self._exits.values():
-            if not future.done():
-                future.set_exception(SandboxError(self._dead))
+        await asyncio.gather(*(z.close() for z in self._zygotes))

@@ -120,8 +120,10 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                 data, fds = _recv(sock)
                 if not data:
                     return
-                reply = _handle(launcher, pickle.loads(data), fds)
+                request = pickle.loads(data)
+                reply = _handle(launcher, request, fds)
                 if reply is not None:
+                    reply["req"] = request.get("req")
                     if reply["op"] == "started":
                         spawned = launcher.running[reply["id"]]
                         pidfds[spawned.pidfd] = reply["id"]
