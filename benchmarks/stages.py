@@ -3,7 +3,7 @@
 Run as its own process (run.py does: `python benchmarks/stages.py --runs N`); it prints JSON.
 
 How: before running, this process wraps (monkeypatches) the functions the launch
-calls through module attributes: the parent's steps (plan, check_floor, cgroup,
+calls through module attributes: the parent's steps (plan, cgroup,
 clone3, id maps, wait, finish), every named stage of the child bootstrap
 (`bootstrap._stage`), the fork of the sandbox's pid 1, and the mount syscalls of
 the rootfs stage. The sandbox processes are forks of this one, so the wrappers
@@ -91,18 +91,17 @@ def _wrap(module: Any, name: str, label: str | Callable[[Any], str],
 
 def install_probes() -> None:
     """Wrap the launch's steps. Call once, in a process that only measures."""
-    from neural_doc_flow_security.sandbox.launch import bootstrap, resources, spawn, supervise
+    from neural_doc_flow_security.sandbox.launch import bootstrap, launcher, resources, spawn, supervise
     from neural_doc_flow_security.sandbox.linux import syscalls
 
-    _wrap(supervise, "plan_launch", "P plan_launch (lru-cached)")
-    _wrap(resources, "check_floor", "P check_floor (detect)")
+    _wrap(launcher, "plan_launch", "P plan_launch (lru-cached)")
     _wrap(resources, "create_cgroup", "P create_cgroup")
     _wrap(syscalls, "clone3_fork",
           lambda r: "C clone3 -> child runs" if r[0] == 0 else "P clone3 returns in parent",
           child_region=1)
     _wrap(spawn, "write_id_maps", "P write uid/gid maps")
     _wrap(supervise, "wait_sandbox", "P wait (pidfd poll)")
-    _wrap(supervise, "finish_sandbox", "P finish (wait4, result)")
+    _wrap(launcher, "finish_sandbox", "P finish (wait4, result)")
     for call in ("mount", "mount_setattr", "pivot_root", "umount2"):
         _wrap(syscalls, call, f"S {call}()")
 

@@ -238,8 +238,8 @@ def no_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakTracker]:
 
     async def recording_start(self: start_methods.ZygoteStarter) -> None:
         await original_start(self)
-        if self.pid:
-            tracker.zygote_pids.add(self.pid)
+        pids = getattr(self, "pids", None)  # several zygotes (one per CPU) since b08540a
+        tracker.zygote_pids.update(pids if pids is not None else [self.pid] if self.pid else [])
 
     monkeypatch.setattr(start_methods.ZygoteStarter, "start", recording_start)
     baseline_children = {p.pid for p in psutil.Process().children(recursive=True)}

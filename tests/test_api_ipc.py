@@ -427,17 +427,11 @@ def test_raw_bytes_on_fd_3_are_a_protocol_violation(method: str, attack: str) ->
     assert after.outcome is Outcome.OK and after.output == "host fine"
 
 
-def test_concurrent_control_requests_on_one_sandbox(method: str, request: pytest.FixtureRequest) -> None:
+def test_concurrent_control_requests_on_one_sandbox(method: str) -> None:
     # The status sampler runs while users call status(), pause() or stop(): concurrent
     # requests for one sandbox must each get their own reply.
-    if method == "zygote":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: start_methods.ZygoteStarter._request keys pending replies by sandbox id "
-            "(self._replies[sandbox_id] = future); a second request for the same sandbox "
-            "overwrites the first future, the first reply resolves the second caller (wrong "
-            "reply: KeyError 'stats' in SandboxHandle.status via _sample_status) and the first "
-            "caller waits forever. Fix: a per-request sequence number echoed by the zygote.")))
-
+    # Regression: before b08540a ZygoteStarter keyed pending replies by sandbox id, so a
+    # second request overwrote the first one's future and its caller waited forever.
     async def scenario() -> list[Any]:
         async with manager(method, status_interval=None) as m:
             handle = await m.spawn("busy", busy_until_stopped)

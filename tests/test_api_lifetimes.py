@@ -269,8 +269,8 @@ MANAGER_SCRIPT = textwrap.dedent("""
         async with SandboxManager(start_method=method) as m:
             handle = await m.spawn("victim", sleeper, os.path.join(directory, "running"),
                                    sandbox_config=config)
-            zygote = getattr(m._starter, "pid", None) or 0
-            print(f"{handle.pid} {zygote}", flush=True)
+            zygotes = list(getattr(m._starter, "pids", None) or [])
+            print(handle.pid, ",".join(map(str, zygotes)) or "-", flush=True)
             await asyncio.sleep(600)
 
     asyncio.run(main())
@@ -293,17 +293,19 @@ def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_to
         assert process.stdout is not None
         line = process.stdout.readline().decode()
         assert line, f"the manager script failed: {process.stderr.read().decode() if process.stderr else ''}"
-        sandbox_pid, zygote_pid = (int(x) for x in line.split())
+        sandbox_field, zygote_field = line.split()
+        sandbox_pid = int(sandbox_field)
+        zygote_pids = [] if zygote_field == "-" else [int(x) for x in zygote_field.split(",")]
         assert wait_until((directory / "running").exists, timeout=60), "the plugin never started"
         watched += tree_of(sandbox_pid)
         assert len(watched) >= 2
-        if zygote_pid:
-            owners.add(zygote_pid)
-            watched.append(psutil.Process(zygote_pid))
+        owners.update(zygote_pids)
+        watched += [psutil.Process(pid) for pid in zygote_pids]
         assert sandbox_cgroups(owners), "the sandbox had no cgroup (a memory limit was set)"
 
         if kill_zygote_too:
-            os.kill(zygote_pid, signal.SIGKILL)
+            for pid in zygote_pids:
+                os.kill(pid, signal.SIGKILL)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
 

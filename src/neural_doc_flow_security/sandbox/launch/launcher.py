@@ -9,6 +9,7 @@ into results, freezes, thaws, signals and kills them, and reads live stats.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import time
@@ -18,11 +19,14 @@ from typing import Any
 import psutil
 
 from ..config import SandboxConfig
-from ..errors import SetupError
+from ..errors import SandboxError, SetupError
 from ..result import SandboxResult
 from . import bootstrap, resources
 from .plan import plan_launch
 from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,10 @@ class Launcher:
             spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map)
         except BaseException as e:
             if cgroup is not None:
-                cgroup.destroy()
+                try:
+                    cgroup.destroy()
+                except (SandboxError, OSError) as cleanup:
+                    log.error("cannot remove the cgroup of a failed launch: %s", cleanup)
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise

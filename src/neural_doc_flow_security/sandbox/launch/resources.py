@@ -83,5 +83,5 @@ def create_cgroup(config: SandboxConfig, name: str, plan: LaunchPlan) -> Sandbox
         return cgroups.create_sandbox_cgroup(label, limits)
     try:
         return cgroups.create_sandbox_cgroup(label, limits)
-    except (UnsupportedError, OSError):
+    except (SandboxError, OSError):
         return None  # accounting only; nothing was required

@@ -138,7 +138,9 @@ def remove_if_empty(path: str) -> None:
     try:
         os.rmdir(path)
     except OSError as e:
-        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+        # Busy or not empty: another sandbox uses it. No permission: this process
+        # (e.g. now in a user namespace) did not create it; its creator removes it.
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT, errno.EACCES, errno.EPERM):
             raise SandboxError(f"cannot remove cgroup parent {path}: {e.strerror}") from e
 
 
