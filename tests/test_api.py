@@ -442,11 +442,6 @@ def test_stdout_is_captured_when_the_host_replaced_sys_stdout(method: str, reque
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Hosts replace sys.stdout (pytest's capture, Jupyter, logging setups). The plugin's
     # print() must still reach its own fd 1, not the host's Python-level object.
-    if method == "fork":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: python_worker.PythonWorkerPayload.run keeps the host's sys.stdout/sys.stderr "
-            "objects inherited through fork; they do not write to fds 1/2 of the sandbox, so "
-            "print() raises EBADF / is lost. Rebind sys.stdout/sys.stderr to fds 1/2 in run().")))
 
     class HostStream(io.StringIO):
         buffer = io.BytesIO()
@@ -700,10 +695,6 @@ def _use_executor(executor: Any, offset: int) -> None:
 
 
 @pytest.mark.skipif(executor_missing, reason="sandbox/executor.py does not exist yet")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: executor.SandboxExecutor.shutdown() stops its event loop and joins the thread "
-    "but never calls self._loop.close(): the loop's epoll fd and self-pipe socketpair stay "
-    "open until garbage collection. Fix: self._loop.close() after self._thread.join()."))
 def test_sandbox_executor_shutdown_releases_its_event_loop_fds(method: str) -> None:
     from neural_doc_flow_security.sandbox.executor import SandboxExecutor
 

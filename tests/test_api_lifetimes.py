@@ -58,6 +58,14 @@ def describe(result: SandboxResult) -> str:
     return f"outcome={result.outcome.value} output={result.output!r:.200} error={result.error!r:.2000}"
 
 
+def describe_processes(processes: list[psutil.Process]) -> list[str]:
+    described = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{proc.pid} ppid={proc.ppid()} {proc.status()} {proc.cmdline()[-3:]}")
+    return described
+
+
 def kill_survivors(processes: list[psutil.Process]) -> None:
     """Cleanup after a failure: SIGKILL the processes we watched that still run
     (psutil checks the start time, so a recycled pid is never hit)."""
@@ -160,9 +168,11 @@ def test_handle_kill_ends_the_tree(method: str) -> None:
 # --- leaving `async with` -------------------------------------------------------------
 
 def test_leaving_async_with_kills_live_sandboxes(method: str) -> None:
+    handles: list[Any] = []
+
     async def scenario() -> tuple[list[psutil.Process], list[Any]]:
         async with manager(method) as m:
-            handles = [await m.spawn(f"sleeper-{i}", sleeper) for i in range(3)]
+            handles.extend([await m.spawn(f"sleeper-{i}", sleeper) for i in range(3)])
             for handle in handles:
                 await wait_ready(handle)
             trees = [p for h in handles for p in tree_of(h.pid)]
@@ -172,17 +182,10 @@ def test_leaving_async_with_kills_live_sandboxes(method: str) -> None:
         assert not still, f"alive after the manager closed: {still}"
         return trees, handles
 
-    run(scenario())
-
-
-ZYGOTE_SHUTDOWN_BUG = (
-    "BUG: start_methods.ZygoteStarter.close() closes the socket before the zygote reports "
-    "'exited' for the sandboxes it kills, then fails every pending exit future with "
-    "SandboxError('the manager was shut down'); SandboxHandle.wait() (api.py) re-raises it "
-    "before closing the handle's channel, so a handle killed by shutdown raises instead of "
-    "returning a KILLED result (the fork start method returns KILLED) and its host channel "
-    "socket leaks. Fix: resolve pending exit futures with a KILLED SandboxResult once the "
-    "zygote has exited, and/or do the cleanup in wait() in a finally.")
+    try:
+        run(scenario())
+    finally:
+        _close_channels(handles)
 
 
 def _close_channels(handles: list[Any]) -> None:
@@ -194,8 +197,6 @@ def _close_channels(handles: list[Any]) -> None:
 
 
 def test_handles_report_killed_after_manager_shutdown(method: str, request: pytest.FixtureRequest) -> None:
-    if method == "zygote":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ZYGOTE_SHUTDOWN_BUG))
     handles: list[Any] = []
 
     async def scenario() -> list[Any]:
@@ -219,8 +220,6 @@ def test_handles_report_killed_after_manager_shutdown(method: str, request: pyte
 
 
 def test_execute_in_flight_at_shutdown_ends_cleanly(method: str, request: pytest.FixtureRequest) -> None:
-    if method == "zygote":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ZYGOTE_SHUTDOWN_BUG))
     handles: list[Any] = []
 
     async def scenario() -> tuple[object, int, int]:
@@ -310,7 +309,7 @@ def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_to
         process.wait(timeout=60)
 
         assert wait_until(lambda: not any(alive(p) for p in watched), timeout=60), \
-            f"alive after the manager died: {[p.pid for p in watched if alive(p)]}"
+            f"alive after the manager died: {describe_processes([p for p in watched if alive(p)])}"
         # Let the owners be reaped (the orphaned zygote by pid 1): a zombie owner is
         # the subject of test_stale_cgroups_of_a_zombie_manager_are_removed.
         assert wait_until(lambda: not any(psutil.pid_exists(pid) for pid in owners), timeout=60)
@@ -335,12 +334,6 @@ def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_to
                 stream.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: linux/cgroups/_files.owner_alive() compares only pid and start time, so a dead "
-    "manager that is still a zombie (its parent has not reaped it yet: a slow supervisor, a "
-    "container init that never reaps, the orphaned zygote before pid 1 gets to it) counts as "
-    "alive and remove_stale_cgroups() keeps its cgroups. Fix: treat state Z/X in "
-    "/proc/<pid>/stat (field 3) as dead."))
 def test_stale_cgroups_of_a_zombie_manager_are_removed(no_leaks: LeakTracker) -> None:
     """A SIGKILLed `fork` manager owns its sandbox cgroups itself; while it is a zombie
     (not yet reaped by its parent, here this test) it can never clean them up, so the

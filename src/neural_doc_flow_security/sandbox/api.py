@@ -204,12 +204,14 @@ class SandboxHandle:
         """Wait for the sandbox to end; the result merges the kernel's view (exit,
         resources) with what the plugin sent (its return value or exception)."""
         if self._result is None:
-            ended = await asyncio.shield(self._starter.exit_future(self.sandbox_id))
-            self.health = Health.EXITED
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            try:
+                ended = await asyncio.shield(self._starter.exit_future(self.sandbox_id))
+            finally:
+                self.health = Health.EXITED
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                if self._channel is not None:
+                    self._channel.close()
             stdout, stderr = [await t for t in self._output_tasks] or [b"", b""]
-            if self._channel is not None:
-                self._channel.close()
             self._result = self._merge(ended, stdout, stderr)
         return self._result
 

@@ -79,3 +79,4 @@ class SandboxExecutor(concurrent.futures.Executor):
         self._loop.call_soon_threadsafe(self._loop.stop)
         if wait:
             self._thread.join()
+            self._loop.close()

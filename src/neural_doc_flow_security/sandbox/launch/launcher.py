@@ -25,7 +25,6 @@ from . import bootstrap, resources
 from .plan import plan_launch
 from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox
 
-
 log = logging.getLogger(__name__)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import os
 import sys
 from collections import deque
@@ -62,9 +63,10 @@ class PluginContext:
         return True
 
     def receive(self, timeout: float | None = None) -> IpcMessage | None:
-        """The next message from the host (data), or None on timeout / host gone."""
+        """The next message from the host (data), or None on timeout, when the host
+        is gone, or once it asked the plugin to stop."""
         while not self._inbox:
-            if not self._pump(timeout):
+            if self._stop or not self._pump(timeout):
                 return None
         return self._inbox.popleft()
 
@@ -102,6 +104,10 @@ class PythonWorkerPayload(Payload):
         os.environ.clear()
         os.environ.update(entry.decode().split("=", 1) for entry in environment)  # type: ignore[misc]
         os.chdir("/tmp")
+        # The host may have replaced these objects (pytest, Jupyter): use the sandbox's fds.
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
         channel = SyncChannel.from_fd(CHANNEL_FD)
         try:
             call = channel.receive()

@@ -273,4 +273,11 @@ class ZygoteStarter(StartMethod):
         return await zygote.request({"op": op, "id": sandbox_id, **args}, [])
 
     async def close(self) -> None:
+        """Kill every running sandbox, wait (bounded) for their results, stop the zygotes."""
+        running = [(z, i) for z in self._zygotes if not z.dead for i in list(z.running)]
+        await asyncio.gather(*(z.request({"op": "kill", "id": i}, []) for z, i in running),
+                             return_exceptions=True)
+        exits = [self.exit_future(i) for _, i in running]
+        if exits:
+            await asyncio.wait(exits, timeout=10.0)
         await asyncio.gather(*(z.close() for z in self._zygotes))

@@ -189,5 +189,13 @@ def parse_owner(name: str) -> tuple[int, int] | None:
 
 
 def owner_alive(pid: int, start: int) -> bool:
-    """Whether the manager that created a cgroup still runs (same pid and start time)."""
-    return process_start_time(pid) == start
+    """Whether the manager that created a cgroup still runs (same pid and start time,
+    and not a zombie: a dead owner that its parent has not reaped yet is dead)."""
+    if process_start_time(pid) != start:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
