@@ -31,5 +31,5 @@ esac
 # shellcheck disable=SC2086
 "$HERE/run-in-vm.sh" --disk ${NDF_VM_ARGS:-} "${extra_env[@]}" \
     -e PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 -e NDF_TEST_IO_DIR=/mnt/vdisk \
-    -- /opt/ndf-venv/bin/python -m pytest -m cgroup_v2 -p no:cacheprovider -p pytest_timeout \
+    -- "${NDF_VENV:-/opt/ndf-venv}/bin/python" -m pytest -m cgroup_v2 -p no:cacheprovider -p pytest_timeout \
     -q "$@"
