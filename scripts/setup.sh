@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for neural-doc-flow-security: system packages,
 # a virtualenv at $NDF_VENV (default /opt/ndf-venv) on Debian's Python, and the
-# project installed into it (editable) with its test and demo extras.
+# project installed into it with its test and demo extras. The install is a copy
+# (not editable) so that unprivileged users and the test VM can import it even
+# when the checkout sits in a directory only root may enter; for development,
+# `pip install -e .` into the same venv afterwards.
 # Idempotent: a second run only checks. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +24,7 @@ if [ ! -x "$NDF_VENV/bin/python" ]; then
   /usr/bin/python3 -m venv "$NDF_VENV"
   "$NDF_VENV/bin/pip" install -q --upgrade pip
 fi
-"$NDF_VENV/bin/pip" install -q -e '.[test,demo]'
+"$NDF_VENV/bin/pip" install -q --force-reinstall --no-deps .
+"$NDF_VENV/bin/pip" install -q '.[test,demo]'
 # The unprivileged-user tests run as this uid.
 id -u ndftest >/dev/null 2>&1 || useradd -M -s /bin/sh -u 4242 ndftest

@@ -401,10 +401,9 @@ RAW_ATTACKS = {
     "bad_message_shape": ("send_record(b'\\x01' + msgpack.packb({'kind': 'progress', 'fraction': 7.0, "
                           "'note': ''}))", "fraction"),
     "ext_type": ("send_record(b'\\x01' + msgpack.packb(msgpack.ExtType(1, b'x')))", "ext"),
-    "second_result": ("send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 1}))\n"
-                      "send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 2}))",
-                      "second result"),
 }
+SECOND_RESULT = ("send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 1}))\n"
+                 "send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 2}))\n")
 
 
 @pytest.mark.parametrize("attack", sorted(RAW_ATTACKS))
@@ -426,6 +425,41 @@ def test_raw_bytes_on_fd_3_are_a_protocol_violation(method: str, attack: str) ->
     assert bad.outcome is Outcome.PROTOCOL_VIOLATION, describe(bad)
     assert expected in (bad.error or ""), describe(bad)
     assert after.outcome is Outcome.OK and after.output == "host fine"
+
+
+def test_a_second_result_is_a_protocol_violation_for_a_spawned_plugin(method: str) -> None:
+    source = RAW_PRELUDE + SECOND_RESULT + "time.sleep(600)\n"
+
+    def hostile(source: str) -> None:
+        exec(source, {})
+
+    async def scenario() -> SandboxResult:
+        async with manager(method) as m:
+            handle = await m.spawn("twice", hostile, source, sandbox_config=SandboxConfig(timeout_seconds=120))
+            return await handle.wait()
+
+    result = run(scenario())
+    assert result.outcome is Outcome.PROTOCOL_VIOLATION, describe(result)
+    assert "second result" in (result.error or ""), describe(result)
+
+
+def test_execute_sandboxed_ends_with_the_first_answer(method: str) -> None:
+    """The call returns with the first answer and the sandbox is killed then: a second
+    one (which would be a protocol violation) cannot change what the host got."""
+    source = RAW_PRELUDE + SECOND_RESULT + "time.sleep(600)\n"
+
+    def hostile(source: str) -> None:
+        exec(source, {})
+
+    async def scenario() -> SandboxResult:
+        async with manager(method) as m:
+            return await m.execute_sandboxed("twice", hostile, source,
+                                             sandbox_config=SandboxConfig(timeout_seconds=120))
+
+    result = run(scenario())
+    assert result.outcome in (Outcome.OK, Outcome.PROTOCOL_VIOLATION), describe(result)
+    if result.outcome is Outcome.OK:
+        assert result.output == 1 and result.exit_code is None, describe(result)
 
 
 def test_concurrent_control_requests_on_one_sandbox(method: str) -> None:

@@ -40,7 +40,7 @@ from .launch.launcher import LaunchRequest
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter
 from .pool import WarmPool
-from .result import Outcome, SandboxResult
+from .result import Outcome, ResourceUsage, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 
@@ -66,28 +66,50 @@ class SandboxInfo:
     age_seconds: float
 
 
-async def _drain(fd: int, limit: int) -> bytes:
-    """Read a pipe to EOF, keeping at most `limit` bytes (the rest is discarded)."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    kept = bytearray()
-    readable = asyncio.Event()
-    loop.add_reader(fd, readable.set)
-    try:
-        while True:
+class _OutputCapture:
+    """Reads a pipe (the sandbox's stdout or stderr) to EOF in the background,
+    keeping at most `limit` bytes; the rest is read and discarded."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._limit = limit
+        self._kept = bytearray()
+        self._eof = False
+        self.task = asyncio.create_task(self._run())
+
+    def _read_available(self) -> None:
+        while not self._eof:
             try:
-                chunk = os.read(fd, 65536)
+                chunk = os.read(self._fd, 65536)
             except BlockingIOError:
+                return
+            if not chunk:
+                self._eof = True
+                return
+            if len(self._kept) < self._limit:
+                self._kept += chunk[: self._limit - len(self._kept)]
+
+    async def _run(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(self._fd, readable.set)
+        try:
+            while True:
+                self._read_available()
+                if self._eof:
+                    return bytes(self._kept)
                 readable.clear()
                 await readable.wait()
-                continue
-            if not chunk:
-                return bytes(kept)
-            if len(kept) < limit:
-                kept += chunk[: limit - len(kept)]
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+        finally:
+            loop.remove_reader(self._fd)
+            os.close(self._fd)
+
+    def so_far(self) -> bytes:
+        """Everything written up to now (what is in the pipe is read first)."""
+        if not self.task.done():
+            self._read_available()
+        return bytes(self._kept)
 
 
 class SandboxHandle:
@@ -108,7 +130,8 @@ class SandboxHandle:
         self._status_pending = False
         self._channel: AsyncChannel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._output_tasks: list[asyncio.Task[bytes]] = []
+        self._outputs: list[_OutputCapture] = []
+        self._answered = asyncio.Event()
         self._reply: IpcMessage | None = None
         self._violation: ProtocolViolation | None = None
         self._stopped_by_host = False
@@ -211,9 +234,31 @@ class SandboxHandle:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
                 if self._channel is not None:
                     self._channel.close()
-            stdout, stderr = [await t for t in self._output_tasks] or [b"", b""]
+            stdout, stderr = [await o.task for o in self._outputs] or [b"", b""]
             self._result = self._merge(ended, stdout, stderr)
         return self._result
+
+    async def answer(self) -> SandboxResult:
+        """The result of a callable as soon as it has answered: the plugin's value or
+        exception, its usage read from the kernel at that moment; the tree is killed
+        then (and reaped in the background). `exit_code` is None in that case.
+        Ends like wait() when the sandbox ends before answering."""
+        exit_future = self._starter.exit_future(self.sandbox_id)
+        answered: asyncio.Future[Any] = asyncio.ensure_future(self._answered.wait())
+        try:
+            await asyncio.wait([exit_future, answered], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answered.cancel()
+        isolation = self._starter.isolation.get(self.sandbox_id)
+        if exit_future.done() or self._violation is not None or isolation is None:
+            return await self.wait()
+        reply = await self._starter.control("collect", self.sandbox_id)
+        if not reply.get("ok"):
+            return await self.wait()
+        self._manager._reap_later(self)
+        usage = ResourceUsage(**reply["usage"])
+        stdout, stderr = (o.so_far() for o in self._outputs)
+        return self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
 
     def _merge(self, ended: SandboxResult, stdout: bytes, stderr: bytes) -> SandboxResult:
         result = dataclasses.replace(ended, stdout=stdout, stderr=stderr)
@@ -241,8 +286,7 @@ class SandboxHandle:
     def _attach(self, channel: AsyncChannel | None, stdout_fd: int, stderr_fd: int, output_limit: int,
                 status_interval: float | None) -> None:
         self._channel = channel
-        self._output_tasks = [asyncio.create_task(_drain(stdout_fd, output_limit)),
-                              asyncio.create_task(_drain(stderr_fd, output_limit))]
+        self._outputs = [_OutputCapture(stdout_fd, output_limit), _OutputCapture(stderr_fd, output_limit)]
         if channel is not None:
             self._tasks.append(asyncio.create_task(self._read_channel(channel)))
         if status_interval and self._keep_messages:
@@ -259,6 +303,7 @@ class SandboxHandle:
                     if self._reply is not None:
                         raise ProtocolViolation("the plugin sent a second result")
                     self._reply = message
+                    self._answered.set()
                 elif message.kind is not MessageKind.HEARTBEAT and self._keep_messages:
                     await self._inbox.put(message)
         except ProtocolViolation as violation:
@@ -329,6 +374,7 @@ class SandboxManager:
         self._ids = itertools.count(1)
         self._handles: dict[int, SandboxHandle] = {}
         self._by_plugin: dict[str, SandboxHandle] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._pool_size = pool_size
         self._pool: WarmPool | None = None
         self._started = False
@@ -368,6 +414,7 @@ class SandboxManager:
             await self._pool.close()
         await self._starter.close()
         await asyncio.gather(*(h.wait() for h in list(self._handles.values())), return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- running ------------------------------------------------------------
 
@@ -378,7 +425,7 @@ class SandboxManager:
         handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=False,
                                     call=(function, args, kwargs))
         try:
-            return await self._finish(handle)
+            return await self._finish(handle, early=True)
         finally:
             if self._pool is not None:
                 self._pool.refill()
@@ -439,7 +486,10 @@ class SandboxManager:
                 and call_bytes is not None and not keep_messages else None
             if handle is not None:
                 handle.plugin_id = plugin_id
-                await self._starter.control("arm", handle.sandbox_id)
+                # Start its wall clock; no need to wait for the reply before sending the call.
+                arming = asyncio.create_task(self._starter.control("arm", handle.sandbox_id))
+                self._background.add(arming)
+                arming.add_done_callback(self._background.discard)
             else:
                 handle = await self._create(plugin_id, payload, config or self.config,
                                             keep_messages=keep_messages, with_channel=call_bytes is not None,
@@ -503,9 +553,19 @@ class SandboxManager:
         if handle is not None:
             handle.health = Health.EXITED
 
-    async def _finish(self, handle: SandboxHandle) -> SandboxResult:
+    def _reap_later(self, handle: SandboxHandle) -> None:
+        """Let a sandbox that has answered finish its teardown in the background."""
+        task = asyncio.create_task(self._wait_quietly(handle))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _wait_quietly(self, handle: SandboxHandle) -> None:
+        with contextlib.suppress(SandboxError):
+            await handle.wait()
+
+    async def _finish(self, handle: SandboxHandle, *, early: bool = False) -> SandboxResult:
         try:
-            return await handle.wait()
+            return await (handle.answer() if early else handle.wait())
         except asyncio.CancelledError:
             # The tree must be gone before the cancellation completes.
             await asyncio.shield(self._kill_quietly(handle))

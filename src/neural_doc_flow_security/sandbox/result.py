@@ -61,6 +61,12 @@ class IsolationReport:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IsolationReport:
+        """Rebuild from to_dict() output (from the trusted launcher, never a sandbox)."""
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
 
 @dataclass(frozen=True)
 class SandboxResult:
@@ -103,15 +109,13 @@ class SandboxResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxResult:
         """Rebuild a result from to_dict() output (from the trusted zygote, never a sandbox)."""
-        isolation: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in data["isolation"].items()}
         return cls(
             outcome=Outcome(data["outcome"]),
             exit_code=data["exit_code"],
             signal=data["signal"],
             error=data["error"],
             resource_usage=ResourceUsage(**data["resource_usage"]),
-            isolation=IsolationReport(**isolation),
+            isolation=IsolationReport.from_dict(data["isolation"]),
         )
 
     def cli_exit_status(self) -> int:

@@ -20,10 +20,10 @@ import psutil
 
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError
-from ..result import SandboxResult
+from ..result import ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from .plan import plan_launch
-from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox
+from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox, usage_from_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Launcher:
         return finish_sandbox(spawned)
 
     def kill(self, sandbox_id: int) -> None:
-        """Kill the whole tree now (the result says `killed`)."""
+        """Kill the whole tree now."""
         spawned = self.running.get(sandbox_id)
         if spawned is not None:
             spawned.stopped = True
@@ -163,6 +163,30 @@ class Launcher:
             cpu, rss, tree = 0.0, 0, []
         return {"wall_seconds": wall, "cpu_seconds": cpu, "memory_bytes": rss,
                 "processes": len(tree), "frozen": sandbox_id in self._paused_by_signal}
+
+    def usage(self, sandbox_id: int) -> ResourceUsage:
+        """What the sandbox has used so far, from the kernel (cgroup, else /proc)."""
+        spawned = self.running[sandbox_id]
+        wall = time.monotonic() - spawned.started
+        if spawned.cgroup is not None:
+            return usage_from_cgroup(spawned.cgroup.stats(), wall)
+        try:
+            tree = [psutil.Process(spawned.pid)]
+            tree += tree[0].children(recursive=True)
+            times = [p.cpu_times() for p in tree]
+            return ResourceUsage(wall_seconds=wall, cpu_user_seconds=sum(t.user for t in times),
+                                 cpu_system_seconds=sum(t.system for t in times),
+                                 memory_peak_bytes=max(p.memory_info().rss for p in tree),
+                                 processes_peak=len(tree))
+        except psutil.Error:
+            return ResourceUsage(wall_seconds=wall)
+
+    def collect(self, sandbox_id: int) -> ResourceUsage:
+        """The plugin has answered: read its usage, then kill the tree (it is reaped,
+        and its cgroup removed, when the exit is seen as usual)."""
+        usage = self.usage(sandbox_id)
+        self.kill(sandbox_id)
+        return usage
 
     def shutdown(self) -> list[tuple[int, SandboxResult]]:
         """Kill and reap everything still running."""

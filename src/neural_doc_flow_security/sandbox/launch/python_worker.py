@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ..ipc.channel import SyncChannel
-from ..ipc.messages import ControlMessage, IpcMessage, MessageKind
+from ..ipc.messages import ChannelRole, ControlMessage, IpcMessage, MessageKind
 from .bootstrap import Payload
 
 CHANNEL_FD = 3
@@ -109,11 +109,14 @@ class PythonWorkerPayload(Payload):
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
         channel = SyncChannel.from_fd(CHANNEL_FD)
+        _warm_up()
         try:
             call = channel.receive()
             if call is None or call.kind is not MessageKind.CALL:
                 os._exit(0)  # the host went away before sending work
             reply = _run_call(bytes(call.payload), channel)
+            sys.stdout.flush()  # the host may return as soon as the answer arrives
+            sys.stderr.flush()
             try:
                 channel.send(reply)
             except (TypeError, ValueError) as exc:  # msgpack cannot carry the value
@@ -125,6 +128,26 @@ class PythonWorkerPayload(Payload):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(0)
+
+
+def _warm_up() -> None:
+    """Run the whole call path once, over a private socketpair, before waiting for
+    the real call: the pages it touches are copied (copy-on-write after the fork)
+    now, not while the host waits for the answer."""
+    import cloudpickle
+
+    from ..ipc.channel import create_channel_pair
+
+    def dummy(value: int) -> int:  # a local function is pickled by value, like most plugins
+        return value + 1
+
+    host_end, sandbox_end = create_channel_pair()
+    with SyncChannel(host_end, role=ChannelRole.HOST) as host, SyncChannel(sandbox_end) as sandbox:
+        host.send(IpcMessage.call(cloudpickle.dumps((dummy, (1,), {}))))
+        call = sandbox.receive()
+        assert call is not None
+        sandbox.send(_run_call(bytes(call.payload), sandbox))
+        host.receive()
 
 
 def _run_call(payload: bytes, channel: SyncChannel) -> IpcMessage:

@@ -20,7 +20,7 @@ from ..errors import SetupError
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import CgroupStats, SandboxCgroup
 from ..linux.namespaces import write_id_maps
-from ..result import EXIT_SANDBOX_ERROR, Outcome, ResourceUsage, SandboxResult
+from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult
 from . import bootstrap
 from .plan import LaunchPlan
 
@@ -62,11 +62,32 @@ class SpawnedSandbox:
         except ProcessLookupError:
             pass
 
+    def isolation(self) -> IsolationReport:
+        """The protections in force for this sandbox."""
+        return self.plan.isolation_report(cgroup=self.cgroup.description if self.cgroup else "")
+
     def kill(self) -> None:
-        """Kill the whole tree: init (which ends the pid namespace) and the cgroup."""
+        """Kill the whole tree. With a pid namespace, killing its init kills every
+        process in it; without one, the cgroup is killed too (finish_sandbox kills
+        the cgroup again once init is gone, so nothing that forked meanwhile stays)."""
         self.signal(signal.SIGKILL)
-        if self.cgroup is not None:
+        if self.cgroup is not None and "pid" not in self.plan.namespaces.names:
             self.cgroup.kill()
+
+
+def usage_from_cgroup(stats: CgroupStats, wall: float, floor: ResourceUsage | None = None) -> ResourceUsage:
+    """Resource usage from the sandbox's cgroup counters (never lower than `floor`,
+    the rusage of the reaped tree, where there is one)."""
+    floor = floor or ResourceUsage()
+    return ResourceUsage(
+        wall_seconds=wall,
+        cpu_user_seconds=max(floor.cpu_user_seconds, stats.cpu_user_usec / 1e6),
+        cpu_system_seconds=max(floor.cpu_system_seconds, stats.cpu_system_usec / 1e6),
+        memory_peak_bytes=stats.memory_peak_bytes or floor.memory_peak_bytes,
+        processes_peak=stats.pids_peak,
+        io_read_bytes=stats.io_read_bytes,
+        io_write_bytes=stats.io_write_bytes,
+    )
 
 
 def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
@@ -182,17 +203,8 @@ def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_r
         memory_peak_bytes=rusage.ru_maxrss * 1024,
     )
     if stats is not None:
-        usage = ResourceUsage(
-            wall_seconds=wall,
-            cpu_user_seconds=max(rusage.ru_utime, stats.cpu_user_usec / 1e6),
-            cpu_system_seconds=max(rusage.ru_stime, stats.cpu_system_usec / 1e6),
-            memory_peak_bytes=stats.memory_peak_bytes or usage.memory_peak_bytes,
-            processes_peak=stats.pids_peak,
-            io_read_bytes=stats.io_read_bytes,
-            io_write_bytes=stats.io_write_bytes,
-        )
-    isolation = spawned.plan.isolation_report(
-        cgroup=spawned.cgroup.description if spawned.cgroup else "")
+        usage = usage_from_cgroup(stats, wall, floor=usage)
+    isolation = spawned.isolation()
     base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation)
     if error_report:
         return replace(base, outcome=Outcome.SANDBOX_ERROR, error=str(parse_setup_error(error_report)))

@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 
 from ..errors import SandboxError, UnsupportedError
-from ..result import SandboxResult
+from ..result import IsolationReport, SandboxResult
 from .launcher import Launcher, LaunchRequest
 
 
@@ -37,6 +37,7 @@ class StartMethod(abc.ABC):
 
     def __init__(self) -> None:
         self._exits: dict[int, asyncio.Future[SandboxResult]] = {}
+        self.isolation: dict[int, IsolationReport] = {}  # by sandbox id, known once started
 
     def exit_future(self, sandbox_id: int) -> asyncio.Future[SandboxResult]:
         """Resolves with the sandbox's result when it has ended and been reaped."""
@@ -45,6 +46,7 @@ class StartMethod(abc.ABC):
         return self._exits[sandbox_id]
 
     def _exited(self, sandbox_id: int, result: SandboxResult) -> None:
+        self.isolation.pop(sandbox_id, None)
         future = self.exit_future(sandbox_id)
         if not future.done():
             future.set_result(result)
@@ -59,7 +61,7 @@ class StartMethod(abc.ABC):
 
     @abc.abstractmethod
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:
-        """kill, freeze, thaw, signal(signal=N) or stats; returns the reply."""
+        """kill, freeze, thaw, signal(signal=N), stats, arm or collect; returns the reply."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -80,6 +82,7 @@ class ForkStarter(StartMethod):
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
         launch = dataclasses.replace(request, fd_map=tuple(fds.items()))
         spawned = self._launcher.start(sandbox_id, launch)
+        self.isolation[sandbox_id] = spawned.isolation()
         asyncio.get_running_loop().add_reader(spawned.pidfd, self._reap, sandbox_id, spawned.pidfd)
         self._schedule_deadlines()
         return spawned.pid
@@ -105,6 +108,8 @@ class ForkStarter(StartMethod):
         try:
             if op == "stats":
                 return {"ok": True, "stats": self._launcher.stats(sandbox_id)}
+            if op == "collect":
+                return {"ok": True, "usage": dataclasses.asdict(self._launcher.collect(sandbox_id))}
             if op == "signal":
                 self._launcher.signal(sandbox_id, args["signal"])
             elif op == "freeze":
@@ -264,6 +269,7 @@ class ZygoteStarter(StartMethod):
             if reply.get("protection"):
                 raise UnsupportedError(reply["protection"], reply["reason"])
             raise SandboxError(reply["error"])
+        self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
         return int(reply["pid"])
 
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:

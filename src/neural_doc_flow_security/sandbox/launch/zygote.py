@@ -8,7 +8,7 @@ requests on a SOCK_SEQPACKET socket:
     manager -> zygote  pickle (both sides are the trusted host), fds by SCM_RIGHTS
         {"op": "hello", "sys_path": [...]}
         {"op": "spawn", "id": N, "request": LaunchRequest, "targets": [fd numbers]} + fds
-        {"op": "kill" | "freeze" | "thaw" | "stats" | "signal" | "arm", "id": N, ...}
+        {"op": "kill" | "freeze" | "thaw" | "stats" | "signal" | "arm" | "collect", "id": N, ...}
     zygote -> manager  msgpack
         {"op": "started", "id", "pid"} | {"op": "exited", "id", "result": {...}}
         {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", "type"}
@@ -66,7 +66,8 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
             fd_map = tuple(zip(request["targets"], fds, strict=True))
             launch = dataclasses.replace(launch, fd_map=fd_map)
             spawned = launcher.start(sandbox_id, launch)
-            return {"op": "started", "id": sandbox_id, "pid": spawned.pid}
+            return {"op": "started", "id": sandbox_id, "pid": spawned.pid,
+                    "isolation": spawned.isolation().to_dict()}
         except UnsupportedError as e:
             return {"op": "failed", "id": sandbox_id, "error": str(e), "protection": e.protection,
                     "reason": e.reason}
@@ -83,6 +84,8 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
             launcher.kill(sandbox_id)
         elif op == "freeze":
             reply["how"] = launcher.freeze(sandbox_id)
+        elif op == "collect":
+            reply["usage"] = dataclasses.asdict(launcher.collect(sandbox_id))
         elif op == "arm":
             launcher.arm(sandbox_id)
         elif op == "thaw":

@@ -164,10 +164,14 @@ class V1Cgroup(SandboxCgroup):
                 "oom_kill", 0)
         if "cpuacct" in self._dirs:
             values["cpu_usage_usec"] = _files.read_int(self._file("cpuacct", "cpuacct.usage")) // 1000
-            ticks = _files.read_keyed(self._file("cpuacct", "cpuacct.stat"))
-            hz = os.sysconf("SC_CLK_TCK")
-            values["cpu_user_usec"] = ticks.get("user", 0) * 1_000_000 // hz
-            values["cpu_system_usec"] = ticks.get("system", 0) * 1_000_000 // hz
+            try:  # nanoseconds, where the kernel has them (cpuacct.stat counts 10 ms ticks)
+                values["cpu_user_usec"] = _files.read_int(self._file("cpuacct", "cpuacct.usage_user")) // 1000
+                values["cpu_system_usec"] = _files.read_int(self._file("cpuacct", "cpuacct.usage_sys")) // 1000
+            except FileNotFoundError:
+                ticks = _files.read_keyed(self._file("cpuacct", "cpuacct.stat"))
+                hz = os.sysconf("SC_CLK_TCK")
+                values["cpu_user_usec"] = ticks.get("user", 0) * 1_000_000 // hz
+                values["cpu_system_usec"] = ticks.get("system", 0) * 1_000_000 // hz
         if "cpu" in self._dirs:
             cpu = _files.read_keyed(self._file("cpu", "cpu.stat"))
             values["cpu_nr_throttled"] = cpu.get("nr_throttled", 0)
