@@ -21,8 +21,11 @@ def encode_status(status: int) -> bytes:
     return f"exit {os.waitstatus_to_exitcode(status)}".encode()
 
 
-def run_init(payload_pid: int, status_fd: int, forwarded: Iterable[signal.Signals]) -> NoReturn:
-    """Wait for the payload, reaping orphans meanwhile. Never returns."""
+def run_init(payload_pid: int, status_fd: int, forwarded: Iterable[signal.Signals], *,
+             drop_privileges: bool) -> NoReturn:
+    """Wait for the payload, reaping orphans meanwhile. Never returns. With
+    `drop_privileges`, keep only the capability to signal the payload (when init
+    already confined itself like the payload, there is nothing left to drop)."""
     def forward(signum: int, _frame: object) -> None:
         try:
             os.kill(payload_pid, signum)
@@ -32,7 +35,8 @@ def run_init(payload_pid: int, status_fd: int, forwarded: Iterable[signal.Signal
     for sig in forwarded:
         if sig != signal.SIGCHLD:
             signal.signal(sig, forward)
-    sc.capset(_CAP_KILL, _CAP_KILL, 0)  # init needs only to signal the payload
+    if drop_privileges:
+        sc.capset(_CAP_KILL, _CAP_KILL, 0)  # init needs only to signal the payload
     sc.prctl(sc.PR_SET_DUMPABLE, 0)
     os.closerange(0, status_fd)
     os.closerange(status_fd + 1, 65536)

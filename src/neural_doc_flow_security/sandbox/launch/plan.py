@@ -48,11 +48,14 @@ class LaunchPlan:
         )
 
 
+def plan_launch(config: SandboxConfig) -> LaunchPlan:
+    """Plan a launch of `config` by this process (as it is now: its effective ids
+    decide whether a user namespace is needed)."""
+    return _plan_launch(config, os.geteuid(), os.getegid())
+
+
 @functools.lru_cache(maxsize=64)
-def plan_launch(config: SandboxConfig, euid: int | None = None, egid: int | None = None) -> LaunchPlan:
-    """Plan a launch of `config` for a caller with these effective ids (default: ours)."""
-    euid = os.geteuid() if euid is None else euid
-    egid = os.getegid() if egid is None else egid
+def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
     ns = plan_namespaces(config.namespaces, config.uid, config.gid, euid, egid)
     rootfs = (plan_rootfs(config.filesystem, uid=config.uid, gid=config.gid, hostname=config.hostname)
               if config.namespaces.mnt else None)

@@ -37,6 +37,7 @@ class SpawnedSandbox:
     error_read: int
     status_read: int
     cgroup: SandboxCgroup | None
+    sync_write: int = -1  # held open while we supervise: the child sees a hang-up if we die
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
     stopped: bool = False
@@ -121,7 +122,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
             os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
     for fd in (sync_read, error_write, status_write):
         os.close(fd)
-    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup)
+    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write)
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)
@@ -136,8 +137,6 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
         os.waitpid(pid, 0)
         _close(spawned)
         raise
-    finally:
-        os.close(sync_write)
     return spawned
 
 
@@ -158,7 +157,7 @@ def _read_all(fd: int, limit: int = 65536) -> bytes:
 
 
 def _close(spawned: SpawnedSandbox) -> None:
-    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read):
+    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read, spawned.sync_write):
         try:
             os.close(fd)
         except OSError:
