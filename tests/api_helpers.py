@@ -31,8 +31,10 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
+from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.launch import start_methods
+from neural_doc_flow_security.sandbox.result import SandboxResult
 
 T = TypeVar("T")
 
@@ -298,3 +300,24 @@ def proc_status_fields(text: str) -> dict[str, str]:
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
     return fields
+
+
+# --- shared by the API test modules -------------------------------------------------
+
+@pytest.fixture(params=START_METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    """Every API test runs once per start method."""
+    return str(request.param)
+
+
+def manager(method: str, **kwargs: Any) -> SandboxManager:
+    """A SandboxManager for tests: the given start method, fast status samples."""
+    kwargs.setdefault("status_interval", 0.2)
+    return SandboxManager(start_method=method, **kwargs)  # type: ignore[arg-type]
+
+
+def describe(result: SandboxResult) -> str:
+    """A result, shortened, for assertion messages."""
+    return (f"outcome={result.outcome.value} output={result.output!r:.200} error={result.error!r:.2000} "
+            f"stdout={result.stdout[-500:]!r} stderr={result.stderr[-2000:]!r}")
+

@@ -27,7 +27,6 @@ import pytest
 
 import api_helpers
 from api_helpers import (
-    START_METHODS,
     LeakTracker,
     alive,
     async_wait_until,
@@ -48,19 +47,12 @@ from neural_doc_flow_security.sandbox.config import (
 from neural_doc_flow_security.sandbox.errors import OutcomeError, SandboxError, UnsupportedError
 from neural_doc_flow_security.sandbox.result import Outcome, SandboxResult
 
-no_leaks = api_helpers.no_leaks  # the fixture, used by every test below
+no_leaks = api_helpers.no_leaks  # the fixtures, used by every test below
+method = api_helpers.method
+manager = api_helpers.manager
+describe = api_helpers.describe
 
 pytestmark = [linux_only, needs_root, pytest.mark.usefixtures("no_leaks"), pytest.mark.timeout(300)]
-
-
-@pytest.fixture(params=START_METHODS)
-def method(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def manager(method: str, **kwargs: Any) -> SandboxManager:
-    kwargs.setdefault("status_interval", 0.2)
-    return SandboxManager(start_method=method, **kwargs)  # type: ignore[arg-type]
 
 
 async def one(method: str, function: Any, *args: Any, sandbox_config: SandboxConfig | None = None,
@@ -68,11 +60,6 @@ async def one(method: str, function: Any, *args: Any, sandbox_config: SandboxCon
     """Run one callable in a fresh manager."""
     async with manager(method) as m:
         return await m.execute_sandboxed("test", function, *args, sandbox_config=sandbox_config, **kwargs)
-
-
-def describe(result: SandboxResult) -> str:
-    return (f"outcome={result.outcome.value} output={result.output!r:.200} error={result.error!r:.2000} "
-            f"stdout={result.stdout[-500:]!r} stderr={result.stderr[-2000:]!r}")
 
 
 # --- callables of every shape -------------------------------------------------

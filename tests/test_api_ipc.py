@@ -17,38 +17,25 @@ import pytest
 
 import api_helpers
 from api_helpers import (
-    START_METHODS,
     alive,
     linux_only,
     needs_root,
     run,
     tree_of,
 )
-from neural_doc_flow_security.sandbox.api import Health, SandboxHandle, SandboxManager
+from neural_doc_flow_security.sandbox.api import Health, SandboxHandle
 from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import SandboxError
 from neural_doc_flow_security.sandbox.ipc.limits import DecodeLimits
 from neural_doc_flow_security.sandbox.ipc.messages import ControlMessage, IpcMessage, MessageKind
 from neural_doc_flow_security.sandbox.result import Outcome, SandboxResult
 
-no_leaks = api_helpers.no_leaks  # the fixture, used by every test below
+no_leaks = api_helpers.no_leaks  # the fixtures, used by every test below
+method = api_helpers.method
+manager = api_helpers.manager
+describe = api_helpers.describe
 
 pytestmark = [linux_only, needs_root, pytest.mark.usefixtures("no_leaks"), pytest.mark.timeout(300)]
-
-
-@pytest.fixture(params=START_METHODS)
-def method(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def manager(method: str, **kwargs: Any) -> SandboxManager:
-    kwargs.setdefault("status_interval", 0.2)
-    return SandboxManager(start_method=method, **kwargs)  # type: ignore[arg-type]
-
-
-def describe(result: SandboxResult) -> str:
-    return (f"outcome={result.outcome.value} output={result.output!r:.200} error={result.error!r:.2000} "
-            f"stderr={result.stderr[-2000:]!r}")
 
 
 async def next_of_kind(handle: SandboxHandle, kind: MessageKind, timeout: float = 60.0) -> IpcMessage:
