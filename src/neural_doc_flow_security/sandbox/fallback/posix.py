@@ -64,9 +64,10 @@ from typing import Any, NoReturn
 import psutil
 
 from ..config import SandboxConfig
-from ..errors import SandboxError, SetupError, UnsupportedError
+from ..errors import SandboxError, UnsupportedError
 from ..launch.bootstrap import Payload
 from ..launch.launcher import LaunchRequest
+from ..launch.setup_errors import parse_setup_error, report_failure
 from ..launch.start_methods import StartMethod
 from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult
 
@@ -514,15 +515,6 @@ def _read_available(fd: int, limit: int = 65536) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_setup_error(report: bytes) -> SetupError:
-    stage, _, rest = report.decode(errors="replace").partition("\0")
-    code, _, message = rest.partition("\0")
-    errno_value = int(code) if code.isdigit() else 0
-    if errno_value and os.strerror(errno_value) not in message:
-        message = f"{message} (errno {errno_value}: {os.strerror(errno_value)})"
-    return SetupError(stage, message, errno_value)
-
-
 def _result(sandbox: _Sandbox, status: int, rusage: resource.struct_rusage, wall: float,
             error_report: bytes) -> SandboxResult:
     # ru_maxrss is KiB on Linux, bytes on macOS.
@@ -534,7 +526,7 @@ def _result(sandbox: _Sandbox, status: int, rusage: resource.struct_rusage, wall
     base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=sandbox.report)
     if error_report:
         return dataclasses.replace(base, outcome=Outcome.SANDBOX_ERROR,
-                                   error=str(_parse_setup_error(error_report)))
+                                   error=str(parse_setup_error(error_report)))
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     base = dataclasses.replace(base, exit_code=exit_code, signal=sig)
@@ -555,15 +547,6 @@ def _result(sandbox: _Sandbox, status: int, rusage: resource.struct_rusage, wall
 
 
 # ---------------------------------------------------------------- the trampoline (sandbox side)
-
-
-def _report_failure(error_fd: int, stage: str, exc: BaseException) -> NoReturn:
-    code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
-    message = str(exc) or type(exc).__name__
-    try:
-        os.write(error_fd, f"{stage}\0{code}\0{message}".encode(errors="replace")[:4000])
-    finally:
-        os._exit(EXIT_SANDBOX_ERROR)
 
 
 def _set_parent_death_signal(parent_pid: int) -> None:
@@ -650,7 +633,7 @@ def run_trampoline(spec_fd: int, error_fd: int, parent_pid: int) -> NoReturn:
         try:
             return action()
         except BaseException as exc:  # noqa: BLE001 - any failure must end the sandbox
-            _report_failure(err, name, exc)
+            report_failure(err, name, exc)
 
     def read_spec() -> dict[str, Any]:
         with open(spec_fd, "rb", closefd=True) as f:

@@ -48,6 +48,7 @@ from ..linux.rootfs import apply_rootfs
 from ..result import EXIT_SANDBOX_ERROR
 from . import init
 from .plan import LaunchPlan
+from .setup_errors import report_failure
 
 # The error pipe is moved here so that the payload's fd map cannot collide with it.
 _ERROR_FD = 1023
@@ -93,16 +94,6 @@ class ChildPipes:
     sync_read: int     # parent writes b"m" after the id maps, b"c" after the cgroup
     error_write: int   # CLOEXEC: closed by exec, so EOF means "all stages passed"
     status_write: int  # init reports the payload's wait status here
-
-
-def report_failure(error_fd: int, stage: str, exc: BaseException) -> NoReturn:
-    """Write 'stage NUL errno NUL message' to the parent and exit."""
-    code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
-    message = str(exc) or type(exc).__name__
-    try:
-        os.write(error_fd, f"{stage}\0{code}\0{message}".encode(errors="replace")[:4000])
-    finally:
-        os._exit(EXIT_SANDBOX_ERROR)
 
 
 def _stage(name: str, error_fd: int, action: Callable[[], object]) -> None:

@@ -23,6 +23,7 @@ from ..linux.namespaces import write_id_maps
 from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult
 from . import bootstrap
 from .plan import LaunchPlan
+from .setup_errors import parse_setup_error
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
 
@@ -162,16 +163,6 @@ def _close(spawned: SpawnedSandbox) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def parse_setup_error(report: bytes) -> SetupError:
-    """Decode the child's 'stage NUL errno NUL message'."""
-    stage, _, rest = report.decode(errors="replace").partition("\0")
-    code, _, message = rest.partition("\0")
-    errno_value = int(code) if code.isdigit() else 0
-    if errno_value and os.strerror(errno_value) not in message:
-        message = f"{message} (errno {errno_value}: {os.strerror(errno_value)})"
-    return SetupError(stage, message, errno_value)
 
 
 def finish_sandbox(spawned: SpawnedSandbox, *, wait: bool = True) -> SandboxResult:
