@@ -25,9 +25,9 @@ def explain_setup_failure(config: SandboxConfig, error: SetupError) -> SandboxEr
     Probing the host is done only then, off the hot path."""
     if error.stage != "clone":
         return error
-    from ..detect import detect_features, missing_for
+    from ..detect import missing_for, probe_features
 
-    missing = missing_for(config, detect_features())
+    missing = missing_for(config, probe_features())  # fresh: this process may have changed since
     if not missing:
         return error
     return UnsupportedError(missing[0].split(":")[0], "; ".join(missing) + f" ({error})")
