@@ -163,11 +163,11 @@ def measure(runs: int, bwrap_argv: list[str] | None) -> dict[str, Any]:
     """`runs` launches, interleaved with bwrap runs when given; per-label medians."""
     install_probes()
     from neural_doc_flow_security.sandbox import SandboxConfig
-    from neural_doc_flow_security.sandbox.launch.plan import plan_launch
+    from neural_doc_flow_security.sandbox.launch.plan import _plan_launch
 
-    one_run()  # warm: detect cache, plan cache, imports
+    one_run()  # warm: plan cache, imports
     start = _now()
-    plan_launch.__wrapped__(SandboxConfig())  # type: ignore[attr-defined]
+    _plan_launch.__wrapped__(SandboxConfig(), os.geteuid(), os.getegid())  # type: ignore[attr-defined]
     plan_cold_us = (_now() - start) / 1000
     durations: dict[str, list[float]] = defaultdict(list)
     offsets: dict[str, list[float]] = defaultdict(list)

@@ -7,14 +7,10 @@ naming the field (as a dotted path), the value, and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
-import tomllib
-import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -46,7 +42,9 @@ DEFAULT_ENVIRONMENT: tuple[tuple[str, str], ...] = (
 )
 
 
-def _suggest(value: str, choices: typing.Iterable[str]) -> str:
+def _suggest(value: str, choices: Iterable[str]) -> str:
+    import difflib  # only on the error path: keeps `ndf-sandbox run` quick to start
+
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -137,7 +135,7 @@ class BindMount:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.startswith("/"):
                 raise ConfigError(f"filesystem.{kind}", f"{name} must be an absolute path, got {value!r}")
-            if ".." in Path(value).parts:
+            if ".." in value.split("/"):
                 raise ConfigError(f"filesystem.{kind}", f"{name} must not contain '..', got {value!r}")
         if os.path.normpath(self.target) == "/":
             raise ConfigError(f"filesystem.{kind}", "target must not be / (the root is read-only)")
@@ -261,6 +259,8 @@ class SandboxConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> SandboxConfig:
         """Load a TOML profile; errors name the file and the field."""
+        import tomllib
+
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -275,6 +275,8 @@ def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(prefix.rstrip(".") or "profile", f"must be a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    import typing
+
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():

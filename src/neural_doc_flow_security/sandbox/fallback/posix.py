@@ -63,6 +63,7 @@ from typing import Any, NoReturn
 
 import psutil
 
+from .. import audit
 from ..config import SandboxConfig
 from ..errors import SandboxError, UnsupportedError
 from ..launch.bootstrap import Payload
@@ -327,6 +328,8 @@ class PosixStarter(StartMethod):
             os.close(error_read)
             raise
         self._running[sandbox_id] = sandbox
+        self.isolation[sandbox_id] = report
+        audit.sandbox_started(request.name, sandbox.pid, report)
         self.exit_future(sandbox_id)
         loop = asyncio.get_running_loop()
         if config.timeout_seconds is not None:
@@ -377,6 +380,7 @@ class PosixStarter(StartMethod):
                 sandbox.exit_source.close()
             else:
                 os.close(sandbox.exit_fd)
+        audit.sandbox_ended(f"posix-{sandbox_id}", result)
         self._exited(sandbox_id, result)
 
     def _kill_group(self, sandbox: _Sandbox) -> None:

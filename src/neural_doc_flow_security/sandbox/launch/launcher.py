@@ -9,23 +9,19 @@ into results, freezes, thaws, signals and kills them, and reads live stats.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
+from .. import audit
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError
 from ..result import ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from .plan import plan_launch
 from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox, usage_from_cgroup
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,12 +43,19 @@ def effective_config(request: LaunchRequest) -> SandboxConfig:
     return config
 
 
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
 class Launcher:
     """Sandboxes started by this process, by id."""
 
     def __init__(self) -> None:
         self.running: dict[int, SpawnedSandbox] = {}
         self._paused_by_signal: dict[int, list[int]] = {}
+        self._names: dict[int, str] = {}
 
     def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
         """Create the cgroup and spawn. Raises SandboxError subclasses: a protection
@@ -67,12 +70,14 @@ class Launcher:
                 try:
                     cgroup.destroy()
                 except (SandboxError, OSError) as cleanup:
-                    log.error("cannot remove the cgroup of a failed launch: %s", cleanup)
+                    _log().error("cannot remove the cgroup of a failed launch: %s", cleanup)
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
         spawned.armed = request.armed
         self.running[sandbox_id] = spawned
+        self._names[sandbox_id] = request.name
+        audit.sandbox_started(request.name, spawned.pid, spawned.isolation())
         return spawned
 
     def next_deadline(self) -> float | None:
@@ -100,7 +105,9 @@ class Launcher:
         """Reap an exited sandbox (its pidfd is readable) into its result."""
         spawned = self.running.pop(sandbox_id)
         self._paused_by_signal.pop(sandbox_id, None)
-        return finish_sandbox(spawned)
+        result = finish_sandbox(spawned)
+        audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
+        return result
 
     def kill(self, sandbox_id: int) -> None:
         """Kill the whole tree now."""
@@ -122,6 +129,8 @@ class Launcher:
         if spawned.cgroup is not None:
             spawned.cgroup.freeze()
             return "cgroup freezer"
+        import psutil
+
         pids = [spawned.pid] + [p.pid for p in psutil.Process(spawned.pid).children(recursive=True)]
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
@@ -154,6 +163,8 @@ class Launcher:
             return {"wall_seconds": wall, "cpu_seconds": stats.cpu_usage_usec / 1e6,
                     "memory_bytes": stats.memory_current_bytes, "memory_peak_bytes": stats.memory_peak_bytes,
                     "processes": stats.pids_current, "frozen": stats.frozen}
+        import psutil  # no cgroup: read the tree from /proc
+
         try:
             tree = [psutil.Process(spawned.pid)]
             tree += tree[0].children(recursive=True)
@@ -170,6 +181,8 @@ class Launcher:
         wall = time.monotonic() - spawned.started
         if spawned.cgroup is not None:
             return usage_from_cgroup(spawned.cgroup.stats(), wall)
+        import psutil  # no cgroup: read the tree from /proc
+
         try:
             tree = [psutil.Process(spawned.pid)]
             tree += tree[0].children(recursive=True)

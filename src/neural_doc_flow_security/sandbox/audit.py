@@ -1,0 +1,45 @@
+"""The audit log: one record when a sandbox starts and one when it ends, on the
+`neural_doc_flow_security.audit` logger, with the isolation actually in force
+and every protection that was not enforced (a fallback backend, or a limit the
+caller allowed to degrade). Configure that logger to keep the records."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .result import IsolationReport, SandboxResult
+
+LOGGER_NAME = "neural_doc_flow_security.audit"
+
+
+def _logger() -> Any:
+    import logging  # imported on first use: `ndf-sandbox run` starts without it
+
+    return logging.getLogger(LOGGER_NAME)
+
+
+def sandbox_started(name: str, pid: int, isolation: IsolationReport) -> None:
+    """Record a start: which backend, namespaces, limits, and what is NOT enforced."""
+    logger = _logger()
+    if not logger.isEnabledFor(20):  # INFO
+        return
+    logger.info("sandbox started %s", json.dumps({
+        "name": name, "pid": pid, "backend": isolation.backend, "namespaces": isolation.namespaces,
+        "seccomp": isolation.seccomp.split(":")[0], "uid": isolation.uid, "cgroup": bool(isolation.cgroup),
+        "limits": isolation.limits, "not_enforced": isolation.not_enforced}))
+    if isolation.not_enforced:
+        logger.warning("sandbox %s runs WITHOUT: %s", name, "; ".join(isolation.not_enforced))
+
+
+def sandbox_ended(name: str, result: SandboxResult) -> None:
+    """Record an end: outcome and the kernel's resource figures."""
+    logger = _logger()
+    if not logger.isEnabledFor(20):
+        return
+    usage = result.resource_usage
+    logger.info("sandbox ended %s", json.dumps({
+        "name": name, "outcome": result.outcome.value, "exit_code": result.exit_code, "signal": result.signal,
+        "wall_seconds": round(usage.wall_seconds, 6), "cpu_seconds": round(usage.cpu_user_seconds
+                                                                           + usage.cpu_system_seconds, 6),
+        "memory_peak_bytes": usage.memory_peak_bytes, "error": (result.error or "")[:500]}))
