@@ -259,6 +259,30 @@ _cache: dict[tuple[str, int, int, int], SeccompProgram] = {}
 _cache_lock = threading.Lock()
 
 
+def _pyseccomp() -> Any:
+    """Import pyseccomp. It locates libc and libseccomp with ctypes.util.find_library,
+    which runs `ldconfig -p` in a subprocess (tens of milliseconds, on every
+    `ndf-sandbox run`); the glibc sonames are tried first."""
+    import sys
+
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
+    import ctypes.util
+
+    original = ctypes.util.find_library
+    sonames = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+    ctypes.util.find_library = lambda name: sonames.get(name) or original(name)
+    try:
+        import pyseccomp
+    except OSError:  # not those sonames here: let find_library search
+        sys.modules.pop("pyseccomp", None)
+        ctypes.util.find_library = original
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = original
+    return pyseccomp
+
+
 def compile_profile(spec: str) -> SeccompProgram:
     """Compile ``spec`` ("default", "off" or an absolute profile path) to a SeccompProgram.
 
@@ -346,7 +370,7 @@ def load_profile_file(path: str) -> SeccompProfile:
 
 def build_program(profile: SeccompProfile) -> SeccompProgram:
     """Compile a validated profile with libseccomp and export it as raw BPF."""
-    import pyseccomp
+    pyseccomp = _pyseccomp()
 
     flt, denied, skipped = _build_filter(profile)
     fd = os.memfd_create("ndf-seccomp-bpf", os.MFD_CLOEXEC)
@@ -411,17 +435,17 @@ def libseccomp_version() -> str:
     class _Version(ctypes.Structure):
         _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
 
-    path = ctypes.util.find_library("seccomp")
-    if path is None:
+    library = getattr(_pyseccomp(), "_libseccomp", None)  # the one pyseccomp loaded
+    if library is None:
         return "unknown"
-    fn = ctypes.CDLL(path).seccomp_version
+    fn = library.seccomp_version
     fn.restype = ctypes.POINTER(_Version)
     v = fn().contents
     return f"{v.major}.{v.minor}.{v.micro}"
 
 
 def _build_filter(profile: SeccompProfile) -> tuple[Any, list[str], list[str]]:
-    import pyseccomp as scmp
+    scmp = _pyseccomp()
 
     deny_action = _deny_action(scmp, profile)
     flt = scmp.SyscallFilter(scmp.ALLOW)
@@ -506,7 +530,7 @@ _native_names: tuple[str, ...] | None = None
 def _native_syscall_names() -> tuple[str, ...]:
     global _native_names
     if _native_names is None:
-        import pyseccomp as scmp
+        scmp = _pyseccomp()
 
         names: set[str] = set()
         for nr in range(1024):
@@ -537,7 +561,7 @@ def _read_profile_data(path: str) -> dict[str, Any]:
 
 
 def _syscall_list(data: Mapping[str, Any], key: str, fail: Any) -> list[str]:
-    import pyseccomp as scmp
+    scmp = _pyseccomp()
 
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
