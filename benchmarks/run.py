@@ -463,12 +463,12 @@ async def scenario_memory(sizes: tuple[int, ...], latency_calls: int) -> list[Ta
             row["spawned"] = len(handles)
             row["spawn_s"] = time.perf_counter() - start
             await asyncio.sleep(1.5)
-            zygote = manager._starter.pid  # type: ignore[attr-defined]
-            children = _sandbox_processes(zygote)
+            zygotes = manager._starter.pids  # type: ignore[attr-defined]
+            children = [c for z in zygotes for c in _sandbox_processes(z)]
             row["live_sandboxes"] = len(children)
             grown = me.memory_info().rss - base_rss
             row["manager_rss_delta_per_sandbox_kib"] = grown / max(1, len(handles)) / 1024
-            row["zygote_rss_mib"] = psutil.Process(zygote).memory_info().rss / 2**20
+            row["zygote_rss_mib"] = sum(psutil.Process(z).memory_info().rss for z in zygotes) / 2**20 / len(zygotes)
             uss = []
             for init in random.sample(children, min(10, len(children))):
                 with contextlib.suppress(psutil.Error):
