@@ -195,18 +195,10 @@ def sandbox_cgroups(owner_pids: set[int] | None = None) -> list[str]:
 
 def remove_cgroup_dirs(paths: list[str]) -> None:
     """Cleanup after a failure: rmdir (empty) cgroups this test's managers left."""
+    from conftest import _try_rmdir
+
     for path in paths:
         wait_until(lambda p=path: _try_rmdir(p), timeout=10)  # type: ignore[misc]
-
-
-def _try_rmdir(path: str) -> bool:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------

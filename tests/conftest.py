@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import _cgroup_helpers
+
 # ---------------------------------------------------------------------------
 # ndf-sandbox CLI: run it (as root or as an unprivileged user), find processes
 # ---------------------------------------------------------------------------
@@ -256,3 +258,30 @@ def _try_rmdir(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------
+# cgroup I/O tests (v1 on the host, v2 in the guest VM)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def io_target() -> Iterator[tuple[str, str, int]]:
+    """(path, "MAJ:MIN" of its whole disk, offset) for O_DIRECT writes.
+
+    NDF_TEST_RAW_DISK=/dev/vdX names a scratch disk the test may overwrite (the guest
+    VM); otherwise a temp file on the disk under NDF_TEST_IO_DIR or /var/tmp.
+    """
+    raw = os.environ.get("NDF_TEST_RAW_DISK")
+    if raw:
+        dev = _cgroup_helpers.whole_disk_of(raw)
+        assert dev, f"{raw} is not a block device"
+        yield raw, dev, 0
+        return
+    base = tempfile.mkdtemp(prefix="ndf-io-", dir=os.environ.get("NDF_TEST_IO_DIR", "/var/tmp"))
+    try:
+        dev = _cgroup_helpers.whole_disk_of(base)
+        if dev is None:
+            pytest.skip(f"{base} is not on a block device (set NDF_TEST_RAW_DISK)")
+        yield os.path.join(base, "data"), dev, 0
+    finally:
+        shutil.rmtree(base)

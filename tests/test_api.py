@@ -544,13 +544,8 @@ def test_cannot_write_host_filesystem(method: str, no_leaks: LeakTracker) -> Non
 
 
 @pytest.fixture
-def loopback_server() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
+def loopback_server(loopback_listener: socket.socket) -> socket.socket:
+    return loopback_listener  # conftest's non-blocking 127.0.0.1 listener
 
 
 def test_cannot_connect_to_host_loopback_listener(method: str, loopback_server: socket.socket) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,7 +21,6 @@ from _cgroup_helpers import (
     ndf_leftovers,
     process_state,
     wait_for,
-    whole_disk_of,
 )
 from neural_doc_flow_security.sandbox.errors import UnsupportedError
 from neural_doc_flow_security.sandbox.linux.cgroups import (
@@ -205,29 +202,6 @@ def test_missing_limit_support_fails_closed() -> None:
     with pytest.raises(UnsupportedError) as e:
         create_sandbox_cgroup("x", CgroupLimits(memory_high_bytes=64 * MiB))
     assert e.value.protection == "memory_high_bytes"
-
-
-@pytest.fixture
-def io_target() -> Iterator[tuple[str, str, int]]:
-    """(path, "MAJ:MIN" of its whole disk, offset) for O_DIRECT writes.
-
-    NDF_TEST_RAW_DISK=/dev/vdX names a scratch disk the test may overwrite (the guest
-    VM); otherwise a temp file on the disk under NDF_TEST_IO_DIR or /var/tmp.
-    """
-    raw = os.environ.get("NDF_TEST_RAW_DISK")
-    if raw:
-        dev = whole_disk_of(raw)
-        assert dev, f"{raw} is not a block device"
-        yield raw, dev, 0
-        return
-    base = tempfile.mkdtemp(prefix="ndf-io-", dir=os.environ.get("NDF_TEST_IO_DIR", "/var/tmp"))
-    try:
-        dev = whole_disk_of(base)
-        if dev is None:
-            pytest.skip(f"{base} is not on a block device (set NDF_TEST_RAW_DISK)")
-        yield os.path.join(base, "data"), dev, 0
-    finally:
-        shutil.rmtree(base)
 
 
 def test_direct_writes_are_throttled(make_cgroup: Callable[[CgroupLimits], V1Cgroup],

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -29,7 +27,6 @@ from _cgroup_helpers import (
     ndf_leftovers,
     process_state,
     wait_for,
-    whole_disk_of,
 )
 from neural_doc_flow_security.sandbox.linux import cgroups
 from neural_doc_flow_security.sandbox.linux.cgroups import (
@@ -261,29 +258,6 @@ def test_update_changes_limits_while_running(make_cgroup: Callable[[CgroupLimits
     assert _files.read_text(f"{cg.path}/memory.max") == "max"
     assert _files.read_text(f"{cg.path}/cpu.max") == "max 100000"
     assert _files.read_text(f"{cg.path}/pids.max") == "max"
-
-
-@pytest.fixture
-def io_target() -> Iterator[tuple[str, str, int]]:
-    """(path, "MAJ:MIN" of its whole disk, offset) for O_DIRECT writes.
-
-    NDF_TEST_RAW_DISK=/dev/vdX names a scratch disk the test may overwrite (the guest
-    VM); otherwise a temp file on the disk under NDF_TEST_IO_DIR or /var/tmp.
-    """
-    raw = os.environ.get("NDF_TEST_RAW_DISK")
-    if raw:
-        dev = whole_disk_of(raw)
-        assert dev, f"{raw} is not a block device"
-        yield raw, dev, 0
-        return
-    base = tempfile.mkdtemp(prefix="ndf-io-", dir=os.environ.get("NDF_TEST_IO_DIR", "/var/tmp"))
-    try:
-        dev = whole_disk_of(base)
-        if dev is None:
-            pytest.skip(f"{base} is not on a block device (set NDF_TEST_RAW_DISK)")
-        yield os.path.join(base, "data"), dev, 0
-    finally:
-        shutil.rmtree(base)
 
 
 @needs_controllers
