@@ -51,6 +51,7 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
     previous_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     try:
         with _forwarding_signals(spawned, received):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)  # held since before the launch
             while True:
                 now = time.monotonic()
                 limits = [t for t in (deadline, received[0] + grace_seconds if received else None) if t is not None]
@@ -86,12 +87,18 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
                   grace_seconds: float = 5.0) -> SandboxResult:
     """Run `payload` in a fresh sandbox and return its result."""
     launcher = Launcher()
-    spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map))
+    # A signal that arrives while the sandbox starts is held, then forwarded to it
+    # (the child starts with an empty signal mask, see bootstrap's signal stage).
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
     try:
-        wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
+        spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map))
+        try:
+            wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
+        finally:
+            if not _exited(spawned):
+                spawned.kill()
     finally:
-        if not _exited(spawned):
-            spawned.kill()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return launcher.finish(0)
 
 
