@@ -209,7 +209,8 @@ class AsyncChannel:
         sock.setblocking(False)
         self._sock = sock
         self._codec = _RecordCodec(limits or DecodeLimits(), role)
-        self._buffer = bytearray(self._codec.limits.max_inline_bytes)
+        # No receive buffer is kept per channel (a manager may hold thousands):
+        # recvmsg allocates each record, sized to what arrived.
         self._receive_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self._waiters: set[asyncio.Future[None]] = set()
@@ -268,8 +269,8 @@ class AsyncChannel:
                 if self._closed or self._eof:
                     return None
                 try:
-                    nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-                        [self._buffer], self._codec.ancbufsize, _RECV_FLAGS
+                    record, ancdata, msg_flags, _ = self._sock.recvmsg(
+                        self._codec.limits.max_inline_bytes, self._codec.ancbufsize, _RECV_FLAGS
                     )
                 except (BlockingIOError, InterruptedError):
                     await self._wait(writable=False)
@@ -278,13 +279,13 @@ class AsyncChannel:
                     self._eof = True
                     return None
                 fds = _fds_from_ancdata(ancdata)
-                if nbytes == 0 and not msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if not record and not msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     # SEQPACKET reports EOF as a zero-length read; a zero-length
                     # record (never sent by this protocol) reads the same.
                     _close_all(fds)
                     self._eof = True
                     return None
-                return self._codec.unpack(memoryview(self._buffer)[:nbytes], msg_flags, fds)
+                return self._codec.unpack(memoryview(record), msg_flags, fds)
 
     async def _wait(self, *, writable: bool) -> None:
         loop = asyncio.get_running_loop()
