@@ -21,6 +21,7 @@ import enum
 import itertools
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -64,6 +65,25 @@ class SandboxInfo:
     health: Health
     kind: str
     age_seconds: float
+
+
+def _pickle_call(call: tuple[Any, ...]) -> bytes:
+    """cloudpickle the (function, args, kwargs) call. A function whose module the
+    sandbox cannot import (it lives outside the Python installation that is bound
+    in: a script, a test, an application directory) travels by value."""
+    from .linux.rootfs import covered, python_paths
+
+    module = sys.modules.get(getattr(call[0], "__module__", "") or "")
+    source = getattr(module, "__file__", None)
+    by_value = (module is not None and module.__name__ != "__main__" and source is not None
+                and not covered(os.path.realpath(source), python_paths()))
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return bytes(cloudpickle.dumps(call))
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 class _OutputCapture:
@@ -479,7 +499,7 @@ class SandboxManager:
         if not self._started or self._closed:
             raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
         assert self._slots is not None
-        call_bytes = cloudpickle.dumps(call) if call is not None else None
+        call_bytes = _pickle_call(call) if call is not None else None
         await self._slots.acquire()
         try:
             handle = self._pool.take() if self._pool is not None and config in (None, self.config) \

@@ -1,23 +1,24 @@
 """The child's bootstrap: every protection, in order, in one place.
 
-The child is created by clone3 with all its namespaces (see spawn.py). It runs
-the init stages, then forks: the first process stays behind as the sandbox's
-pid 1 (init.py), the second runs the payload stages and becomes the payload.
-Any stage that fails reports "stage, errno, message" on the error pipe and the
-process exits: nothing half-protected ever runs the payload (fail closed).
+The child is created by clone3 with all its namespaces (see spawn.py) and is
+the sandbox's pid 1 (init.py). Any stage that fails reports "stage, errno,
+message" on the error pipe and the process exits: nothing half-protected ever
+runs the payload (fail closed).
 
-    init stages                         confinement (_confine)
-    1 new session                       10 file descriptors (map, close the rest)
-    2 signals reset                     11 rlimits
-    3 parent-death signal               12 identity (unprivileged uid/gid)
-    4 wait for the id maps              13 parent-death signal, re-armed
-    5 mounts (new root, pivot_root)     14 capabilities
-    6 hostname                          15 no_new_privs
-    7 loopback                          16 seccomp (last)
-    8 wait for the cgroup               17 exec / run the callable
-    9 a program: init confines itself and posix_spawns it;
-      a callable: init forks, the child confines itself and runs it;
-      init then reaps and forwards signals
+    init stages                          confinement (_confine)
+    1 new session                        10 file descriptors (map, close the rest)
+    2 signals reset                      11 rlimits
+    3 parent-death signal                12 identity (unprivileged uid/gid)
+    4 wait for the id maps               13 parent-death signal, re-armed
+    5 not dumpable                       14 capabilities
+    6 mounts (new root, pivot_root)      15 no_new_privs
+    7 hostname, loopback                 16 seccomp (last)
+    8 wait for the cgroup                17 exec / run the callable (the error
+    9 a program: init confines itself       pipe is closed first: nothing
+      and posix_spawns it; a callable:      untrusted ever holds it)
+      init forks, the child confines
+      itself and runs it; init then
+      reaps and forwards signals
 
 The parent releases the child twice: once the user namespace's id maps are
 written (b"m"), and once the child is in its cgroups (b"c"). The mounts run
@@ -50,8 +51,6 @@ from . import init
 from .plan import LaunchPlan
 from .setup_errors import report_failure
 
-# The error pipe is moved here so that the payload's fd map cannot collide with it.
-_ERROR_FD = 1023
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                       signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGCHLD)
 
@@ -118,8 +117,8 @@ def _wait_for_parent(sync_read: int, token: bytes) -> None:
 def _arrange_fds(fd_map: tuple[tuple[int, int], ...], keep_also: tuple[int, ...]) -> None:
     """Give the payload exactly the fds of `fd_map` (target <- source); close all
     others but `keep_also` (close-on-exec pipes to the parent)."""
-    staged = [(target, fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, 1024 + i))
-              for i, (target, source) in enumerate(fd_map)]
+    above = max((target for target, _ in fd_map), default=2) + 1
+    staged = [(target, fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, above)) for target, source in fd_map]
     for target, source in staged:
         os.dup2(source, target, inheritable=True)
         os.close(source)
@@ -150,7 +149,9 @@ def _confine(plan: LaunchPlan, err: int, fd_map: tuple[tuple[int, int], ...], ke
 def run_child(plan: LaunchPlan, pipes: ChildPipes, payload: Payload,
               fd_map: tuple[tuple[int, int], ...], parent_pid: int) -> NoReturn:
     """Entry point of the clone3 child. Never returns."""
-    err = fcntl.fcntl(pipes.error_write, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD)
+    # Above every fd the payload is to get, so that the fd map cannot collide with it.
+    lowest = max((target for target, _ in fd_map), default=2) + 1
+    err = fcntl.fcntl(pipes.error_write, fcntl.F_DUPFD_CLOEXEC, lowest)
     os.close(pipes.error_write)
     cfg = plan.config
 
@@ -159,6 +160,9 @@ def run_child(plan: LaunchPlan, pipes: ChildPipes, payload: Payload,
     _stage("signals", err, _reset_signals)
     _stage("parent-death signal", err, lambda: sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL))
     _stage("wait for the id maps", err, lambda: _wait_for_parent(pipes.sync_read, b"m"))
+    # Not dumpable (only now: an unprivileged parent writes the maps through /proc/<pid>):
+    # the payload, same uid in a user namespace, must never open /proc/1/fd/*.
+    _stage("not dumpable", err, lambda: sc.prctl(sc.PR_SET_DUMPABLE, 0))
     if plan.rootfs is not None:
         rootfs = plan.rootfs
         _stage("mounts", err, lambda: apply_rootfs(rootfs))
@@ -192,6 +196,11 @@ def run_child(plan: LaunchPlan, pipes: ChildPipes, payload: Payload,
     os.close(pipes.status_write)
     _stage("parent-death signal", err, lambda: _die_with(init_pid))
     _confine(plan, err, fd_map, (), lambda: _die_with(init_pid))
+    if payload.needs_python:
+        # Every stage passed; the callable is untrusted code that never execs, so
+        # the error pipe (close-on-exec) must be closed by hand before it runs.
+        os.close(err)
+        payload.run(plan.environment)
     _stage("exec", err, lambda: payload.run(plan.environment))
     os._exit(EXIT_SANDBOX_ERROR)  # unreachable: payload.run does not return
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from .. import audit
 from ..config import SandboxConfig
-from ..errors import SandboxError, SetupError
-from ..result import ResourceUsage, SandboxResult
+from ..errors import SandboxError, SetupError, UnsupportedError
+from ..result import Outcome, ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from .plan import plan_launch
 from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox, usage_from_cgroup
@@ -63,6 +63,9 @@ class Launcher:
         config = effective_config(request)
         plan = plan_launch(config)
         cgroup = resources.create_cgroup(config, request.name, plan)
+        if cgroup is None and "pid" not in plan.namespaces.names:
+            raise UnsupportedError("namespaces.pid", "without a pid namespace only a cgroup can contain the "
+                                   "process tree (orphans, the timeout), and no cgroup can be created here")
         try:
             spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map)
         except BaseException as e:
@@ -93,7 +96,10 @@ class Launcher:
             if deadline is not None and now >= deadline:
                 spawned.timed_out = True
                 self._thaw_quietly(sandbox_id)
-                spawned.kill()
+                try:
+                    spawned.kill()
+                except Exception as e:  # noqa: BLE001 - init was signalled first; keep going
+                    _log().error("cannot kill the cgroup of sandbox %s: %s", sandbox_id, e)
                 expired.append(sandbox_id)
         return expired
 
@@ -105,7 +111,12 @@ class Launcher:
         """Reap an exited sandbox (its pidfd is readable) into its result."""
         spawned = self.running.pop(sandbox_id)
         self._paused_by_signal.pop(sandbox_id, None)
-        result = finish_sandbox(spawned)
+        try:
+            result = finish_sandbox(spawned)
+        except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
+            _log().error("cannot collect sandbox %s: %s", sandbox_id, e)
+            result = SandboxResult(Outcome.SANDBOX_ERROR, error=f"the launcher could not collect it: {e}",
+                                   isolation=spawned.isolation())
         audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
         return result
 

@@ -30,6 +30,7 @@ class LaunchPlan:
     capabilities: CapabilityPlan
     seccomp: seccomp.SeccompProgram
     environment: tuple[bytes, ...]
+    not_enforced: tuple[str, ...] = ()  # what this config, on this host, leaves open
 
     def isolation_report(self, cgroup: str = "", limits: tuple[str, ...] = ()) -> IsolationReport:
         """What this plan enforces (the bootstrap fails closed, so planned == in force)."""
@@ -45,6 +46,7 @@ class LaunchPlan:
             seccomp=self.seccomp.description,
             cgroup=cgroup,
             limits=self.rlimits.describe() + limits,
+            not_enforced=self.not_enforced,
         )
 
 
@@ -67,4 +69,23 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         capabilities=plan_capabilities(config.capabilities),
         seccomp=seccomp.compile_profile(config.seccomp),
         environment=tuple(f"{k}={v}".encode() for k, v in config.environment),
+        not_enforced=_left_open(config, ns, euid, egid),
     )
+
+
+def _left_open(config: SandboxConfig, ns: NamespacePlan, euid: int, egid: int) -> tuple[str, ...]:
+    """Consequences of the config's own choices, and of running unprivileged, that
+    the isolation report must state (nothing here was required and refused)."""
+    notes = []
+    if "pid" not in ns.names:
+        notes.append(f"namespaces.pid: off, so processes of uid {config.uid} outside the sandbox (other "
+                     "sandboxes too) are visible and can be signalled")
+    if "net" not in ns.names:
+        notes.append("namespaces.net: off, the host's network is shared")
+    if "mnt" not in ns.names:
+        notes.append("namespaces.mnt: off, the host's file system is visible")
+    extra_groups = sorted(set(os.getgroups()) - {egid}) if ns.user else []
+    if extra_groups:
+        notes.append(f"credentials: the caller's supplementary groups {extra_groups} stay in force (an "
+                     "unprivileged user namespace cannot drop them)")
+    return tuple(notes)

@@ -25,7 +25,7 @@ def parse_setup_error(report: bytes) -> SetupError:
     """Parent side: decode the report."""
     stage, _, rest = report.decode(errors="replace").partition("\0")
     code, _, message = rest.partition("\0")
-    errno_value = int(code) if code.isdigit() else 0
-    if errno_value and os.strerror(errno_value) not in message:
+    errno_value = int(code) if code.isdigit() and len(code) <= 4 else 0
+    if 0 < errno_value < 4096 and os.strerror(errno_value) not in message:
         message = f"{message} (errno {errno_value}: {os.strerror(errno_value)})"
     return SetupError(stage, message, errno_value)

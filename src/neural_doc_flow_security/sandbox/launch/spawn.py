@@ -10,6 +10,7 @@ what it reports when it ends.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import select
 import signal
@@ -26,6 +27,7 @@ from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
+_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})")  # exactly what init.encode_status writes
 
 
 @dataclass
@@ -145,11 +147,15 @@ def _has_exited(pidfd: int) -> bool:
     return bool(select.select([pidfd], [], [], 0)[0])
 
 
-def _read_all(fd: int, limit: int = 65536) -> bytes:
-    chunks = []
+def _read_available(fd: int, limit: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
     total = 0
     while total < limit:
-        chunk = os.read(fd, limit - total)
+        try:
+            chunk = os.read(fd, limit - total)
+        except BlockingIOError:
+            break
         if not chunk:
             break
         chunks.append(chunk)
@@ -171,17 +177,21 @@ def finish_sandbox(spawned: SpawnedSandbox, *, wait: bool = True) -> SandboxResu
     try:
         _, wait_status, rusage = os.wait4(spawned.pid, 0 if wait else os.WNOHANG)
         wall = time.monotonic() - spawned.started
-        error_report = _read_all(spawned.error_read)
-        status_report = _read_all(spawned.status_read, 64)
         stats: CgroupStats | None = None
         if spawned.cgroup is not None:
-            spawned.cgroup.kill()
+            spawned.cgroup.kill()  # before reading: nothing left may hold the pipes open
             stats = spawned.cgroup.stats()
+        # Non-blocking: without a pid namespace or cgroup an escaped process could
+        # still hold a pipe; what was written before init exited is there already.
+        error_report = _read_available(spawned.error_read, 4096)
+        status_report = _read_available(spawned.status_read, 32)
         return _result(spawned, wait_status, rusage, wall, error_report, status_report, stats)
     finally:
-        if spawned.cgroup is not None:
-            spawned.cgroup.destroy()
-        _close(spawned)
+        try:
+            if spawned.cgroup is not None:
+                spawned.cgroup.destroy()
+        finally:
+            _close(spawned)
 
 
 def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_rusage, wall: float,
@@ -198,9 +208,10 @@ def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_r
     base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation)
     if error_report:
         return replace(base, outcome=Outcome.SANDBOX_ERROR, error=str(parse_setup_error(error_report)))
-    kind, _, value = status_report.decode(errors="replace").partition(" ")
-    exit_code = int(value) if kind == "exit" and value.lstrip("-").isdigit() else None
-    sig = int(value) if kind == "signal" and value.isdigit() else None
+    match = _STATUS.fullmatch(status_report)
+    kind = match.group(1).decode() if match else ""
+    exit_code = int(match.group(2)) if match and kind == "exit" else None
+    sig = int(match.group(2)) if match and kind == "signal" else None
     if kind not in ("exit", "signal") and os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)  # init itself was killed (timeout, stop, OOM)
     base = replace(base, exit_code=exit_code, signal=sig)

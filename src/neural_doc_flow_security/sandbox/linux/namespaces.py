@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import NamespaceConfig
+from ..errors import UnsupportedError
 from . import syscalls
 
 _FLAGS = {
@@ -40,8 +41,8 @@ class NamespacePlan:
 
 def plan_namespaces(config: NamespaceConfig, inner_uid: int, inner_gid: int,
                     euid: int, egid: int) -> NamespacePlan:
-    """Which namespaces to unshare. With a user namespace the sandbox's uid/gid map
-    to the caller's own (unprivileged) or to the same ids (root)."""
+    """Which namespaces to unshare. With a user namespace (a caller that is not root)
+    the sandbox's uid/gid map to the caller's own."""
     wanted = {
         "user": config.user_enabled(euid), "pid": config.pid, "net": config.net,
         "mnt": config.mnt, "uts": config.uts, "ipc": config.ipc, "cgroup": config.cgroup,
@@ -52,8 +53,13 @@ def plan_namespaces(config: NamespaceConfig, inner_uid: int, inner_gid: int,
         flags |= _FLAGS[name]
     if not wanted["user"]:
         return NamespacePlan(names, flags)
-    outer_uid, outer_gid = (inner_uid, inner_gid) if euid == 0 else (euid, egid)
-    return NamespacePlan(names, flags, f"{inner_uid} {outer_uid} 1\n", f"{inner_gid} {outer_gid} 1\n")
+    if euid == 0:
+        # Root's child would itself be unmapped in a one-id map and could not set up
+        # the root; that needs a subordinate id range (/etc/subuid), not done yet.
+        raise UnsupportedError("namespaces.user", "as root, a user namespace needs a subordinate uid range, "
+                               "which is not supported yet; leave namespaces.user unset (as root the "
+                               "sandbox drops to an unprivileged uid without one)")
+    return NamespacePlan(names, flags, f"{inner_uid} {euid} 1\n", f"{inner_gid} {egid} 1\n")
 
 
 def write_id_maps(pid: int, plan: NamespacePlan) -> None:

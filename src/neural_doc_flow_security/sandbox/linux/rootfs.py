@@ -13,9 +13,11 @@ only executes it (`apply_rootfs`).
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import FilesystemConfig
@@ -61,19 +63,33 @@ class RootfsPlan:
     tmp_size_mb: int
 
 
-def _python_paths() -> list[str]:
-    """Directories a Python payload needs: the interpreter's prefixes and sys.path."""
-    paths = [sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-    paths += [p for p in sys.path if p]
+@functools.cache
+def python_paths() -> tuple[str, ...]:
+    """Directories a Python payload needs: the interpreter (prefixes, standard
+    library, site-packages) and this package. Not the rest of sys.path: the host
+    application's own directories (its script directory, configuration, secrets)
+    stay invisible; a callable defined there travels by value (see api.py)."""
+    import site
+    import sysconfig
+
+    import neural_doc_flow_security
+
+    paths = [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable))]
+    paths += [sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")]
+    paths += site.getsitepackages()
+    # Where this package is imported from (an editable install lives outside site-packages).
+    paths.append(os.path.dirname(os.path.dirname(os.path.realpath(neural_doc_flow_security.__file__))))
     found: list[str] = []
     for path in paths:
         real = os.path.realpath(path)
-        if os.path.exists(real) and real != "/":
+        if os.path.exists(real) and real != "/" and real not in found:
             found.append(real)
-    return found
+    return tuple(found)
 
 
-def _covered(path: str, parents: list[str]) -> bool:
+def covered(path: str, parents: Iterable[str]) -> bool:
+    """Whether `path` is one of `parents` or below one."""
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
@@ -95,8 +111,8 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int, gid: int, hostname: str) 
         if os.path.exists(path):
             binds.append(Bind(path, path, True))
     if config.python:
-        for path in _python_paths():
-            if not _covered(path, bound):
+        for path in python_paths():
+            if not covered(path, bound):
                 binds.append(Bind(path, path, True))
                 bound.append(path)
     for bind in config.read_only_binds + config.binds:

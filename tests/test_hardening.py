@@ -1,0 +1,116 @@
+"""Regression tests for holes a security review found, each named after the threat."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from neural_doc_flow_security.sandbox.api import SandboxManager
+from neural_doc_flow_security.sandbox.config import NamespaceConfig, SandboxConfig
+from neural_doc_flow_security.sandbox.errors import UnsupportedError
+from neural_doc_flow_security.sandbox.launch.setup_errors import parse_setup_error
+from neural_doc_flow_security.sandbox.launch.supervise import run_program
+
+NDF_SANDBOX = str(Path(sys.executable).with_name("ndf-sandbox"))
+UNPRIVILEGED = ["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", "--"]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches to uid 4242 / runs as root")
+
+
+def _open_fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"), key=int)
+
+
+@needs_root
+def test_callable_holds_no_fd_of_the_launcher() -> None:
+    """A Python plugin never execs: it must not inherit the set-up error pipe (it could
+    forge a set-up failure, or hang the launcher by keeping it open)."""
+    async def scenario() -> object:
+        async with SandboxManager(status_interval=None) as manager:
+            return (await manager.execute_sandboxed("fds", _open_fds)).output
+
+    fds = asyncio.run(scenario())
+    assert fds in (["0", "1", "2", "3", "4"], ["0", "1", "2", "3"]), fds  # 4: the listing itself
+
+
+def test_a_forged_setup_report_cannot_crash_the_parser() -> None:
+    for report in (b"x\x0099999999999\x00boom", b"x\x00" + b"9" * 5000 + b"\x00boom", b"\xff\x00\x00",
+                   b"", b"stage-only"):
+        error = parse_setup_error(report)
+        assert error.errno == 0
+
+
+@needs_root
+def test_without_a_pid_namespace_and_without_a_cgroup_the_launch_is_refused() -> None:
+    """Only a pid namespace or a cgroup can contain the tree (orphans, the timeout):
+    unprivileged here there is no cgroup, so pid=false must be refused."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", dir="/var/tmp") as profile:
+        profile.write("[namespaces]\npid = false\n")
+        profile.flush()
+        os.chmod(profile.name, 0o644)
+        proc = subprocess.run([*UNPRIVILEGED, NDF_SANDBOX, "run", "--profile", profile.name, "--", "true"],
+                              capture_output=True, cwd="/tmp", timeout=60)
+    assert proc.returncode == 126, proc.stderr
+    assert b"namespaces.pid" in proc.stderr and b"cgroup" in proc.stderr
+
+
+@needs_root
+def test_payload_cannot_open_init_fds_in_a_user_namespace() -> None:
+    """Rootless, init and payload share a uid; init is not dumpable, so the payload
+    cannot reach init's pipes to the host through /proc/1/fd."""
+    proc = subprocess.run([*UNPRIVILEGED, NDF_SANDBOX, "run", "--", "sh", "-c",
+                           "ls /proc/1/fd >/dev/null 2>&1 && echo OPENED || echo DENIED"],
+                          capture_output=True, cwd="/tmp", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == b"DENIED"
+
+
+@needs_root
+def test_root_with_a_user_namespace_is_refused_clearly() -> None:
+    with pytest.raises(UnsupportedError) as e:
+        run_program(SandboxConfig(namespaces=NamespaceConfig(user=True)), ["true"])
+    assert e.value.protection == "namespaces.user"
+
+
+@needs_root
+def test_host_application_directories_stay_invisible_to_python_plugins() -> None:
+    """The manager's sys.path may hold an application directory with secrets: only
+    the Python installation and this package are bound into a Python sandbox."""
+    app_dir = tempfile.mkdtemp(prefix="ndf-app-", dir="/var/tmp")
+    secret = Path(app_dir) / ".env"
+    secret.write_text("API_TOKEN=do-not-leak\n")
+    os.chmod(app_dir, 0o755)
+    os.chmod(secret, 0o644)
+    sys.path.insert(0, app_dir)
+    try:
+        def look() -> str:
+            try:
+                return open(f"{app_dir}/.env").read()
+            except OSError as e:
+                return type(e).__name__
+
+        async def scenario() -> object:
+            async with SandboxManager(status_interval=None) as manager:
+                return (await manager.execute_sandboxed("look", look)).output
+
+        assert asyncio.run(scenario()) == "FileNotFoundError"
+    finally:
+        sys.path.remove(app_dir)
+        secret.unlink()
+        os.rmdir(app_dir)
+
+
+def test_works_with_a_low_open_file_limit() -> None:
+    """The bootstrap places its own fds just above the payload's, not at fixed high numbers."""
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.run([NDF_SANDBOX, "run", "--nofile", "32", "--", "true"], capture_output=True,
+                          cwd="/tmp", timeout=60, preexec_fn=low_limit)
+    assert proc.returncode == 0, proc.stderr
