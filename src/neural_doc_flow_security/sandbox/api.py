@@ -501,15 +501,14 @@ class SandboxManager:
         assert self._slots is not None
         call_bytes = _pickle_call(call) if call is not None else None
         await self._slots.acquire()
+        arming: asyncio.Task[dict[str, Any]] | None = None
         try:
             handle = self._pool.take() if self._pool is not None and config in (None, self.config) \
                 and call_bytes is not None and not keep_messages else None
             if handle is not None:
                 handle.plugin_id = plugin_id
-                # Start its wall clock; no need to wait for the reply before sending the call.
+                # Start its wall clock; the reply is awaited after the call is sent.
                 arming = asyncio.create_task(self._starter.control("arm", handle.sandbox_id))
-                self._background.add(arming)
-                arming.add_done_callback(self._background.discard)
             else:
                 handle = await self._create(plugin_id, payload, config or self.config,
                                             keep_messages=keep_messages, with_channel=call_bytes is not None,
@@ -523,6 +522,9 @@ class SandboxManager:
                 await handle._channel.send(IpcMessage.call(call_bytes))
             except OSError:
                 pass  # it died before reading its work; wait() reports how
+        if arming is not None and not (await arming).get("ok"):
+            await handle.kill()  # no wall clock could be started: it must not run unbounded
+            raise SandboxError(f"{plugin_id}: the pooled sandbox could not be armed")
         return handle
 
     async def _create(self, plugin_id: str, payload: Payload, config: SandboxConfig, *, keep_messages: bool,

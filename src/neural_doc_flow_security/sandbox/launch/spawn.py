@@ -98,11 +98,11 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
                   cgroup: SandboxCgroup | None = None,
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS) -> SpawnedSandbox:
     """Start a sandbox. The caller must be single-threaded (the zygote or the CLI)."""
+    cgroup_fd = cgroup.clone_into_fd() if cgroup is not None else None
     sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
     error_read, error_write = os.pipe2(os.O_CLOEXEC)
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
     parent_pid = os.getpid()
-    cgroup_fd = cgroup.clone_into_fd() if cgroup is not None else None
     try:
         pid, pidfd = sc.clone3_fork(plan.namespaces.clone_flags, cgroup_fd)
         if pid and cgroup_fd is not None:
