@@ -255,7 +255,6 @@ class _Sandbox:
     exit_source: Any = None  # keeps a kqueue object alive (macOS)
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
-    stopped: bool = False
     frozen: bool = False
     memory_peak: int = 0
     processes_peak: int = 0
@@ -437,7 +436,6 @@ class PosixStarter(StartMethod):
         if op == "stats":
             return {"ok": True, "stats": self._sample(sandbox)}
         if op == "kill":
-            sandbox.stopped = True
             self._kill_group(sandbox)
         elif op == "signal":
             self._signal_group(sandbox, int(args["signal"]))
@@ -469,7 +467,6 @@ class PosixStarter(StartMethod):
     async def close(self) -> None:
         futures = []
         for sandbox_id, sandbox in list(self._running.items()):
-            sandbox.stopped = True
             self._kill_group(sandbox)
             futures.append(asyncio.shield(self.exit_future(sandbox_id)))
         if futures:

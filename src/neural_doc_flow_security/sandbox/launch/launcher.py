@@ -124,7 +124,6 @@ class Launcher:
         """Kill the whole tree now."""
         spawned = self.running.get(sandbox_id)
         if spawned is not None:
-            spawned.stopped = True
             self._thaw_quietly(sandbox_id)
             spawned.kill()
 

@@ -43,7 +43,6 @@ class SpawnedSandbox:
     sync_write: int = -1  # held open while we supervise: the child sees a hang-up if we die
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
-    stopped: bool = False
     armed: bool = True  # a pooled sandbox waits unarmed (no deadline) until its call comes
 
     @property
@@ -171,11 +170,11 @@ def _close(spawned: SpawnedSandbox) -> None:
             pass
 
 
-def finish_sandbox(spawned: SpawnedSandbox, *, wait: bool = True) -> SandboxResult:
+def finish_sandbox(spawned: SpawnedSandbox) -> SandboxResult:
     """Reap the init process and turn everything it left into a SandboxResult.
     Always kills what is left of the tree and destroys the cgroup."""
     try:
-        _, wait_status, rusage = os.wait4(spawned.pid, 0 if wait else os.WNOHANG)
+        _, wait_status, rusage = os.wait4(spawned.pid, 0)
         wall = time.monotonic() - spawned.started
         stats: CgroupStats | None = None
         if spawned.cgroup is not None:

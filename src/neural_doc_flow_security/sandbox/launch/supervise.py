@@ -67,7 +67,6 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
                     spawned.timed_out = True
                     spawned.kill()
                 elif received and now >= received[0] + grace_seconds:
-                    spawned.stopped = True
                     spawned.kill()
     finally:
         signal.set_wakeup_fd(previous_wakeup)
