@@ -465,3 +465,22 @@ def test_concurrent_control_requests_on_one_sandbox(method: str) -> None:
 
     first, second, _ = run(scenario())
     assert "cpu_seconds" in first.usage and "cpu_seconds" in second.usage
+
+
+def _send_one_then_return(ctx: Any) -> int:
+    ctx.send(b"one")
+    return 1
+
+
+def test_receive_without_timeout_returns_none_once_the_plugin_ended(method: str) -> None:
+    async def scenario() -> tuple[Any, Any, SandboxResult]:
+        async with manager(method, status_interval=None) as m:
+            handle = await m.spawn("once", _send_one_then_return)
+            first = await asyncio.wait_for(handle.receive(), 60)
+            second = await asyncio.wait_for(handle.receive(), 60)  # ended: None, not a hang
+            return first, second, await handle.wait()
+
+    first, second, result = run(scenario())
+    assert first is not None and bytes(first.content) == b"one"
+    assert second is None
+    assert result.outcome is Outcome.OK and result.output == 1

@@ -150,6 +150,7 @@ class SandboxHandle:
         self._status_pending = False
         self._channel: AsyncChannel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._reader: asyncio.Task[None] | None = None
         self._outputs: list[_OutputCapture] = []
         self._answered = asyncio.Event()
         self._reply: IpcMessage | None = None
@@ -179,12 +180,23 @@ class SandboxHandle:
     async def receive(self, timeout: float | None = None) -> IpcMessage | None:
         """The next message from the plugin (data, progress, log) or a status sample;
         None on timeout or once the sandbox has ended and everything was read."""
-        if self.health is Health.EXITED and self._inbox.empty():
-            return None
-        try:
-            message = await asyncio.wait_for(self._inbox.get(), timeout)
-        except TimeoutError:
-            return None
+        await asyncio.sleep(0)  # let the channel reader run even when messages are waiting
+        if not self._inbox.empty():
+            message = self._inbox.get_nowait()
+        else:
+            # Everything the plugin sent is in the inbox once its channel reader is done.
+            ended: asyncio.Future[Any] = self._reader or self._starter.exit_future(self.sandbox_id)
+            if ended.done():
+                return None
+            getter = asyncio.ensure_future(self._inbox.get())
+            try:
+                await asyncio.wait([getter, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if not getter.done() or getter.cancelled():
+                return self._inbox.get_nowait() if not self._inbox.empty() else None
+            message = getter.result()
         if message.kind is MessageKind.STATUS:
             self._status_pending = False
         return message
@@ -308,7 +320,8 @@ class SandboxHandle:
         self._channel = channel
         self._outputs = [_OutputCapture(stdout_fd, output_limit), _OutputCapture(stderr_fd, output_limit)]
         if channel is not None:
-            self._tasks.append(asyncio.create_task(self._read_channel(channel)))
+            self._reader = asyncio.create_task(self._read_channel(channel))
+            self._tasks.append(self._reader)
         if status_interval and self._keep_messages:
             self._tasks.append(asyncio.create_task(self._sample_status(status_interval)))
 
