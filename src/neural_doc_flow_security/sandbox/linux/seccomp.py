@@ -36,14 +36,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import difflib
 import errno as errno_mod
-import json
 import os
 import struct
 import sys
 import threading
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -552,6 +549,9 @@ def _read_profile_data(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(STAGE, f"{path}: cannot read profile file: {exc.strerror}") from exc
     try:
+        import json  # profile files only: keeps the default path's imports small
+        import tomllib
+
         data: Any = tomllib.loads(raw.decode()) if ext == ".toml" else json.loads(raw)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(STAGE, f"{path}: not valid {ext[1:].upper()}: {exc}") from exc
@@ -589,6 +589,8 @@ def _parse_errno(value: Any, fail: Any) -> int:
 
 
 def _did_you_mean(word: str, candidates: tuple[str, ...] | list[str]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(word, candidates, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
