@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
+from conftest import wait_until  # noqa: F401 - also re-exported to the API test modules
 from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.launch import start_methods
@@ -55,17 +56,6 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05) -> bool:
-    """Poll `predicate` until true or `timeout` passes; return its last truth."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
 
 
 async def async_wait_until(predicate: Callable[[], object], timeout: float = 30.0,

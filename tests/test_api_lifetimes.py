@@ -311,15 +311,22 @@ def test_sigkilled_manager_takes_its_sandboxes_along(method: str, kill_zygote_to
         left = sandbox_cgroups(owners)
         assert not left, f"stale cgroups of the dead manager survived a new start(): {left}"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=60)
-        kill_survivors(watched)
-        with contextlib.suppress(Exception):
-            remove_cgroup_dirs(sandbox_cgroups(owners))
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        _end_manager_script(process, watched, owners)
+
+
+def _end_manager_script(process: subprocess.Popen[bytes], watched: list[psutil.Process],
+                        owners: set[int]) -> None:
+    """Clean-up of the manager-script tests: reap the script, kill what it left, remove
+    (empty) cgroups it owned, close its pipes."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=60)
+    kill_survivors(watched)
+    with contextlib.suppress(Exception):
+        remove_cgroup_dirs(sandbox_cgroups(owners))
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def test_stale_cgroups_of_a_zombie_manager_are_removed(no_leaks: LeakTracker) -> None:
@@ -353,12 +360,4 @@ def test_stale_cgroups_of_a_zombie_manager_are_removed(no_leaks: LeakTracker) ->
         run(fresh_manager())
         assert not [p for p in stale if os.path.exists(p)]
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=60)
-        kill_survivors(watched)
-        with contextlib.suppress(Exception):
-            remove_cgroup_dirs(sandbox_cgroups(owners))
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        _end_manager_script(process, watched, owners)

@@ -44,6 +44,7 @@ class SpawnedSandbox:
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
     armed: bool = True  # a pooled sandbox waits unarmed (no deadline) until its call comes
+    _isolation: IsolationReport | None = field(default=None, repr=False)
 
     @property
     def deadline(self) -> float | None:
@@ -66,8 +67,10 @@ class SpawnedSandbox:
             pass
 
     def isolation(self) -> IsolationReport:
-        """The protections in force for this sandbox."""
-        return self.plan.isolation_report(cgroup=self.cgroup.description if self.cgroup else "")
+        """The protections in force for this sandbox (built once: audit, zygote reply, result)."""
+        if self._isolation is None:
+            self._isolation = self.plan.isolation_report(cgroup=self.cgroup.description if self.cgroup else "")
+        return self._isolation
 
     def kill(self) -> None:
         """Kill the whole tree. With a pid namespace, killing its init kills every
