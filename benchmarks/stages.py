@@ -2,133 +2,74 @@
 
 Run as its own process (run.py does: `python benchmarks/stages.py --runs N`); it prints JSON.
 
-How: before running, this process wraps (monkeypatches) the functions the launch
-calls through module attributes: the parent's steps (plan, cgroup,
-clone3, id maps, wait, finish), every named stage of the child bootstrap
-(`bootstrap._stage`), the fork of the sandbox's pid 1, and the mount syscalls of
-the rootfs stage. The sandbox processes are forks of this one, so the wrappers
-run there too; each wrapper appends (label, start, end) on CLOCK_MONOTONIC (the
-sandbox has no time namespace) to a MAP_SHARED anonymous mapping that survives
-the fork, so parent, init and payload write into one timeline. The `exec` stage
-never returns; its row is "exec until the parent sees the exit" (execve,
-/bin/true, exit, init reaps and exits, pidfd readable).
+How: the parent's steps (plan, cgroup, network namespace, the clone3 call of the
+C extension, id maps, wait, finish) are timed by wrapping (monkeypatching) the
+functions the launch calls through module attributes. The child side runs in C
+(linux/_child.c) and writes its own timeline: with `spawn.trace_fd` set, every
+stage writes "CLOCK_MONOTONIC-ns pid name" to that fd (here a memfd) when it
+starts; a stage lasts until the next stage of the same process starts. The
+`exec` stage's row runs until the parent sees the exit (posix_spawn, /bin/true,
+exit, init reaps and exits, pidfd readable). The sandbox has no time namespace,
+so parent and child share one clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
-_BUF_SIZE = 1 << 20
-_REGIONS = 3  # parent, sandbox pid 1 (before and after its fork), payload: one writer each
-_REGION_SIZE = _BUF_SIZE // _REGIONS
-_HEADER = struct.Struct("<Q")   # bytes used
-_RECORD = struct.Struct("<48sqq")  # label, start ns, end ns
-
-
-class Timeline:
-    """Records shared by every process forked from this one. Processes that run at the
-    same time write to separate regions (`region` is set in each child after its fork)."""
-
-    def __init__(self) -> None:
-        self.buf = mmap.mmap(-1, _BUF_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        self.region = 0
-        self.reset()
-
-    def reset(self) -> None:
-        for region in range(_REGIONS):
-            _HEADER.pack_into(self.buf, region * _REGION_SIZE, 0)
-
-    def add(self, label: str, start: int, end: int) -> None:
-        base = self.region * _REGION_SIZE
-        (used,) = _HEADER.unpack_from(self.buf, base)
-        offset = base + _HEADER.size + used
-        if offset + _RECORD.size > base + _REGION_SIZE:
-            return
-        _RECORD.pack_into(self.buf, offset, label.encode()[:48], start, end)
-        _HEADER.pack_into(self.buf, base, used + _RECORD.size)
-
-    def records(self) -> list[tuple[str, int, int]]:
-        out = []
-        for region in range(_REGIONS):
-            base = region * _REGION_SIZE
-            (used,) = _HEADER.unpack_from(self.buf, base)
-            for offset in range(base + _HEADER.size, base + _HEADER.size + used, _RECORD.size):
-                raw, start, end = _RECORD.unpack_from(self.buf, offset)
-                out.append((raw.rstrip(b"\0").decode(), start, end))
-        return sorted(out, key=lambda r: r[1])
-
-
-TIMELINE = Timeline()
 _now = time.monotonic_ns
+_parent_records: list[tuple[str, int, int]] = []
+_trace_fd = -1
 
 
-def _wrap(module: Any, name: str, label: str | Callable[[Any], str],
-          child_region: int | None = None) -> None:
+def _wrap(module: Any, name: str, label: str) -> None:
     original = getattr(module, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = _now()
-        result = original(*args, **kwargs)
-        end = _now()
-        if child_region is not None and result[0] == 0:
-            TIMELINE.region = child_region
-        TIMELINE.add(label(result) if callable(label) else label, start, end)
-        return result
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _parent_records.append((label, start, _now()))
 
     setattr(module, name, timed)
 
 
 def install_probes() -> None:
-    """Wrap the launch's steps. Call once, in a process that only measures."""
-    from neural_doc_flow_security.sandbox.launch import bootstrap, launcher, resources, spawn, supervise
-    from neural_doc_flow_security.sandbox.linux import syscalls
+    """Wrap the parent's steps and open the child's trace. Call once, in a process that only measures."""
+    global _trace_fd
+    from neural_doc_flow_security.sandbox.launch import launcher, resources, spawn, supervise
+    from neural_doc_flow_security.sandbox.linux import network, steps
 
     _wrap(launcher, "plan_launch", "P plan_launch (lru-cached)")
     _wrap(resources, "create_cgroup", "P create_cgroup")
-    _wrap(syscalls, "clone3_fork",
-          lambda r: "C clone3 -> child runs" if r[0] == 0 else "P clone3 returns in parent",
-          child_region=1)
+    _wrap(network, "take", "P network namespace (made ahead)")
+    _wrap(steps, "spawn", "P clone3 returns in parent")
     _wrap(spawn, "write_id_maps", "P write uid/gid maps")
     _wrap(supervise, "wait_sandbox", "P wait (pidfd poll)")
     _wrap(launcher, "finish_sandbox", "P finish (wait4, result)")
-    for call in ("mount", "mount_setattr", "pivot_root", "umount2"):
-        _wrap(syscalls, call, f"S {call}()")
+    _trace_fd = os.memfd_create("ndf-stages", os.MFD_CLOEXEC)
+    spawn.trace_fd = _trace_fd
 
-    real_fork = os.fork
 
-    def fork() -> int:
-        start = _now()
-        pid = real_fork()
-        if pid == 0:
-            TIMELINE.region = 2
-        TIMELINE.add("I fork pid-1 init" if pid else "C fork -> payload runs", start, _now())
-        return pid
-
-    # bootstrap's `os` is the os module itself: this process only measures, and during a
-    # launch only bootstrap.run_child calls os.fork (subprocess uses _posixsubprocess).
-    bootstrap.os.fork = fork
-
-    real_stage = bootstrap._stage
-
-    def stage(name: str, error_fd: int, action: Callable[[], object]) -> None:
-        start = _now()
-        if name == "exec":
-            TIMELINE.add("C exec (until parent sees exit)", start, -1)
-        real_stage(name, error_fd, action)
-        TIMELINE.add(f"C {name}", start, _now())
-
-    bootstrap._stage = stage
+def _child_records(wait_end: int) -> list[tuple[str, int, int]]:
+    os.lseek(_trace_fd, 0, os.SEEK_SET)
+    lines = os.read(_trace_fd, 1 << 20).decode().splitlines()
+    marks = [(int(ns), int(pid), name) for ns, pid, name in (line.split(" ", 2) for line in lines)]
+    records = []
+    for i, (start, pid, name) in enumerate(marks):
+        later = [ns for ns, other, _ in marks[i + 1:] if other == pid]
+        end = later[0] if later else wait_end
+        records.append((f"C {name}" + (" (until parent sees exit)" if name == "exec" else ""), start, end))
+    return records
 
 
 def one_run() -> list[tuple[str, int, int]]:
@@ -136,24 +77,22 @@ def one_run() -> list[tuple[str, int, int]]:
     from neural_doc_flow_security.sandbox import SandboxConfig
     from neural_doc_flow_security.sandbox.launch.supervise import run_program
 
-    TIMELINE.reset()
+    _parent_records.clear()
+    os.ftruncate(_trace_fd, 0)
+    os.lseek(_trace_fd, 0, os.SEEK_SET)
     t0 = _now()
     result = run_program(SandboxConfig(), ["/bin/true"])
     t1 = _now()
     if result.outcome.value != "ok":
         raise RuntimeError(f"run_program failed: {result.outcome.value}: {result.error}")
-    records = TIMELINE.records()
-    wait_end = max((end for label, _s, end in records if label == "P wait (pidfd poll)"), default=t1)
-    fixed = []
+    wait_end = max((end for label, _s, end in _parent_records if label == "P wait (pidfd poll)"), default=t1)
+    records = _parent_records + _child_records(wait_end)
     seen: dict[str, int] = defaultdict(int)
-    for label, start, end in records:
+    fixed = []
+    for label, start, end in sorted(records, key=lambda r: r[1]):
         seen[label] += 1
         if label.startswith("C ") and seen[label] > 1:
             label = f"{label} #{seen[label]}"
-        if end == -1:
-            end = wait_end
-        elif label.startswith("C exec"):
-            continue  # the wrapped stage never returns; only the -1 record counts
         fixed.append((label, start - t0, end - t0))
     fixed.append(("= total run_program", 0, t1 - t0))
     return fixed

@@ -151,6 +151,10 @@ def _float(text: str, field: str) -> float:
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    if sys.platform == "linux":
+        from .linux import network
+
+        network.make_ahead()  # as root: the sandbox's network namespace, while we import and plan
     from .launch.supervise import run_program
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

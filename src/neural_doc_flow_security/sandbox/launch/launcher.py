@@ -18,6 +18,8 @@ from typing import Any
 from .. import audit
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
+from ..linux import cgroups, network
+from ..linux.cgroups.base import SandboxCgroup
 from ..result import Outcome, ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from .plan import plan_launch
@@ -52,7 +54,8 @@ def _log() -> Any:
 class Launcher:
     """Sandboxes started by this process, by id."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, netns_ahead: bool = False) -> None:
+        self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
         self.running: dict[int, SpawnedSandbox] = {}
         self._paused_by_signal: dict[int, list[int]] = {}
         self._names: dict[int, str] = {}
@@ -62,12 +65,20 @@ class Launcher:
         the host cannot provide is an UnsupportedError that names it."""
         config = effective_config(request)
         plan = plan_launch(config)
-        cgroup = resources.create_cgroup(config, request.name, plan)
-        if cgroup is None and "pid" not in plan.namespaces.names:
-            raise UnsupportedError("namespaces.pid", "without a pid namespace only a cgroup can contain the "
-                                   "process tree (orphans, the timeout), and no cgroup can be created here")
+        def make_cgroup() -> SandboxCgroup | None:
+            made = resources.create_cgroup(config, request.name, plan)
+            if made is None and "pid" not in plan.namespaces.names:
+                raise UnsupportedError("namespaces.pid", "without a pid namespace only a cgroup can contain the "
+                                       "process tree (orphans, the timeout), and no cgroup can be created here")
+            return made
+
+        # On cgroup v1 the cgroup is made after the clone, while the child sets up.
+        early = cgroups.joined_at_clone()
+        cgroup = make_cgroup() if early else None
         try:
-            spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map)
+            netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
+            spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, make_cgroup=None if early else make_cgroup,
+                                    fd_map=request.fd_map, netns_fd=netns_fd)
         except BaseException as e:
             if cgroup is not None:
                 try:
@@ -77,6 +88,8 @@ class Launcher:
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
+        if self.netns_ahead and network.can_prepare(plan.namespaces.names):
+            network.make_ahead()  # for the next launch, while this one runs
         spawned.armed = request.armed
         self.running[sandbox_id] = spawned
         self._names[sandbox_id] = request.name

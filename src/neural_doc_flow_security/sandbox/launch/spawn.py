@@ -15,9 +15,11 @@ import resource
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import SetupError
+from ..linux import steps
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import CgroupStats, SandboxCgroup
 from ..linux.namespaces import write_id_maps
@@ -27,7 +29,8 @@ from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
-_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})")  # exactly what init.encode_status writes
+_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})")  # exactly what init writes (_child.c run_init)
+trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
 @dataclass
@@ -98,42 +101,51 @@ def usage_from_cgroup(stats: CgroupStats, wall: float, floor: ResourceUsage | No
 
 def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
                   cgroup: SandboxCgroup | None = None,
-                  fd_map: tuple[tuple[int, int], ...] = STD_FDS) -> SpawnedSandbox:
-    """Start a sandbox. The caller must be single-threaded (the zygote or the CLI)."""
+                  make_cgroup: Callable[[], SandboxCgroup | None] | None = None,
+                  fd_map: tuple[tuple[int, int], ...] = STD_FDS, netns_fd: int | None = None) -> SpawnedSandbox:
+    """Start a sandbox. The caller must be single-threaded (the zygote or the CLI).
+    For a Python callable this returns in the parent only: the payload process
+    leaves through payload.run() (which never returns).
+
+    `cgroup`: the sandbox's cgroup, made before (v2 joins it with the clone);
+    `make_cgroup`: makes it after the clone, while the child sets up (v1).
+    `netns_fd`: the sandbox's network namespace, made ahead (linux/network.py);
+    this takes it over."""
     cgroup_fd = cgroup.clone_into_fd() if cgroup is not None else None
     sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
     error_read, error_write = os.pipe2(os.O_CLOEXEC)
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
-    parent_pid = os.getpid()
+    program = payload if isinstance(payload, bootstrap.ExecPayload) else None
+    pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
+    child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd)
+    argv = tuple(os.fsencode(arg) for arg in program.argv) if program else ()
+    clone_flags = plan.namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
     try:
-        pid, pidfd = sc.clone3_fork(plan.namespaces.clone_flags, cgroup_fd)
-        if pid and cgroup_fd is not None:
-            os.close(cgroup_fd)
+        pid, pidfd = steps.spawn(clone_flags, cgroup_fd, error_write, child_steps, argv, plan.environment,
+                                 os.fsencode(program.cwd) if program else b"/", trace_fd)
     except OSError as e:
-        if cgroup_fd is not None:
-            os.close(cgroup_fd)
-        for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write):
-            os.close(fd)
+        for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd):
+            if fd is not None:
+                os.close(fd)
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
                          f"failed: {e.strerror}", e.errno or 0) from None
-    if pid == 0:
-        os.close(sync_write)
-        os.close(error_read)
-        os.close(status_read)
+    if pid == 0:  # a callable's payload process: every protection is in place
         try:
-            pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
-            bootstrap.run_child(plan, pipes, payload, fd_map, parent_pid)
+            payload.run(plan.environment)
         finally:
             os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
-    for fd in (sync_read, error_write, status_write):
-        os.close(fd)
+    for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd):
+        if fd is not None:
+            os.close(fd)
     spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write)
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)
-        os.write(sync_write, b"m")
-        if cgroup is not None and cgroup_fd is None:  # v1: no CLONE_INTO_CGROUP
-            cgroup.add_process(pid)
+            os.write(sync_write, b"m")
+        if make_cgroup is not None:
+            spawned.cgroup = make_cgroup()
+        if spawned.cgroup is not None and cgroup_fd is None:  # v1: no CLONE_INTO_CGROUP
+            spawned.cgroup.add_process(pid)
         os.write(sync_write, b"c")
     except BaseException:
         if _has_exited(pidfd):
@@ -141,6 +153,8 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
         spawned.kill()
         os.waitpid(pid, 0)
         _close(spawned)
+        if spawned.cgroup is not None and make_cgroup is not None:
+            spawned.cgroup.destroy()
         raise
     return spawned
 

@@ -143,13 +143,16 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
 
 def _warm_up() -> None:
     """Do once what every sandbox would otherwise do: compile the default seccomp
-    filter, plan the default root, import what Python payloads use."""
+    filter, plan the default root, import what Python payloads use; and start
+    making the first sandbox's network namespace."""
     import cloudpickle  # noqa: F401
 
     from ..config import SandboxConfig
+    from ..linux import network
     from . import python_worker  # noqa: F401
     from .plan import plan_launch
 
+    network.make_ahead()
     plan_launch(SandboxConfig())
     # Everything imported so far lives as long as the zygote: keep the collector
     # away from it, so forked sandboxes do not copy those pages just to scan them.
@@ -169,7 +172,7 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent_pid:
         return 0
     sock = socket.socket(fileno=fd)
-    launcher = Launcher()
+    launcher = Launcher(netns_ahead=True)
     try:
         _warm_up()
         serve(sock, launcher)

@@ -1,4 +1,4 @@
-"""Resource limits (setrlimit) applied to the payload: open files, no core dumps."""
+"""Resource limits (setrlimit, the SETRLIMIT step) for the payload: open files, no core dumps."""
 
 from __future__ import annotations
 
@@ -22,9 +22,3 @@ class RlimitPlan:
 def plan_rlimits(max_open_files: int) -> RlimitPlan:
     """The rlimits every Linux sandbox gets."""
     return RlimitPlan(((resource.RLIMIT_NOFILE, max_open_files), (resource.RLIMIT_CORE, 0)))
-
-
-def apply_rlimits(plan: RlimitPlan) -> None:
-    """Set each limit (soft and hard: the payload cannot raise it back)."""
-    for which, value in plan.limits:
-        resource.setrlimit(which, (value, value))

@@ -7,21 +7,21 @@ leaky files masked, /dev holds a handful of harmless nodes, /tmp is a private
 tmpfs with a size cap. Then the root is made read-only, pivot_root moves into it
 and the old root is detached.
 
-The plan is computed once per config in the parent (`plan_rootfs`); the child
-only executes it (`apply_rootfs`).
+The plan is computed once per config in the parent (`plan_rootfs`) and turned
+into the child's steps (`rootfs_steps`), which the child only executes.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import FilesystemConfig
 from . import syscalls as sc
+from .steps import Step, StepTuple
 
 # The staging mount point inside the child's private mount namespace: every bind
 # source is opened before the root tmpfs hides it, so any path can be bound.
@@ -129,96 +129,72 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int, gid: int, hostname: str) 
     return RootfsPlan(tuple(binds), tuple(symlinks), files, config.tmp_size_mb)
 
 
-def _mkdirs(path: str) -> None:
-    os.makedirs(path, mode=0o755, exist_ok=True)
+def _b(text: str) -> bytes:
+    return os.fsencode(text)
 
 
-def _make_mount_point(target: str, is_dir: bool) -> None:
-    if is_dir:
-        _mkdirs(target)
-    else:
-        _mkdirs(os.path.dirname(target))
-        if not os.path.lexists(target):
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+def _bind(slot: int, source: str, target: str, attrs: int, *, optional: bool = False,
+          keep_open: bool = False) -> StepTuple:
+    return (Step.BIND, slot, _b(source), _b(target), attrs, int(optional), int(keep_open))
 
 
-def _bind(source: str, target: str, attrs: int, *, is_dir: bool) -> None:
-    _make_mount_point(target, is_dir)
-    sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
-    sc.mount_setattr(target, attrs, recursive=True)
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None, *,
+           optional: bool = False) -> StepTuple:
+    return (Step.MOUNT, None if source is None else _b(source), _b(target),
+            None if fstype is None else _b(fstype), flags, None if data is None else _b(data), int(optional))
 
 
-def _open_sources(plan: RootfsPlan) -> list[tuple[int, Bind]]:
-    opened = []
-    for bind in plan.binds:
-        try:
-            fd = os.open(bind.source, os.O_PATH | os.O_CLOEXEC)
-        except OSError as e:
-            raise OSError(e.errno, f"bind source {bind.source}: {e.strerror}") from None
-        opened.append((fd, bind))
-    return opened
-
-
-def _mount_proc(root: str, devnull_fd: int) -> None:
+def _proc_steps(root: str, devnull_slot: int) -> list[StepTuple]:
+    """A fresh /proc; its kernel knobs read-only, its leaky files masked (steps
+    for entries this kernel lacks are skipped)."""
     proc = root + "/proc"
-    _mkdirs(proc)
-    sc.mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    for name in PROC_READ_ONLY:
-        path = f"{proc}/{name}"
-        if os.path.exists(path):
-            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-            sc.mount_setattr(path, _RO, recursive=True)
-    for name in PROC_MASKED_FILES:
-        path = f"{proc}/{name}"
-        if os.path.exists(path):
-            sc.mount(f"/proc/self/fd/{devnull_fd}", path, None, sc.MS_BIND)
-    for name in PROC_MASKED_DIRS:
-        path = f"{proc}/{name}"
-        if os.path.isdir(path):
-            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, "size=0")
+    steps: list[StepTuple] = [(Step.MKDIR, _b(proc)),
+                              _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)]
+    steps += [_bind(-1, f"{proc}/{name}", f"{proc}/{name}", _RO, optional=True) for name in PROC_READ_ONLY]
+    steps += [_bind(devnull_slot, "", f"{proc}/{name}", 0, optional=True, keep_open=True)
+              for name in PROC_MASKED_FILES]
+    steps += [_mount("tmpfs", f"{proc}/{name}", "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, "size=0",
+                     optional=True) for name in PROC_MASKED_DIRS]
+    return steps
 
 
-def _mount_dev(root: str) -> None:
+def _dev_steps(root: str) -> list[StepTuple]:
+    """A minimal /dev: harmless nodes, a private devpts and /dev/shm; read-only."""
     dev = root + "/dev"
-    _mkdirs(dev)
-    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,mode=0755")
-    for name in DEV_NODES:
-        _bind("/dev/" + name, f"{dev}/{name}", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC, is_dir=False)
-    for name, link in DEV_LINKS:
-        os.symlink(link, f"{dev}/{name}")
-    _mkdirs(dev + "/pts")
-    sc.mount("devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    _mkdirs(dev + "/shm")
-    sc.mount("tmpfs", dev + "/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64m,mode=1777")
-    sc.mount_setattr(dev, sc.MOUNT_ATTR_RDONLY, recursive=False)
+    steps: list[StepTuple] = [(Step.MKDIR, _b(dev)),
+                              _mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,mode=0755")]
+    steps += [_bind(-1, "/dev/" + name, f"{dev}/{name}", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
+              for name in DEV_NODES]
+    steps += [(Step.SYMLINK, _b(link), _b(f"{dev}/{name}")) for name, link in DEV_LINKS]
+    steps += [(Step.MKDIR, _b(dev + "/pts")),
+              _mount("devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+                     "newinstance,ptmxmode=0666,mode=0620"),
+              (Step.MKDIR, _b(dev + "/shm")),
+              _mount("tmpfs", dev + "/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64m,mode=1777"),
+              (Step.SETATTR, _b(dev), sc.MOUNT_ATTR_RDONLY, 0)]
+    return steps
 
 
-def apply_rootfs(plan: RootfsPlan) -> None:
-    """Build the root from the plan and pivot into it (child, in a new mount ns)."""
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    sources = _open_sources(plan)
-    devnull_fd = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
+@functools.lru_cache(maxsize=64)
+def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
+    """The child's steps that build the root from the plan and pivot into it (in
+    its new mount namespace). Every bind source is opened before the root tmpfs
+    hides it, so any host path can be bound."""
     root = _STAGING
-    sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
-    _mkdirs(root + "/tmp")
-    sc.mount("tmpfs", root + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")
-    for fd, bind in sources:
-        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-        attrs = _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
-        _bind(f"/proc/self/fd/{fd}", root + bind.target, attrs, is_dir=is_dir)
-        os.close(fd)
-    for path, link in plan.symlinks:
-        os.symlink(link, root + path)
+    devnull_slot = len(plan.binds)
+    steps: list[StepTuple] = [_mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)]
+    steps += [(Step.OPEN_SOURCE, slot, _b(bind.source)) for slot, bind in enumerate(plan.binds)]
+    steps += [(Step.OPEN_SOURCE, devnull_slot, b"/dev/null"),
+              _mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755"),
+              (Step.MKDIR, _b(root + "/tmp")),
+              _mount("tmpfs", root + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                     f"size={plan.tmp_size_mb}m,mode=1777")]
+    steps += [_bind(slot, "", root + bind.target, _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
+              for slot, bind in enumerate(plan.binds)]
+    steps += [(Step.SYMLINK, _b(link), _b(root + path)) for path, link in plan.symlinks]
     for path, content in plan.files:
-        _mkdirs(os.path.dirname(root + path))
-        fd = os.open(root + path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-        os.write(fd, content)
-        os.close(fd)
-    _mount_proc(root, devnull_fd)
-    os.close(devnull_fd)
-    _mount_dev(root)
-    sc.mount_setattr(root, _RO, recursive=False)
-    os.chdir(root)
-    sc.pivot_root(".", ".")
-    sc.umount2(".", sc.MNT_DETACH)
-    os.chdir("/")
+        steps += [(Step.MKDIR, _b(os.path.dirname(root + path))), (Step.WRITE_FILE, _b(root + path), content)]
+    steps += _proc_steps(root, devnull_slot)
+    steps += _dev_steps(root)
+    steps += [(Step.SETATTR, _b(root), _RO, 0), (Step.CHDIR, _b(root)), (Step.PIVOT_ROOT,)]
+    return tuple(steps)

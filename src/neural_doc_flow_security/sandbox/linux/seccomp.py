@@ -2,9 +2,11 @@
 
 The filter is built with libseccomp (through pyseccomp) and exported as raw
 classic-BPF bytes by :func:`compile_profile`, which caches the result. The
-child bootstrap then calls :func:`install_program`, which hands those bytes to
-``seccomp(SECCOMP_SET_MODE_FILTER)`` through ctypes: the child never calls into
-libseccomp, allocates no filter database and parses no profile.
+sandbox child (linux/_child.c, the SECCOMP step) hands those bytes to
+``seccomp(SECCOMP_SET_MODE_FILTER)``: the child never calls into libseccomp,
+allocates no filter database and parses no profile. :func:`install_program`
+does the same from Python, for a process of one's own (the tests use it to
+check the filter outside a sandbox).
 
 Profiles
     ``"default"``
@@ -285,7 +287,7 @@ def compile_profile(spec: str) -> SeccompProgram:
 
     Results are cached by the spec and, for files, their inode, mtime and size:
     compiling the same unchanged spec again returns the same object. Call this in
-    the parent or zygote; the child only needs :func:`install_program`.
+    the parent or zygote; the child only installs ``program.bpf``.
 
     Raises ConfigError("seccomp", ...) for an invalid spec or profile file.
     """
@@ -416,7 +418,7 @@ def build_libseccomp_filter(profile: SeccompProfile) -> Any:
     """Return the pyseccomp SyscallFilter for ``profile`` (without the personality check).
 
     For diagnostics and benchmarks (``export_pfc``, ``load``); the sandbox itself
-    installs the exported program with :func:`install_program`.
+    installs the exported program (``SeccompProgram.bpf``).
     """
     return _build_filter(profile)[0]
 
@@ -617,7 +619,7 @@ _C_ZERO: Final = ctypes.c_long(0)
 
 
 def install_program(program: SeccompProgram) -> None:
-    """Install ``program`` on the calling thread with one ``seccomp(2)`` call (child side).
+    """Install ``program`` on the calling thread with one ``seccomp(2)`` call.
 
     Does nothing for the "off" program. The kernel accepts a filter only from a
     process with no_new_privs set or CAP_SYS_ADMIN in its user namespace; the

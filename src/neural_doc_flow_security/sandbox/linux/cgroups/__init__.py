@@ -209,6 +209,14 @@ def _check_parent_name(parent: str | None) -> None:
         raise ValueError(f"parent must be a single directory name, got {parent!r}")
 
 
+def joined_at_clone() -> bool:
+    """Whether a sandbox enters its cgroup with the clone itself (CLONE_INTO_CGROUP,
+    cgroup v2 only), so the cgroup must exist before; on v1 the parent moves the
+    child in after the clone, so the cgroup can be made while the child sets up."""
+    support, _ = _probe()
+    return {c.version for c in support.controllers if c.usable} == {"v2"}
+
+
 def create_sandbox_cgroup(name: str, limits: CgroupLimits, parent: str | None = None) -> SandboxCgroup:
     """Create and limit a cgroup for one sandbox (v2 or v1, whichever this host uses).
 

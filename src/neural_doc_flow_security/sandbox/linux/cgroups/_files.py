@@ -147,7 +147,12 @@ def remove_if_empty(path: str) -> None:
 def make_dir(path: str) -> None:
     """mkdir a cgroup (parents included; an existing one is fine)."""
     try:
-        os.makedirs(path, exist_ok=True)
+        os.mkdir(path)
+    except FileNotFoundError:
+        make_dir(os.path.dirname(path))
+        make_dir(path)
+    except FileExistsError:
+        pass
     except OSError as e:
         raise SetupError("cgroup", f"cannot create cgroup {path}: {e.strerror}", e.errno or 0) from e
 

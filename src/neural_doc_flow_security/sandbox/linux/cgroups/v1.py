@@ -70,7 +70,10 @@ class V1Cgroup(SandboxCgroup):
         try:
             for d in dict.fromkeys(dirs.values()):  # co-mounted controllers share one dir
                 _files.make_dir(d)
-            cgroup.apply(limits)
+            if limits == CgroupLimits():
+                cgroup._limits = limits  # a new cgroup is unlimited already
+            else:
+                cgroup.apply(limits)
         except BaseException:
             cgroup.destroy()
             raise

@@ -1,0 +1,779 @@
+/*
+ * The sandbox child, in C: clone3 with the namespaces, then execute the ordered
+ * list of steps that launch/bootstrap.py builds, with no Python code running
+ * between the clone and the payload.
+ *
+ * Why C: a Python child pays copy-on-write faults for every page of the
+ * interpreter it touches after the fork (each trivial stage cost 150-200 us);
+ * this loop touches its own stack and the step array only.
+ *
+ * The steps are plain data (see bootstrap.py for the order and the meaning);
+ * this file knows how to do each kind of step, not which ones a sandbox needs.
+ * The parent converts every step to a C struct before the clone, so the child
+ * neither allocates nor calls into Python. A failed step writes
+ * "stage NUL errno NUL message" to the error pipe (setup_errors.py) and exits
+ * with the sandbox-error status: nothing half-protected runs the payload.
+ *
+ * A callable's payload process returns from spawn() into Python (like
+ * os.fork()) once all of its steps passed; every other process stays in C.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <net/if.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_SANDBOX_ERROR 126
+#define MAX_ARGS 6
+#define MAX_SLOTS 256
+
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_RAISE 2
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+
+/* Step kinds; the numbers are shared with bootstrap.py (Step). */
+enum {
+    STEP_STAGE = 1,          /* name: what the following steps belong to */
+    STEP_SETSID = 2,
+    STEP_RESET_SIGNALS = 3,
+    STEP_PRCTL = 4,          /* option, arg */
+    STEP_WAIT_TOKEN = 5,     /* fd, token */
+    STEP_STILL_SUPERVISED = 6, /* fd: the parent holds its other end while it supervises */
+    STEP_DIE_WITH_INIT = 7,
+    STEP_MOUNT = 8,          /* source, target, fstype, flags, data, optional */
+    STEP_SETATTR = 9,        /* path, attr_set, recursive */
+    STEP_OPEN_SOURCE = 10,   /* slot, path */
+    STEP_BIND = 11,          /* slot (-1: source path), source, target, attrs, optional */
+    STEP_MKDIR = 12,         /* path */
+    STEP_SYMLINK = 13,       /* link text, path */
+    STEP_WRITE_FILE = 14,    /* path, content */
+    STEP_CHDIR = 15,         /* path */
+    STEP_PIVOT_ROOT = 16,    /* into the current directory; the old root is detached */
+    STEP_SETHOSTNAME = 17,   /* name */
+    STEP_LOOPBACK_UP = 18,
+    STEP_ARRANGE_FDS = 19,   /* map (int32 target, source pairs), keep (int32 list) */
+    STEP_SETRLIMIT = 20,     /* resource, value */
+    STEP_IDENTITY = 21,      /* uid, gid, in_user_namespace */
+    STEP_CAPABILITIES = 22,  /* allowed mask, ambient mask, last cap */
+    STEP_SECCOMP = 23,       /* BPF */
+    STEP_CLOSE = 24,         /* fd */
+    STEP_FORK_PAYLOAD = 25,  /* status fd, drop privileges: this process becomes init */
+    STEP_SPAWN_PROGRAM = 26, /* status fd: start the program, become its init */
+    STEP_EXEC_PROGRAM = 27,
+    STEP_RETURN = 28,        /* to Python (a callable's payload process) */
+    STEP_MOVE_ERROR_FD = 29, /* lowest: above every fd the payload is to get */
+    STEP_SETNS = 30,         /* fd, namespace type: join a namespace made ahead (then close the fd) */
+};
+
+typedef struct {
+    int kind;
+    long long num[MAX_ARGS];
+    const char *str[MAX_ARGS]; /* NUL-terminated (PyBytes), or NULL */
+    Py_ssize_t len[MAX_ARGS];
+} step_t;
+
+typedef struct {
+    step_t *steps;
+    Py_ssize_t count;
+    char **argv;
+    char **envp;
+    const char *cwd;
+    const char *path_env; /* PATH of the sandbox's environment */
+    int error_fd;
+    int trace_fd;
+} launch_t;
+
+/* ------------------------------------------------------------------ reporting */
+
+static const char *current_stage = "start";
+static int error_fd = -1;
+static int trace_fd = -1;
+
+static size_t append(char *buf, size_t at, size_t cap, const char *text) {
+    while (text && *text && at + 1 < cap)
+        buf[at++] = *text++;
+    buf[at] = '\0';
+    return at;
+}
+
+static size_t append_int(char *buf, size_t at, size_t cap, long long value) {
+    char digits[24];
+    int n = 0;
+    unsigned long long v = value < 0 ? -(unsigned long long)value : (unsigned long long)value;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && n < 23);
+    if (value < 0 && at + 1 < cap)
+        buf[at++] = '-';
+    while (n && at + 1 < cap)
+        buf[at++] = digits[--n];
+    buf[at] = '\0';
+    return at;
+}
+
+/* Report "stage NUL errno NUL what what2" and exit: the parent turns it into a SetupError. */
+static void fail(int err, const char *what, const char *what2) {
+    char buf[1024];
+    size_t at = append(buf, 0, sizeof buf, current_stage);
+    buf[at++] = '\0';
+    at = append_int(buf, at, sizeof buf, err);
+    buf[at++] = '\0';
+    at = append(buf, at, sizeof buf, what);
+    at = append(buf, at, sizeof buf, what2);
+    if (error_fd >= 0)
+        (void)!write(error_fd, buf, at);
+    _exit(EXIT_SANDBOX_ERROR);
+}
+
+static void check(long result, const char *what, const char *what2) {
+    if (result < 0)
+        fail(errno, what, what2);
+}
+
+static void trace(const char *name) {
+    if (trace_fd < 0)
+        return;
+    struct timespec ts;
+    char buf[160];
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    size_t at = append_int(buf, 0, sizeof buf, (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+    at = append(buf, at, sizeof buf, " ");
+    at = append_int(buf, at, sizeof buf, (long long)syscall(SYS_getpid));
+    at = append(buf, at, sizeof buf, " ");
+    at = append(buf, at, sizeof buf, name);
+    at = append(buf, at, sizeof buf, "\n");
+    (void)!write(trace_fd, buf, at);
+}
+
+/* ------------------------------------------------------------------ file system */
+
+static void mkdirs(const char *path) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n >= sizeof buf)
+        fail(ENAMETOOLONG, "mkdir ", path);
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == '\0') {
+            char saved = buf[i];
+            buf[i] = '\0';
+            if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+                fail(errno, "mkdir ", buf);
+            buf[i] = saved;
+        }
+    }
+}
+
+static void make_mount_point(const char *target, int is_dir) {
+    if (is_dir) {
+        mkdirs(target);
+        return;
+    }
+    char parent[4096];
+    size_t n = strlen(target);
+    if (n >= sizeof parent)
+        fail(ENAMETOOLONG, "mount point ", target);
+    memcpy(parent, target, n + 1);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = '\0';
+        mkdirs(parent);
+    }
+    int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0 && errno != EEXIST)
+        fail(errno, "mount point ", target);
+    if (fd >= 0)
+        close(fd);
+}
+
+struct mount_attr_arg {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+static void set_attrs(const char *path, long long attrs, int recursive) {
+    struct mount_attr_arg attr = {(uint64_t)attrs, 0, 0, 0};
+    check(syscall(SYS_mount_setattr, AT_FDCWD, path, recursive ? AT_RECURSIVE : 0, &attr, sizeof attr),
+          "mount_setattr ", path);
+}
+
+static int exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+static void bind_mount(int source_fd, const char *source, const char *target, long long attrs, int optional) {
+    char fd_path[64];
+    struct stat st;
+    if (optional && !exists(target))
+        return;
+    if (source_fd >= 0) {
+        size_t at = append(fd_path, 0, sizeof fd_path, "/proc/self/fd/");
+        append_int(fd_path, at, sizeof fd_path, source_fd);
+        source = fd_path;
+        check(fstat(source_fd, &st), "stat bind source for ", target);
+    } else {
+        check(stat(source, &st), "stat bind source ", source);
+    }
+    if (!optional)
+        make_mount_point(target, S_ISDIR(st.st_mode));
+    check(mount(source, target, NULL, MS_BIND | MS_REC, NULL), "bind mount on ", target);
+    if (attrs)
+        set_attrs(target, attrs, 1);
+}
+
+static void write_file(const char *path, const char *content, Py_ssize_t len) {
+    int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    check(fd, "create ", path);
+    while (len > 0) {
+        ssize_t n = write(fd, content, (size_t)len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        check(n, "write ", path);
+        content += n;
+        len -= n;
+    }
+    close(fd);
+}
+
+/* ------------------------------------------------------------------ process */
+
+static void reset_signals(void) {
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < 32; sig++) /* the classic signals: nothing here sets real-time ones */
+        if (sig != SIGKILL && sig != SIGSTOP)
+            check(sigaction(sig, &dfl, NULL), "sigaction", "");
+    sigset_t none;
+    sigemptyset(&none);
+    check(sigprocmask(SIG_SETMASK, &none, NULL), "sigprocmask", "");
+}
+
+static void loopback_up(void) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    check(sock, "socket", "");
+    struct ifreq req;
+    memset(&req, 0, sizeof req);
+    strcpy(req.ifr_name, "lo");
+    check(ioctl(sock, SIOCGIFFLAGS, &req), "SIOCGIFFLAGS lo", "");
+    req.ifr_flags |= IFF_UP;
+    check(ioctl(sock, SIOCSIFFLAGS, &req), "SIOCSIFFLAGS lo", "");
+    close(sock);
+}
+
+/* Give the payload exactly the fds of `map` (target <- source pairs); close all
+ * others but `keep` and the error pipe. */
+static void arrange_fds(const int32_t *map, Py_ssize_t pairs, const int32_t *keep, Py_ssize_t nkeep) {
+    int above = 3, staged[64];
+    char is_kept[1024];
+    if (pairs > 64)
+        fail(EINVAL, "too many fds to pass", "");
+    for (Py_ssize_t i = 0; i < pairs; i++)
+        if (map[2 * i] + 1 > above)
+            above = map[2 * i] + 1;
+    for (Py_ssize_t i = 0; i < pairs; i++) {
+        staged[i] = fcntl(map[2 * i + 1], F_DUPFD_CLOEXEC, above);
+        check(staged[i], "dup of a passed fd", "");
+    }
+    for (Py_ssize_t i = 0; i < pairs; i++) {
+        check(dup2(staged[i], map[2 * i]), "dup2 of a passed fd", "");
+        close(staged[i]);
+    }
+    memset(is_kept, 0, sizeof is_kept);
+    for (Py_ssize_t i = 0; i < pairs; i++)
+        if (map[2 * i] < 1024)
+            is_kept[map[2 * i]] = 1;
+    for (Py_ssize_t i = 0; i < nkeep; i++)
+        if (keep[i] >= 0 && keep[i] < 1024)
+            is_kept[keep[i]] = 1;
+    if (error_fd >= 0 && error_fd < 1024)
+        is_kept[error_fd] = 1;
+    if (trace_fd >= 0 && trace_fd < 1024)
+        is_kept[trace_fd] = 1;
+    int first = 0;
+    for (int fd = 0; fd < 1024; fd++) {
+        if (!is_kept[fd])
+            continue;
+        if (fd > first)
+            check(syscall(SYS_close_range, first, fd - 1, 0), "close_range", "");
+        first = fd + 1;
+    }
+    check(syscall(SYS_close_range, first, ~0U, 0), "close_range", "");
+}
+
+static void set_identity(uid_t uid, gid_t gid, int in_user_namespace) {
+    uid_t ruid, euid, suid;
+    gid_t rgid, egid, sgid;
+    check(prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS", "");
+    if (!in_user_namespace)
+        check(setgroups(0, NULL), "setgroups", "");
+    check(setresgid(gid, gid, gid), "setresgid", "");
+    check(setresuid(uid, uid, uid), "setresuid", "");
+    getresuid(&ruid, &euid, &suid);
+    getresgid(&rgid, &egid, &sgid);
+    if (ruid != uid || euid != uid || suid != uid || rgid != gid || egid != gid || sgid != gid)
+        fail(EPERM, "uid/gid did not change to the sandbox's", "");
+}
+
+static void caps_get(struct __user_cap_data_struct data[2]) {
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    check(syscall(SYS_capget, &header, data), "capget", "");
+}
+
+static void caps_set(uint64_t effective, uint64_t permitted, uint64_t inheritable) {
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    for (int i = 0; i < 2; i++) {
+        data[i].effective = (uint32_t)(effective >> (32 * i));
+        data[i].permitted = (uint32_t)(permitted >> (32 * i));
+        data[i].inheritable = (uint32_t)(inheritable >> (32 * i));
+    }
+    check(syscall(SYS_capset, &header, data), "capset", "");
+}
+
+/* Clear the bounding set but for `allowed`, set the permitted/effective/inheritable
+ * sets to `allowed`, raise `ambient`. Runs after the uid change (keep-caps kept the
+ * permitted set, so CAP_SETPCAP can still be made effective to shrink the bounding set). */
+static void apply_capabilities(uint64_t allowed, uint64_t ambient, int last_cap) {
+    struct __user_cap_data_struct data[2];
+    caps_get(data);
+    uint64_t permitted = data[0].permitted | ((uint64_t)data[1].permitted << 32);
+    caps_set(permitted, permitted, 0);
+    for (int cap = 0; cap <= last_cap; cap++)
+        if (!(allowed & (1ULL << cap)))
+            check(prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "PR_CAPBSET_DROP", "");
+    if ((allowed & permitted) != allowed)
+        fail(EPERM, "capabilities not held by the launcher", "");
+    caps_set(allowed, allowed, allowed);
+    check(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL", "");
+    for (int cap = 0; cap <= last_cap; cap++)
+        if (ambient & (1ULL << cap))
+            check(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "PR_CAP_AMBIENT_RAISE", "");
+}
+
+static void install_seccomp(const char *bpf, Py_ssize_t len) {
+    struct sock_fprog prog = {(unsigned short)(len / sizeof(struct sock_filter)), (struct sock_filter *)bpf};
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) {
+        if (errno == EACCES)
+            fail(EACCES, "the kernel refused the filter: no_new_privs is not set and the process lacks "
+                         "CAP_SYS_ADMIN", "");
+        fail(errno, "the kernel refused the filter", "");
+    }
+}
+
+/* ------------------------------------------------------------------ init */
+
+static volatile pid_t payload_pid = -1;
+
+static void forward(int sig) {
+    int saved = errno;
+    if (payload_pid > 0)
+        kill(payload_pid, sig);
+    errno = saved;
+}
+
+static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGPIPE};
+
+/* pid 1: reap every process, forward signals to the payload, and when it ends
+ * report its wait status ("exit N" / "signal N") and exit. */
+static void run_init(pid_t payload, int status_fd, int drop_privileges) {
+    struct sigaction act;
+    memset(&act, 0, sizeof act);
+    act.sa_handler = forward;
+    payload_pid = payload;
+    for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
+        sigaction(forwarded[i], &act, NULL);
+    if (drop_privileges) /* keep only the right to signal the payload */
+        caps_set(1ULL << CAP_KILL, 1ULL << CAP_KILL, 0);
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (status_fd > 0)
+        syscall(SYS_close_range, 0, status_fd - 1, 0);
+    syscall(SYS_close_range, status_fd + 1, ~0U, 0);
+    int status = 0;
+    for (;;) {
+        int st;
+        pid_t pid = waitpid(-1, &st, 0);
+        if (pid < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (pid == payload) {
+            status = st;
+            break;
+        }
+    }
+    char buf[32];
+    size_t at;
+    if (WIFSIGNALED(status)) {
+        at = append(buf, 0, sizeof buf, "signal ");
+        at = append_int(buf, at, sizeof buf, WTERMSIG(status));
+    } else {
+        at = append(buf, 0, sizeof buf, "exit ");
+        at = append_int(buf, at, sizeof buf, WEXITSTATUS(status));
+    }
+    (void)!write(status_fd, buf, at);
+    _exit(0);
+}
+
+/* The program's path: argv[0] if it has a slash, else the first executable file
+ * of that name in the sandbox's PATH (looked up inside the sandbox). */
+static const char *find_program(const launch_t *launch, char *buf, size_t cap) {
+    const char *name = launch->argv[0];
+    if (strchr(name, '/'))
+        return name;
+    const char *dirs = launch->path_env ? launch->path_env : "/usr/bin:/bin";
+    while (*dirs) {
+        const char *end = strchrnul(dirs, ':');
+        size_t n = (size_t)(end - dirs);
+        if (n && n + strlen(name) + 2 < cap) {
+            struct stat st;
+            memcpy(buf, dirs, n);
+            buf[n] = '/';
+            strcpy(buf + n + 1, name);
+            if (stat(buf, &st) == 0 && S_ISREG(st.st_mode) && access(buf, X_OK) == 0)
+                return buf;
+        }
+        dirs = *end ? end + 1 : end;
+    }
+    fail(ENOENT, "command not found: ", name);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ the steps */
+
+static const char *s(const step_t *step, int i) {
+    return step->str[i];
+}
+
+/* Run the steps. Returns only in a callable's payload process (STEP_RETURN). */
+static void run_steps(const launch_t *launch) {
+    static int slots[MAX_SLOTS];
+    pid_t init_pid = (pid_t)syscall(SYS_getpid);
+    for (Py_ssize_t i = 0; i < launch->count; i++) {
+        const step_t *st = &launch->steps[i];
+        const long long *n = st->num;
+        switch (st->kind) {
+        case STEP_STAGE:
+            current_stage = s(st, 0);
+            trace(current_stage);
+            break;
+        case STEP_SETSID:
+            check(setsid(), "setsid", "");
+            break;
+        case STEP_RESET_SIGNALS:
+            reset_signals();
+            break;
+        case STEP_PRCTL:
+            check(prctl((int)n[0], (unsigned long)n[1], 0, 0, 0), "prctl", "");
+            break;
+        case STEP_WAIT_TOKEN: {
+            char token = 0;
+            ssize_t got;
+            do
+                got = read((int)n[0], &token, 1);
+            while (got < 0 && errno == EINTR);
+            if (got != 1 || token != (char)n[1])
+                fail(ESRCH, "the parent exited before releasing the sandbox", "");
+            break;
+        }
+        case STEP_STILL_SUPERVISED: {
+            /* Outside our pid namespace the parent is invisible (getppid() is 0); it
+             * holds the other end of this pipe while it supervises: a hang-up means
+             * it died before the parent-death signal was armed. */
+            check(prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG", "");
+            struct pollfd p = {(int)n[0], POLLIN, 0};
+            if (poll(&p, 1, 0) != 0)
+                fail(ESRCH, "the parent exited", "");
+            break;
+        }
+        case STEP_DIE_WITH_INIT:
+            check(prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG", "");
+            if (getppid() != init_pid)
+                fail(ESRCH, "the sandbox init exited", "");
+            break;
+        case STEP_MOUNT:
+            if (n[5] && !exists(s(st, 1)))
+                break;
+            check(mount(s(st, 0), s(st, 1), s(st, 2), (unsigned long)n[3], s(st, 4)), "mount on ", s(st, 1));
+            break;
+        case STEP_SETATTR:
+            set_attrs(s(st, 0), n[1], (int)n[2]);
+            break;
+        case STEP_OPEN_SOURCE:
+            if (n[0] < 0 || n[0] >= MAX_SLOTS)
+                fail(EINVAL, "bad slot", "");
+            slots[n[0]] = open(s(st, 1), O_PATH | O_CLOEXEC);
+            check(slots[n[0]], "bind source ", s(st, 1));
+            break;
+        case STEP_BIND:
+            if (n[0] >= MAX_SLOTS)
+                fail(EINVAL, "bad slot", "");
+            bind_mount(n[0] >= 0 ? slots[n[0]] : -1, s(st, 1), s(st, 2), n[3], (int)n[4]);
+            if (n[0] >= 0 && !n[5]) {
+                close(slots[n[0]]);
+                slots[n[0]] = -1;
+            }
+            break;
+        case STEP_MKDIR:
+            mkdirs(s(st, 0));
+            break;
+        case STEP_SYMLINK:
+            check(symlink(s(st, 0), s(st, 1)), "symlink ", s(st, 1));
+            break;
+        case STEP_WRITE_FILE:
+            write_file(s(st, 0), s(st, 1), st->len[1]);
+            break;
+        case STEP_CHDIR:
+            check(chdir(s(st, 0)), "chdir ", s(st, 0));
+            break;
+        case STEP_PIVOT_ROOT:
+            check(syscall(SYS_pivot_root, ".", "."), "pivot_root", "");
+            check(umount2(".", MNT_DETACH), "detach the old root", "");
+            check(chdir("/"), "chdir /", "");
+            break;
+        case STEP_SETHOSTNAME:
+            check(sethostname(s(st, 0), strlen(s(st, 0))), "sethostname", "");
+            break;
+        case STEP_LOOPBACK_UP:
+            loopback_up();
+            break;
+        case STEP_ARRANGE_FDS:
+            arrange_fds((const int32_t *)s(st, 0), st->len[0] / 8, (const int32_t *)s(st, 1), st->len[1] / 4);
+            break;
+        case STEP_SETRLIMIT: {
+            struct rlimit limit = {(rlim_t)n[1], (rlim_t)n[1]};
+            check(setrlimit((int)n[0], &limit), "setrlimit", "");
+            break;
+        }
+        case STEP_IDENTITY:
+            set_identity((uid_t)n[0], (gid_t)n[1], (int)n[2]);
+            break;
+        case STEP_CAPABILITIES:
+            apply_capabilities((uint64_t)n[0], (uint64_t)n[1], (int)n[2]);
+            break;
+        case STEP_SECCOMP:
+            install_seccomp(s(st, 0), st->len[0]);
+            break;
+        case STEP_CLOSE:
+            close((int)n[0]);
+            break;
+        case STEP_FORK_PAYLOAD: {
+            init_pid = (pid_t)syscall(SYS_getpid);
+            pid_t pid = (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+            check(pid, "fork the payload", "");
+            if (pid > 0) {
+                close(error_fd);
+                run_init(pid, (int)n[0], (int)n[1]);
+            }
+            close((int)n[0]);
+            break;
+        }
+        case STEP_SPAWN_PROGRAM: {
+            char path_buf[4096];
+            const char *path = find_program(launch, path_buf, sizeof path_buf);
+            check(chdir(launch->cwd), "chdir ", launch->cwd);
+            pid_t pid;
+            int err = posix_spawn(&pid, path, NULL, NULL, launch->argv, launch->envp);
+            if (err)
+                fail(err, "cannot execute ", path);
+            close(error_fd);
+            run_init(pid, (int)n[0], 0);
+            break;
+        }
+        case STEP_EXEC_PROGRAM: {
+            char path_buf[4096];
+            const char *path = find_program(launch, path_buf, sizeof path_buf);
+            check(chdir(launch->cwd), "chdir ", launch->cwd);
+            execve(path, launch->argv, launch->envp); /* the error pipe closes on success */
+            fail(errno, "cannot execute ", path);
+            break;
+        }
+        case STEP_RETURN:
+            close(error_fd);
+            return;
+        case STEP_SETNS:
+            check(setns((int)n[0], (int)n[1]), "setns", "");
+            close((int)n[0]);
+            break;
+        case STEP_MOVE_ERROR_FD: {
+            int moved = fcntl(error_fd, F_DUPFD_CLOEXEC, (int)n[0]);
+            check(moved, "move the error pipe", "");
+            close(error_fd);
+            error_fd = moved;
+            break;
+        }
+        default:
+            fail(EINVAL, "unknown step", "");
+        }
+    }
+    fail(EINVAL, "the steps ended without starting the payload", "");
+}
+
+/* ------------------------------------------------------------------ Python entry */
+
+struct clone_args_v2 {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+        set_tid_size, cgroup;
+};
+
+static int convert_step(PyObject *item, step_t *step) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 1 || PyTuple_GET_SIZE(item) > MAX_ARGS + 1) {
+        PyErr_SetString(PyExc_TypeError, "a step is a tuple (kind, arg, ...)");
+        return -1;
+    }
+    memset(step, 0, sizeof *step);
+    step->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+    for (Py_ssize_t j = 1; j < PyTuple_GET_SIZE(item); j++) {
+        PyObject *arg = PyTuple_GET_ITEM(item, j);
+        if (PyBytes_Check(arg)) {
+            step->str[j - 1] = PyBytes_AS_STRING(arg);
+            step->len[j - 1] = PyBytes_GET_SIZE(arg);
+        } else if (arg != Py_None) {
+            step->num[j - 1] = PyLong_AsLongLong(arg);
+        }
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static char **convert_strings(PyObject *seq) {
+    Py_ssize_t count = PyTuple_GET_SIZE(seq);
+    char **out = PyMem_Calloc((size_t)count + 1, sizeof(char *));
+    if (!out)
+        return (char **)PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(seq, i);
+        if (!PyBytes_Check(item)) {
+            PyMem_Free(out);
+            PyErr_SetString(PyExc_TypeError, "argv and environment entries must be bytes");
+            return NULL;
+        }
+        out[i] = PyBytes_AS_STRING(item);
+    }
+    return out;
+}
+
+PyDoc_STRVAR(spawn_doc,
+"spawn(clone_flags, cgroup_fd, error_fd, steps, argv, envp, cwd, trace_fd=-1) -> (pid, pidfd)\n\n"
+"clone3 a child with `clone_flags` (and CLONE_INTO_CGROUP when cgroup_fd >= 0) that runs\n"
+"`steps` in C. Returns (pid, pidfd) in the parent; returns (0, -1) only in a callable's\n"
+"payload process, after its last step (STEP_RETURN). The caller must be single-threaded.");
+
+static PyObject *child_spawn(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long clone_flags;
+    int cgroup_fd, err_fd, trace = -1;
+    PyObject *steps_obj, *argv_obj, *envp_obj;
+    const char *cwd;
+    if (!PyArg_ParseTuple(args, "KiiO!O!O!y|i", &clone_flags, &cgroup_fd, &err_fd, &PyTuple_Type, &steps_obj,
+                          &PyTuple_Type, &argv_obj, &PyTuple_Type, &envp_obj, &cwd, &trace))
+        return NULL;
+    launch_t launch = {0};
+    launch.count = PyTuple_GET_SIZE(steps_obj);
+    launch.cwd = cwd;
+    launch.error_fd = err_fd;
+    launch.trace_fd = trace;
+    launch.steps = PyMem_Calloc((size_t)launch.count + 1, sizeof(step_t));
+    launch.argv = convert_strings(argv_obj);
+    launch.envp = convert_strings(envp_obj);
+    PyObject *result = NULL;
+    if (!launch.steps || !launch.argv || !launch.envp) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < launch.count; i++)
+        if (convert_step(PyTuple_GET_ITEM(steps_obj, i), &launch.steps[i]) < 0)
+            goto done;
+    for (char **env = launch.envp; *env; env++)
+        if (strncmp(*env, "PATH=", 5) == 0)
+            launch.path_env = *env + 5;
+
+    int pidfd = -1;
+    struct clone_args_v2 cargs;
+    memset(&cargs, 0, sizeof cargs);
+    cargs.flags = clone_flags | CLONE_PIDFD;
+    cargs.pidfd = (uint64_t)(uintptr_t)&pidfd;
+    cargs.exit_signal = SIGCHLD;
+    if (cgroup_fd >= 0) {
+        cargs.flags |= CLONE_INTO_CGROUP;
+        cargs.cgroup = (uint64_t)cgroup_fd;
+    }
+    PyOS_BeforeFork();
+    long pid = syscall(SYS_clone3, &cargs, sizeof cargs);
+    if (pid == 0) {
+        error_fd = launch.error_fd;
+        trace_fd = launch.trace_fd;
+        run_steps(&launch); /* returns only in a callable's payload process */
+        PyOS_AfterFork_Child();
+        result = Py_BuildValue("(ii)", 0, -1);
+        goto done;
+    }
+    int saved = errno;
+    PyOS_AfterFork_Parent();
+    if (pid < 0) {
+        errno = saved;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = Py_BuildValue("(li)", pid, pidfd);
+done:
+    PyMem_Free(launch.steps);
+    PyMem_Free(launch.argv);
+    PyMem_Free(launch.envp);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"spawn", child_spawn, METH_VARARGS, spawn_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_child", "The sandbox child's steps, executed in C (see _child.c).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__child(void) {
+    return PyModule_Create(&module);
+}

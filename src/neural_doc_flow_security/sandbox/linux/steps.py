@@ -1,0 +1,63 @@
+"""The steps a sandbox child executes, as data, and the clone that runs them.
+
+launch/bootstrap.py lists the steps in order; the C extension `_child` clones
+the child and executes them without running Python in between (see _child.c
+for why). A step is a tuple `(Step.X, arg, ...)` of ints and bytes; the meaning
+of each argument is documented at the kind below and in _child.c.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TypeAlias
+
+from . import _child
+
+StepTuple: TypeAlias = tuple[int | bytes | None, ...]
+
+
+class Step(IntEnum):
+    """Step kinds (numbers shared with _child.c)."""
+
+    STAGE = 1              # name: the stage the following steps belong to (for error reports)
+    SETSID = 2
+    RESET_SIGNALS = 3      # every disposition to default, nothing blocked
+    PRCTL = 4              # option, arg
+    WAIT_TOKEN = 5         # fd, token: read one byte, fail unless it is the token
+    STILL_SUPERVISED = 6   # fd: re-arm the parent-death signal; a hang-up there means the parent died
+    DIE_WITH_INIT = 7      # parent-death signal, and fail if init is already gone
+    MOUNT = 8              # source, target, fstype, flags, data, optional (skip a missing target)
+    SETATTR = 9            # path, mount attributes to set, recursive
+    OPEN_SOURCE = 10       # slot, path: open a bind source (O_PATH) while the host tree is visible
+    BIND = 11              # slot or -1, source path, target, attributes, optional, keep the slot open
+    MKDIR = 12             # path (and its parents)
+    SYMLINK = 13           # link text, path
+    WRITE_FILE = 14        # path, content
+    CHDIR = 15             # path
+    PIVOT_ROOT = 16        # into the current directory; the old root is detached
+    SETHOSTNAME = 17       # name
+    LOOPBACK_UP = 18
+    ARRANGE_FDS = 19       # map (int32 target/source pairs), keep (int32s): close all others
+    SETRLIMIT = 20         # resource, value (soft = hard)
+    IDENTITY = 21          # uid, gid, in a user namespace
+    CAPABILITIES = 22      # allowed mask, ambient mask, last capability
+    SECCOMP = 23           # BPF program
+    CLOSE = 24             # fd
+    FORK_PAYLOAD = 25      # status fd, drop privileges: fork; this process becomes init
+    SPAWN_PROGRAM = 26     # status fd: posix_spawn the program; this process becomes its init
+    EXEC_PROGRAM = 27
+    RETURN = 28            # back to Python, in a callable's payload process
+    MOVE_ERROR_FD = 29     # lowest fd number the error pipe may use
+    SETNS = 30             # fd, namespace type: join a namespace made ahead of the clone
+
+
+def spawn(clone_flags: int, cgroup_fd: int | None, error_fd: int, steps: tuple[StepTuple, ...],
+          argv: tuple[bytes, ...] = (), envp: tuple[bytes, ...] = (), cwd: bytes = b"/",
+          trace_fd: int = -1) -> tuple[int, int]:
+    """clone3 with `clone_flags` (into the v2 cgroup `cgroup_fd`) and run `steps` in
+    the child. Returns (pid, pidfd) in the parent and (0, -1) in a callable's payload
+    process once its steps passed. With `trace_fd`, every stage writes
+    "monotonic-ns pid name" to it. The caller must be single-threaded."""
+    pid, pidfd = _child.spawn(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd, steps,
+                              argv, envp, cwd, trace_fd)
+    return int(pid), int(pidfd)
