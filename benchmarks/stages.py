@@ -2,6 +2,9 @@
 
 Run as its own process (run.py does: `python benchmarks/stages.py --runs N`); it prints JSON.
 
+The network namespace and the cgroup are made ahead, outside the timed run, as
+`ndf-sandbox run` does while it imports (run.make_ahead).
+
 How: the parent's steps (plan, cgroup, network namespace, the clone3 call of the
 C extension, id maps, wait, finish) are timed by wrapping (monkeypatching) the
 functions the launch calls through module attributes. The child side runs in C
@@ -74,9 +77,12 @@ def _child_records(wait_end: int) -> list[tuple[str, int, int]]:
 
 def one_run() -> list[tuple[str, int, int]]:
     """One launch; returns its records (relative to the start of run_program)."""
+    from run import make_ahead
+
     from neural_doc_flow_security.sandbox import SandboxConfig
     from neural_doc_flow_security.sandbox.launch.supervise import run_program
 
+    make_ahead()  # as `ndf-sandbox run` does while it imports
     _parent_records.clear()
     os.ftruncate(_trace_fd, 0)
     os.lseek(_trace_fd, 0, os.SEEK_SET)

@@ -252,3 +252,59 @@ def test_stale_cgroup_of_dead_owner_is_removed(spawn: Callable[[Body], Child]) -
     finally:
         V1Cgroup(stale_name, stale, {}).destroy()
         mine.destroy()
+
+
+# -------------------------------------------------------------------- spare cgroups (made ahead)
+
+
+def test_spare_cgroup_takes_the_sandbox_name_and_its_limits() -> None:
+    from neural_doc_flow_security.sandbox.config import SandboxConfig
+    from neural_doc_flow_security.sandbox.launch import resources
+    from neural_doc_flow_security.sandbox.launch.plan import plan_launch
+
+    resources.make_spare_cgroup()
+    spare = resources._spare
+    assert spare is not None
+    spare_dirs = spare.paths
+    config = SandboxConfig(memory_limit_mb=64)
+    cgroup = resources.create_cgroup(config, "spare-test", plan_launch(config))
+    try:
+        assert cgroup is spare and resources._spare is None
+        assert all(not os.path.exists(d) for d in spare_dirs.values())  # renamed, not copied
+        memory_dir = cgroup.paths["memory"]
+        assert "spare-test" in os.path.basename(memory_dir)
+        with open(os.path.join(memory_dir, "memory.limit_in_bytes")) as f:
+            assert int(f.read()) == 64 * MiB
+    finally:
+        assert cgroup is not None
+        cgroup.destroy()
+
+
+def test_spare_cgroup_without_a_needed_controller_is_replaced() -> None:
+    from neural_doc_flow_security.sandbox.config import SandboxConfig
+    from neural_doc_flow_security.sandbox.launch import resources
+    from neural_doc_flow_security.sandbox.launch.plan import plan_launch
+
+    resources.make_spare_cgroup()
+    spare = resources._spare
+    assert spare is not None and "cpu" not in spare.paths
+    spare_dirs = spare.paths
+    config = SandboxConfig(cpu_quota_percent=50)
+    cgroup = resources.create_cgroup(config, "cpu-test", plan_launch(config))
+    try:
+        assert cgroup is not None and cgroup is not spare and "cpu" in cgroup.paths
+        assert all(not os.path.exists(d) for d in spare_dirs.values())  # the spare was removed
+    finally:
+        assert cgroup is not None
+        cgroup.destroy()
+
+
+def test_discarding_the_spare_removes_it() -> None:
+    from neural_doc_flow_security.sandbox.launch import resources
+
+    resources.make_spare_cgroup()
+    spare = resources._spare
+    assert spare is not None
+    resources.discard_spare_cgroup()
+    assert resources._spare is None
+    assert all(not os.path.exists(d) for d in spare.paths.values())

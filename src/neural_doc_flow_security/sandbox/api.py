@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import itertools
 import os
 import signal
@@ -37,6 +38,7 @@ from .ipc.limits import DecodeLimits
 from .ipc.memfd import seal_bytes
 from .ipc.messages import ControlMessage, IpcMessage, MessageKind
 from .launch.bootstrap import ExecPayload, Payload
+from .launch.counters import UsageCounters
 from .launch.launcher import LaunchRequest
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter
@@ -67,16 +69,21 @@ class SandboxInfo:
     age_seconds: float
 
 
+@functools.cache
+def _outside_python_paths(source: str) -> bool:
+    from .linux.rootfs import covered, python_paths
+
+    return not covered(os.path.realpath(source), python_paths())
+
+
 def _pickle_call(call: tuple[Any, ...]) -> bytes:
     """cloudpickle the (function, args, kwargs) call. A function whose module the
     sandbox cannot import (it lives outside the Python installation that is bound
     in: a script, a test, an application directory) travels by value."""
-    from .linux.rootfs import covered, python_paths
-
     module = sys.modules.get(getattr(call[0], "__module__", "") or "")
     source = getattr(module, "__file__", None)
     by_value = (module is not None and module.__name__ != "__main__" and source is not None
-                and not covered(os.path.realpath(source), python_paths()))
+                and _outside_python_paths(source))
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
@@ -152,12 +159,16 @@ class SandboxHandle:
         self._tasks: list[asyncio.Task[Any]] = []
         self._reader: asyncio.Task[None] | None = None
         self._outputs: list[_OutputCapture] = []
-        self._answered = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._answered: asyncio.Future[None] = loop.create_future()  # its result arrived, or it ended
+        self._prepared: asyncio.Future[None] = loop.create_future()  # said it waits for its call, or ended
         self._reply: IpcMessage | None = None
         self._violation: ProtocolViolation | None = None
         self._stopped_by_host = False
         self._started = time.monotonic()
+        self._armed_at = self._started  # its wall clock runs from here (a pooled one: from its call)
         self._last_seen = self._started
+        self._counters: UsageCounters | None = None
         self._result: SandboxResult | None = None
 
     # -- talking ------------------------------------------------------------
@@ -276,19 +287,19 @@ class SandboxHandle:
         then (and reaped in the background). `exit_code` is None in that case.
         Ends like wait() when the sandbox ends before answering."""
         exit_future = self._starter.exit_future(self.sandbox_id)
-        answered: asyncio.Future[Any] = asyncio.ensure_future(self._answered.wait())
-        try:
-            await asyncio.wait([exit_future, answered], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            answered.cancel()
+        await self._answered
         isolation = self._starter.isolation.get(self.sandbox_id)
         if exit_future.done() or self._violation is not None or isolation is None:
             return await self.wait()
-        reply = await self._starter.control("collect", self.sandbox_id)
-        if not reply.get("ok"):
-            return await self.wait()
+        usage = self._read_counters()
+        if usage is not None:
+            await self._starter.notify("kill", self.sandbox_id)  # the launcher kills it; no reply awaited
+        else:  # no counters readable here: the launcher reads them and kills, one round trip
+            reply = await self._starter.control("collect", self.sandbox_id)
+            if not reply.get("ok"):
+                return await self.wait()
+            usage = ResourceUsage(**reply["usage"])
         self._manager._reap_later(self)
-        usage = ResourceUsage(**reply["usage"])
         stdout, stderr = (o.so_far() for o in self._outputs)
         return self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
 
@@ -315,6 +326,26 @@ class SandboxHandle:
 
     # -- plumbing -----------------------------------------------------------
 
+    def _open_counters(self) -> UsageCounters | None:
+        """Open the cgroup counter files of the sandbox (closed when it ends), if it has them."""
+        files = self._starter.counters.get(self.sandbox_id)
+        if self._counters is None and files:
+            try:
+                counters = self._counters = UsageCounters(files)
+            except OSError:
+                return None
+            self._starter.exit_future(self.sandbox_id).add_done_callback(lambda _: counters.close())
+        return self._counters
+
+    def _read_counters(self) -> ResourceUsage | None:
+        """The usage now, read from the kernel by this process; None when it cannot be
+        (no cgroup, or it is already gone)."""
+        counters = self._counters or self._open_counters()
+        try:
+            return counters.read(time.monotonic() - self._armed_at) if counters is not None else None
+        except OSError:
+            return None
+
     def _attach(self, channel: AsyncChannel | None, stdout_fd: int, stderr_fd: int, output_limit: int,
                 status_interval: float | None) -> None:
         self._channel = channel
@@ -336,8 +367,10 @@ class SandboxHandle:
                     if self._reply is not None:
                         raise ProtocolViolation("the plugin sent a second result")
                     self._reply = message
-                    self._answered.set()
-                elif message.kind is not MessageKind.HEARTBEAT and self._keep_messages:
+                    _resolve(self._answered)
+                elif message.kind is MessageKind.HEARTBEAT:
+                    _resolve(self._prepared)
+                elif self._keep_messages:
                     await self._inbox.put(message)
         except ProtocolViolation as violation:
             self._violation = violation
@@ -345,6 +378,8 @@ class SandboxHandle:
                 await self._starter.control("kill", self.sandbox_id)
         except (OSError, SandboxError):
             return
+        finally:
+            _resolve(self._prepared)
 
     async def _sample_status(self, interval: float) -> None:
         exit_future = self._starter.exit_future(self.sandbox_id)
@@ -357,6 +392,11 @@ class SandboxHandle:
                 with contextlib.suppress(SandboxError):
                     self._inbox.put_nowait(await self.status())
                     self._status_pending = True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _start_method(name: str, allow_unenforced: Iterable[str]) -> StartMethod:
@@ -434,9 +474,16 @@ class SandboxManager:
         self._started = True
         if self._pool_size > 0:
             self._pool = WarmPool(self._pool_size, lambda: self._create(
-                "pool", PythonWorkerPayload(), self.config, keep_messages=False, with_channel=True,
-                stdin=None, armed=False))
+                "pool", PythonWorkerPayload(pooled=True), self.config, keep_messages=False,
+                with_channel=True, stdin=None, pooled=True))
             self._pool.start()
+
+    async def wait_pool_ready(self) -> None:
+        """Wait until the warm pool is full of sandboxes waiting for their call and the
+        sandboxes of earlier calls are reaped (e.g. before timing a pooled call)."""
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.wait_ready()
 
     async def shutdown(self) -> None:
         """Kill every sandbox still running and stop the zygote."""
@@ -514,35 +561,39 @@ class SandboxManager:
         assert self._slots is not None
         call_bytes = _pickle_call(call) if call is not None else None
         await self._slots.acquire()
-        arming: asyncio.Task[dict[str, Any]] | None = None
         try:
-            handle = self._pool.take() if self._pool is not None and config in (None, self.config) \
+            pooled = self._pool.take() if self._pool is not None and config in (None, self.config) \
                 and call_bytes is not None and not keep_messages else None
-            if handle is not None:
-                handle.plugin_id = plugin_id
-                # Start its wall clock; the reply is awaited after the call is sent.
-                arming = asyncio.create_task(self._starter.control("arm", handle.sandbox_id))
-            else:
-                handle = await self._create(plugin_id, payload, config or self.config,
-                                            keep_messages=keep_messages, with_channel=call_bytes is not None,
-                                            stdin=stdin, armed=True)
+            handle = pooled or await self._create(plugin_id, payload, config or self.config,
+                                                  keep_messages=keep_messages, with_channel=call_bytes is not None,
+                                                  stdin=stdin, pooled=False)
         except BaseException:
             self._slots.release()
             raise
         self._starter.exit_future(handle.sandbox_id).add_done_callback(lambda _: self._slots.release())  # type: ignore[union-attr]
+        if pooled is not None:
+            handle.plugin_id = plugin_id
+            handle._armed_at = time.monotonic()
         if handle._channel is not None and call_bytes is not None:
             try:
                 await handle._channel.send(IpcMessage.call(call_bytes))
             except OSError:
                 pass  # it died before reading its work; wait() reports how
-        if arming is not None and not (await arming).get("ok"):
-            await handle.kill()  # no wall clock could be started: it must not run unbounded
-            raise SandboxError(f"{plugin_id}: the pooled sandbox could not be armed")
+        if pooled is not None:
+            # Its wall clock starts from the moment the call was sent; the launcher
+            # carries this out before any later request, no reply is awaited.
+            try:
+                await self._starter.notify("arm", handle.sandbox_id, at=handle._armed_at)
+            except SandboxError:
+                await self._kill_quietly(handle)  # no wall clock could be started: it must not run unbounded
+                raise SandboxError(f"{plugin_id}: the pooled sandbox could not be armed") from None
         return handle
 
     async def _create(self, plugin_id: str, payload: Payload, config: SandboxConfig, *, keep_messages: bool,
-                      with_channel: bool, stdin: bytes | None, armed: bool) -> SandboxHandle:
-        """Start one sandbox (not counted against max_concurrent: the caller does that)."""
+                      with_channel: bool, stdin: bytes | None, pooled: bool) -> SandboxHandle:
+        """Start one sandbox (not counted against max_concurrent: the caller does that).
+        A pooled one has no wall clock running until it is armed, and its usage
+        counters are opened now, while it waits."""
         sandbox_id = next(self._ids)
         handle = SandboxHandle(self, plugin_id, sandbox_id, "callable" if with_channel else "command", config,
                                keep_messages)
@@ -566,7 +617,7 @@ class SandboxManager:
                 channel = AsyncChannel(host_end, self._decode_limits)
                 theirs.append(sandbox_end.detach())
                 fds[CHANNEL_FD] = theirs[-1]
-            request = LaunchRequest(config, payload, plugin_id, armed=armed)
+            request = LaunchRequest(config, payload, plugin_id, armed=not pooled)
             handle.pid = await self._starter.spawn(sandbox_id, request, fds)
         except BaseException:
             for fd in ours:
@@ -581,12 +632,15 @@ class SandboxManager:
         self._starter.exit_future(sandbox_id).add_done_callback(lambda _: self._forget(sandbox_id))
         handle.health = Health.RUNNING
         handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval)
+        if pooled:
+            handle._open_counters()
         return handle
 
     def _forget(self, sandbox_id: int) -> None:
         handle = self._handles.pop(sandbox_id, None)
         if handle is not None:
             handle.health = Health.EXITED
+            _resolve(handle._answered)
 
     def _reap_later(self, handle: SandboxHandle) -> None:
         """Let a sandbox that has answered finish its teardown in the background."""

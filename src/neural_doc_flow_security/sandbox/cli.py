@@ -151,12 +151,6 @@ def _float(text: str, field: str) -> float:
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    if sys.platform == "linux":
-        from .linux import network
-
-        network.make_ahead()  # as root: the sandbox's network namespace, while we import and plan
-    from .launch.supervise import run_program
-
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("ndf-sandbox run: missing command (ndf-sandbox run [options] -- CMD ARGS...)", file=sys.stderr)
@@ -166,6 +160,23 @@ def _command_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if sys.platform != "linux":
+        return _run(args, config, command)
+    from .launch import resources
+    from .linux import network
+
+    # As root: the sandbox's network namespace and cgroup are made in threads while we import.
+    network.make_ahead()
+    resources.make_spare_cgroup(in_background=True)
+    try:
+        return _run(args, config, command)
+    finally:
+        resources.discard_spare_cgroup()  # unused (the launch failed before taking it)
+
+
+def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str]) -> int:
+    from .launch.supervise import run_program
+
     _remove_stale_cgroups()
     try:
         result = run_program(config, command, cwd=args.cwd)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import mmap
 import os
 import socket
 from collections.abc import Iterable
@@ -353,7 +354,10 @@ class SyncChannel:
         sock.setblocking(True)
         self._sock = sock
         self._codec = _RecordCodec(limits or DecodeLimits(), role)
-        self._buffer = bytearray(self._codec.limits.max_inline_bytes)
+        # Fresh anonymous pages, not a bytearray: the kernel maps them zero-filled on
+        # first touch, so a small message costs one page (a zygote's forked sandbox
+        # would otherwise copy-on-write every page of a heap buffer it clears).
+        self._buffer = mmap.mmap(-1, self._codec.limits.max_inline_bytes)
         self._eof = False
 
     @classmethod

@@ -116,9 +116,13 @@ class Launcher:
                 expired.append(sandbox_id)
         return expired
 
-    def arm(self, sandbox_id: int) -> None:
-        """Start the wall clock of a pooled sandbox: its call has just been sent."""
-        self.running[sandbox_id].arm()
+    def arm(self, sandbox_id: int, at: float | None = None) -> None:
+        """Start the wall clock of a pooled sandbox: its call has just been sent (at
+        `at` on the monotonic clock, if given: the manager sends this after the call)."""
+        spawned = self.running[sandbox_id]
+        spawned.arm()
+        if at is not None:
+            spawned.started = min(at, spawned.started)
 
     def finish(self, sandbox_id: int) -> SandboxResult:
         """Reap an exited sandbox (its pidfd is readable) into its result."""
@@ -224,10 +228,15 @@ class Launcher:
         self.kill(sandbox_id)
         return usage
 
+    def prepare_next(self) -> None:
+        """Idle time (a zygote between requests): make the next sandbox's cgroup."""
+        resources.make_spare_cgroup()
+
     def shutdown(self) -> list[tuple[int, SandboxResult]]:
-        """Kill and reap everything still running."""
+        """Kill and reap everything still running; remove the spare cgroup."""
         results = []
         for sandbox_id in list(self.running):
             self.kill(sandbox_id)
             results.append((sandbox_id, self.finish(sandbox_id)))
+        resources.discard_spare_cgroup()
         return results

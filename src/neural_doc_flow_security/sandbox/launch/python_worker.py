@@ -1,7 +1,8 @@
 """The payload for Python callables: runs inside the sandbox, after every protection.
 
 It waits on its channel (fd 3) for one CALL message (cloudpickled function and
-arguments, sent by the host), runs it, sends back one RESULT or ERROR message
+arguments, sent by the host; a pooled sandbox first says it is waiting with a
+HEARTBEAT), runs it, sends back one RESULT or ERROR message
 (msgpack: nothing pickled ever travels towards the host) and exits. The module
 imports the payload needs happen here, inside the sandbox.
 """
@@ -13,6 +14,7 @@ import inspect
 import io
 import os
 import sys
+import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +89,15 @@ class PluginContext:
 
 def wants_context(function: Callable[..., Any]) -> bool:
     """Whether the callable's first parameter is the plugin context (`ctx`)."""
+    if (isinstance(function, types.FunctionType) and not hasattr(function, "__wrapped__")
+            and not hasattr(function, "__signature__")):
+        # What inspect.signature() would say, read off the code object: this runs on every call.
+        code = function.__code__
+        if code.co_argcount:
+            first = code.co_varnames[0]
+            return first == "ctx" or function.__annotations__.get(first) is PluginContext
+        if not code.co_kwonlyargcount and not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+            return False  # no parameters
     try:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
@@ -96,9 +107,12 @@ def wants_context(function: Callable[..., Any]) -> bool:
 
 @dataclass(frozen=True)
 class PythonWorkerPayload(Payload):
-    """Run one cloudpickled call received on fd 3."""
+    """Run one cloudpickled call received on fd 3. `pooled`: the call may be long
+    in coming, so warm up first and then say so (a HEARTBEAT); a cold worker's
+    call is already on its way, and a warm-up would only delay it."""
 
     needs_python = True
+    pooled: bool = False
 
     def run(self, environment: tuple[bytes, ...]) -> NoReturn:
         os.environ.clear()
@@ -109,8 +123,11 @@ class PythonWorkerPayload(Payload):
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
         channel = SyncChannel.from_fd(CHANNEL_FD)
-        _warm_up()
+        if self.pooled:
+            _warm_up()
         try:
+            if self.pooled:
+                channel.send(IpcMessage.heartbeat())
             call = channel.receive()
             if call is None or call.kind is not MessageKind.CALL:
                 os._exit(0)  # the host went away before sending work

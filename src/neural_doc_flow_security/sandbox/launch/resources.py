@@ -3,17 +3,20 @@
 Limits set in the config are required: a host that cannot enforce one refuses
 the launch (UnsupportedError naming it). Without limits, a cgroup is still
 created where the host allows it, for kernel-side accounting and kill-all.
+A zygote makes the next sandbox's cgroup while it is idle (a "spare").
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import threading
 
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import cgroups
 from ..linux.cgroups.base import CgroupLimits, SandboxCgroup
+from ..linux.cgroups.v1 import V1Cgroup
 from .plan import LaunchPlan
 
 _sequence = itertools.count()
@@ -76,12 +79,79 @@ def cgroup_limits(config: SandboxConfig, plan: LaunchPlan) -> CgroupLimits:
 
 
 def create_cgroup(config: SandboxConfig, name: str, plan: LaunchPlan) -> SandboxCgroup | None:
-    """The sandbox's cgroup: required when limits are set, else made when possible."""
+    """The sandbox's cgroup: required when limits are set, else made when possible.
+    A spare made ahead (make_spare_cgroup) is used when it has the controllers."""
     limits = cgroup_limits(config, plan)
     label = f"{name}-{next(_sequence)}"
+    spare = _take_spare(label, limits)
+    if spare is not None:
+        return spare
     if config.cgroup_limits_requested:
         return cgroups.create_sandbox_cgroup(label, limits)
     try:
         return cgroups.create_sandbox_cgroup(label, limits)
     except (SandboxError, OSError):
         return None  # accounting only; nothing was required
+
+
+_spare: V1Cgroup | None = None
+_spare_maker: threading.Thread | None = None
+
+
+def make_spare_cgroup(*, in_background: bool = False) -> None:
+    """Make an unlimited cgroup for the next launch now (a zygote when idle; the
+    CLI in a thread while it imports). Only on cgroup v1, where a cgroup can take
+    its sandbox's name later; best effort."""
+    global _spare_maker
+    if in_background:
+        if _spare_maker is None and _spare is None:
+            _spare_maker = threading.Thread(target=_make_spare, name="ndf-cgroup", daemon=True)
+            _spare_maker.start()
+    else:
+        _make_spare()
+
+
+def _make_spare() -> None:
+    global _spare
+    if _spare is not None or cgroups.joined_at_clone():
+        return
+    try:
+        made = cgroups.create_sandbox_cgroup(f"next-{next(_sequence)}", CgroupLimits())
+    except (SandboxError, OSError):
+        return
+    if isinstance(made, V1Cgroup):
+        _spare = made
+    else:
+        made.destroy()
+
+
+def discard_spare_cgroup() -> None:
+    """Remove the spare cgroup, if any (the zygote's shutdown)."""
+    global _spare
+    _join_spare_maker()
+    spare, _spare = _spare, None
+    if spare is not None:
+        spare.destroy()
+
+
+def _join_spare_maker() -> None:
+    global _spare_maker
+    if _spare_maker is not None:
+        _spare_maker.join()
+        _spare_maker = None
+
+
+def _take_spare(label: str, limits: CgroupLimits) -> SandboxCgroup | None:
+    global _spare
+    _join_spare_maker()
+    spare, _spare = _spare, None
+    if spare is None:
+        return None
+    try:
+        spare.rename(cgroups.cgroup_for_sandbox_name(label))
+        if limits != CgroupLimits():
+            spare.apply(limits)  # UnsupportedError if it lacks a controller the limits need
+    except (SandboxError, OSError):
+        spare.destroy()
+        return None
+    return spare

@@ -29,6 +29,7 @@ import msgpack
 
 from ..errors import SandboxError, UnsupportedError
 from ..result import IsolationReport, SandboxResult
+from .counters import counter_files
 from .launcher import Launcher, LaunchRequest
 
 
@@ -38,6 +39,7 @@ class StartMethod(abc.ABC):
     def __init__(self) -> None:
         self._exits: dict[int, asyncio.Future[SandboxResult]] = {}
         self.isolation: dict[int, IsolationReport] = {}  # by sandbox id, known once started
+        self.counters: dict[int, tuple[str, ...]] = {}  # its usage counter files (launch/counters.py)
 
     def exit_future(self, sandbox_id: int) -> asyncio.Future[SandboxResult]:
         """Resolves with the sandbox's result when it has ended and been reaped."""
@@ -47,6 +49,7 @@ class StartMethod(abc.ABC):
 
     def _exited(self, sandbox_id: int, result: SandboxResult) -> None:
         self.isolation.pop(sandbox_id, None)
+        self.counters.pop(sandbox_id, None)
         future = self.exit_future(sandbox_id)
         if not future.done():
             future.set_result(result)
@@ -61,7 +64,15 @@ class StartMethod(abc.ABC):
 
     @abc.abstractmethod
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:
-        """kill, freeze, thaw, signal(signal=N), stats, arm or collect; returns the reply."""
+        """kill, freeze, thaw, signal(signal=N), stats, arm(at=T) or collect; returns the reply."""
+
+    async def notify(self, op: str, sandbox_id: int, **args: Any) -> None:
+        """control() without waiting for the reply where the transport allows it (arm,
+        kill): requests are carried out in the order they were made. Raises
+        SandboxError when it cannot be sent or, here, when it failed."""
+        reply = await self.control(op, sandbox_id, **args)
+        if not reply.get("ok") and not self.exit_future(sandbox_id).done():
+            raise SandboxError(f"{op}: {reply.get('error')}")
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -83,6 +94,7 @@ class ForkStarter(StartMethod):
         launch = dataclasses.replace(request, fd_map=tuple(fds.items()))
         spawned = self._launcher.start(sandbox_id, launch)
         self.isolation[sandbox_id] = spawned.isolation()
+        self.counters[sandbox_id] = counter_files(spawned.cgroup)
         asyncio.get_running_loop().add_reader(spawned.pidfd, self._reap, sandbox_id, spawned.pidfd)
         self._schedule_deadlines()
         return spawned.pid
@@ -112,6 +124,9 @@ class ForkStarter(StartMethod):
                 return {"ok": True, "usage": dataclasses.asdict(self._launcher.collect(sandbox_id))}
             if op == "signal":
                 self._launcher.signal(sandbox_id, args["signal"])
+            elif op == "arm":
+                self._launcher.arm(sandbox_id, args.get("at"))
+                self._schedule_deadlines()  # its deadline is new
             elif op == "freeze":
                 return {"ok": True, "how": self._launcher.freeze(sandbox_id)}
             else:
@@ -128,6 +143,15 @@ class ForkStarter(StartMethod):
             self._exited(sandbox_id, self._launcher.finish(sandbox_id))
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
+
+
+def zygote_environment() -> dict[str, str]:
+    """The zygote's environment: what Python needs to start as this one did, nothing
+    else. Every sandbox is a fork of the zygote, so its memory holds the zygote's
+    original environment strings: the host's secrets (tokens, keys in variables)
+    must not be among them."""
+    keep = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+    return {k: v for k, v in os.environ.items() if k in keep or k.startswith("PYTHON")}
 
 
 class _Zygote:
@@ -150,6 +174,7 @@ class _Zygote:
                 [sys.executable, "-m", "neural_doc_flow_security.sandbox.launch.zygote",
                  str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                env=zygote_environment(),
             )
         finally:
             theirs.close()
@@ -190,12 +215,22 @@ class _Zygote:
         self.replies.clear()
 
     async def request(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Send a request and wait for its reply."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        message["req"] = next(self.starter._requests)
+        self.replies[message["req"]] = future
+        try:
+            await self.send(message, fds)
+        except BaseException:
+            self.replies.pop(message["req"], None)
+            raise
+        return await future
+
+    async def send(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Send a request; one without a "req" number gets no reply."""
         if self.dead or self.sock is None:
             raise SandboxError(self.dead or "the zygote is not running")
         loop = asyncio.get_running_loop()
-        message["req"] = next(self.starter._requests)
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.replies[message["req"]] = future
         data = pickle.dumps(message)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         while True:
@@ -209,7 +244,6 @@ class _Zygote:
                     await writable
                 finally:
                     loop.remove_writer(self.sock.fileno())
-        return await future
 
     async def close(self) -> None:
         if self.sock is not None:
@@ -270,6 +304,7 @@ class ZygoteStarter(StartMethod):
                 raise UnsupportedError(reply["protection"], reply["reason"])
             raise SandboxError(reply["error"])
         self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
+        self.counters[sandbox_id] = tuple(reply["counters"])
         return int(reply["pid"])
 
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:
@@ -277,6 +312,11 @@ class ZygoteStarter(StartMethod):
         if zygote is None:
             return {"ok": False, "error": "no such sandbox (it has exited)"}
         return await zygote.request({"op": op, "id": sandbox_id, **args}, [])
+
+    async def notify(self, op: str, sandbox_id: int, **args: Any) -> None:
+        zygote = self._owner.get(sandbox_id)
+        if zygote is not None:  # else it has exited
+            await zygote.send({"op": op, "id": sandbox_id, **args}, [])
 
     async def close(self) -> None:
         """Kill every running sandbox, wait (bounded) for their results, stop the zygotes."""

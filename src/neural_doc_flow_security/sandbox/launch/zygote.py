@@ -9,8 +9,10 @@ requests on a SOCK_SEQPACKET socket:
         {"op": "hello", "sys_path": [...]}
         {"op": "spawn", "id": N, "request": LaunchRequest, "targets": [fd numbers]} + fds
         {"op": "kill" | "freeze" | "thaw" | "stats" | "signal" | "arm" | "collect", "id": N, ...}
+        every request but hello carries "req": N, echoed in its reply; a control
+        request without one is carried out and not answered (arm, kill after use)
     zygote -> manager  msgpack
-        {"op": "started", "id", "pid"} | {"op": "exited", "id", "result": {...}}
+        {"op": "started", "id", "pid", "isolation", "counters"} | {"op": "exited", "id", "result": {...}}
         {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", "type"}
 
 When the manager goes away (socket EOF, or SIGTERM from the parent-death
@@ -35,6 +37,7 @@ import msgpack
 
 from ..errors import SandboxError, UnsupportedError
 from ..linux import syscalls as sc
+from .counters import counter_files
 from .launcher import Launcher, LaunchRequest
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -67,7 +70,7 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
             launch = dataclasses.replace(launch, fd_map=fd_map)
             spawned = launcher.start(sandbox_id, launch)
             return {"op": "started", "id": sandbox_id, "pid": spawned.pid,
-                    "isolation": spawned.isolation().to_dict()}
+                    "isolation": spawned.isolation().to_dict(), "counters": counter_files(spawned.cgroup)}
         except UnsupportedError as e:
             return {"op": "failed", "id": sandbox_id, "error": str(e), "protection": e.protection,
                     "reason": e.reason}
@@ -87,7 +90,7 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
         elif op == "collect":
             reply["usage"] = dataclasses.asdict(launcher.collect(sandbox_id))
         elif op == "arm":
-            launcher.arm(sandbox_id)
+            launcher.arm(sandbox_id, request.get("at"))
         elif op == "thaw":
             launcher.thaw(sandbox_id)
         elif op == "signal":
@@ -125,12 +128,12 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                     return
                 request = pickle.loads(data)
                 reply = _handle(launcher, request, fds)
-                if reply is not None:
-                    reply["req"] = request.get("req")
-                    if reply["op"] == "started":
-                        spawned = launcher.running[reply["id"]]
-                        pidfds[spawned.pidfd] = reply["id"]
-                        selector.register(spawned.pidfd, selectors.EVENT_READ, reply["id"])
+                if reply is not None and reply["op"] == "started":
+                    spawned = launcher.running[reply["id"]]
+                    pidfds[spawned.pidfd] = reply["id"]
+                    selector.register(spawned.pidfd, selectors.EVENT_READ, reply["id"])
+                if reply is not None and "req" in request:
+                    reply["req"] = request["req"]
                     _send(sock, reply)
             else:
                 sandbox_id = key.data
@@ -139,20 +142,23 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                 result = launcher.finish(sandbox_id)
                 _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
         launcher.expire()
+        if not selector.select(0):
+            launcher.prepare_next()  # idle: the next sandbox's cgroup, off its critical path
 
 
 def _warm_up() -> None:
     """Do once what every sandbox would otherwise do: compile the default seccomp
-    filter, plan the default root, import what Python payloads use; and start
-    making the first sandbox's network namespace."""
+    filter, plan the default root, import what Python payloads use; and make
+    the first sandbox's network namespace and cgroup."""
     import cloudpickle  # noqa: F401
 
     from ..config import SandboxConfig
     from ..linux import network
-    from . import python_worker  # noqa: F401
+    from . import python_worker, resources  # noqa: F401
     from .plan import plan_launch
 
     network.make_ahead()
+    resources.make_spare_cgroup()
     plan_launch(SandboxConfig())
     # Everything imported so far lives as long as the zygote: keep the collector
     # away from it, so forked sandboxes do not copy those pages just to scan them.

@@ -102,7 +102,7 @@ enum {
     STEP_SPAWN_PROGRAM = 26, /* status fd: start the program, become its init */
     STEP_EXEC_PROGRAM = 27,
     STEP_RETURN = 28,        /* to Python (a callable's payload process) */
-    STEP_MOVE_ERROR_FD = 29, /* lowest: above every fd the payload is to get */
+    STEP_MOVE_ERROR_FD = 29, /* lowest: above every fd the payload is to get (and the trace fd) */
     STEP_SETNS = 30,         /* fd, namespace type: join a namespace made ahead (then close the fd) */
 };
 
@@ -643,6 +643,10 @@ static void run_steps(const launch_t *launch) {
             check(moved, "move the error pipe", "");
             close(error_fd);
             error_fd = moved;
+            if (trace_fd >= 0) {
+                moved = fcntl(trace_fd, F_DUPFD_CLOEXEC, (int)n[0]);
+                trace_fd = moved; /* -1 on failure: no more tracing */
+            }
             break;
         }
         default:

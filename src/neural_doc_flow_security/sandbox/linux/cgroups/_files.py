@@ -5,6 +5,7 @@ ownership stamp in sandbox cgroup names."""
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import re
@@ -177,10 +178,15 @@ def process_start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
+@functools.lru_cache(maxsize=4)
+def _own_start_time(pid: int) -> int:
+    return process_start_time(pid) or 0  # keyed by pid: a forked child has its own
+
+
 def sandbox_dir_name(label: str = "") -> str:
     """A fresh, ownership-stamped cgroup directory name for one sandbox of this process."""
     pid = os.getpid()
-    start = process_start_time(pid) or 0
+    start = _own_start_time(pid)
     with _seq_lock:
         seq = next(_seq)
     safe = _LABEL_UNSAFE.sub("_", label)[:64]

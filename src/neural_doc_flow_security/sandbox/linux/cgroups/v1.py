@@ -261,6 +261,22 @@ class V1Cgroup(SandboxCgroup):
         if not _files.wait_until(empty, timeout):
             raise SandboxError(f"cgroup {self.name}: processes {self._members()} survived SIGKILL")
 
+    def rename(self, name: str) -> None:
+        """Give the (empty) cgroup another name in every hierarchy (a spare made
+        ahead takes its sandbox's name; v1 renames within the same parent)."""
+        for controller, old in self._dirs.items():
+            new = os.path.join(os.path.dirname(old), name)
+            for other, same in self._dirs.items():  # co-mounted controllers share one dir
+                if same == old and other != controller:
+                    self._dirs[other] = new
+            if not os.path.isdir(new):
+                try:
+                    os.rename(old, new)
+                except OSError as e:
+                    raise SandboxError(f"cannot rename cgroup {old} to {name}: {e.strerror}") from e
+            self._dirs[controller] = new
+        self.name = name
+
     def destroy(self) -> None:
         """Kill what is left, remove every directory and the shared parents once empty."""
         if any(os.path.isdir(d) for d in self._dirs.values()):
