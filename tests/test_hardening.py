@@ -114,3 +114,28 @@ def test_works_with_a_low_open_file_limit() -> None:
     proc = subprocess.run([NDF_SANDBOX, "run", "--nofile", "32", "--", "true"], capture_output=True,
                           cwd="/tmp", timeout=60, preexec_fn=low_limit)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_host_environment_secrets_are_not_in_a_callables_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every callable is a fork of a zygote, so it holds the zygote's original
+    # environment block in its memory: read that block from the host, while the
+    # zygotes serve a call. (The "fork" start method forks the host itself: its
+    # whole memory is the plugin's to read, as the README says.)
+    import api_helpers
+
+    secret = f"ndf-secret-{os.getpid()}-{os.urandom(4).hex()}"
+    monkeypatch.setenv("NDF_TEST_HOST_TOKEN", secret)
+
+    async def scenario() -> list[bytes]:
+        async with SandboxManager(start_method="zygote") as m:
+            result = await m.execute_sandboxed("env", os.getpid)
+            assert result.output, result.error
+            blocks = []
+            for zygote in api_helpers.zygote_family(os.getpid()):
+                with open(f"/proc/{zygote.pid}/environ", "rb") as f:
+                    blocks.append(f.read())
+            return blocks
+
+    blocks = asyncio.run(scenario())
+    assert blocks and all(b"PATH=" in block for block in blocks)
+    assert not [block for block in blocks if secret.encode() in block or b"NDF_TEST_HOST_TOKEN" in block]
