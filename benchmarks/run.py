@@ -154,17 +154,16 @@ def interleaved(commands: dict[str, Callable[[], object]], rounds: int, warmup: 
 
 
 IN_PROCESS = "run_program() in-process (no interpreter start, no import)"
-IN_PROCESS_AHEAD = "run_program() in-process, netns + cgroup made ahead (as the CLI does while importing)"
+IN_PROCESS_AHEAD = "run_program() in-process, network namespace made ahead (as the CLI does while importing)"
 
 
 def make_ahead() -> None:
     """What `ndf-sandbox run` does while it imports: the next sandbox's network namespace
-    and cgroup (as root), finished here before the timed call starts."""
-    from neural_doc_flow_security.sandbox.launch import resources
+    (as root), finished here before the timed call starts. (A run without limits makes
+    no cgroup; with limits the CLI makes that ahead too.)"""
     from neural_doc_flow_security.sandbox.linux import network
 
     network.make_ahead()
-    resources.make_spare_cgroup()
     if network._spare is not None:
         network._spare._thread.join()
 

@@ -2,8 +2,8 @@
 
 Run as its own process (run.py does: `python benchmarks/stages.py --runs N`); it prints JSON.
 
-The network namespace and the cgroup are made ahead, outside the timed run, as
-`ndf-sandbox run` does while it imports (run.make_ahead).
+The network namespace is made ahead, outside the timed run, as `ndf-sandbox run`
+does while it imports (run.make_ahead); a run without limits makes no cgroup.
 
 How: the parent's steps (plan, cgroup, network namespace, the clone3 call of the
 C extension, id maps, wait, finish) are timed by wrapping (monkeypatching) the

@@ -393,13 +393,21 @@ def test_ambient_cap_is_the_only_capability(root_caller: SandboxCaller) -> None:
 
 # --- leftovers of a killed ndf-sandbox -----------------------------------------------
 
+def test_a_run_without_limits_makes_no_cgroup(root_caller: SandboxCaller, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    assert root_caller.run(["--json-result", str(out)], ["true"]).returncode == 0
+    result = json.loads(out.read_text())
+    assert result["isolation"]["cgroup"] == ""
+    assert result["resource_usage"]["memory_peak_bytes"] > 0  # from the reaped tree's rusage
+
+
 def test_cgroups_of_a_killed_cli_are_reclaimed_by_the_next_run(root_caller: SandboxCaller,
                                                                sleep_marker: str) -> None:
-    proc = root_caller.popen([], ["sleep", sleep_marker],
+    proc = root_caller.popen(["--pids", "64"], ["sleep", sleep_marker],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: processes_with_argument(sleep_marker), timeout=30)
-        assert cgroups_of(proc.pid), "the default run as root has an accounting cgroup"
+        assert cgroups_of(proc.pid), "a run with a limit has a cgroup"
         proc.kill()
         proc.wait(timeout=30)
         assert wait_until(lambda: not processes_with_argument(sleep_marker), timeout=30)

@@ -165,9 +165,11 @@ def _command_run(args: argparse.Namespace) -> int:
     from .launch import resources
     from .linux import network
 
-    # As root: the sandbox's network namespace and cgroup are made in threads while we import.
+    # As root: the sandbox's network namespace (and its cgroup, for limits) are made in
+    # threads while we import.
     network.make_ahead()
-    resources.make_spare_cgroup(in_background=True)
+    if config.cgroup_limits_requested:
+        resources.make_spare_cgroup(in_background=True)
     try:
         return _run(args, config, command)
     finally:

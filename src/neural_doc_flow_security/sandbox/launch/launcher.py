@@ -54,8 +54,11 @@ def _log() -> Any:
 class Launcher:
     """Sandboxes started by this process, by id."""
 
-    def __init__(self, *, netns_ahead: bool = False) -> None:
+    def __init__(self, *, netns_ahead: bool = False, accounting_cgroup: bool = True) -> None:
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
+        # Without limits, a cgroup serves accounting, live stats and freezing (the API);
+        # a one-shot CLI run does without (rusage accounts), unless the pid namespace is off.
+        self.accounting_cgroup = accounting_cgroup
         self.running: dict[int, SpawnedSandbox] = {}
         self._paused_by_signal: dict[int, list[int]] = {}
         self._names: dict[int, str] = {}
@@ -66,6 +69,8 @@ class Launcher:
         config = effective_config(request)
         plan = plan_launch(config)
         def make_cgroup() -> SandboxCgroup | None:
+            if not (self.accounting_cgroup or config.cgroup_limits_requested or "pid" not in plan.namespaces.names):
+                return None
             made = resources.create_cgroup(config, request.name, plan)
             if made is None and "pid" not in plan.namespaces.names:
                 raise UnsupportedError("namespaces.pid", "without a pid namespace only a cgroup can contain the "

@@ -85,7 +85,7 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS,
                   grace_seconds: float = 5.0) -> SandboxResult:
     """Run `payload` in a fresh sandbox and return its result."""
-    launcher = Launcher()
+    launcher = Launcher(accounting_cgroup=False)
     # A signal that arrives while the sandbox starts is held, then forwarded to it
     # (the child starts with an empty signal mask, see bootstrap's signal stage).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
