@@ -617,7 +617,8 @@ class SandboxManager:
                 channel = AsyncChannel(host_end, self._decode_limits)
                 theirs.append(sandbox_end.detach())
                 fds[CHANNEL_FD] = theirs[-1]
-            request = LaunchRequest(config, payload, plugin_id, armed=not pooled)
+            # A command is waited for until it exits: rusage accounts for it unless limits need a cgroup.
+            request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=with_channel)
             handle.pid = await self._starter.spawn(sandbox_id, request, fds)
         except BaseException:
             for fd in ours:

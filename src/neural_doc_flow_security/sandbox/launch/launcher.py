@@ -35,6 +35,12 @@ class LaunchRequest:
     name: str = "sandbox"
     fd_map: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
     armed: bool = True  # False: no wall clock until arm() (pooled sandboxes)
+    # Without limits a cgroup only accounts (tree memory peak, processes, I/O, live
+    # stats, freezing). A program that is waited for until it exits is accounted by
+    # the rusage of its reaped tree instead: no cgroup then (on cgroup v1 moving a
+    # process into one can wait for an RCU grace period). With the pid namespace off
+    # a cgroup is always made: only it contains the tree.
+    accounting_cgroup: bool = True
 
 
 def effective_config(request: LaunchRequest) -> SandboxConfig:
@@ -54,11 +60,8 @@ def _log() -> Any:
 class Launcher:
     """Sandboxes started by this process, by id."""
 
-    def __init__(self, *, netns_ahead: bool = False, accounting_cgroup: bool = True) -> None:
+    def __init__(self, *, netns_ahead: bool = False) -> None:
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
-        # Without limits, a cgroup serves accounting, live stats and freezing (the API);
-        # a one-shot CLI run does without (rusage accounts), unless the pid namespace is off.
-        self.accounting_cgroup = accounting_cgroup
         self.running: dict[int, SpawnedSandbox] = {}
         self._paused_by_signal: dict[int, list[int]] = {}
         self._names: dict[int, str] = {}
@@ -69,7 +72,7 @@ class Launcher:
         config = effective_config(request)
         plan = plan_launch(config)
         def make_cgroup() -> SandboxCgroup | None:
-            if not (self.accounting_cgroup or config.cgroup_limits_requested or "pid" not in plan.namespaces.names):
+            if not (request.accounting_cgroup or config.cgroup_limits_requested or "pid" not in plan.namespaces.names):
                 return None
             made = resources.create_cgroup(config, request.name, plan)
             if made is None and "pid" not in plan.namespaces.names:

@@ -29,7 +29,8 @@ from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
-_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})")  # exactly what init writes (_child.c run_init)
+# Exactly what init writes (_child.c run_init): wait status, then the reaped processes' peak RSS in KiB.
+_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}))?")
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
@@ -200,7 +201,7 @@ def finish_sandbox(spawned: SpawnedSandbox) -> SandboxResult:
         # Non-blocking: without a pid namespace or cgroup an escaped process could
         # still hold a pipe; what was written before init exited is there already.
         error_report = _read_available(spawned.error_read, 4096)
-        status_report = _read_available(spawned.status_read, 32)
+        status_report = _read_available(spawned.status_read, 64)
         return _result(spawned, wait_status, rusage, wall, error_report, status_report, stats)
     finally:
         try:
@@ -212,11 +213,14 @@ def finish_sandbox(spawned: SpawnedSandbox) -> SandboxResult:
 
 def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_rusage, wall: float,
             error_report: bytes, status_report: bytes, stats: CgroupStats | None) -> SandboxResult:
+    match = _STATUS.fullmatch(status_report)
+    # Init's own resident set is a copy of its parent's; what it reaped is the sandbox's.
+    peak_kib = int(match.group(3)) if match and match.group(3) else rusage.ru_maxrss
     usage = ResourceUsage(
         wall_seconds=wall,
         cpu_user_seconds=rusage.ru_utime,
         cpu_system_seconds=rusage.ru_stime,
-        memory_peak_bytes=rusage.ru_maxrss * 1024,
+        memory_peak_bytes=peak_kib * 1024,
     )
     if stats is not None:
         usage = usage_from_cgroup(stats, wall, floor=usage)
@@ -224,7 +228,6 @@ def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_r
     base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation)
     if error_report:
         return replace(base, outcome=Outcome.SANDBOX_ERROR, error=str(parse_setup_error(error_report)))
-    match = _STATUS.fullmatch(status_report)
     kind = match.group(1).decode() if match else ""
     exit_code = int(match.group(2)) if match and kind == "exit" else None
     sig = int(match.group(2)) if match and kind == "signal" else None

@@ -85,12 +85,12 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS,
                   grace_seconds: float = 5.0) -> SandboxResult:
     """Run `payload` in a fresh sandbox and return its result."""
-    launcher = Launcher(accounting_cgroup=False)
+    launcher = Launcher()
     # A signal that arrives while the sandbox starts is held, then forwarded to it
     # (the child starts with an empty signal mask, see bootstrap's signal stage).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
     try:
-        spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map))
+        spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map, accounting_cgroup=False))
         try:
             wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
         finally:

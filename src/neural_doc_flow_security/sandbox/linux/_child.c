@@ -417,7 +417,8 @@ static void forward(int sig) {
 static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGPIPE};
 
 /* pid 1: reap every process, forward signals to the payload, and when it ends
- * report its wait status ("exit N" / "signal N") and exit. */
+ * report its wait status and the children's peak memory ("exit N maxrss K" /
+ * "signal N maxrss K") and exit. */
 static void run_init(pid_t payload, int status_fd, int drop_privileges) {
     struct sigaction act;
     memset(&act, 0, sizeof act);
@@ -445,7 +446,10 @@ static void run_init(pid_t payload, int status_fd, int drop_privileges) {
             break;
         }
     }
-    char buf[32];
+    /* The largest resident set of the processes init reaped, in KiB: init's own
+     * (a copy of its parent's memory) would overstate a small program. */
+    struct rusage children;
+    char buf[64];
     size_t at;
     if (WIFSIGNALED(status)) {
         at = append(buf, 0, sizeof buf, "signal ");
@@ -453,6 +457,10 @@ static void run_init(pid_t payload, int status_fd, int drop_privileges) {
     } else {
         at = append(buf, 0, sizeof buf, "exit ");
         at = append_int(buf, at, sizeof buf, WEXITSTATUS(status));
+    }
+    if (getrusage(RUSAGE_CHILDREN, &children) == 0) {
+        at = append(buf, at, sizeof buf, " maxrss ");
+        at = append_int(buf, at, sizeof buf, children.ru_maxrss);
     }
     (void)!write(status_fd, buf, at);
     _exit(0);
