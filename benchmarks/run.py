@@ -335,7 +335,7 @@ def _check_ok(result: Any) -> Any:
 
 
 async def scenario_api(nsj: str | None, n: int) -> list[Table]:
-    from neural_doc_flow_security.sandbox import SandboxManager
+    from neural_doc_flow_security.sandbox import SandboxConfig, SandboxManager
 
     callables = Table(f"2a. API: a Python callable (`lambda: 42`) in a fresh sandbox, {n} sequential calls",
                       "bwrap python3 -c 'print(42)'",
@@ -358,6 +358,11 @@ async def scenario_api(nsj: str | None, n: int) -> list[Table]:
             samples = await _timed_calls(
                 lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42)), n)
             callables.add(f"execute_sandboxed, start_method={method}", summary(samples))
+            if method == "zygote":
+                limited = SandboxConfig(memory_limit_mb=256, max_processes=64)
+                samples = await _timed_calls(lambda m=manager, c=limited: _async_check(
+                    m.execute_sandboxed("b", lambda: 42, sandbox_config=c)), n)
+                callables.add("execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids)", summary(samples))
             samples = await _timed_calls(
                 lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])), n)
             commands.add(f"execute_command, start_method={method}", summary(samples))
