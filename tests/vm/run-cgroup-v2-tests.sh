@@ -22,6 +22,13 @@ case "$PWD" in
         trap 'rm -rf "$copy"' EXIT
         tar --exclude=./tests/vm/.cache --exclude=./.git -cf - . | tar -C "$copy" -xf -
         cd "$copy"
+        # A checkout installed with `pip install .` has no built C extension in src/:
+        # take the venv's (same interpreter, same source).
+        linux_dir=src/neural_doc_flow_security/sandbox/linux
+        if ! compgen -G "$linux_dir/_child*.so" >/dev/null; then
+            cp "$("${NDF_VENV:-/opt/ndf-venv}/bin/python" -c \
+                'import neural_doc_flow_security.sandbox.linux._child as c; print(c.__file__)')" "$linux_dir/"
+        fi
         extra_env=(-e "PYTHONPATH=$copy/src")
         ;;
 esac
