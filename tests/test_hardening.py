@@ -139,3 +139,21 @@ def test_host_environment_secrets_are_not_in_a_callables_memory(monkeypatch: pyt
     blocks = asyncio.run(scenario())
     assert blocks and all(b"PATH=" in block for block in blocks)
     assert not [block for block in blocks if secret.encode() in block or b"NDF_TEST_HOST_TOKEN" in block]
+
+
+def test_a_launcher_with_fds_above_1024_still_gets_status_and_errors() -> None:
+    # A busy zygote holds thousands of fds: the child's pipes then have numbers
+    # above FD_SETSIZE, which must neither be closed in the child nor break select().
+    script = """
+import os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (5000, 5000))
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1500)]
+from neural_doc_flow_security.sandbox.config import SandboxConfig
+from neural_doc_flow_security.sandbox.launch.supervise import run_program
+ok = run_program(SandboxConfig(), ["/bin/sh", "-c", "exit 7"])
+bad = run_program(SandboxConfig(), ["/nonexistent-program"])
+print(ok.exit_code, bad.outcome.value, "cannot execute" in (bad.error or ""))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["7", "sandbox_error", "True"]

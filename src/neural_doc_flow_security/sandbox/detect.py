@@ -296,8 +296,9 @@ def _run_in_child(probe: Any, arg: dict[str, Any]) -> dict[str, Any]:
     chunks: list[bytes] = []
     try:
         while True:
-            ready, _, _ = select.select([read_fd], [], [], _PROBE_TIMEOUT_SECONDS)
-            if not ready:
+            poller = select.poll()  # not select(): the fd may be above FD_SETSIZE
+            poller.register(read_fd, select.POLLIN)
+            if not poller.poll(_PROBE_TIMEOUT_SECONDS * 1000):
                 os.kill(pid, signal.SIGKILL)
                 break
             chunk = os.read(read_fd, 65536)

@@ -149,7 +149,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
             spawned.cgroup.add_process(pid)
         os.write(sync_write, b"c")
     except BaseException:
-        if _has_exited(pidfd):
+        if has_exited(pidfd):
             return spawned  # a stage failed in the child: finish_sandbox() reports it
         spawned.kill()
         os.waitpid(pid, 0)
@@ -160,8 +160,11 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     return spawned
 
 
-def _has_exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
+def has_exited(pidfd: int) -> bool:
+    """Whether the process behind `pidfd` has exited (poll: any fd number works)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _read_available(fd: int, limit: int) -> bytes:

@@ -19,7 +19,7 @@ from ..config import SandboxConfig
 from ..result import SandboxResult
 from . import bootstrap
 from .launcher import Launcher, LaunchRequest
-from .spawn import STD_FDS, SpawnedSandbox
+from .spawn import STD_FDS, SpawnedSandbox, has_exited
 
 _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -107,5 +107,5 @@ def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd
 
 
 def _exited(spawned: SpawnedSandbox) -> bool:
-    return bool(select.select([spawned.pidfd], [], [], 0)[0]) if spawned.pidfd >= 0 else True
+    return has_exited(spawned.pidfd) if spawned.pidfd >= 0 else True
 

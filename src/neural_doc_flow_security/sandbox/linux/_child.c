@@ -304,15 +304,19 @@ static void loopback_up(void) {
 }
 
 /* Give the payload exactly the fds of `map` (target <- source pairs); close all
- * others but `keep` and the error pipe. */
+ * others but `keep`, the error pipe and the trace fd. Any fd number works: the
+ * kept ones are sorted and the gaps between them closed. */
 static void arrange_fds(const int32_t *map, Py_ssize_t pairs, const int32_t *keep, Py_ssize_t nkeep) {
-    int above = 3, staged[64];
-    char is_kept[1024];
-    if (pairs > 64)
+    enum { MAX_PAIRS = 64, MAX_KEPT = MAX_PAIRS * 2 + 2 };
+    int above = 3, staged[MAX_PAIRS], kept[MAX_KEPT], nkept = 0;
+    if (pairs > MAX_PAIRS || nkeep > MAX_PAIRS)
         fail(EINVAL, "too many fds to pass", "");
-    for (Py_ssize_t i = 0; i < pairs; i++)
+    for (Py_ssize_t i = 0; i < pairs; i++) {
+        if (map[2 * i] < 0 || map[2 * i + 1] < 0)
+            fail(EBADF, "a negative fd in the fd map", "");
         if (map[2 * i] + 1 > above)
             above = map[2 * i] + 1;
+    }
     for (Py_ssize_t i = 0; i < pairs; i++) {
         staged[i] = fcntl(map[2 * i + 1], F_DUPFD_CLOEXEC, above);
         check(staged[i], "dup of a passed fd", "");
@@ -320,25 +324,27 @@ static void arrange_fds(const int32_t *map, Py_ssize_t pairs, const int32_t *kee
     for (Py_ssize_t i = 0; i < pairs; i++) {
         check(dup2(staged[i], map[2 * i]), "dup2 of a passed fd", "");
         close(staged[i]);
+        kept[nkept++] = map[2 * i];
     }
-    memset(is_kept, 0, sizeof is_kept);
-    for (Py_ssize_t i = 0; i < pairs; i++)
-        if (map[2 * i] < 1024)
-            is_kept[map[2 * i]] = 1;
     for (Py_ssize_t i = 0; i < nkeep; i++)
-        if (keep[i] >= 0 && keep[i] < 1024)
-            is_kept[keep[i]] = 1;
-    if (error_fd >= 0 && error_fd < 1024)
-        is_kept[error_fd] = 1;
-    if (trace_fd >= 0 && trace_fd < 1024)
-        is_kept[trace_fd] = 1;
-    int first = 0;
-    for (int fd = 0; fd < 1024; fd++) {
-        if (!is_kept[fd])
-            continue;
-        if (fd > first)
-            check(syscall(SYS_close_range, first, fd - 1, 0), "close_range", "");
-        first = fd + 1;
+        if (keep[i] >= 0)
+            kept[nkept++] = keep[i];
+    if (error_fd >= 0)
+        kept[nkept++] = error_fd;
+    if (trace_fd >= 0)
+        kept[nkept++] = trace_fd;
+    for (int i = 1; i < nkept; i++) /* insertion sort: a handful of fds */
+        for (int j = i; j > 0 && kept[j - 1] > kept[j]; j--) {
+            int swap = kept[j];
+            kept[j] = kept[j - 1];
+            kept[j - 1] = swap;
+        }
+    unsigned int first = 0;
+    for (int i = 0; i < nkept; i++) {
+        if ((unsigned int)kept[i] > first)
+            check(syscall(SYS_close_range, first, (unsigned int)kept[i] - 1, 0), "close_range", "");
+        if ((unsigned int)kept[i] + 1 > first)
+            first = (unsigned int)kept[i] + 1;
     }
     check(syscall(SYS_close_range, first, ~0U, 0), "close_range", "");
 }
