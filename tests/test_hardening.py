@@ -157,3 +157,76 @@ print(ok.exit_code, bad.outcome.value, "cannot execute" in (bad.error or ""))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["7", "sandbox_error", "True"]
+
+
+# ------------------------------------------------- found by the review of the C child (second session)
+
+
+def test_nul_bytes_in_paths_and_arguments_are_refused() -> None:
+    from neural_doc_flow_security.sandbox.config import BindMount
+    from neural_doc_flow_security.sandbox.errors import ConfigError
+    from neural_doc_flow_security.sandbox.launch.bootstrap import ExecPayload
+    from neural_doc_flow_security.sandbox.linux import steps
+
+    # A C string ends at the first NUL: "/srv/shared/\0bob" would bind all of /srv/shared.
+    with pytest.raises(ConfigError, match="filesystem.binds"):
+        BindMount("/tmp/shared/\0bob", read_only=False)
+    with pytest.raises(ConfigError, match="argv"):
+        ExecPayload(("/bin/echo", "ok\0; rm -rf /"))
+    with pytest.raises(ConfigError, match="cwd"):
+        ExecPayload(("/bin/true",), cwd="/\0x")
+    # The extension refuses them too, before any clone.
+    with pytest.raises(ValueError, match="NUL"):
+        steps.spawn(0, None, 2, ((steps.Step.CHDIR, b"/tmp\0/x"), (steps.Step.EXEC_PROGRAM,)), (b"/bin/true",))
+    with pytest.raises(ValueError, match="NUL"):
+        steps.spawn(0, None, 2, ((steps.Step.EXEC_PROGRAM,),), (b"/bin/true\0x",))
+
+
+def test_a_bad_request_does_not_end_the_zygote_or_its_sandboxes() -> None:
+    async def scenario() -> list[object]:
+        async with SandboxManager() as m:
+            running = asyncio.create_task(m.execute_command("long", ["/bin/sh", "-c", "sleep 1; echo done"]))
+            await asyncio.sleep(0.3)
+            try:
+                await m.execute_command("bad", ["/bin/true"], cwd="/\0x")
+                refused = False
+            except Exception:  # noqa: BLE001 - any clear error will do
+                refused = True
+            long = await running
+            after = await m.execute_command("after", ["/bin/true"])
+            return [refused, long.outcome.value, long.stdout, after.outcome.value]
+
+    assert asyncio.run(scenario()) == [True, "ok", b"done\n", "ok"]
+
+
+def test_an_init_that_cannot_wait_reports_a_sandbox_error_never_success(tmp_path: Path) -> None:
+    # A custom profile can deny what init needs (it confines itself before spawning the program).
+    profile = tmp_path / "deny-wait.toml"
+    profile.write_text('deny = ["wait4", "waitid"]\n')
+    result = run_program(SandboxConfig(seccomp=str(profile)), ["/bin/sh", "-c", "sleep 0.2; exit 3"])
+    assert result.outcome.value == "sandbox_error", result
+    assert "init failed at waitpid" in (result.error or "")
+
+
+def test_a_file_can_be_bound_over_a_file_of_the_root(tmp_path: Path) -> None:
+    from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig
+
+    source = tmp_path / "os-release"
+    source.write_text("ndf-test-release\n")
+    source.chmod(0o644)
+    tmp_path.chmod(0o755)
+    config = SandboxConfig(filesystem=FilesystemConfig(
+        read_only_binds=(BindMount(str(source), "/etc/os-release"),)))
+    r, w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(w, 1)
+    os.close(w)
+    try:
+        result = run_program(config, ["/bin/cat", "/etc/os-release"])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    out = os.read(r, 4096)
+    os.close(r)
+    assert result.outcome.value == "ok", result
+    assert out == b"ndf-test-release\n"

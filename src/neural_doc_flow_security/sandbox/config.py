@@ -137,6 +137,8 @@ class BindMount:
                 raise ConfigError(f"filesystem.{kind}", f"{name} must be an absolute path, got {value!r}")
             if ".." in value.split("/"):
                 raise ConfigError(f"filesystem.{kind}", f"{name} must not contain '..', got {value!r}")
+            if "\0" in value:
+                raise ConfigError(f"filesystem.{kind}", f"{name} must not contain a NUL byte, got {value!r}")
         if os.path.normpath(self.target) == "/":
             raise ConfigError(f"filesystem.{kind}", "target must not be / (the root is read-only)")
 
@@ -227,7 +229,7 @@ class SandboxConfig:
                 raise ConfigError("environment", f"entries must be (name, value) strings, got {pair!r}")
             if not _ENV_NAME.match(pair[0]) or "\0" in pair[1]:
                 raise ConfigError("environment", f"invalid variable {pair[0]!r}")
-        if not isinstance(self.seccomp, str) or not (
+        if not isinstance(self.seccomp, str) or "\0" in self.seccomp or not (
             self.seccomp in ("default", "off") or self.seccomp.startswith("/")
         ):
             raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")

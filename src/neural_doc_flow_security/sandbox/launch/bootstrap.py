@@ -38,6 +38,7 @@ import signal
 from dataclasses import dataclass
 from typing import NoReturn
 
+from ..errors import ConfigError
 from ..linux import syscalls as sc
 from ..linux.rootfs import rootfs_steps
 from ..linux.steps import Step, StepTuple
@@ -60,6 +61,12 @@ class ExecPayload(Payload):
 
     argv: tuple[str, ...]
     cwd: str = "/"
+
+    def __post_init__(self) -> None:
+        if not self.argv or not all(isinstance(arg, str) and "\0" not in arg for arg in self.argv):
+            raise ConfigError("argv", f"must be a non-empty list of strings without NUL bytes, got {self.argv!r}")
+        if not isinstance(self.cwd, str) or not self.cwd.startswith("/") or "\0" in self.cwd:
+            raise ConfigError("cwd", f"must be an absolute path without NUL bytes, got {self.cwd!r}")
 
     def run(self, environment: tuple[bytes, ...]) -> NoReturn:
         env = dict(entry.decode().split("=", 1) for entry in environment)

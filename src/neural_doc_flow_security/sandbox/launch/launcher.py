@@ -85,6 +85,7 @@ class Launcher:
         cgroup = make_cgroup() if early else None
         try:
             netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
+            network.settle()  # a spare still in the making: no thread may run during the clone
             spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, make_cgroup=None if early else make_cgroup,
                                     fd_map=request.fd_map, netns_fd=netns_fd)
         except BaseException as e:

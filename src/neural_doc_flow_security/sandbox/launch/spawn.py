@@ -31,6 +31,10 @@ from .setup_errors import parse_setup_error
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
 # Exactly what init writes (_child.c run_init): wait status, then the reaped processes' peak RSS in KiB.
 _STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}))?")
+_INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init could not do its job
+# Python-level handlers a zygote or host may have set; the child's dispositions are default.
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                  signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ)
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
@@ -124,14 +128,18 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     try:
         pid, pidfd = steps.spawn(clone_flags, cgroup_fd, error_write, child_steps, argv, plan.environment,
                                  os.fsencode(program.cwd) if program else b"/", trace_fd)
-    except OSError as e:
+    except Exception as e:
         for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd):
             if fd is not None:
                 os.close(fd)
+        if not isinstance(e, OSError):  # the steps were refused before any clone
+            raise SetupError("launch", f"invalid launch: {e}") from None
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
                          f"failed: {e.strerror}", e.errno or 0) from None
     if pid == 0:  # a callable's payload process: every protection is in place
         try:
+            for sig in _RESET_SIGNALS:  # the C child reset them: make Python's view agree
+                signal.signal(sig, signal.SIG_DFL)
             payload.run(plan.environment)
         finally:
             os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
@@ -231,6 +239,13 @@ def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_r
     base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation)
     if error_report:
         return replace(base, outcome=Outcome.SANDBOX_ERROR, error=str(parse_setup_error(error_report)))
+    init_failed = _INIT_FAILED.fullmatch(status_report)
+    if init_failed:
+        code = int(init_failed.group(1))
+        return replace(base, outcome=Outcome.SANDBOX_ERROR,
+                       error=f"the sandbox's init failed at {init_failed.group(2).decode()}: "
+                             f"{os.strerror(code) if 0 < code < 4096 else 'unknown error'} (errno {code}); "
+                             "the payload was killed")
     kind = match.group(1).decode() if match else ""
     exit_code = int(match.group(2)) if match and kind == "exit" else None
     sig = int(match.group(2)) if match and kind == "signal" else None

@@ -74,7 +74,7 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
         except UnsupportedError as e:
             return {"op": "failed", "id": sandbox_id, "error": str(e), "protection": e.protection,
                     "reason": e.reason}
-        except (SandboxError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - one bad request must not end the zygote (and its sandboxes)
             return {"op": "failed", "id": sandbox_id, "error": str(e)}
         finally:
             for fd in fds:

@@ -221,8 +221,8 @@ static void make_mount_point(const char *target, int is_dir) {
         *slash = '\0';
         mkdirs(parent);
     }
-    int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
-    if (fd < 0 && errno != EEXIST)
+    int fd = open(target, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+    if (fd < 0 && errno != EEXIST) /* an existing file (or link) is a mount point already */
         fail(errno, "mount point ", target);
     if (fd >= 0)
         close(fd);
@@ -422,6 +422,19 @@ static void forward(int sig) {
 
 static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGPIPE};
 
+/* init cannot do its job (a seccomp profile may deny what it needs): say so on
+ * the status pipe and exit, which kills the sandbox (pid 1) or lets the parent
+ * kill its cgroup. */
+static void init_failed(int status_fd, const char *what) {
+    char buf[64];
+    size_t at = append(buf, 0, sizeof buf, "initfail ");
+    at = append_int(buf, at, sizeof buf, errno);
+    at = append(buf, at, sizeof buf, " ");
+    at = append(buf, at, sizeof buf, what);
+    (void)!write(status_fd, buf, at);
+    _exit(EXIT_SANDBOX_ERROR);
+}
+
 /* pid 1: reap every process, forward signals to the payload, and when it ends
  * report its wait status and the children's peak memory ("exit N maxrss K" /
  * "signal N maxrss K") and exit. */
@@ -431,13 +444,19 @@ static void run_init(pid_t payload, int status_fd, int drop_privileges) {
     act.sa_handler = forward;
     payload_pid = payload;
     for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
-        sigaction(forwarded[i], &act, NULL);
-    if (drop_privileges) /* keep only the right to signal the payload */
-        caps_set(1ULL << CAP_KILL, 1ULL << CAP_KILL, 0);
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    if (status_fd > 0)
-        syscall(SYS_close_range, 0, status_fd - 1, 0);
-    syscall(SYS_close_range, status_fd + 1, ~0U, 0);
+        if (sigaction(forwarded[i], &act, NULL) < 0)
+            init_failed(status_fd, "sigaction");
+    if (drop_privileges) { /* keep only the right to signal the payload */
+        struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct __user_cap_data_struct data[2] = {{1U << CAP_KILL, 1U << CAP_KILL, 0}, {0, 0, 0}};
+        if (syscall(SYS_capset, &header, data) < 0)
+            init_failed(status_fd, "capset");
+    }
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        init_failed(status_fd, "prctl");
+    if ((status_fd > 0 && syscall(SYS_close_range, 0, status_fd - 1, 0) < 0) ||
+        syscall(SYS_close_range, status_fd + 1, ~0U, 0) < 0)
+        init_failed(status_fd, "close_range");
     int status = 0;
     for (;;) {
         int st;
@@ -445,7 +464,7 @@ static void run_init(pid_t payload, int status_fd, int drop_privileges) {
         if (pid < 0) {
             if (errno == EINTR)
                 continue;
-            break;
+            init_failed(status_fd, "waitpid"); /* never report a payload it did not see end */
         }
         if (pid == payload) {
             status = st;
@@ -647,6 +666,8 @@ static void run_steps(const launch_t *launch) {
         }
         case STEP_RETURN:
             close(error_fd);
+            if (trace_fd >= 0)
+                close(trace_fd); /* benchmarks only: never left to the callable */
             return;
         case STEP_SETNS:
             check(setns((int)n[0], (int)n[1]), "setns", "");
@@ -689,6 +710,11 @@ static int convert_step(PyObject *item, step_t *step) {
         if (PyBytes_Check(arg)) {
             step->str[j - 1] = PyBytes_AS_STRING(arg);
             step->len[j - 1] = PyBytes_GET_SIZE(arg);
+            if (step->kind != STEP_WRITE_FILE && step->kind != STEP_SECCOMP && step->kind != STEP_ARRANGE_FDS &&
+                strlen(step->str[j - 1]) != (size_t)step->len[j - 1]) {
+                PyErr_SetString(PyExc_ValueError, "a path or name of a step contains a NUL byte");
+                return -1;
+            }
         } else if (arg != Py_None) {
             step->num[j - 1] = PyLong_AsLongLong(arg);
         }
@@ -703,9 +729,9 @@ static char **convert_strings(PyObject *seq) {
         return (char **)PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *item = PyTuple_GET_ITEM(seq, i);
-        if (!PyBytes_Check(item)) {
+        if (!PyBytes_Check(item) || strlen(PyBytes_AS_STRING(item)) != (size_t)PyBytes_GET_SIZE(item)) {
             PyMem_Free(out);
-            PyErr_SetString(PyExc_TypeError, "argv and environment entries must be bytes");
+            PyErr_SetString(PyExc_ValueError, "argv and environment entries must be bytes without NUL bytes");
             return NULL;
         }
         out[i] = PyBytes_AS_STRING(item);

@@ -86,6 +86,13 @@ def make_ahead() -> None:
         _spare = NetworkNamespaceMaker()
 
 
+def settle() -> None:
+    """Let a namespace being made ahead finish (kept for a later launch): no thread
+    may be running while this process clones."""
+    if _spare is not None:
+        _spare._thread.join()
+
+
 def take() -> int | None:
     """The network namespace made ahead (fd, lo up), if any; None: let the clone make one."""
     global _spare
