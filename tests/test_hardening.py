@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,3 +231,28 @@ def test_a_file_can_be_bound_over_a_file_of_the_root(tmp_path: Path) -> None:
     os.close(r)
     assert result.outcome.value == "ok", result
     assert out == b"ndf-test-release\n"
+
+
+def test_init_of_a_callable_sandbox_runs_as_the_payload_uid_without_capabilities() -> None:
+    # Read from the host: the sandbox's pid 1 (it forked the Python payload) kept
+    # neither uid 0 nor any capability; signalling its own payload needs none.
+    from api_helpers import proc_status_fields
+
+    def wait_for_stop(ctx: Any) -> str:
+        ctx.wait_for_stop()
+        return "stopped"
+
+    async def scenario() -> tuple[dict[str, str], object]:
+        async with SandboxManager() as m:
+            handle = await m.spawn("idle", wait_for_stop)
+            with open(f"/proc/{handle.pid}/status") as f:
+                fields = proc_status_fields(f.read())
+            await handle.stop()
+            result = await handle.wait()
+            return fields, result.output
+
+    fields, output = asyncio.run(scenario())
+    assert fields["Uid"].split() == ["65534"] * 4 and fields["Gid"].split() == ["65534"] * 4
+    assert int(fields["CapPrm"], 16) == 0 and int(fields["CapEff"], 16) == 0 and int(fields["CapAmb"], 16) == 0
+    assert fields["NoNewPrivs"] == "1"
+    assert output == "stopped"  # init still forwards the stop and reaps the payload

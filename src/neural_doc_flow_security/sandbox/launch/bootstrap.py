@@ -19,8 +19,8 @@ error pipe and the process exits: nothing half-protected ever runs the payload
       and posix_spawns it; a callable:      untrusted ever holds it)
       init forks, the child confines
       itself and returns to Python to
-      run it; init reaps and forwards
-      signals
+      run it; init drops to the same
+      uid, reaps and forwards signals
 
 The child is the sandbox's pid 1. The parent releases it twice: once the user
 namespace's id maps are written (b"m", only with a user namespace), and once
@@ -149,9 +149,11 @@ def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tupl
         return tuple(steps)
 
     # A Python callable (or no pid namespace): fork the payload, which confines
-    # itself; init keeps only the right to signal it.
-    steps += [(Step.CLOSE, pipes.sync_read)]
-    steps += _stage("fork the payload", (Step.FORK_PAYLOAD, pipes.status_write, 1))
+    # itself; init takes the payload's uid/gid with no capability (enough to signal it).
+    # Init re-arms its parent-death signal after the uid change, checking the sync pipe.
+    cfg = plan.config
+    steps += _stage("fork the payload", (Step.FORK_PAYLOAD, pipes.status_write, cfg.uid, cfg.gid,
+                                         int(plan.namespaces.user), pipes.sync_read))
     steps += _stage("parent-death signal", (Step.DIE_WITH_INIT,))
     steps += _confine(plan, fd_map, (), (Step.DIE_WITH_INIT,))
     # Every stage passed. A callable is untrusted code that never execs: RETURN

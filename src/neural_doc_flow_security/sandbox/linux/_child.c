@@ -98,7 +98,7 @@ enum {
     STEP_CAPABILITIES = 22,  /* allowed mask, ambient mask, last cap */
     STEP_SECCOMP = 23,       /* BPF */
     STEP_CLOSE = 24,         /* fd */
-    STEP_FORK_PAYLOAD = 25,  /* status fd, drop privileges: this process becomes init */
+    STEP_FORK_PAYLOAD = 25,  /* status fd, uid, gid, in a user ns, sync fd: this process becomes init */
     STEP_SPAWN_PROGRAM = 26, /* status fd: start the program, become its init */
     STEP_EXEC_PROGRAM = 27,
     STEP_RETURN = 28,        /* to Python (a callable's payload process) */
@@ -438,7 +438,7 @@ static void init_failed(int status_fd, const char *what) {
 /* pid 1: reap every process, forward signals to the payload, and when it ends
  * report its wait status and the children's peak memory ("exit N maxrss K" /
  * "signal N maxrss K") and exit. */
-static void run_init(pid_t payload, int status_fd, int drop_privileges) {
+static void run_init(pid_t payload, int status_fd, const long long *identity) {
     struct sigaction act;
     memset(&act, 0, sizeof act);
     act.sa_handler = forward;
@@ -446,11 +446,43 @@ static void run_init(pid_t payload, int status_fd, int drop_privileges) {
     for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
         if (sigaction(forwarded[i], &act, NULL) < 0)
             init_failed(status_fd, "sigaction");
-    if (drop_privileges) { /* keep only the right to signal the payload */
+    if (identity) {
+        /* Init of a forked payload: become the payload's uid/gid with no capability
+         * at all (signalling a process of one's own uid needs none) and no new privileges. */
         struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
-        struct __user_cap_data_struct data[2] = {{1U << CAP_KILL, 1U << CAP_KILL, 0}, {0, 0, 0}};
-        if (syscall(SYS_capset, &header, data) < 0)
+        struct __user_cap_data_struct none[2];
+        uid_t uid = (uid_t)identity[0];
+        gid_t gid = (gid_t)identity[1];
+        uid_t ruid, euid, suid;
+        gid_t rgid, egid, sgid;
+        memset(none, 0, sizeof none);
+        if ((!identity[2] && setgroups(0, NULL) < 0) || setresgid(gid, gid, gid) < 0)
+            init_failed(status_fd, "setresgid");
+        if (setresuid(uid, uid, uid) < 0)
+            init_failed(status_fd, "setresuid");
+        if (syscall(SYS_capset, &header, none) < 0)
             init_failed(status_fd, "capset");
+        if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 ||
+            prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+            init_failed(status_fd, "prctl");
+        getresuid(&ruid, &euid, &suid);
+        getresgid(&rgid, &egid, &sgid);
+        if (ruid != uid || euid != uid || suid != uid || rgid != gid || egid != gid || sgid != gid) {
+            errno = EPERM;
+            init_failed(status_fd, "identity");
+        }
+        /* The uid change cleared the parent-death signal: re-arm it, then make sure the
+         * parent did not die in between (it holds the sync pipe's write end while it
+         * supervises: a hang-up means it is gone). */
+        int sync_fd = (int)identity[3];
+        struct pollfd hangup = {sync_fd, POLLIN, 0};
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+            init_failed(status_fd, "prctl");
+        if (poll(&hangup, 1, 0) != 0) {
+            errno = ESRCH;
+            init_failed(status_fd, "parent_gone");
+        }
+        close(sync_fd);
     }
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
         init_failed(status_fd, "prctl");
@@ -639,9 +671,10 @@ static void run_steps(const launch_t *launch) {
             check(pid, "fork the payload", "");
             if (pid > 0) {
                 close(error_fd);
-                run_init(pid, (int)n[0], (int)n[1]);
+                run_init(pid, (int)n[0], &n[1]);
             }
             close((int)n[0]);
+            close((int)n[4]);
             break;
         }
         case STEP_SPAWN_PROGRAM: {
@@ -653,7 +686,7 @@ static void run_steps(const launch_t *launch) {
             if (err)
                 fail(err, "cannot execute ", path);
             close(error_fd);
-            run_init(pid, (int)n[0], 0);
+            run_init(pid, (int)n[0], NULL); /* init confined itself like the program */
             break;
         }
         case STEP_EXEC_PROGRAM: {

@@ -43,7 +43,7 @@ class Step(IntEnum):
     CAPABILITIES = 22      # allowed mask, ambient mask, last capability
     SECCOMP = 23           # BPF program
     CLOSE = 24             # fd
-    FORK_PAYLOAD = 25      # status fd, drop privileges: fork; this process becomes init
+    FORK_PAYLOAD = 25      # status fd, uid, gid, in a user namespace, sync fd: fork; this process becomes init
     SPAWN_PROGRAM = 26     # status fd: posix_spawn the program; this process becomes its init
     EXEC_PROGRAM = 27
     RETURN = 28            # back to Python, in a callable's payload process
