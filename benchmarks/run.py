@@ -164,8 +164,7 @@ def make_ahead() -> None:
     from neural_doc_flow_security.sandbox.linux import network
 
     network.make_ahead()
-    if network._spare is not None:
-        network._spare._thread.join()
+    network.settle()
 
 
 def runner(argv: list[str]) -> Callable[[], object]:

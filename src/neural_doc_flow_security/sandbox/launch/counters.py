@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
+from ..linux.cgroups import _files
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.cgroups.v1 import V1Cgroup
 from ..linux.cgroups.v2 import V2Cgroup
@@ -43,34 +44,8 @@ def counter_files(cgroup: SandboxCgroup | None) -> tuple[str, ...]:
     return tuple(f for f in found if f)
 
 
-def _int(text: bytes) -> int:
-    return int(text)
-
-
 def _keyed(text: bytes) -> dict[bytes, int]:
     return {key: int(value) for key, _, value in (line.partition(b" ") for line in text.splitlines())}
-
-
-def _blkio_bytes(text: bytes) -> tuple[int, int]:
-    read = write = 0
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[1] == b"Read":
-            read += int(parts[2])
-        elif len(parts) == 3 and parts[1] == b"Write":
-            write += int(parts[2])
-    return read, write
-
-
-def _io_stat_bytes(text: bytes) -> tuple[int, int]:
-    read = write = 0
-    for item in text.split():
-        key, _, value = item.partition(b"=")
-        if key == b"rbytes":
-            read += int(value)
-        elif key == b"wbytes":
-            write += int(value)
-    return read, write
 
 
 def _v2_cpu(text: bytes) -> dict[str, float]:
@@ -79,25 +54,25 @@ def _v2_cpu(text: bytes) -> dict[str, float]:
             "cpu_system_seconds": stat.get(b"system_usec", 0) / 1e6}
 
 
-def _io(split: Callable[[bytes], tuple[int, int]]) -> Callable[[bytes], dict[str, float]]:
+def _io(split: Callable[[str], tuple[int, int]]) -> Callable[[bytes], dict[str, float]]:
     def parse(text: bytes) -> dict[str, float]:
-        read, write = split(text)
+        read, write = split(text.decode())
         return {"io_read_bytes": read, "io_write_bytes": write}
     return parse
 
 
 _PARSERS: dict[str, Callable[[bytes], dict[str, float]]] = {
-    "memory.max_usage_in_bytes": lambda t: {"memory_peak_bytes": _int(t)},
-    "memory.peak": lambda t: {"memory_peak_bytes": _int(t)},
-    "memory.current": lambda t: {"memory_peak_bytes": _int(t)},
-    "cpuacct.usage_user": lambda t: {"cpu_user_seconds": _int(t) / 1e9},
-    "cpuacct.usage_sys": lambda t: {"cpu_system_seconds": _int(t) / 1e9},
+    "memory.max_usage_in_bytes": lambda t: {"memory_peak_bytes": int(t)},
+    "memory.peak": lambda t: {"memory_peak_bytes": int(t)},
+    "memory.current": lambda t: {"memory_peak_bytes": int(t)},
+    "cpuacct.usage_user": lambda t: {"cpu_user_seconds": int(t) / 1e9},
+    "cpuacct.usage_sys": lambda t: {"cpu_system_seconds": int(t) / 1e9},
     "cpu.stat": _v2_cpu,
-    "pids.peak": lambda t: {"processes_peak": _int(t)},
-    "pids.current": lambda t: {"processes_peak": _int(t)},
-    "blkio.throttle.io_service_bytes_recursive": _io(_blkio_bytes),
-    "blkio.throttle.io_service_bytes": _io(_blkio_bytes),
-    "io.stat": _io(_io_stat_bytes),
+    "pids.peak": lambda t: {"processes_peak": int(t)},
+    "pids.current": lambda t: {"processes_peak": int(t)},
+    "blkio.throttle.io_service_bytes_recursive": _io(_files.blkio_bytes),
+    "blkio.throttle.io_service_bytes": _io(_files.blkio_bytes),
+    "io.stat": _io(_files.io_stat_bytes),
 }
 
 

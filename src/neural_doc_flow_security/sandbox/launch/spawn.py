@@ -32,9 +32,6 @@ STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
 # Exactly what init writes (_child.c run_init): wait status, then the reaped processes' peak RSS in KiB.
 _STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}))?")
 _INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init could not do its job
-# Python-level handlers a zygote or host may have set; the child's dispositions are default.
-_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                  signal.SIGPIPE, signal.SIGCHLD, signal.SIGXFSZ)
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
@@ -138,8 +135,9 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
                          f"failed: {e.strerror}", e.errno or 0) from None
     if pid == 0:  # a callable's payload process: every protection is in place
         try:
-            for sig in _RESET_SIGNALS:  # the C child reset them: make Python's view agree
-                signal.signal(sig, signal.SIG_DFL)
+            for sig in range(1, 32):  # the C child reset them all: make Python's view agree
+                if signal.getsignal(sig) not in (signal.SIG_DFL, None):
+                    signal.signal(sig, signal.SIG_DFL)
             payload.run(plan.environment)
         finally:
             os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code

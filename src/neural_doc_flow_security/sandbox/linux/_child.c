@@ -238,9 +238,15 @@ static void set_attrs(const char *path, long long attrs, int recursive) {
           "mount_setattr ", path);
 }
 
+/* Whether an optional target is there: only "no such file" skips it; any other
+ * error fails the stage (a mask that cannot be checked is not silently dropped). */
 static int exists(const char *path) {
     struct stat st;
-    return stat(path, &st) == 0;
+    if (stat(path, &st) == 0)
+        return 1;
+    if (errno != ENOENT)
+        fail(errno, "stat ", path);
+    return 0;
 }
 
 static void bind_mount(int source_fd, const char *source, const char *target, long long attrs, int optional) {

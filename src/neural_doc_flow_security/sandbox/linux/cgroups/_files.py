@@ -41,6 +41,31 @@ def read_int(path: str, default: int = 0) -> int:
     return default if text == "max" else int(text)
 
 
+def blkio_bytes(text: str) -> tuple[int, int]:
+    """(read, write) bytes summed over devices from v1 blkio.throttle.io_service_bytes*."""
+    read = write = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read":
+            read += int(parts[2])
+        elif len(parts) == 3 and parts[1] == "Write":
+            write += int(parts[2])
+    return read, write
+
+
+def io_stat_bytes(text: str) -> tuple[int, int]:
+    """(read, write) bytes summed over devices from v2 io.stat ("MAJ:MIN rbytes=N wbytes=N ...")."""
+    read = write = 0
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if key == "rbytes":
+                read += int(value)
+            elif key == "wbytes":
+                write += int(value)
+    return read, write
+
+
 def read_keyed(path: str) -> dict[str, int]:
     """A flat-keyed file ("key value" per line) such as cpu.stat or memory.events."""
     result: dict[str, int] = {}

@@ -192,20 +192,12 @@ class V1Cgroup(SandboxCgroup):
         return CgroupStats(**values)  # type: ignore[arg-type]
 
     def _io_bytes(self) -> tuple[int, int]:
-        read = write = 0
         for name in ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes"):
             try:
-                text = _files.read_text(self._file("io", name))
+                return _files.blkio_bytes(_files.read_text(self._file("io", name)))
             except FileNotFoundError:
                 continue
-            for line in text.splitlines():
-                parts = line.split()
-                if len(parts) == 3 and parts[1] == "Read":
-                    read += int(parts[2])
-                elif len(parts) == 3 and parts[1] == "Write":
-                    write += int(parts[2])
-            break
-        return read, write
+        return 0, 0
 
     def _freezer_state(self) -> str:
         try:

@@ -210,19 +210,10 @@ class V2Cgroup(SandboxCgroup):
         return CgroupStats(**values)  # type: ignore[arg-type]
 
     def _io_bytes(self) -> tuple[int, int]:
-        read = write = 0
         try:
-            text = _files.read_text(self._file("io.stat"))
+            return _files.io_stat_bytes(_files.read_text(self._file("io.stat")))
         except FileNotFoundError:
             return 0, 0
-        for line in text.splitlines():
-            for item in line.split()[1:]:
-                key, _, value = item.partition("=")
-                if key == "rbytes":
-                    read += int(value)
-                elif key == "wbytes":
-                    write += int(value)
-        return read, write
 
     def _events(self) -> dict[str, int]:
         return _files.read_keyed(self._file("cgroup.events"))
