@@ -236,21 +236,28 @@ def test_a_file_can_be_bound_over_a_file_of_the_root(tmp_path: Path) -> None:
 def test_init_of_a_callable_sandbox_runs_as_the_payload_uid_without_capabilities() -> None:
     # Read from the host: the sandbox's pid 1 (it forked the Python payload) kept
     # neither uid 0 nor any capability; signalling its own payload needs none.
-    from api_helpers import proc_status_fields
+    from api_helpers import async_wait_until, proc_status_fields
 
     def wait_for_stop(ctx: Any) -> str:
         ctx.wait_for_stop()
         return "stopped"
 
+    def status() -> dict[str, str]:
+        with open(f"/proc/{handle.pid}/status") as f:
+            return proc_status_fields(f.read())
+
     async def scenario() -> tuple[dict[str, str], object]:
+        nonlocal handle
         async with SandboxManager() as m:
             handle = await m.spawn("idle", wait_for_stop)
-            with open(f"/proc/{handle.pid}/status") as f:
-                fields = proc_status_fields(f.read())
+            # Init drops its identity right after it forked the payload, which may be just now.
+            await async_wait_until(lambda: status()["Uid"].split() != ["0"] * 4, timeout=10)
+            fields = status()
             await handle.stop()
             result = await handle.wait()
             return fields, result.output
 
+    handle: Any = None
     fields, output = asyncio.run(scenario())
     assert fields["Uid"].split() == ["65534"] * 4 and fields["Gid"].split() == ["65534"] * 4
     assert int(fields["CapPrm"], 16) == 0 and int(fields["CapEff"], 16) == 0 and int(fields["CapAmb"], 16) == 0

@@ -46,6 +46,7 @@ from .pool import WarmPool
 from .result import Outcome, ResourceUsage, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
+MAX_CALL_WITH_LAUNCH = 1024 * 1024  # a larger pickled call goes on the sandbox's channel
 
 
 class Health(enum.StrEnum):
@@ -165,6 +166,7 @@ class SandboxHandle:
         self._reply: IpcMessage | None = None
         self._violation: ProtocolViolation | None = None
         self._stopped_by_host = False
+        self._answered_then_killed = False
         self._started = time.monotonic()
         self._armed_at = self._started  # its wall clock runs from here (a pooled one: from its call)
         self._last_seen = self._started
@@ -294,6 +296,12 @@ class SandboxHandle:
         usage = self._read_counters()
         if usage is not None:
             await self._starter.notify("kill", self.sandbox_id)  # the launcher kills it; no reply awaited
+        elif not self._starter.counters.get(self.sandbox_id):
+            # No cgroup: its usage is the rusage of the reaped tree. It exits once it has
+            # answered; the kill only ends what it may have left running.
+            self._answered_then_killed = True
+            await self._starter.notify("kill", self.sandbox_id)
+            return await self.wait()
         else:  # no counters readable here: the launcher reads them and kills, one round trip
             reply = await self._starter.control("collect", self.sandbox_id)
             if not reply.get("ok"):
@@ -310,6 +318,8 @@ class SandboxHandle:
                                        error=f"protocol violation: {self._violation}")
         if result.outcome in (Outcome.TIMEOUT, Outcome.OOM, Outcome.SANDBOX_ERROR):
             return result
+        if self._answered_then_killed and result.outcome is Outcome.KILLED:  # by us, after its answer
+            result = dataclasses.replace(result, outcome=Outcome.OK, signal=None, error=None)
         reply = self._reply
         if self._channel is None:  # a program: its exit status is its result
             return result
@@ -564,8 +574,13 @@ class SandboxManager:
         try:
             pooled = self._pool.take() if self._pool is not None and config in (None, self.config) \
                 and call_bytes is not None and not keep_messages else None
+            if (pooled is None and isinstance(payload, PythonWorkerPayload) and call_bytes is not None
+                    and len(call_bytes) <= MAX_CALL_WITH_LAUNCH):
+                # The call travels with the launch: the sandbox runs it as soon as it is set up.
+                payload = dataclasses.replace(payload, call=call_bytes)
+                call_bytes = None
             handle = pooled or await self._create(plugin_id, payload, config or self.config,
-                                                  keep_messages=keep_messages, with_channel=call_bytes is not None,
+                                                  keep_messages=keep_messages, with_channel=call is not None,
                                                   stdin=stdin, pooled=False)
         except BaseException:
             self._slots.release()
@@ -617,8 +632,11 @@ class SandboxManager:
                 channel = AsyncChannel(host_end, self._decode_limits)
                 theirs.append(sandbox_end.detach())
                 fds[CHANNEL_FD] = theirs[-1]
-            # A command is waited for until it exits: rusage accounts for it unless limits need a cgroup.
-            request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=with_channel)
+            # Without limits a one-shot sandbox (a command, a call) is accounted by the rusage of its
+            # reaped tree; a cgroup accounts for a spawned plugin (live status, freezing) and a pooled
+            # one (its usage is read the moment it answers; the pool makes it off the critical path).
+            request = LaunchRequest(config, payload, plugin_id, armed=not pooled,
+                                    accounting_cgroup=with_channel and (keep_messages or pooled))
             handle.pid = await self._starter.spawn(sandbox_id, request, fds)
         except BaseException:
             for fd in ours:

@@ -44,6 +44,7 @@ RECORD_SPILLED = 0x02
 _FD_SIZE = array.array("i").itemsize
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_DEFAULT_LIMITS = DecodeLimits()
 
 
 def create_channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -209,7 +210,7 @@ class AsyncChannel:
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
-        self._codec = _RecordCodec(limits or DecodeLimits(), role)
+        self._codec = _RecordCodec(limits or _DEFAULT_LIMITS, role)
         # No receive buffer is kept per channel (a manager may hold thousands):
         # recvmsg allocates each record, sized to what arrived.
         self._receive_lock = asyncio.Lock()
@@ -353,11 +354,12 @@ class SyncChannel:
     ) -> None:
         sock.setblocking(True)
         self._sock = sock
-        self._codec = _RecordCodec(limits or DecodeLimits(), role)
+        self._codec = _RecordCodec(limits or _DEFAULT_LIMITS, role)
         # Fresh anonymous pages, not a bytearray: the kernel maps them zero-filled on
         # first touch, so a small message costs one page (a zygote's forked sandbox
         # would otherwise copy-on-write every page of a heap buffer it clears).
-        self._buffer = mmap.mmap(-1, self._codec.limits.max_inline_bytes)
+        # Made on the first receive: a cold worker's call comes with its launch.
+        self._buffer: mmap.mmap | None = None
         self._eof = False
 
     @classmethod
@@ -389,6 +391,8 @@ class SyncChannel:
         self._codec.check_poisoned()
         if self._eof:
             return None
+        if self._buffer is None:
+            self._buffer = mmap.mmap(-1, self._codec.limits.max_inline_bytes, mmap.MAP_PRIVATE)
         self._sock.settimeout(timeout)
         try:
             nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(

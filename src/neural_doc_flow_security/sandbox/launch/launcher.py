@@ -97,8 +97,6 @@ class Launcher:
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
-        if self.netns_ahead and network.can_prepare(plan.namespaces.names):
-            network.make_ahead()  # for the next launch, while this one runs
         spawned.armed = request.armed
         self.running[sandbox_id] = spawned
         self._names[sandbox_id] = request.name
@@ -238,8 +236,11 @@ class Launcher:
         return usage
 
     def prepare_next(self) -> None:
-        """Idle time (a zygote between requests): make the next sandbox's cgroup."""
+        """Idle time (a zygote between requests): make the next sandbox's cgroup and
+        network namespace, off its critical path."""
         resources.make_spare_cgroup()
+        if self.netns_ahead:
+            network.make_ahead()
 
     def shutdown(self) -> list[tuple[int, SandboxResult]]:
         """Kill and reap everything still running; remove the spare cgroup."""

@@ -10,6 +10,7 @@ imports the payload needs happen here, inside the sandbox.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import io
 import os
@@ -17,7 +18,7 @@ import sys
 import types
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ..ipc.channel import SyncChannel
@@ -107,31 +108,30 @@ def wants_context(function: Callable[..., Any]) -> bool:
 
 @dataclass(frozen=True)
 class PythonWorkerPayload(Payload):
-    """Run one cloudpickled call received on fd 3. `pooled`: the call may be long
-    in coming, so warm up first and then say so (a HEARTBEAT); a cold worker's
-    call is already on its way, and a warm-up would only delay it."""
+    """Run one cloudpickled call: `call`, when it travels with the launch (a cold
+    call), else the first message on fd 3. `pooled`: the call may be long in
+    coming, so warm up first and then say so (a HEARTBEAT); a cold worker's call
+    is already there, and a warm-up would only delay it."""
 
     needs_python = True
     pooled: bool = False
+    call: bytes | None = field(default=None, repr=False)
 
     def run(self, environment: tuple[bytes, ...]) -> NoReturn:
-        os.environ.clear()
-        os.environ.update(entry.decode().split("=", 1) for entry in environment)  # type: ignore[misc]
-        os.chdir("/tmp")
-        # The host may have replaced these objects (pytest, Jupyter): use the sandbox's fds.
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        enter_sandbox_process(environment)
         channel = SyncChannel.from_fd(CHANNEL_FD)
         if self.pooled:
             _warm_up()
         try:
             if self.pooled:
                 channel.send(IpcMessage.heartbeat())
-            call = channel.receive()
-            if call is None or call.kind is not MessageKind.CALL:
-                os._exit(0)  # the host went away before sending work
-            reply = _run_call(bytes(call.payload), channel)
+            payload = self.call
+            if payload is None:
+                call = channel.receive()
+                if call is None or call.kind is not MessageKind.CALL:
+                    os._exit(0)  # the host went away before sending work
+                payload = bytes(call.payload)
+            reply = _run_call(payload, channel)
             sys.stdout.flush()  # the host may return as soon as the answer arrives
             sys.stderr.flush()
             try:
@@ -145,6 +145,43 @@ class PythonWorkerPayload(Payload):
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(0)
+
+
+# What this process last made its environment: a zygote sets the default
+# sandbox's once, so that its forks need not (every page they write is a copy).
+_environment_applied: tuple[bytes, ...] | None = None
+
+
+def apply_environment(environment: tuple[bytes, ...]) -> None:
+    """Make os.environ exactly `environment` ("NAME=value" entries)."""
+    global _environment_applied
+    if environment != _environment_applied:  # reading both writes no page
+        os.environ.clear()
+        os.environ.update(entry.decode().split("=", 1) for entry in environment)  # type: ignore[misc]
+        _environment_applied = environment
+
+
+@functools.cache
+def _sandbox_stdio() -> tuple[io.TextIOWrapper, io.TextIOWrapper, io.TextIOWrapper]:
+    """Text streams on fds 0, 1 and 2, made once (by a zygote before it forks)."""
+    return (io.TextIOWrapper(io.FileIO(0, "r", closefd=False)),
+            io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True),
+            io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True))
+
+
+def prepare_in_zygote(environment: tuple[bytes, ...]) -> None:
+    """Do in a zygote what each of its payload processes would otherwise do."""
+    apply_environment(environment)
+    _sandbox_stdio()
+
+
+def enter_sandbox_process(environment: tuple[bytes, ...]) -> None:
+    """The payload process's own set-up: its environment, /tmp as the working
+    directory, and sys.stdin/stdout/stderr on its fds 0-2 (the host may have
+    replaced those objects: pytest, Jupyter)."""
+    apply_environment(environment)
+    os.chdir("/tmp")
+    sys.stdin, sys.stdout, sys.stderr = _sandbox_stdio()
 
 
 def _warm_up() -> None:
