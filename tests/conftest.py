@@ -51,11 +51,13 @@ def _ensure_unprivileged_user() -> None:
 
 @dataclass(frozen=True)
 class SandboxCaller:
-    """Who starts `ndf-sandbox`: root, or an unprivileged user through setpriv."""
+    """Who starts `ndf-sandbox`: root, or an unprivileged user through setpriv;
+    `program` is the CLI (tests/spare_runner.py: the same, from a spare sandbox)."""
 
     name: str
     prefix: tuple[str, ...]
     uid: int
+    program: tuple[str, ...] = (NDF_SANDBOX,)
 
     @property
     def is_root(self) -> bool:
@@ -63,7 +65,7 @@ class SandboxCaller:
 
     def argv(self, options: Sequence[str], command: Sequence[str]) -> list[str]:
         """The full host command line for `ndf-sandbox run OPTIONS -- COMMAND`."""
-        return [*self.prefix, NDF_SANDBOX, "run", *options, "--", *command]
+        return [*self.prefix, *self.program, "run", *options, "--", *command]
 
     def run(self, options: Sequence[str], command: Sequence[str], *, input: bytes | None = None,
             env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT,
@@ -82,6 +84,9 @@ class SandboxCaller:
 
 
 ROOT_CALLER = SandboxCaller("root", (), 0)
+# As root, the sandbox started from a spare made ahead (as a zygote does when idle).
+ROOT_SPARE_CALLER = SandboxCaller("root, from a spare", (), 0,
+                                  (sys.executable, str(Path(__file__).with_name("spare_runner.py"))))
 UNPRIVILEGED_CALLER = SandboxCaller(
     "unprivileged",
     ("setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", "--"),
@@ -96,13 +101,16 @@ def ndf_host_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(params=["root", "unprivileged"])
+@pytest.fixture(params=["root", "unprivileged", "root-spare"])
 def sandbox_caller(request: pytest.FixtureRequest) -> SandboxCaller:
-    """Runs each test twice: `ndf-sandbox` started by root, and by uid 4242."""
+    """Runs each test three times: `ndf-sandbox` started by root, by uid 4242, and by
+    root with the sandbox started from a spare."""
     if os.geteuid() != 0:
         pytest.skip("the CLI tests start the sandbox as root and as uid 4242: run them as root")
     if request.param == "root":
         return ROOT_CALLER
+    if request.param == "root-spare":
+        return ROOT_SPARE_CALLER
     if not shutil.which("setpriv"):
         pytest.skip("setpriv is not installed")
     _ensure_unprivileged_user()

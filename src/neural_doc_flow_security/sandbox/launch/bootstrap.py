@@ -28,6 +28,11 @@ it is in its cgroups (b"c"). As root, the network namespace is made ahead of
 the clone (linux/network.py) and joined first.
 The mounts run in between, overlapping the slow cgroup v1 migration; no process
 is forked, and nothing untrusted runs, before the child is in its cgroups.
+
+A spare (launch/spare.py, made by an idle zygote) runs the same list split in
+two: `spare_steps` (stages 1-3 and 5, then it drops every inherited fd, joins
+its cgroup itself and waits) ahead of any request, and `launch_steps` (stage 6
+on) once a launch sends them. Nothing of a config is applied before the launch.
 """
 
 from __future__ import annotations
@@ -108,34 +113,32 @@ def _confine(plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...], keep_also: t
     return steps
 
 
-@functools.lru_cache(maxsize=64)
-def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
-                netns_fd: int | None = None) -> tuple[StepTuple, ...]:
-    """Everything the clone3 child does, in order, for a program (`program`) or a
-    Python callable. `netns_fd`: a network namespace made ahead (lo up) to join
-    instead of cloning one (see linux/network.py)."""
-    names = plan.namespaces.names
-    # Above every fd the payload is to get, so that the fd map cannot collide with it.
-    steps: list[StepTuple] = [(Step.MOVE_ERROR_FD, max((target for target, _ in fd_map), default=2) + 1)]
-    if netns_fd is not None:
-        steps += _stage("network namespace", (Step.SETNS, netns_fd, sc.CLONE_NEWNET))
-
-    # -- init stages (this process is pid 1 of the new pid namespace) --
-    steps += _stage("new session", (Step.SETSID,))
+def _init_start() -> list[StepTuple]:
+    """The first init stages (this process is pid 1 of the new pid namespace)."""
+    steps = _stage("new session", (Step.SETSID,))
     steps += _stage("signals", (Step.RESET_SIGNALS,))
     steps += _stage("parent-death signal", (Step.PRCTL, sc.PR_SET_PDEATHSIG, signal.SIGKILL))
-    if plan.namespaces.user:
-        steps += _stage("wait for the id maps", (Step.WAIT_TOKEN, pipes.sync_read, ord("m")))
-    # Not dumpable (only now: an unprivileged parent writes the maps through /proc/<pid>):
-    # the payload, same uid in a user namespace, must never open /proc/1/fd/*.
-    steps += _stage("not dumpable", (Step.PRCTL, sc.PR_SET_DUMPABLE, 0))
+    return steps
+
+
+# Not dumpable (only after the id maps: an unprivileged parent writes them through
+# /proc/<pid>): the payload, same uid in a user namespace, must never open /proc/1/fd/*.
+_NOT_DUMPABLE = _stage("not dumpable", (Step.PRCTL, sc.PR_SET_DUMPABLE, 0))
+
+
+def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
+                   loopback: bool, cgroup_token: bool) -> list[StepTuple]:
+    """From the mounts to the payload."""
+    names = plan.namespaces.names
+    steps: list[StepTuple] = []
     if plan.rootfs is not None:
         steps += _stage("mounts", *rootfs_steps(plan.rootfs))
     if "uts" in names:
         steps += _stage("hostname", (Step.SETHOSTNAME, plan.config.hostname.encode()))
-    if "net" in names and netns_fd is None:
+    if "net" in names and loopback:
         steps += _stage("loopback", (Step.LOOPBACK_UP,))
-    steps += _stage("wait for the cgroup", (Step.WAIT_TOKEN, pipes.sync_read, ord("c")))
+    if cgroup_token:
+        steps += _stage("wait for the cgroup", (Step.WAIT_TOKEN, pipes.sync_read, ord("c")))
     if "pid" not in names:
         steps += _stage("child subreaper", (Step.PRCTL, sc.PR_SET_CHILD_SUBREAPER, 1))
 
@@ -146,7 +149,7 @@ def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tupl
         steps += _confine(plan, fd_map, (pipes.status_write, pipes.sync_read),
                           (Step.STILL_SUPERVISED, pipes.sync_read))
         steps += _stage("exec", (Step.SPAWN_PROGRAM, pipes.status_write))
-        return tuple(steps)
+        return steps
 
     # A Python callable (or no pid namespace): fork the payload, which confines
     # itself; init takes the payload's uid/gid with no capability (enough to signal it).
@@ -159,4 +162,47 @@ def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tupl
     # Every stage passed. A callable is untrusted code that never execs: RETURN
     # closes the error pipe (close-on-exec) by hand before it runs.
     steps += _stage("exec", (Step.EXEC_PROGRAM,) if program else (Step.RETURN,))
+    return steps
+
+
+def _join_netns(netns_fd: int | None) -> list[StepTuple]:
+    return _stage("network namespace", (Step.SETNS, netns_fd, sc.CLONE_NEWNET)) if netns_fd is not None else []
+
+
+@functools.lru_cache(maxsize=64)
+def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
+                netns_fd: int | None = None) -> tuple[StepTuple, ...]:
+    """Everything the clone3 child does, in order, for a program (`program`) or a
+    Python callable. `netns_fd`: a network namespace made ahead (lo up) to join
+    instead of cloning one (see linux/network.py)."""
+    # Above every fd the payload is to get, so that the fd map cannot collide with it.
+    steps: list[StepTuple] = [(Step.MOVE_ERROR_FD, max((target for target, _ in fd_map), default=2) + 1)]
+    steps += _join_netns(netns_fd) + _init_start()
+    if plan.namespaces.user:
+        steps += _stage("wait for the id maps", (Step.WAIT_TOKEN, pipes.sync_read, ord("m")))
+    steps += _NOT_DUMPABLE
+    steps += _sandbox_steps(plan, program, pipes, fd_map, loopback=netns_fd is None, cgroup_token=True)
     return tuple(steps)
+
+
+def spare_steps(pipes: ChildPipes, netns_fd: int | None, cgroup_procs: tuple[int, ...], launch_socket: int,
+                staging: int) -> tuple[StepTuple, ...]:
+    """A spare's steps (launch/spare.py): the same first stages, then it drops every
+    inherited fd but its own, joins its cgroup (v1: cgroup.procs fds) and waits for
+    its launch, whose steps are `launch_steps`. Nothing of a config is applied yet."""
+    keep = (pipes.sync_read, pipes.status_write, launch_socket, *cgroup_procs)
+    # The error pipe (and a benchmark's trace fd) above the fds the launch stages from `staging` on.
+    steps: list[StepTuple] = [(Step.MOVE_ERROR_FD, staging + 16)]
+    steps += _join_netns(netns_fd) + _init_start() + _NOT_DUMPABLE
+    steps += _stage("file descriptors", (Step.ARRANGE_FDS, b"", b"".join(fd.to_bytes(4, "little") for fd in keep)))
+    if cgroup_procs:
+        steps += _stage("cgroup", (Step.JOIN_CGROUP, b"".join(fd.to_bytes(4, "little") for fd in cgroup_procs)))
+    steps += _stage("wait for the launch", (Step.AWAIT_LAUNCH, launch_socket, staging))
+    return tuple(steps)
+
+
+@functools.lru_cache(maxsize=64)
+def launch_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
+                 loopback: bool) -> tuple[StepTuple, ...]:
+    """What a spare does once launched: the rest of child_steps (it is in its cgroup already)."""
+    return tuple(_sandbox_steps(plan, program, pipes, fd_map, loopback=loopback, cgroup_token=False))

@@ -22,8 +22,12 @@ from ..linux import cgroups, network
 from ..linux.cgroups.base import SandboxCgroup
 from ..result import Outcome, ResourceUsage, SandboxResult
 from . import bootstrap, resources
-from .plan import plan_launch
+from . import spare as spare_sandbox
+from .plan import LaunchPlan, plan_launch
+from .spare import Spare
 from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox, usage_from_cgroup
+
+MAX_SPARE_FAILURES = 3  # then no more spares: something on this host refuses them (logged)
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,12 @@ def _log() -> Any:
 class Launcher:
     """Sandboxes started by this process, by id."""
 
-    def __init__(self, *, netns_ahead: bool = False) -> None:
+    def __init__(self, *, netns_ahead: bool = False, spares: bool = False) -> None:
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
+        self.spares = spares and os.geteuid() == 0  # keep a spare sandbox made ahead (launch/spare.py)
+        self._spare: Spare | None = None
+        self._spare_failures = 0
+        self._retired: list[SandboxCgroup] = []
         self.running: dict[int, SpawnedSandbox] = {}
         self._paused_by_signal: dict[int, list[int]] = {}
         self._names: dict[int, str] = {}
@@ -80,6 +88,9 @@ class Launcher:
                                        "process tree (orphans, the timeout), and no cgroup can be created here")
             return made
 
+        spawned = self._launch_spare(request, config, plan)
+        if spawned is not None:
+            return self._started(sandbox_id, request, spawned)
         # On cgroup v1 the cgroup is made after the clone, while the child sets up.
         early = cgroups.joined_at_clone()
         cgroup = make_cgroup() if early else None
@@ -97,11 +108,36 @@ class Launcher:
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
+        return self._started(sandbox_id, request, spawned)
+
+    def _started(self, sandbox_id: int, request: LaunchRequest, spawned: SpawnedSandbox) -> SpawnedSandbox:
         spawned.armed = request.armed
         self.running[sandbox_id] = spawned
         self._names[sandbox_id] = request.name
         audit.sandbox_started(request.name, spawned.pid, spawned.isolation())
         return spawned
+
+    def _launch_spare(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan) -> SpawnedSandbox | None:
+        """Start the sandbox from the spare made ahead, if there is one that fits;
+        None: take the cold path (a spare that does not fit stays for later)."""
+        spare = self._spare
+        if spare is None or not spare_sandbox.matches(spare, plan, request.fd_map):
+            return None
+        if spare.cgroup is None and (request.accounting_cgroup or config.cgroup_limits_requested):
+            return None
+        self._spare = None
+        if not spare_sandbox.alive(spare):
+            self._spare_failures += 1
+            spare_sandbox.discard(spare)
+            return None
+        try:
+            if spare.cgroup is not None:
+                resources.adopt_cgroup(spare.cgroup, config, request.name, plan)
+            return spare_sandbox.launch(spare, plan, request.payload, request.fd_map)
+        except (SandboxError, OSError) as e:  # a limit it cannot take, or it died: the cold path decides
+            _log().info("spare sandbox not used: %s", e)
+            spare_sandbox.discard(spare)
+            return None
 
     def next_deadline(self) -> float | None:
         """The earliest wall deadline of the running sandboxes (monotonic clock)."""
@@ -131,18 +167,31 @@ class Launcher:
         if at is not None:
             spawned.started = min(at, spawned.started)
 
-    def finish(self, sandbox_id: int) -> SandboxResult:
-        """Reap an exited sandbox (its pidfd is readable) into its result."""
+    def finish(self, sandbox_id: int, *, defer_cgroup: bool = False) -> SandboxResult:
+        """Reap an exited sandbox (its pidfd is readable) into its result. Its tree is
+        gone then; `defer_cgroup`: its emptied cgroup is removed by remove_retired()
+        (a zygote does that once the result is on its way)."""
         spawned = self.running.pop(sandbox_id)
         self._paused_by_signal.pop(sandbox_id, None)
         try:
-            result = finish_sandbox(spawned)
+            result = finish_sandbox(spawned, destroy_cgroup=not defer_cgroup)
         except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
             _log().error("cannot collect sandbox %s: %s", sandbox_id, e)
             result = SandboxResult(Outcome.SANDBOX_ERROR, error=f"the launcher could not collect it: {e}",
                                    isolation=spawned.isolation())
+        if defer_cgroup and spawned.cgroup is not None:
+            self._retired.append(spawned.cgroup)
         audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
         return result
+
+    def remove_retired(self) -> None:
+        """Remove the cgroups of sandboxes finished with `defer_cgroup`."""
+        while self._retired:
+            cgroup = self._retired.pop()
+            try:
+                cgroup.destroy()
+            except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
+                _log().error("cannot remove the cgroup of a finished sandbox: %s", e)
 
     def kill(self, sandbox_id: int) -> None:
         """Kill the whole tree now."""
@@ -235,18 +284,42 @@ class Launcher:
         self.kill(sandbox_id)
         return usage
 
-    def prepare_next(self) -> None:
-        """Idle time (a zygote between requests): make the next sandbox's cgroup and
-        network namespace, off its critical path."""
-        resources.make_spare_cgroup()
-        if self.netns_ahead:
-            network.make_ahead()
+    def prepare_next(self) -> bool:
+        """Idle time (a zygote between requests): make one more thing for the next
+        sandbox, off its critical path: a spare sandbox, a cgroup, a network
+        namespace. Not while a sandbox of ours runs: it would compete with it for
+        the CPU. False when nothing is left to make (now)."""
+        if self.running:
+            return False
+        if self._spare is not None and not spare_sandbox.alive(self._spare):
+            self._spare_failures += 1  # it failed a stage before its launch (logged)
+            spare_sandbox.discard(self._spare)
+            self._spare = None
+        if self.spares and self._spare is None and self._spare_failures < MAX_SPARE_FAILURES:
+            self._spare = self._make_spare()
+            return True
+        return resources.make_spare_cgroup() or (self.netns_ahead and network.make_ahead())
+
+    def _make_spare(self) -> Spare | None:
+        cgroup = resources.cgroup_for_spare()
+        try:
+            return spare_sandbox.make_spare(plan_launch(SandboxConfig()).namespaces, cgroup)  # the default's
+        except (SandboxError, OSError) as e:
+            self._spare_failures += 1
+            _log().warning("cannot make a spare sandbox: %s", e)
+            if cgroup is not None:
+                cgroup.destroy()
+            return None
 
     def shutdown(self) -> list[tuple[int, SandboxResult]]:
-        """Kill and reap everything still running; remove the spare cgroup."""
+        """Kill and reap everything still running; remove the spares."""
         results = []
         for sandbox_id in list(self.running):
             self.kill(sandbox_id)
             results.append((sandbox_id, self.finish(sandbox_id)))
+        if self._spare is not None:
+            spare_sandbox.discard(self._spare)
+            self._spare = None
+        self.remove_retired()
         resources.discard_spare_cgroup()
         return results

@@ -98,23 +98,23 @@ _spare: V1Cgroup | None = None
 _spare_maker: threading.Thread | None = None
 
 
-def make_spare_cgroup(*, in_background: bool = False) -> None:
+def make_spare_cgroup(*, in_background: bool = False) -> bool:
     """Make an unlimited cgroup for the next launch now (a zygote when idle; the
     CLI in a thread while it imports). Only on cgroup v1, where a cgroup can take
-    its sandbox's name later; best effort."""
+    its sandbox's name later; best effort. Whether there was one to make."""
     global _spare_maker
+    if _spare is not None or _spare_maker is not None or cgroups.joined_at_clone():
+        return False
     if in_background:
-        if _spare_maker is None and _spare is None:
-            _spare_maker = threading.Thread(target=_make_spare, name="ndf-cgroup", daemon=True)
-            _spare_maker.start()
+        _spare_maker = threading.Thread(target=_make_spare, name="ndf-cgroup", daemon=True)
+        _spare_maker.start()
     else:
         _make_spare()
+    return True
 
 
 def _make_spare() -> None:
     global _spare
-    if _spare is not None or cgroups.joined_at_clone():
-        return
     try:
         made = cgroups.create_sandbox_cgroup(f"next-{next(_sequence)}", CgroupLimits())
     except (SandboxError, OSError):
@@ -148,10 +148,35 @@ def _take_spare(label: str, limits: CgroupLimits) -> SandboxCgroup | None:
     if spare is None:
         return None
     try:
-        spare.rename(cgroups.cgroup_for_sandbox_name(label))
-        if limits != CgroupLimits():
-            spare.apply(limits)  # UnsupportedError if it lacks a controller the limits need
+        _adopt(spare, label, limits)
     except (SandboxError, OSError):
         spare.destroy()
         return None
     return spare
+
+
+def _adopt(cgroup: SandboxCgroup, label: str, limits: CgroupLimits) -> None:
+    if isinstance(cgroup, V1Cgroup):
+        cgroup.rename(cgroups.cgroup_for_sandbox_name(label))
+    if limits != CgroupLimits():
+        cgroup.apply(limits)  # UnsupportedError if it lacks a controller the limits need
+
+
+def adopt_cgroup(cgroup: SandboxCgroup, config: SandboxConfig, name: str, plan: LaunchPlan) -> None:
+    """A cgroup made ahead (a spare sandbox's, launch/spare.py) becomes the sandbox's:
+    its name (v1; v2 cannot rename) and its limits. Raises if a limit cannot be set."""
+    _adopt(cgroup, f"{name}-{next(_sequence)}", cgroup_limits(config, plan))
+
+
+def cgroup_for_spare() -> SandboxCgroup | None:
+    """An unlimited cgroup for a spare sandbox: the spare cgroup made ahead, else a
+    new one; None where this host gives none."""
+    global _spare
+    _join_spare_maker()
+    made, _spare = _spare, None
+    if made is not None:
+        return made
+    try:
+        return cgroups.create_sandbox_cgroup(f"next-{next(_sequence)}", CgroupLimits())
+    except (SandboxError, OSError):
+        return None

@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 from ..errors import SetupError
 from ..linux import steps
@@ -122,13 +123,10 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
     child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd)
     argv = tuple(os.fsencode(arg) for arg in program.argv) if program else ()
-    # The C child resets every signal: the payload's Python view must agree. Read here,
-    # in the parent, so that the payload touches only what it changes.
-    handled = () if program else tuple(sig for sig in range(1, 32)
-                                       if signal.getsignal(sig) not in (signal.SIG_DFL, None))
+    handled = () if program else python_signal_handlers()
     clone_flags = plan.namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
     try:
-        pid, pidfd = steps.spawn(clone_flags, cgroup_fd, error_write, child_steps, argv, plan.environment,
+        pid, pidfd, _ = steps.spawn(clone_flags, cgroup_fd, error_write, child_steps, argv, plan.environment,
                                  os.fsencode(program.cwd) if program else b"/", trace_fd)
     except Exception as e:
         for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd):
@@ -139,12 +137,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
                          f"failed: {e.strerror}", e.errno or 0) from None
     if pid == 0:  # a callable's payload process: every protection is in place
-        try:
-            for sig in handled:
-                _signal.signal(sig, _signal.SIG_DFL)  # signal.signal's enum conversions cost ~50 copied pages
-            payload.run(plan.environment)
-        finally:
-            os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
+        run_payload(payload, plan.environment, handled)
     for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd):
         if fd is not None:
             os.close(fd)
@@ -168,6 +161,24 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
             spawned.cgroup.destroy()
         raise
     return spawned
+
+
+def python_signal_handlers() -> tuple[int, ...]:
+    """The signals this process has Python handlers for. Read in the parent: the
+    C child resets every signal, and the payload makes Python's view agree
+    touching only what it changes."""
+    return tuple(sig for sig in range(1, 32) if signal.getsignal(sig) not in (signal.SIG_DFL, None))
+
+
+def run_payload(payload: bootstrap.Payload, environment: tuple[bytes, ...], handled: tuple[int, ...]) -> NoReturn:
+    """In a callable's payload process, every protection in place: run it and exit;
+    never unwind into the parent's code."""
+    try:
+        for sig in handled:
+            _signal.signal(sig, _signal.SIG_DFL)  # signal.signal's enum conversions cost ~50 copied pages
+        payload.run(environment)
+    finally:
+        os._exit(EXIT_SANDBOX_ERROR)
 
 
 def has_exited(pidfd: int) -> bool:
@@ -201,9 +212,10 @@ def _close(spawned: SpawnedSandbox) -> None:
             pass
 
 
-def finish_sandbox(spawned: SpawnedSandbox) -> SandboxResult:
+def finish_sandbox(spawned: SpawnedSandbox, *, destroy_cgroup: bool = True) -> SandboxResult:
     """Reap the init process and turn everything it left into a SandboxResult.
-    Always kills what is left of the tree and destroys the cgroup."""
+    Always kills what is left of the tree; destroys the (then empty) cgroup
+    unless the caller does so later."""
     try:
         _, wait_status, rusage = os.wait4(spawned.pid, 0)
         wall = time.monotonic() - spawned.started
@@ -218,7 +230,7 @@ def finish_sandbox(spawned: SpawnedSandbox) -> SandboxResult:
         return _result(spawned, wait_status, rusage, wall, error_report, status_report, stats)
     finally:
         try:
-            if spawned.cgroup is not None:
+            if spawned.cgroup is not None and destroy_cgroup:
                 spawned.cgroup.destroy()
         finally:
             _close(spawned)

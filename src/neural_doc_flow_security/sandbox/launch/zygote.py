@@ -139,11 +139,12 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                 sandbox_id = key.data
                 selector.unregister(key.fd)
                 pidfds.pop(key.fd, None)
-                result = launcher.finish(sandbox_id)
+                result = launcher.finish(sandbox_id, defer_cgroup=True)
                 _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
+                launcher.remove_retired()
         launcher.expire()
-        if not selector.select(0):
-            launcher.prepare_next()  # idle: the next sandbox's cgroup, off its critical path
+        while not selector.select(0) and launcher.prepare_next():
+            pass  # idle: make the next sandbox's spare, cgroup and network namespace
 
 
 def _warm_up() -> None:
@@ -197,7 +198,7 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent_pid:
         return 0
     sock = socket.socket(fileno=fd)
-    launcher = Launcher(netns_ahead=True)
+    launcher = Launcher(netns_ahead=True, spares=True)
     try:
         _warm_up()
         serve(sock, launcher)

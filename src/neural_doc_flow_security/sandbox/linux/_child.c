@@ -9,10 +9,15 @@
  *
  * The steps are plain data (see bootstrap.py for the order and the meaning);
  * this file knows how to do each kind of step, not which ones a sandbox needs.
- * The parent converts every step to a C struct before the clone, so the child
- * neither allocates nor calls into Python. A failed step writes
- * "stage NUL errno NUL message" to the error pipe (setup_errors.py) and exits
- * with the sandbox-error status: nothing half-protected runs the payload.
+ * They arrive packed in one byte string (steps.py pack_launch): the parent
+ * parses it into C structs before the clone, so the child neither allocates
+ * nor calls into Python. A failed step writes "stage NUL errno NUL message" to
+ * the error pipe (setup_errors.py) and exits with the sandbox-error status:
+ * nothing half-protected runs the payload.
+ *
+ * A spare (launch/spare.py) is cloned ahead of its launch: its steps end with
+ * AWAIT_LAUNCH, which receives the rest of its steps, packed the same way, in
+ * a memfd with the payload's fds, and goes on with them.
  *
  * A callable's payload process returns from spawn() into Python (like
  * os.fork()) once all of its steps passed; every other process stays in C.
@@ -34,6 +39,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -47,6 +53,8 @@
 #define EXIT_SANDBOX_ERROR 126
 #define MAX_ARGS 6
 #define MAX_SLOTS 256
+#define MAX_LAUNCH_FDS 8
+#define LAUNCH_MAGIC 0x4c46444eU /* "NDFL" */
 
 #ifndef SYS_clone3
 #define SYS_clone3 435
@@ -104,6 +112,8 @@ enum {
     STEP_RETURN = 28,        /* to Python (a callable's payload process) */
     STEP_MOVE_ERROR_FD = 29, /* lowest: above every fd the payload is to get (and the trace fd) */
     STEP_SETNS = 30,         /* fd, namespace type: join a namespace made ahead (then close the fd) */
+    STEP_JOIN_CGROUP = 31,   /* int32 fds of cgroup.procs files: write "0" (this process) to each, close */
+    STEP_AWAIT_LAUNCH = 32,  /* socket fd, staging fd: receive the rest of the steps, then run them */
 };
 
 typedef struct {
@@ -120,8 +130,8 @@ typedef struct {
     char **envp;
     const char *cwd;
     const char *path_env; /* PATH of the sandbox's environment */
-    int error_fd;
-    int trace_fd;
+    const char *python;   /* for the payload's Python (a spare's launch), or NULL */
+    Py_ssize_t python_len;
 } launch_t;
 
 /* ------------------------------------------------------------------ reporting */
@@ -185,6 +195,127 @@ static void trace(const char *name) {
     at = append(buf, at, sizeof buf, name);
     at = append(buf, at, sizeof buf, "\n");
     (void)!write(trace_fd, buf, at);
+}
+
+/* ------------------------------------------------------------------ the packed launch */
+
+/* Little-endian: u32 magic, u32 step count, each step (i32 kind, u32 argument count,
+ * each argument: u8 type 0 none / 1 i64 / 2 bytes (u32 length, the bytes, NUL)), then
+ * argv and envp (u32 count, each u32 length, bytes, NUL), cwd (same), the Python part
+ * (u32 length, bytes). Strings point into the buffer. */
+typedef struct {
+    const char *at, *end;
+    const char *error;
+} reader_t;
+
+static int readable(reader_t *r, size_t n) {
+    if (r->error)
+        return 0;
+    if ((size_t)(r->end - r->at) < n) {
+        r->error = "a truncated launch";
+        return 0;
+    }
+    return 1;
+}
+
+static uint32_t read_u32(reader_t *r) {
+    uint32_t v = 0;
+    if (readable(r, 4)) {
+        memcpy(&v, r->at, 4);
+        r->at += 4;
+    }
+    return v;
+}
+
+static const char *read_bytes(reader_t *r, Py_ssize_t *len, int nul_terminated) {
+    uint32_t n = read_u32(r);
+    if (!readable(r, (size_t)n + (nul_terminated ? 1 : 0)))
+        return NULL;
+    const char *bytes = r->at;
+    r->at += n;
+    if (nul_terminated && *r->at++ != '\0') {
+        r->error = "a launch string without its NUL";
+        return NULL;
+    }
+    *len = n;
+    return bytes;
+}
+
+static const char *read_string(reader_t *r) {
+    Py_ssize_t len = 0;
+    const char *text = read_bytes(r, &len, 1);
+    if (text && strlen(text) != (size_t)len) {
+        r->error = "a path, name or argument contains a NUL byte";
+        return NULL;
+    }
+    return text;
+}
+
+static char **read_strings(reader_t *r, void *(*alloc)(size_t)) {
+    uint32_t count = read_u32(r);
+    if (!r->error && count > (uint32_t)(r->end - r->at) / 5)
+        r->error = "a truncated launch";
+    char **out = r->error ? NULL : alloc(((size_t)count + 1) * sizeof(char *));
+    if (!out) {
+        r->error = r->error ? r->error : "out of memory";
+        return NULL;
+    }
+    for (uint32_t i = 0; i < count; i++)
+        out[i] = (char *)read_string(r);
+    out[count] = NULL;
+    return r->error ? NULL : out;
+}
+
+/* Fill `launch` from `buf`; returns NULL or what is wrong with it. `alloc` returns zeroed memory. */
+static const char *parse_launch(const char *buf, size_t len, launch_t *launch, void *(*alloc)(size_t)) {
+    reader_t r = {buf, buf + len, NULL};
+    memset(launch, 0, sizeof *launch);
+    if (read_u32(&r) != LAUNCH_MAGIC)
+        return r.error ? r.error : "not a launch";
+    uint32_t count = read_u32(&r);
+    if (r.error || count > (uint32_t)(len / 8))
+        return r.error ? r.error : "a truncated launch";
+    launch->steps = alloc(((size_t)count + 1) * sizeof(step_t));
+    if (!launch->steps)
+        return "out of memory";
+    launch->count = count;
+    for (uint32_t i = 0; i < count && !r.error; i++) {
+        step_t *step = &launch->steps[i];
+        step->kind = (int)read_u32(&r);
+        uint32_t nargs = read_u32(&r);
+        if (nargs > MAX_ARGS)
+            return "a step with too many arguments";
+        /* Binary arguments: file contents, BPF, fd lists; everything else is a C string. */
+        int binary = step->kind == STEP_WRITE_FILE || step->kind == STEP_SECCOMP || step->kind == STEP_ARRANGE_FDS ||
+                     step->kind == STEP_JOIN_CGROUP;
+        for (uint32_t j = 0; j < nargs && !r.error; j++) {
+            if (!readable(&r, 1))
+                break;
+            char type = *r.at++;
+            if (type == 1 && readable(&r, 8)) {
+                memcpy(&step->num[j], r.at, 8);
+                r.at += 8;
+            } else if (type == 2) {
+                step->str[j] = binary ? read_bytes(&r, &step->len[j], 1) : read_string(&r);
+                if (!binary && step->str[j])
+                    step->len[j] = (Py_ssize_t)strlen(step->str[j]);
+            } else if (type != 0) {
+                return "a step argument of unknown type";
+            }
+        }
+    }
+    launch->argv = read_strings(&r, alloc);
+    launch->envp = read_strings(&r, alloc);
+    launch->cwd = read_string(&r);
+    launch->python = read_bytes(&r, &launch->python_len, 0);
+    if (r.error)
+        return r.error;
+    if (r.at != r.end)
+        return "trailing bytes after a launch";
+    for (char **env = launch->envp; *env; env++)
+        if (strncmp(*env, "PATH=", 5) == 0)
+            launch->path_env = *env + 5;
+    return NULL;
 }
 
 /* ------------------------------------------------------------------ file system */
@@ -559,8 +690,69 @@ static const char *s(const step_t *step, int i) {
     return step->str[i];
 }
 
+/* Zeroed memory for a launch received by a spare (the child never returns it). */
+static void *child_alloc(size_t size) {
+    void *mem = mmap(NULL, size ? size : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return mem == MAP_FAILED ? NULL : mem;
+}
+
+/* A spare waits here for its launch: one record on `sock` whose fds are a memfd
+ * holding the packed launch and then the payload's fds, which are placed at
+ * `staging`, `staging`+1, ... (the launch's fd map takes them from there). EOF
+ * means the spare was discarded unused. */
+static void await_launch(launch_t *launch, int sock, int staging) {
+    char tag;
+    struct iovec iov = {&tag, 1};
+    union {
+        struct cmsghdr header;
+        char buf[CMSG_SPACE(sizeof(int) * MAX_LAUNCH_FDS)];
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    ssize_t got;
+    do
+        got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    if (got == 0)
+        _exit(0);
+    check(got, "receive the launch", "");
+    int fds[MAX_LAUNCH_FDS], nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            for (size_t at = 0; at + sizeof(int) <= c->cmsg_len - CMSG_LEN(0) && nfds < MAX_LAUNCH_FDS;
+                 at += sizeof(int))
+                memcpy(&fds[nfds++], CMSG_DATA(c) + at, sizeof(int));
+    if ((msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) || nfds < 1)
+        fail(EINVAL, "a malformed launch record", "");
+    /* Out of the way first, then onto the staging numbers: no fd is overwritten. */
+    for (int i = 1; i < nfds; i++) {
+        int moved = fcntl(fds[i], F_DUPFD_CLOEXEC, staging + MAX_LAUNCH_FDS);
+        check(moved, "move a passed fd", "");
+        close(fds[i]);
+        fds[i] = moved;
+    }
+    for (int i = 1; i < nfds; i++) {
+        check(dup3(fds[i], staging + i - 1, O_CLOEXEC), "place a passed fd", "");
+        close(fds[i]);
+    }
+    struct stat st;
+    check(fstat(fds[0], &st), "stat the launch", "");
+    const char *buf = mmap(NULL, (size_t)st.st_size ? (size_t)st.st_size : 1, PROT_READ, MAP_PRIVATE, fds[0], 0);
+    if (buf == MAP_FAILED)
+        fail(errno, "map the launch", "");
+    close(fds[0]);
+    close(sock);
+    const char *error = parse_launch(buf, (size_t)st.st_size, launch, child_alloc);
+    if (error)
+        fail(EINVAL, error, "");
+}
+
 /* Run the steps. Returns only in a callable's payload process (STEP_RETURN). */
-static void run_steps(const launch_t *launch) {
+static void run_steps(launch_t *launch) {
     static int slots[MAX_SLOTS];
     pid_t init_pid = (pid_t)syscall(SYS_getpid);
     for (Py_ssize_t i = 0; i < launch->count; i++) {
@@ -712,6 +904,18 @@ static void run_steps(const launch_t *launch) {
             check(setns((int)n[0], (int)n[1]), "setns", "");
             close((int)n[0]);
             break;
+        case STEP_JOIN_CGROUP:
+            for (Py_ssize_t at = 0; at + 4 <= st->len[0]; at += 4) {
+                int32_t fd;
+                memcpy(&fd, s(st, 0) + at, 4);
+                check(write(fd, "0", 1), "join the cgroup", "");
+                close(fd);
+            }
+            break;
+        case STEP_AWAIT_LAUNCH:
+            await_launch(launch, (int)n[0], (int)n[1]);
+            i = -1; /* go on with the launch's steps */
+            break;
         case STEP_MOVE_ERROR_FD: {
             int moved = fcntl(error_fd, F_DUPFD_CLOEXEC, (int)n[0]);
             check(moved, "move the error pipe", "");
@@ -737,81 +941,37 @@ struct clone_args_v2 {
         set_tid_size, cgroup;
 };
 
-static int convert_step(PyObject *item, step_t *step) {
-    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 1 || PyTuple_GET_SIZE(item) > MAX_ARGS + 1) {
-        PyErr_SetString(PyExc_TypeError, "a step is a tuple (kind, arg, ...)");
-        return -1;
-    }
-    memset(step, 0, sizeof *step);
-    step->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
-    for (Py_ssize_t j = 1; j < PyTuple_GET_SIZE(item); j++) {
-        PyObject *arg = PyTuple_GET_ITEM(item, j);
-        if (PyBytes_Check(arg)) {
-            step->str[j - 1] = PyBytes_AS_STRING(arg);
-            step->len[j - 1] = PyBytes_GET_SIZE(arg);
-            if (step->kind != STEP_WRITE_FILE && step->kind != STEP_SECCOMP && step->kind != STEP_ARRANGE_FDS &&
-                strlen(step->str[j - 1]) != (size_t)step->len[j - 1]) {
-                PyErr_SetString(PyExc_ValueError, "a path or name of a step contains a NUL byte");
-                return -1;
-            }
-        } else if (arg != Py_None) {
-            step->num[j - 1] = PyLong_AsLongLong(arg);
-        }
-    }
-    return PyErr_Occurred() ? -1 : 0;
-}
-
-static char **convert_strings(PyObject *seq) {
-    Py_ssize_t count = PyTuple_GET_SIZE(seq);
-    char **out = PyMem_Calloc((size_t)count + 1, sizeof(char *));
-    if (!out)
-        return (char **)PyErr_NoMemory();
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyTuple_GET_ITEM(seq, i);
-        if (!PyBytes_Check(item) || strlen(PyBytes_AS_STRING(item)) != (size_t)PyBytes_GET_SIZE(item)) {
-            PyMem_Free(out);
-            PyErr_SetString(PyExc_ValueError, "argv and environment entries must be bytes without NUL bytes");
-            return NULL;
-        }
-        out[i] = PyBytes_AS_STRING(item);
-    }
-    return out;
-}
-
 PyDoc_STRVAR(spawn_doc,
-"spawn(clone_flags, cgroup_fd, error_fd, steps, argv, envp, cwd, trace_fd=-1) -> (pid, pidfd)\n\n"
+"spawn(clone_flags, cgroup_fd, error_fd, launch, trace_fd=-1) -> (pid, pidfd, python)\n\n"
 "clone3 a child with `clone_flags` (and CLONE_INTO_CGROUP when cgroup_fd >= 0) that runs\n"
-"`steps` in C. Returns (pid, pidfd) in the parent; returns (0, -1) only in a callable's\n"
-"payload process, after its last step (STEP_RETURN). The caller must be single-threaded.");
+"the packed `launch` (steps.pack_launch) in C. Returns (pid, pidfd, None) in the parent;\n"
+"returns (0, -1, python) only in a callable's payload process, after its last step\n"
+"(STEP_RETURN), where `python` is the Python part of a spare's launch (else None).\n"
+"The caller must be single-threaded.");
+
+static void *parent_alloc(size_t size) {
+    return PyMem_Calloc(1, size ? size : 1);
+}
+
+static void free_launch(launch_t *launch) {
+    PyMem_Free(launch->steps);
+    PyMem_Free(launch->argv);
+    PyMem_Free(launch->envp);
+}
 
 static PyObject *child_spawn(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long clone_flags;
     int cgroup_fd, err_fd, trace = -1;
-    PyObject *steps_obj, *argv_obj, *envp_obj;
-    const char *cwd;
-    if (!PyArg_ParseTuple(args, "KiiO!O!O!y|i", &clone_flags, &cgroup_fd, &err_fd, &PyTuple_Type, &steps_obj,
-                          &PyTuple_Type, &argv_obj, &PyTuple_Type, &envp_obj, &cwd, &trace))
+    Py_buffer packed;
+    if (!PyArg_ParseTuple(args, "Kiiy*|i", &clone_flags, &cgroup_fd, &err_fd, &packed, &trace))
         return NULL;
-    launch_t launch = {0};
-    launch.count = PyTuple_GET_SIZE(steps_obj);
-    launch.cwd = cwd;
-    launch.error_fd = err_fd;
-    launch.trace_fd = trace;
-    launch.steps = PyMem_Calloc((size_t)launch.count + 1, sizeof(step_t));
-    launch.argv = convert_strings(argv_obj);
-    launch.envp = convert_strings(envp_obj);
+    launch_t launch;
     PyObject *result = NULL;
-    if (!launch.steps || !launch.argv || !launch.envp) {
-        if (!PyErr_Occurred())
-            PyErr_NoMemory();
+    const char *error = parse_launch(packed.buf, (size_t)packed.len, &launch, parent_alloc);
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
         goto done;
     }
-    for (Py_ssize_t i = 0; i < launch.count; i++)
-        if (convert_step(PyTuple_GET_ITEM(steps_obj, i), &launch.steps[i]) < 0)
-            goto done;
-    for (char **env = launch.envp; *env; env++)
-        if (strncmp(*env, "PATH=", 5) == 0)
-            launch.path_env = *env + 5;
 
     int pidfd = -1;
     struct clone_args_v2 cargs;
@@ -826,12 +986,16 @@ static PyObject *child_spawn(PyObject *Py_UNUSED(self), PyObject *args) {
     PyOS_BeforeFork();
     long pid = syscall(SYS_clone3, &cargs, sizeof cargs);
     if (pid == 0) {
-        error_fd = launch.error_fd;
-        trace_fd = launch.trace_fd;
+        error_fd = err_fd;
+        trace_fd = trace;
         run_steps(&launch); /* returns only in a callable's payload process */
         PyOS_AfterFork_Child();
-        result = Py_BuildValue("(ii)", 0, -1);
-        goto done;
+        if (launch.python)
+            result = Py_BuildValue("(iiy#)", 0, -1, launch.python, launch.python_len);
+        else
+            result = Py_BuildValue("(iiO)", 0, -1, Py_None);
+        PyBuffer_Release(&packed);
+        return result; /* the launch is not freed here: a received one lives in its own mappings */
     }
     int saved = errno;
     PyOS_AfterFork_Parent();
@@ -840,11 +1004,10 @@ static PyObject *child_spawn(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
-    result = Py_BuildValue("(li)", pid, pidfd);
+    result = Py_BuildValue("(liO)", pid, pidfd, Py_None);
 done:
-    PyMem_Free(launch.steps);
-    PyMem_Free(launch.argv);
-    PyMem_Free(launch.envp);
+    free_launch(&launch);
+    PyBuffer_Release(&packed);
     return result;
 }
 

@@ -79,11 +79,14 @@ def can_prepare(names: tuple[str, ...]) -> bool:
 _spare: NetworkNamespaceMaker | None = None
 
 
-def make_ahead() -> None:
-    """Start making a namespace for the next launch (as root; idempotent)."""
+def make_ahead() -> bool:
+    """Start making a namespace for the next launch (as root; idempotent). Whether
+    one was started."""
     global _spare
-    if _spare is None and os.geteuid() == 0:
-        _spare = NetworkNamespaceMaker()
+    if _spare is not None or os.geteuid() != 0:
+        return False
+    _spare = NetworkNamespaceMaker()
+    return True
 
 
 def settle() -> None:

@@ -8,6 +8,8 @@ of each argument is documented at the kind below and in _child.c.
 
 from __future__ import annotations
 
+import functools
+import struct
 from enum import IntEnum
 from typing import TypeAlias
 
@@ -49,15 +51,50 @@ class Step(IntEnum):
     RETURN = 28            # back to Python, in a callable's payload process
     MOVE_ERROR_FD = 29     # lowest fd number the error pipe may use
     SETNS = 30             # fd, namespace type: join a namespace made ahead of the clone
+    JOIN_CGROUP = 31       # int32s: fds of cgroup.procs files to write this process into (then closed)
+    AWAIT_LAUNCH = 32      # socket fd, staging fd: a spare receives the rest of its steps (pack_launch)
+                           # in a memfd, with the payload's fds, placed from the staging fd on
+
+
+_MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
+_U32 = struct.Struct("<I")
+
+
+def _pack_bytes(value: bytes, nul: bool = True) -> bytes:
+    return _U32.pack(len(value)) + value + (b"\0" if nul else b"")
+
+
+@functools.lru_cache(maxsize=64)
+def _pack_steps(steps: tuple[StepTuple, ...]) -> bytes:
+    out = [struct.pack("<II", _MAGIC, len(steps))]
+    for kind, *args in steps:
+        out.append(struct.pack("<iI", kind, len(args)))
+        for arg in args:
+            if arg is None:
+                out.append(b"\0")
+            elif isinstance(arg, bytes):
+                out.append(b"\2" + _pack_bytes(arg))
+            else:
+                out.append(b"\1" + struct.pack("<q", arg))
+    return b"".join(out)
+
+
+def pack_launch(steps: tuple[StepTuple, ...], argv: tuple[bytes, ...] = (), envp: tuple[bytes, ...] = (),
+                cwd: bytes = b"/", python: bytes = b"") -> bytes:
+    """The steps and what the program needs (argv, environment, working directory),
+    packed for _child.c; `python` travels to a spare's payload process."""
+    strings = [_U32.pack(len(argv)), *map(_pack_bytes, argv), _U32.pack(len(envp)), *map(_pack_bytes, envp)]
+    return b"".join([_pack_steps(steps), *strings, _pack_bytes(cwd), _pack_bytes(python, nul=False)])
 
 
 def spawn(clone_flags: int, cgroup_fd: int | None, error_fd: int, steps: tuple[StepTuple, ...],
           argv: tuple[bytes, ...] = (), envp: tuple[bytes, ...] = (), cwd: bytes = b"/",
-          trace_fd: int = -1) -> tuple[int, int]:
+          trace_fd: int = -1) -> tuple[int, int, bytes | None]:
     """clone3 with `clone_flags` (into the v2 cgroup `cgroup_fd`) and run `steps` in
-    the child. Returns (pid, pidfd) in the parent and (0, -1) in a callable's payload
-    process once its steps passed. With `trace_fd`, every stage writes
+    the child. Returns (pid, pidfd, None) in the parent and (0, -1, python) in a
+    callable's payload process once its steps passed (`python`: what a spare's
+    launch carried for it, else None). With `trace_fd`, every stage writes
     "monotonic-ns pid name" to it. The caller must be single-threaded."""
-    pid, pidfd = _child.spawn(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd, steps,
-                              argv, envp, cwd, trace_fd)
-    return int(pid), int(pidfd)
+    pid, pidfd, python = _child.spawn(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd,
+                                      pack_launch(steps, argv, envp, cwd), trace_fd)
+    return int(pid), int(pidfd), python

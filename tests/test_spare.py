@@ -1,0 +1,191 @@
+"""Spare sandboxes (launch/spare.py): an init cloned ahead, launched later.
+
+Each test drives a Launcher in this process, as a zygote does, and checks what
+the host can see: /proc of the sandbox's processes, its namespaces, its cgroup
+files, the fds it holds. The escape suite also runs every threat through a spare
+(tests/spare_runner.py, the "root-spare" caller).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import cloudpickle
+import pytest
+
+from _cgroup_helpers import ndf_leftovers
+from api_helpers import proc_status_fields
+from conftest import wait_until
+from neural_doc_flow_security.sandbox.config import FilesystemConfig, NamespaceConfig, SandboxConfig
+from neural_doc_flow_security.sandbox.ipc.channel import SyncChannel
+from neural_doc_flow_security.sandbox.ipc.messages import ChannelRole, MessageKind
+from neural_doc_flow_security.sandbox.launch import spare as spare_sandbox
+from neural_doc_flow_security.sandbox.launch.bootstrap import ExecPayload
+from neural_doc_flow_security.sandbox.launch.launcher import Launcher, LaunchRequest
+from neural_doc_flow_security.sandbox.launch.python_worker import PythonWorkerPayload
+from neural_doc_flow_security.sandbox.linux import syscalls as sc
+from neural_doc_flow_security.sandbox.linux.cgroups import V1Cgroup
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="spares are made as root")]
+
+NAMESPACES = ("mnt", "net", "pid", "uts", "ipc", "cgroup")
+
+
+@pytest.fixture
+def launcher() -> Iterator[Launcher]:
+    assert ndf_leftovers() == []
+    made = Launcher(spares=True)
+    yield made
+    made.shutdown()
+    assert ndf_leftovers() == [], "a spare or its sandbox left cgroups behind"
+
+
+def _with_spare(launcher: Launcher) -> spare_sandbox.Spare:
+    while launcher._spare is None and launcher.prepare_next():
+        pass
+    assert launcher._spare is not None
+    return launcher._spare
+
+
+def _devnull_fds() -> tuple[tuple[int, int], ...]:
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return ((0, fd), (1, fd), (2, fd))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_sandbox_from_a_spare_is_confined_like_a_cold_one(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    fds = _devnull_fds()
+    spawned = launcher.start(1, LaunchRequest(SandboxConfig(), ExecPayload(("sleep", "30")), "spare", fds))
+    os.close(fds[0][1])
+    try:
+        assert spawned.pid == spare.pid and launcher._spare is None  # the spare itself, used once
+        assert wait_until(lambda: _children(spawned.pid), timeout=10)
+        program = _children(spawned.pid)[0]
+        with open(f"/proc/{program}/status") as f:
+            status = proc_status_fields(f.read())
+        assert status["Uid"].split() == ["65534"] * 4
+        assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+        for ns in NAMESPACES:  # every namespace is its own, none the host's
+            assert os.readlink(f"/proc/{program}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        with open(f"/proc/{program}/mountinfo") as f:
+            root = next(line.split() for line in f if line.split()[4] == "/")
+        assert "ro" in root[5].split(",") and "tmpfs" in root  # a read-only tmpfs root
+        assert spawned.cgroup is not None
+        with open(f"/proc/{program}/cgroup") as f:
+            memory_line = next(line for line in f if ":memory:" in line)
+        assert os.path.basename(spawned.cgroup.paths["memory"]) in memory_line  # in its own cgroup
+    finally:
+        launcher.kill(1)
+        wait_until(lambda: _gone(spawned.pid), timeout=10)
+        result = launcher.finish(1)
+    assert result.outcome.value == "killed", result
+    assert _gone(program)
+
+
+def test_a_spare_joins_its_cgroup_before_any_launch(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    assert isinstance(spare.cgroup, V1Cgroup), "this host's cgroups are v1 (the v2 guest clones into the cgroup)"
+    paths = spare.cgroup.paths
+
+    def joined() -> bool:
+        with open(f"/proc/{spare.pid}/cgroup") as f:
+            text = f.read()
+        return all(os.path.basename(d) in text for d in paths.values())
+
+    assert wait_until(joined, timeout=10)  # written by the spare itself: the launcher never waited for it
+
+
+def test_a_spare_holds_none_of_its_launchers_fds(launcher: Launcher) -> None:
+    read_end, write_end = os.pipe()  # open here before the spare is cloned
+    try:
+        spare = _with_spare(launcher)
+
+        def held() -> set[str]:
+            return {os.readlink(f"/proc/{spare.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{spare.pid}/fd")}
+
+        ours = os.readlink(f"/proc/self/fd/{write_end}")
+        # Once it has joined its cgroup (and closed those files): its three pipes and its launch socket.
+        assert wait_until(lambda: len(held()) == 4, timeout=10), held()
+        assert ours not in held()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_spare_applies_the_limits_of_its_launch(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    config = SandboxConfig(memory_limit_mb=64, max_processes=16, filesystem=FilesystemConfig(python=True))
+    fds = _devnull_fds()
+    hog = ExecPayload(("python3", "-c", "x = bytearray(256 << 20); x[::4096] = b'1' * len(x[::4096])"))
+    spawned = launcher.start(1, LaunchRequest(config, hog, "hog", fds))
+    os.close(fds[0][1])
+    assert spawned.pid == spare.pid
+    assert wait_until(lambda: _gone(spawned.pid), timeout=30)
+    result = launcher.finish(1)
+    assert result.outcome.value == "oom", result  # from the cgroup's OOM counter
+    assert result.resource_usage.memory_peak_bytes <= 70 << 20
+
+
+def test_a_spare_that_does_not_fit_stays_and_the_launch_goes_cold(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    config = SandboxConfig(namespaces=NamespaceConfig(net=False))
+    fds = _devnull_fds()
+    spawned = launcher.start(1, LaunchRequest(config, ExecPayload(("true",)), "cold", fds))
+    os.close(fds[0][1])
+    assert spawned.pid != spare.pid and launcher._spare is spare
+    assert wait_until(lambda: _gone(spawned.pid), timeout=10)
+    assert launcher.finish(1).outcome.value == "ok"
+
+
+def test_a_dead_spare_is_reaped_and_the_launch_goes_cold(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    sc.pidfd_send_signal(spare.pidfd, signal.SIGKILL)
+    assert wait_until(lambda: _gone(spare.pid), timeout=10)
+    fds = _devnull_fds()
+    spawned = launcher.start(1, LaunchRequest(SandboxConfig(), ExecPayload(("true",)), "cold", fds))
+    os.close(fds[0][1])
+    assert spawned.pid != spare.pid
+    assert not os.path.exists(f"/proc/{spare.pid}")  # reaped, not left a zombie
+    assert wait_until(lambda: _gone(spawned.pid), timeout=10)
+    assert launcher.finish(1).outcome.value == "ok"
+
+
+def test_a_callable_from_a_spare_answers_over_its_channel(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = _devnull_fds() + ((3, sandbox_end.fileno()),)
+    call = cloudpickle.dumps((lambda: sorted(os.listdir("/")) + [str(os.getuid())], (), {}))
+    spawned = launcher.start(1, LaunchRequest(SandboxConfig(), PythonWorkerPayload(call=call), "call", fds))
+    os.close(fds[0][1])
+    sandbox_end.close()
+    assert spawned.pid == spare.pid
+    with SyncChannel(host_end, role=ChannelRole.HOST) as channel:
+        reply = channel.receive(timeout=30)
+    assert reply is not None and reply.kind is MessageKind.RESULT, reply
+    assert reply.value[-1] == "65534" and "root" not in reply.value and "home" not in reply.value
+    assert wait_until(lambda: _gone(spawned.pid), timeout=10)
+    assert launcher.finish(1).outcome.value == "ok"
+
+
+def test_shutdown_removes_an_unused_spare(launcher: Launcher) -> None:
+    spare = _with_spare(launcher)
+    launcher.shutdown()
+    assert launcher._spare is None and not os.path.exists(f"/proc/{spare.pid}")
+    assert ndf_leftovers() == []
