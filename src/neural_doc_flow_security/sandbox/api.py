@@ -37,9 +37,9 @@ from .ipc.channel import AsyncChannel, create_channel_pair
 from .ipc.limits import DecodeLimits
 from .ipc.memfd import seal_bytes
 from .ipc.messages import ControlMessage, IpcMessage, MessageKind
-from .launch.bootstrap import ExecPayload, Payload
 from .launch.counters import UsageCounters
 from .launch.launcher import LaunchRequest
+from .launch.payload import ExecPayload, Payload
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter
 from .pool import WarmPool
@@ -159,6 +159,7 @@ class SandboxHandle:
         self._channel: AsyncChannel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._reader: asyncio.Task[None] | None = None
+        self._read_by_answer = False  # a pooled sandbox's reader stops at its heartbeat; answer() reads on
         self._outputs: list[_OutputCapture] = []
         loop = asyncio.get_running_loop()
         self._answered: asyncio.Future[None] = loop.create_future()  # its result arrived, or it ended
@@ -289,27 +290,37 @@ class SandboxHandle:
         then (and reaped in the background). `exit_code` is None in that case.
         Ends like wait() when the sandbox ends before answering."""
         exit_future = self._starter.exit_future(self.sandbox_id)
+        if self._read_by_answer and self._channel is not None:
+            # Read the answer in this task: no hop through a reader task on the critical path.
+            self._read_by_answer = False
+            await self._read_channel(self._channel, until_answered=True)
         await self._answered
         isolation = self._starter.isolation.get(self.sandbox_id)
         if exit_future.done() or self._violation is not None or isolation is None:
             return await self.wait()
         usage = self._read_counters()
-        if usage is not None:
-            await self._starter.notify("kill", self.sandbox_id)  # the launcher kills it; no reply awaited
-        elif not self._starter.counters.get(self.sandbox_id):
+        if usage is None and not self._starter.counters.get(self.sandbox_id):
             # No cgroup: its usage is the rusage of the reaped tree. It exits once it has
             # answered; the kill only ends what it may have left running.
             self._answered_then_killed = True
             await self._starter.notify("kill", self.sandbox_id)
             return await self.wait()
-        else:  # no counters readable here: the launcher reads them and kills, one round trip
-            reply = await self._starter.control("collect", self.sandbox_id)
-            if not reply.get("ok"):
+        if usage is None:  # counters not readable here: the launcher reads them and kills, one round trip
+            collected = await self._starter.control("collect", self.sandbox_id)
+            if not collected.get("ok"):
                 return await self.wait()
-            usage = ResourceUsage(**reply["usage"])
-        self._manager._reap_later(self)
+            usage = ResourceUsage(**collected["usage"])
         stdout, stderr = (o.so_far() for o in self._outputs)
-        return self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
+        reply = self._reply
+        if reply is not None and reply.kind is MessageKind.RESULT:  # what _merge makes of it, built once
+            result = SandboxResult(Outcome.OK, output=reply.value, stdout=stdout, stderr=stderr,
+                                   resource_usage=usage, isolation=isolation)
+        else:
+            result = self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
+        # The launcher is told to kill (and reap) it from the next turn of the event loop:
+        # woken now, it would compete with this answer for a CPU.
+        self._manager._reap_later(self, kill=True)
+        return result
 
     def _merge(self, ended: SandboxResult, stdout: bytes, stderr: bytes) -> SandboxResult:
         result = dataclasses.replace(ended, stdout=stdout, stderr=stderr)
@@ -357,16 +368,19 @@ class SandboxHandle:
             return None
 
     def _attach(self, channel: AsyncChannel | None, stdout_fd: int, stderr_fd: int, output_limit: int,
-                status_interval: float | None) -> None:
+                status_interval: float | None, pooled: bool = False) -> None:
         self._channel = channel
         self._outputs = [_OutputCapture(stdout_fd, output_limit), _OutputCapture(stderr_fd, output_limit)]
         if channel is not None:
-            self._reader = asyncio.create_task(self._read_channel(channel))
+            self._reader = asyncio.create_task(self._read_channel(channel, until_prepared=pooled))
             self._tasks.append(self._reader)
         if status_interval and self._keep_messages:
             self._tasks.append(asyncio.create_task(self._sample_status(status_interval)))
 
-    async def _read_channel(self, channel: AsyncChannel) -> None:
+    async def _read_channel(self, channel: AsyncChannel, *, until_prepared: bool = False,
+                            until_answered: bool = False) -> None:
+        """Read the sandbox's messages until it closes the channel (or, `until_prepared`,
+        its heartbeat: then answer() reads on; `until_answered`, its result)."""
         try:
             while True:
                 message = await channel.receive()
@@ -378,8 +392,13 @@ class SandboxHandle:
                         raise ProtocolViolation("the plugin sent a second result")
                     self._reply = message
                     _resolve(self._answered)
+                    if until_answered:
+                        return
                 elif message.kind is MessageKind.HEARTBEAT:
                     _resolve(self._prepared)
+                    if until_prepared:
+                        self._read_by_answer = True
+                        return
                 elif self._keep_messages:
                     await self._inbox.put(message)
         except ProtocolViolation as violation:
@@ -650,7 +669,7 @@ class SandboxManager:
         self._handles[sandbox_id] = handle
         self._starter.exit_future(sandbox_id).add_done_callback(lambda _: self._forget(sandbox_id))
         handle.health = Health.RUNNING
-        handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval)
+        handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval, pooled)
         if pooled:
             handle._open_counters()
         return handle
@@ -661,14 +680,17 @@ class SandboxManager:
             handle.health = Health.EXITED
             _resolve(handle._answered)
 
-    def _reap_later(self, handle: SandboxHandle) -> None:
-        """Let a sandbox that has answered finish its teardown in the background."""
-        task = asyncio.create_task(self._wait_quietly(handle))
+    def _reap_later(self, handle: SandboxHandle, *, kill: bool = False) -> None:
+        """Let a sandbox that has answered finish its teardown in the background
+        (`kill`: have the launcher kill its tree first)."""
+        task = asyncio.create_task(self._wait_quietly(handle, kill))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _wait_quietly(self, handle: SandboxHandle) -> None:
+    async def _wait_quietly(self, handle: SandboxHandle, kill: bool = False) -> None:
         with contextlib.suppress(SandboxError):
+            if kill:
+                await self._starter.notify("kill", handle.sandbox_id)
             await handle.wait()
 
     async def _finish(self, handle: SandboxHandle, *, early: bool = False) -> SandboxResult:

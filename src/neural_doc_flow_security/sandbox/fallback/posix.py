@@ -66,8 +66,8 @@ import psutil
 from .. import audit
 from ..config import SandboxConfig
 from ..errors import SandboxError, UnsupportedError
-from ..launch.bootstrap import Payload
 from ..launch.launcher import LaunchRequest
+from ..launch.payload import Payload
 from ..launch.setup_errors import parse_setup_error, report_failure
 from ..launch.start_methods import StartMethod
 from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult

@@ -24,19 +24,22 @@ write, fcntl, fstat, mmap, munmap and close from the seccomp filter.
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import mmap
 import os
 import socket
 from collections.abc import Iterable
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ..errors import ProtocolViolation
 from . import framing
 from .limits import DecodeLimits, MessageRateLimiter
 from .memfd import read_sealed, seal_bytes
 from .messages import KINDS_SENT_BY, Blob, ChannelRole, IpcMessage
+
+if TYPE_CHECKING:
+    import asyncio
 
 RECORD_INLINE = 0x01
 RECORD_SPILLED = 0x02
@@ -213,6 +216,8 @@ class AsyncChannel:
         self._codec = _RecordCodec(limits or _DEFAULT_LIMITS, role)
         # No receive buffer is kept per channel (a manager may hold thousands):
         # recvmsg allocates each record, sized to what arrived.
+        import asyncio  # here: sandboxes (the template's image) never load asyncio and ssl
+
         self._receive_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self._waiters: set[asyncio.Future[None]] = set()
@@ -265,6 +270,8 @@ class AsyncChannel:
         Raises TimeoutError if nothing arrives within `timeout` seconds, and
         ProtocolViolation if the peer broke the protocol (then and forever after).
         """
+        import asyncio
+
         async with asyncio.timeout(timeout), self._receive_lock:
             self._codec.check_poisoned()
             while True:
@@ -290,6 +297,8 @@ class AsyncChannel:
                 return self._codec.unpack(memoryview(record), msg_flags, fds)
 
     async def _wait(self, *, writable: bool) -> None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         fd = self._sock.fileno()
@@ -318,6 +327,8 @@ class AsyncChannel:
         self._closed = True
         fd = self._sock.fileno()
         if self._waiters:
+            import asyncio
+
             loop = asyncio.get_running_loop()
             loop.remove_reader(fd)
             loop.remove_writer(fd)
@@ -377,7 +388,6 @@ class SyncChannel:
         """Send one message, blocking while the socket buffer is full."""
         record, fds = self._codec.pack(message)
         try:
-            self._sock.settimeout(None)
             self._sock.sendmsg([record], _ancillary(fds), _SEND_FLAGS)
         finally:
             _close_all(fds)
@@ -393,7 +403,8 @@ class SyncChannel:
             return None
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, self._codec.limits.max_inline_bytes, mmap.MAP_PRIVATE)
-        self._sock.settimeout(timeout)
+        if timeout is not None:  # the socket stays blocking otherwise (each change is a syscall)
+            self._sock.settimeout(timeout)
         try:
             nbytes, ancdata, msg_flags, _ = self._sock.recvmsg_into(
                 [self._buffer], self._codec.ancbufsize, _RECV_FLAGS
@@ -404,7 +415,8 @@ class SyncChannel:
         except BlockingIOError:  # timeout == 0 makes the socket non-blocking
             raise TimeoutError("no message within 0 seconds") from None
         finally:
-            self._sock.settimeout(None)  # sends stay blocking
+            if timeout is not None:
+                self._sock.settimeout(None)  # sends stay blocking
         fds = _fds_from_ancdata(ancdata)
         if nbytes == 0 and not msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             _close_all(fds)

@@ -38,45 +38,16 @@ on) once a launch sends them. Nothing of a config is applied before the launch.
 from __future__ import annotations
 
 import functools
-import os
 import signal
 from dataclasses import dataclass
-from typing import NoReturn
 
-from ..errors import ConfigError
 from ..linux import syscalls as sc
 from ..linux.rootfs import rootfs_steps
 from ..linux.steps import Step, StepTuple
+from .payload import ExecPayload, Payload
 from .plan import LaunchPlan
 
-
-class Payload:
-    """What runs once every protection is in place. `run` must not return."""
-
-    needs_python = False
-
-    def run(self, environment: tuple[bytes, ...]) -> NoReturn:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class ExecPayload(Payload):
-    """Execute a program (looked up in the sandbox's PATH). On Linux the child
-    execs it from C (`child_steps`); `run` serves the posix fallback."""
-
-    argv: tuple[str, ...]
-    cwd: str = "/"
-
-    def __post_init__(self) -> None:
-        if not self.argv or not all(isinstance(arg, str) and "\0" not in arg for arg in self.argv):
-            raise ConfigError("argv", f"must be a non-empty list of strings without NUL bytes, got {self.argv!r}")
-        if not isinstance(self.cwd, str) or not self.cwd.startswith("/") or "\0" in self.cwd:
-            raise ConfigError("cwd", f"must be an absolute path without NUL bytes, got {self.cwd!r}")
-
-    def run(self, environment: tuple[bytes, ...]) -> NoReturn:
-        env = dict(entry.decode().split("=", 1) for entry in environment)
-        os.chdir(self.cwd)
-        os.execvpe(self.argv[0], list(self.argv), env)
+__all__ = ["ChildPipes", "ExecPayload", "Payload", "child_steps", "launch_steps", "spare_steps"]
 
 
 @dataclass(frozen=True)

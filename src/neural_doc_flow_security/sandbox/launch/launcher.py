@@ -26,6 +26,7 @@ from . import spare as spare_sandbox
 from .plan import LaunchPlan, plan_launch
 from .spare import Spare
 from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox, usage_from_cgroup
+from .template import Template, TemplateGone
 
 MAX_SPARE_FAILURES = 3  # then no more spares: something on this host refuses them (logged)
 
@@ -64,7 +65,8 @@ def _log() -> Any:
 class Launcher:
     """Sandboxes started by this process, by id."""
 
-    def __init__(self, *, netns_ahead: bool = False, spares: bool = False) -> None:
+    def __init__(self, *, netns_ahead: bool = False, spares: bool = False, template: Template | None = None) -> None:
+        self.template = template  # clones every sandbox (a zygote's); else this process does
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
         self.spares = spares and os.geteuid() == 0  # keep a spare sandbox made ahead (launch/spare.py)
         self._spare: Spare | None = None
@@ -96,9 +98,17 @@ class Launcher:
         cgroup = make_cgroup() if early else None
         try:
             netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
-            network.settle()  # a spare still in the making: no thread may run during the clone
-            spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, make_cgroup=None if early else make_cgroup,
-                                    fd_map=request.fd_map, netns_fd=netns_fd)
+            if self.template is None:
+                network.settle()  # a spare still in the making: no thread may run while we clone
+            try:
+                spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map,
+                                        make_cgroup=None if early else make_cgroup, netns_fd=netns_fd,
+                                        template=self.template)
+            except TemplateGone as e:
+                self._template_gone(e)
+                network.settle()
+                spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map,
+                                        make_cgroup=None if early else make_cgroup)
         except BaseException as e:
             if cgroup is not None:
                 try:
@@ -300,11 +310,20 @@ class Launcher:
             return True
         return resources.make_spare_cgroup() or (self.netns_ahead and network.make_ahead())
 
+    def _template_gone(self, error: SandboxError) -> None:
+        _log().error("the template process is gone (%s): this process clones its sandboxes from now on", error)
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+
     def _make_spare(self) -> Spare | None:
         cgroup = resources.cgroup_for_spare()
         try:
-            return spare_sandbox.make_spare(plan_launch(SandboxConfig()).namespaces, cgroup)  # the default's
+            return spare_sandbox.make_spare(plan_launch(SandboxConfig()).namespaces, cgroup,  # the default's
+                                            self.template)
         except (SandboxError, OSError) as e:
+            if isinstance(e, TemplateGone):
+                self._template_gone(e)
             self._spare_failures += 1
             _log().warning("cannot make a spare sandbox: %s", e)
             if cgroup is not None:

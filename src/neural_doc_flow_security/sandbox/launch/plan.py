@@ -17,6 +17,7 @@ from ..linux.namespaces import NamespacePlan, plan_namespaces
 from ..linux.rlimits import RlimitPlan, plan_rlimits
 from ..linux.rootfs import RootfsPlan, plan_rootfs
 from ..result import IsolationReport
+from .payload import environment_entries
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         rlimits=plan_rlimits(config.max_open_files),
         capabilities=plan_capabilities(config.capabilities),
         seccomp=seccomp.compile_profile(config.seccomp),
-        environment=tuple(f"{k}={v}".encode() for k, v in config.environment),
+        environment=environment_entries(config.environment),
         not_enforced=_left_open(config, ns, euid, egid),
     )
 

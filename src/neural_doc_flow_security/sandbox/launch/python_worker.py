@@ -9,7 +9,6 @@ imports the payload needs happen here, inside the sandbox.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import io
@@ -23,7 +22,7 @@ from typing import Any, NoReturn
 
 from ..ipc.channel import SyncChannel
 from ..ipc.messages import ChannelRole, ControlMessage, IpcMessage, MessageKind
-from .bootstrap import Payload
+from .payload import Payload
 
 CHANNEL_FD = 3
 
@@ -213,6 +212,8 @@ def _run_call(payload: bytes, channel: SyncChannel) -> IpcMessage:
             args = (PluginContext(channel), *args)
         value = function(*args, **kwargs)
         if inspect.isawaitable(value):
+            import asyncio  # only here: asyncio (and ssl) stay out of the template and its payloads
+
             value = asyncio.run(_await(value))
         return IpcMessage.result(value)
     except BaseException as exc:  # noqa: BLE001 - the plugin's failure is its result

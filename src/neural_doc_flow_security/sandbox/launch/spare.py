@@ -33,10 +33,11 @@ from ..linux import syscalls as sc
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.cgroups.v1 import V1Cgroup
 from ..linux.namespaces import NamespacePlan
-from . import bootstrap, spawn
+from . import bootstrap
 from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
-from .spawn import SpawnedSandbox, has_exited, python_signal_handlers, run_payload
+from .spawn import SpawnedSandbox, clone_child, has_exited, python_signal_handlers
+from .template import Template
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ def _high(fd: int) -> int:
     return moved
 
 
-def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None) -> Spare:
+def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template: Template | None = None) -> Spare:
     """Clone a spare with these namespaces into `cgroup` (v2 with the clone; v1: the
-    child writes itself into the cgroup.procs files). The caller must be
-    single-threaded; a failure closes everything and raises. The cgroup stays the
-    caller's until this returns."""
+    child writes itself into the cgroup.procs files), through `template` or from
+    this process (then single-threaded). A failure closes everything and raises;
+    the cgroup stays the caller's until this returns."""
     if namespaces.user or "pid" not in namespaces.names:
         raise SandboxError("a spare needs a pid namespace and no user namespace")
     ours: list[int] = []
@@ -102,20 +103,18 @@ def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None) -> Spare
         if cgroup_fd is not None:
             theirs.append(cgroup_fd)
         netns_fd = network.take() if network.can_prepare(namespaces.names) else None
-        network.settle()  # no thread may run during the clone
+        if template is None:
+            network.settle()  # no thread may run while this process clones
         if netns_fd is not None:
             theirs.append(netns_fd)
         staging = max(theirs) + 1
         spare_steps = bootstrap.spare_steps(pipes, netns_fd, tuple(procs), child_socket, staging)
         clone_flags = namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
-        pid, pidfd, python = steps.spawn(clone_flags, cgroup_fd, pipes.error_write, spare_steps,
-                                         trace_fd=spawn.trace_fd)
+        pid, pidfd = clone_child(template, clone_flags, cgroup_fd, pipes.error_write, spare_steps, tuple(theirs))
     except BaseException:
         for fd in ours + theirs:
             os.close(fd)
         raise
-    if pid == 0:  # the payload process of this spare, once launched
-        run_payload(*pickle.loads(python or b""))
     for fd in theirs:
         os.close(fd)
     return Spare(namespaces.clone_flags, pid, pidfd, pipes, error_read, status_read, sync_write,

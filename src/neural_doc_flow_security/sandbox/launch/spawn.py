@@ -9,8 +9,8 @@ what it reports when it ends.
 
 from __future__ import annotations
 
-import _signal
 import os
+import pickle
 import re
 import resource
 import select
@@ -18,17 +18,22 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
-from ..errors import SetupError
+from ..errors import SandboxError, SetupError
 from ..linux import steps
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import CgroupStats, SandboxCgroup
 from ..linux.namespaces import write_id_maps
+from ..linux.steps import StepTuple
 from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult
 from . import bootstrap
+from .payload import ExecPayload, Payload, run_payload
 from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
+
+if TYPE_CHECKING:
+    from .template import Template
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
 # Exactly what init writes (_child.c run_init): wait status, then the reaped processes' peak RSS in KiB.
@@ -103,13 +108,38 @@ def usage_from_cgroup(stats: CgroupStats, wall: float, floor: ResourceUsage | No
     )
 
 
-def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
+def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | None, error_fd: int,
+                child_steps: tuple[StepTuple, ...], child_fds: tuple[int, ...], payload: Payload | None = None,
+                environment: tuple[bytes, ...] = ()) -> tuple[int, int]:
+    """clone3 a child that runs `child_steps` (then `payload`; a spare's payload
+    comes with its launch): through the `template` (a zygote's), else from this
+    process, which must be single-threaded. `child_fds`: the fds of this process
+    the child uses. Returns (pid, pidfd); a payload process never returns."""
+    program = payload if isinstance(payload, ExecPayload) else None
+    argv = tuple(os.fsencode(arg) for arg in program.argv) if program else ()
+    cwd = os.fsencode(program.cwd) if program else b"/"
+    python = (payload, environment, python_signal_handlers()) if payload is not None and not program else None
+    if template is not None:
+        launch = steps.pack_launch(child_steps, argv, environment, cwd, pickle.dumps(python) if python else b"")
+        return template.clone(clone_flags, cgroup_fd, error_fd, launch, child_fds, trace_fd)
+    pid, pidfd, received = steps.spawn(clone_flags, cgroup_fd, error_fd, child_steps, argv, environment, cwd,
+                                       trace_fd)
+    if pid == 0:  # a callable's payload process: every protection is in place
+        try:
+            run_payload(*(pickle.loads(received) if received is not None else python or ()))
+        finally:
+            os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
+    return pid, pidfd
+
+
+def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
                   cgroup: SandboxCgroup | None = None,
                   make_cgroup: Callable[[], SandboxCgroup | None] | None = None,
-                  fd_map: tuple[tuple[int, int], ...] = STD_FDS, netns_fd: int | None = None) -> SpawnedSandbox:
-    """Start a sandbox. The caller must be single-threaded (the zygote or the CLI).
-    For a Python callable this returns in the parent only: the payload process
-    leaves through payload.run() (which never returns).
+                  fd_map: tuple[tuple[int, int], ...] = STD_FDS, netns_fd: int | None = None,
+                  template: Template | None = None) -> SpawnedSandbox:
+    """Start a sandbox (through `template`, else cloned here: then the caller must
+    be single-threaded). For a Python callable this returns in the parent only:
+    the payload process leaves through payload.run() (which never returns).
 
     `cgroup`: the sandbox's cgroup, made before (v2 joins it with the clone);
     `make_cgroup`: makes it after the clone, while the child sets up (v1).
@@ -119,25 +149,25 @@ def spawn_sandbox(plan: LaunchPlan, payload: bootstrap.Payload, *,
     sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
     error_read, error_write = os.pipe2(os.O_CLOEXEC)
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
-    program = payload if isinstance(payload, bootstrap.ExecPayload) else None
+    program = payload if isinstance(payload, ExecPayload) else None
     pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
     child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd)
-    argv = tuple(os.fsencode(arg) for arg in program.argv) if program else ()
-    handled = () if program else python_signal_handlers()
     clone_flags = plan.namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
+    child_fds = (sync_read, status_write, *(source for _, source in fd_map)) + \
+        ((netns_fd,) if netns_fd is not None else ())
     try:
-        pid, pidfd, _ = steps.spawn(clone_flags, cgroup_fd, error_write, child_steps, argv, plan.environment,
-                                 os.fsencode(program.cwd) if program else b"/", trace_fd)
+        pid, pidfd = clone_child(template, clone_flags, cgroup_fd, error_write, child_steps, child_fds,
+                                 payload, plan.environment)
     except Exception as e:
         for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd):
             if fd is not None:
                 os.close(fd)
+        if isinstance(e, SandboxError):  # the template is gone
+            raise
         if not isinstance(e, OSError):  # the steps were refused before any clone
             raise SetupError("launch", f"invalid launch: {e}") from None
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
                          f"failed: {e.strerror}", e.errno or 0) from None
-    if pid == 0:  # a callable's payload process: every protection is in place
-        run_payload(payload, plan.environment, handled)
     for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd):
         if fd is not None:
             os.close(fd)
@@ -168,17 +198,6 @@ def python_signal_handlers() -> tuple[int, ...]:
     C child resets every signal, and the payload makes Python's view agree
     touching only what it changes."""
     return tuple(sig for sig in range(1, 32) if signal.getsignal(sig) not in (signal.SIG_DFL, None))
-
-
-def run_payload(payload: bootstrap.Payload, environment: tuple[bytes, ...], handled: tuple[int, ...]) -> NoReturn:
-    """In a callable's payload process, every protection in place: run it and exit;
-    never unwind into the parent's code."""
-    try:
-        for sig in handled:
-            _signal.signal(sig, _signal.SIG_DFL)  # signal.signal's enum conversions cost ~50 copied pages
-        payload.run(environment)
-    finally:
-        os._exit(EXIT_SANDBOX_ERROR)
 
 
 def has_exited(pidfd: int) -> bool:

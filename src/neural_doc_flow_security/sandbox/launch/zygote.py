@@ -31,14 +31,18 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ..errors import SandboxError, UnsupportedError
-from ..linux import syscalls as sc
-from .counters import counter_files
-from .launcher import Launcher, LaunchRequest, effective_config
+
+if TYPE_CHECKING:
+    from .launcher import Launcher, LaunchRequest
+    from .template import Template
+
+# What the sandboxes need is imported before the template is forked (_make_template);
+# the zygote's own machinery (launcher, cgroups, seccomp, ...) only after.
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_FDS = 8
@@ -58,11 +62,10 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
 
 
 def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
+    from .counters import counter_files
+
     op = request["op"]
     sandbox_id: int = request.get("id", 0)
-    if op == "hello":
-        sys.path[:] = request["sys_path"]
-        return None
     if op == "spawn":
         launch: LaunchRequest = request["request"]
         try:
@@ -147,38 +150,49 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
             pass  # idle: make the next sandbox's spare, cgroup and network namespace
 
 
-def _warm_up() -> None:
-    """Do once what every sandbox would otherwise do: compile the default seccomp
-    filter, plan the default root, import what Python payloads use; and make
-    the first sandbox's network namespace and cgroup."""
+def _make_template() -> Template:
+    """Import what sandboxes need, do once what each payload process would
+    otherwise do, and fork the template every sandbox is cloned from."""
     import cloudpickle  # noqa: F401
 
     from ..config import SandboxConfig
+    from . import python_worker
+    from .payload import environment_entries
+    from .template import Template
+
+    python_worker.prepare_in_zygote(environment_entries(SandboxConfig().environment))
+    _drop_thread_reinit_at_fork()
+    # Everything imported so far lives as long as the template: keep the collector
+    # away from it, so payload processes do not copy those pages just to scan them.
+    gc.freeze()
+    return Template()
+
+
+def _warm_up(launcher: Launcher) -> None:
+    """Plan the default sandbox (the seccomp filter, the root) and start making the
+    next sandbox's network namespace and cgroup."""
+    from ..config import SandboxConfig
     from ..linux import network
-    from . import python_worker, resources  # noqa: F401
+    from . import python_worker, resources
+    from .launcher import LaunchRequest, effective_config
     from .plan import plan_launch
 
+    plan_launch(effective_config(LaunchRequest(SandboxConfig(), python_worker.PythonWorkerPayload())))
     network.make_ahead()
     resources.make_spare_cgroup()
-    default = LaunchRequest(SandboxConfig(), python_worker.PythonWorkerPayload())
-    python_worker.prepare_in_zygote(plan_launch(effective_config(default)).environment)
-    _drop_thread_reinit_at_fork()
-    # Everything imported so far lives as long as the zygote: keep the collector
-    # away from it, so forked sandboxes do not copy those pages just to scan them.
-    gc.freeze()
 
 
 def _drop_thread_reinit_at_fork() -> None:
     """Remove threading's and logging's after-fork-in-child hooks from this interpreter.
 
     They rebuild the state of threads that were running at the fork, and the
-    zygote never forks with another thread alive (linux/network.settle()); what
-    they would touch costs each payload process ~150 copied pages (~0.7 ms).
-    Other hooks (random's reseed) stay. CPython keeps the hooks in a plain list
-    that only the interpreter state refers to, found here through the collector."""
-    import logging
+    template never clones with another thread alive (it runs none); what they
+    would touch costs each payload process ~150 copied pages (~0.7 ms). Other
+    hooks (random's reseed) stay. CPython keeps the hooks in a plain list that
+    only the interpreter state refers to, found here through the collector."""
     import threading
 
+    logging = sys.modules.get("logging")
     dropped = {threading._after_fork, getattr(logging, "_after_at_fork_child_reinit_locks", None)}  # type: ignore[attr-defined]
     for referrer in gc.get_referrers(threading._after_fork):  # type: ignore[attr-defined]
         if type(referrer) is list:
@@ -194,16 +208,25 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which decides
+    from ..linux import syscalls as sc
+
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent_pid:
         return 0
     sock = socket.socket(fileno=fd)
-    launcher = Launcher(netns_ahead=True, spares=True)
+    hello = pickle.loads(sock.recv(MAX_REQUEST_BYTES))  # the manager's sys.path, for the payloads' imports
+    sys.path[:] = hello["sys_path"]
+    template = _make_template()
+    from .launcher import Launcher
+
+    launcher = Launcher(netns_ahead=True, spares=True, template=template)
     try:
-        _warm_up()
+        _warm_up(launcher)
         serve(sock, launcher)
     finally:
         launcher.shutdown()
+        if launcher.template is not None:
+            launcher.template.close()
     return 0
 
 

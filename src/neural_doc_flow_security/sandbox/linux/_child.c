@@ -35,6 +35,7 @@
 #include <net/if.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <spawn.h>
 #include <stdint.h>
 #include <string.h>
@@ -959,6 +960,32 @@ static void free_launch(launch_t *launch) {
     PyMem_Free(launch->envp);
 }
 
+/* clone3 with CLONE_PIDFD (and into the v2 cgroup `cgroup_fd` if >= 0). */
+static long clone_child(unsigned long long clone_flags, int cgroup_fd, int *pidfd) {
+    struct clone_args_v2 cargs;
+    memset(&cargs, 0, sizeof cargs);
+    cargs.flags = clone_flags | CLONE_PIDFD;
+    cargs.pidfd = (uint64_t)(uintptr_t)pidfd;
+    /* A child of our parent gets our exit signal (SIGCHLD): clone3 refuses another one. */
+    cargs.exit_signal = (clone_flags & CLONE_PARENT) ? 0 : SIGCHLD;
+    if (cgroup_fd >= 0) {
+        cargs.flags |= CLONE_INTO_CGROUP;
+        cargs.cgroup = (uint64_t)cgroup_fd;
+    }
+    return syscall(SYS_clone3, &cargs, sizeof cargs);
+}
+
+/* In the child: run the steps; returns to Python only in a callable's payload process. */
+static PyObject *become_child(launch_t *launch, int err_fd, int trace) {
+    error_fd = err_fd;
+    trace_fd = trace;
+    run_steps(launch); /* returns only in a callable's payload process */
+    PyOS_AfterFork_Child();
+    if (launch->python && launch->python_len > 0)
+        return Py_BuildValue("(iiy#)", 0, -1, launch->python, launch->python_len);
+    return Py_BuildValue("(iiO)", 0, -1, Py_None); /* the launch is never freed in the child */
+}
+
 static PyObject *child_spawn(PyObject *Py_UNUSED(self), PyObject *args) {
     unsigned long long clone_flags;
     int cgroup_fd, err_fd, trace = -1;
@@ -972,30 +999,13 @@ static PyObject *child_spawn(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, error);
         goto done;
     }
-
     int pidfd = -1;
-    struct clone_args_v2 cargs;
-    memset(&cargs, 0, sizeof cargs);
-    cargs.flags = clone_flags | CLONE_PIDFD;
-    cargs.pidfd = (uint64_t)(uintptr_t)&pidfd;
-    cargs.exit_signal = SIGCHLD;
-    if (cgroup_fd >= 0) {
-        cargs.flags |= CLONE_INTO_CGROUP;
-        cargs.cgroup = (uint64_t)cgroup_fd;
-    }
     PyOS_BeforeFork();
-    long pid = syscall(SYS_clone3, &cargs, sizeof cargs);
+    long pid = clone_child(clone_flags, cgroup_fd, &pidfd);
     if (pid == 0) {
-        error_fd = err_fd;
-        trace_fd = trace;
-        run_steps(&launch); /* returns only in a callable's payload process */
-        PyOS_AfterFork_Child();
-        if (launch.python)
-            result = Py_BuildValue("(iiy#)", 0, -1, launch.python, launch.python_len);
-        else
-            result = Py_BuildValue("(iiO)", 0, -1, Py_None);
+        result = become_child(&launch, err_fd, trace);
         PyBuffer_Release(&packed);
-        return result; /* the launch is not freed here: a received one lives in its own mappings */
+        return result;
     }
     int saved = errno;
     PyOS_AfterFork_Parent();
@@ -1011,8 +1021,187 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(check_doc,
+"check(launch) -> None\n\n"
+"Raise ValueError if the packed `launch` is malformed (what serve() would refuse).");
+
+static PyObject *child_check(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer packed;
+    if (!PyArg_ParseTuple(args, "y*", &packed))
+        return NULL;
+    launch_t launch;
+    const char *error = parse_launch(packed.buf, (size_t)packed.len, &launch, parent_alloc);
+    free_launch(&launch);
+    PyBuffer_Release(&packed);
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ the clone server */
+
+/* One request on the server socket: u64 clone flags, i32 cgroup fd, i32 error fd,
+ * i32 trace fd, u32 n, n x i32 fd numbers; attached: a memfd with the packed launch,
+ * then the n fds, which are placed at those same numbers for the clone (the
+ * requester's numbers, so that its steps need no translation). */
+#define MAX_SERVED_FDS 32
+
+typedef struct {
+    uint64_t clone_flags;
+    int32_t cgroup_fd, error_fd, trace_fd;
+    uint32_t count;
+    int32_t numbers[MAX_SERVED_FDS];
+} request_t;
+
+static int receive_request(int sock, request_t *request, int *fds, int *nfds) {
+    struct iovec iov = {request, sizeof *request};
+    union {
+        struct cmsghdr header;
+        char buf[CMSG_SPACE(sizeof(int) * (MAX_SERVED_FDS + 1))];
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    ssize_t got;
+    do
+        got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    *nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            for (size_t at = 0; at + sizeof(int) <= c->cmsg_len - CMSG_LEN(0) && *nfds < MAX_SERVED_FDS + 1;
+                 at += sizeof(int))
+                memcpy(&fds[(*nfds)++], CMSG_DATA(c) + at, sizeof(int));
+    return (int)got;
+}
+
+static void reply(int sock, long pid_or_error, int pidfd) {
+    int64_t value = pid_or_error;
+    struct iovec iov = {&value, sizeof value};
+    union {
+        struct cmsghdr header;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (pidfd >= 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof control.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &pidfd, sizeof(int));
+    }
+    (void)!sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+/* Place the received fds at the requested numbers (out of the way first, so that no
+ * fd is overwritten; the server's own socket moves if it is in the way). */
+static int place_fds(int *sock, const request_t *request, int *fds, int nfds) {
+    int top = *sock;
+    for (uint32_t i = 0; i < request->count; i++)
+        if (request->numbers[i] < 0 || request->numbers[i] > 1 << 20)
+            return -EBADF;
+        else if (request->numbers[i] > top)
+            top = request->numbers[i];
+    for (uint32_t i = 0; i < request->count; i++)
+        if (request->numbers[i] == *sock) {
+            int moved = fcntl(*sock, F_DUPFD_CLOEXEC, top + 1);
+            if (moved < 0)
+                return -errno;
+            close(*sock);
+            *sock = moved;
+            top = moved;
+        }
+    for (int i = 1; i < nfds; i++) {
+        int moved = fcntl(fds[i], F_DUPFD_CLOEXEC, top + 1);
+        if (moved < 0)
+            return -errno;
+        close(fds[i]);
+        fds[i] = moved;
+    }
+    for (int i = 1; i < nfds; i++) {
+        if (dup3(fds[i], request->numbers[i - 1], O_CLOEXEC) < 0)
+            return -errno;
+        close(fds[i]);
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(serve_doc,
+"serve(sock, parent) -> None | (0, -1, python)\n\n"
+"The clone server of a template process: for each request on the SOCK_SEQPACKET\n"
+"socket `sock`, clone3 a child with CLONE_PARENT (its parent is the requester,\n"
+"which can wait for it and holds the reply's pidfd) that runs the packed launch,\n"
+"and reply with its pid (or -errno) and pidfd. No Python runs in the server, so\n"
+"its pages stay shared with everything it clones. Returns None at EOF (or when\n"
+"`parent`, the requester, is gone), and (0, -1, python) in a callable's payload process.");
+
+static PyObject *child_serve(PyObject *Py_UNUSED(self), PyObject *args) {
+    int sock, parent;
+    if (!PyArg_ParseTuple(args, "ii", &sock, &parent))
+        return NULL;
+    /* Die with the requester; it may have died before the signal was armed. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
+        Py_RETURN_NONE;
+    for (;;) {
+        request_t request;
+        int fds[MAX_SERVED_FDS + 1], nfds;
+        memset(&request, 0, sizeof request);
+        int got = receive_request(sock, &request, fds, &nfds);
+        if (got == 0)
+            Py_RETURN_NONE; /* the requester is gone */
+        long outcome = -EINVAL;
+        launch_t launch;
+        memset(&launch, 0, sizeof launch);
+        const char *buf = MAP_FAILED;
+        struct stat st = {0};
+        if (got >= (int)offsetof(request_t, numbers) && nfds >= 1 && request.count <= MAX_SERVED_FDS &&
+            (uint32_t)nfds == request.count + 1 && fstat(fds[0], &st) == 0 && st.st_size > 0)
+            buf = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fds[0], 0);
+        if (nfds >= 1)
+            close(fds[0]);
+        if (buf != MAP_FAILED && !parse_launch(buf, (size_t)st.st_size, &launch, parent_alloc)) {
+            int placed = place_fds(&sock, &request, fds, nfds);
+            int pidfd = -1;
+            if (placed < 0) {
+                outcome = placed;
+            } else {
+                long pid = clone_child(request.clone_flags | CLONE_PARENT, request.cgroup_fd, &pidfd);
+                if (pid == 0) {
+                    close(sock);
+                    return become_child(&launch, request.error_fd, request.trace_fd);
+                }
+                outcome = pid < 0 ? -errno : pid;
+            }
+            reply(sock, outcome, pidfd);
+            if (pidfd >= 0)
+                close(pidfd);
+            for (uint32_t i = 0; i < request.count; i++)
+                close(request.numbers[i]);
+        } else {
+            for (int i = 1; i < nfds; i++)
+                close(fds[i]);
+            reply(sock, outcome, -1);
+        }
+        free_launch(&launch);
+        if (buf != MAP_FAILED)
+            munmap((void *)buf, (size_t)st.st_size);
+    }
+}
+
 static PyMethodDef methods[] = {
     {"spawn", child_spawn, METH_VARARGS, spawn_doc},
+    {"check", child_check, METH_VARARGS, check_doc},
+    {"serve", child_serve, METH_VARARGS, serve_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,100 @@
+"""The template (launch/template.py): the zygote's frozen copy that clones every sandbox.
+
+Evidence from the host: the template's fds and parent, the sandboxes' parent,
+and what happens to calls when the template is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import api_helpers
+from api_helpers import alive, run
+from conftest import wait_until
+from neural_doc_flow_security.sandbox import SandboxManager
+
+no_leaks = api_helpers.no_leaks  # the fixture: nothing of the template or its sandboxes is left
+pytestmark = [pytest.mark.skipif(os.uname().sysname != "Linux", reason="Linux sandbox"),
+              pytest.mark.usefixtures("no_leaks")]
+
+
+def _ns_depth(proc: psutil.Process) -> int:
+    with open(f"/proc/{proc.pid}/status") as f:
+        return next(len(line.split()[1:]) for line in f if line.startswith("NSpid:"))
+
+
+def _templates(zygote_pid: int) -> list[psutil.Process]:
+    """The zygote's children in its own pid namespace (sandboxes are in their own),
+    once it has made its template (it starts while the manager goes on)."""
+    def found() -> list[psutil.Process]:
+        return [child for child in psutil.Process(zygote_pid).children() if _ns_depth(child) == 1]
+
+    wait_until(found, timeout=30)
+    return found()
+
+
+@pytest.fixture
+def manager() -> Iterator[SandboxManager]:
+    yield SandboxManager(status_interval=None)
+
+
+def test_the_template_holds_only_its_socket_and_sandboxes_are_the_zygotes_children(
+        manager: SandboxManager) -> None:
+    async def scenario() -> tuple[list[str], int, set[int], object]:
+        async with manager:
+            zygote = manager._starter._zygotes[0].process
+            assert zygote is not None
+            templates = _templates(zygote.pid)
+            assert len(templates) == 1, templates
+            template = templates[0]
+            held = [os.readlink(f"/proc/{template.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{template.pid}/fd")]
+            handle = await manager.spawn("idle", lambda ctx: ctx.wait_for_stop())
+            parent = psutil.Process(handle.pid).ppid()
+            await handle.stop()
+            return held, parent, set(manager._starter.pids), (await handle.wait()).outcome.value
+
+    held, parent, zygote_pids, outcome = run(scenario())
+    assert len(held) == 1 and held[0].startswith("socket:"), held  # none of the zygote's fds
+    assert parent in zygote_pids  # cloned by a template for its zygote, which reaps it
+    assert outcome in ("ok", "killed")
+
+
+def test_calls_go_on_when_the_template_is_killed(manager: SandboxManager) -> None:
+    async def scenario() -> list[object]:
+        async with manager:
+            assert (await manager.execute_sandboxed("before", lambda: 1)).output == 1
+            outputs = []
+            for zygote in manager._starter._zygotes:
+                assert zygote.process is not None
+                for template in _templates(zygote.process.pid):
+                    os.kill(template.pid, signal.SIGKILL)  # only the template processes this test started
+                    assert wait_until(lambda t=template: not alive(t), timeout=10)
+            for _ in range(4):  # both zygotes: each clones its sandboxes itself now
+                result = await manager.execute_sandboxed("after", lambda: 2)
+                outputs.append(result.output if result.outcome.value == "ok" else result.error)
+                command = await manager.execute_command("cmd", ["true"])
+                outputs.append(command.exit_code)
+                await asyncio.sleep(0.05)
+            return outputs
+
+    assert run(scenario()) == [2, 0] * 4
+
+
+def test_the_template_dies_with_its_zygote(manager: SandboxManager) -> None:
+    async def scenario() -> psutil.Process:
+        async with manager:
+            zygote = manager._starter._zygotes[0].process
+            assert zygote is not None
+            template = _templates(zygote.pid)[0]
+            zygote.kill()  # the zygote this test started
+            assert wait_until(lambda: not alive(template), timeout=10)
+            return template
+
+    template = run(scenario())
+    assert not alive(template)
