@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # the zygote's own machinery (launcher, cgroups, seccomp, ...) only after.
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+PREPARE_WHEN_IDLE_FOR = 0.005  # seconds without a request or an exit
 MAX_FDS = 8
 
 
@@ -146,8 +147,10 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                 _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
                 launcher.remove_retired()
         launcher.expire()
-        while not selector.select(0) and launcher.prepare_next():
-            pass  # idle: make the next sandbox's spare, cgroup and network namespace
+        # Idle for a moment: make the next sandbox's spare, cgroup and network namespace.
+        # Not at once: a request that follows its predecessor closely would wait for them.
+        while not selector.select(PREPARE_WHEN_IDLE_FOR) and launcher.prepare_next():
+            pass
 
 
 def _make_template() -> Template:
