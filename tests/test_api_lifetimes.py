@@ -153,6 +153,28 @@ def test_handle_kill_ends_the_tree(method: str) -> None:
     assert result.outcome is Outcome.KILLED, describe(result)
 
 
+def test_a_command_ends_with_its_tree_and_inits_report(method: str) -> None:
+    # The result is taken from init's report of the program's end, before init is
+    # reaped; init's exit ends every process of the sandbox (here a background sleep).
+    from conftest import processes_with_argument, unique_marker
+
+    marker = unique_marker()
+    script = f"sleep {marker} & i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; exit 3"
+
+    async def scenario() -> tuple[SandboxResult, bool, bool]:
+        async with manager(method) as m:
+            result = await m.execute_command("busy", ["sh", "-c", script])
+            # Gone within a moment of the return (it is killed as init exits), never left to run.
+            gone = await async_wait_until(lambda: not processes_with_argument(marker), timeout=10)
+            later = await m.execute_command("after", ["true"])  # the manager goes on
+            return result, gone, later.exit_code == 0
+
+    result, gone, later_ok = run(scenario())
+    assert result.outcome is Outcome.ERROR and result.exit_code == 3, describe(result)
+    assert result.resource_usage.cpu_user_seconds + result.resource_usage.cpu_system_seconds > 0.01
+    assert gone and later_ok
+
+
 # --- leaving `async with` -------------------------------------------------------------
 
 def test_leaving_async_with_kills_live_sandboxes(method: str) -> None:

@@ -25,7 +25,7 @@ from . import bootstrap, resources
 from . import spare as spare_sandbox
 from .plan import LaunchPlan, plan_launch
 from .spare import Spare
-from .spawn import SpawnedSandbox, finish_sandbox, spawn_sandbox, usage_from_cgroup
+from .spawn import SpawnedSandbox, finish_sandbox, reported_result, spawn_sandbox, usage_from_cgroup
 from .template import Template, TemplateGone
 
 MAX_SPARE_FAILURES = 3  # then no more spares: something on this host refuses them (logged)
@@ -177,6 +177,19 @@ class Launcher:
         if at is not None:
             spawned.started = min(at, spawned.started)
 
+    def report(self, sandbox_id: int) -> SandboxResult | None:
+        """The result of a sandbox whose init has reported its payload's end (its
+        status pipe is readable), before init is reaped; None: wait for finish()."""
+        spawned = self.running[sandbox_id]
+        try:
+            result = reported_result(spawned)
+        except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
+            _log().error("cannot read the report of sandbox %s: %s", sandbox_id, e)
+            return None
+        if result is not None:
+            audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
+        return result
+
     def finish(self, sandbox_id: int, *, defer_cgroup: bool = False) -> SandboxResult:
         """Reap an exited sandbox (its pidfd is readable) into its result. Its tree is
         gone then; `defer_cgroup`: its emptied cgroup is removed by remove_retired()
@@ -191,7 +204,8 @@ class Launcher:
                                    isolation=spawned.isolation())
         if defer_cgroup and spawned.cgroup is not None:
             self._retired.append(spawned.cgroup)
-        audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
+        if spawned.reported is None:
+            audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
         return result
 
     def remove_retired(self) -> None:

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
     from .template import Template
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
-# Exactly what init writes (_child.c run_init): wait status, then the reaped processes' peak RSS in KiB.
-_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}))?")
+# Exactly what init writes (_child.c run_init): wait status, then the reaped processes'
+# peak RSS in KiB and CPU time (user, system) in microseconds.
+_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}) cpu ([0-9]{1,15}) ([0-9]{1,15}))?")
 _INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init could not do its job
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
@@ -56,13 +57,15 @@ class SpawnedSandbox:
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
     armed: bool = True  # a pooled sandbox waits unarmed (no deadline) until its call comes
+    reported: SandboxResult | None = None  # its result, taken from init's report before init was reaped
+    status_report: bytes | None = None
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
     @property
     def deadline(self) -> float | None:
         """When the wall timeout fires (monotonic clock), if it is running."""
         timeout = self.plan.config.timeout_seconds
-        if timeout is None or not self.armed or self.timed_out:
+        if timeout is None or not self.armed or self.timed_out or self.reported is not None:
             return None
         return self.started + timeout
 
@@ -231,21 +234,41 @@ def _close(spawned: SpawnedSandbox) -> None:
             pass
 
 
+def reported_result(spawned: SpawnedSandbox) -> SandboxResult | None:
+    """The result as soon as init has reported the payload's end (its status pipe is
+    readable): init exits right after, and with it, as pid 1, every process of the
+    sandbox. None when it has not (it was killed: finish_sandbox tells), or has no
+    pid namespace to end the tree with."""
+    if spawned.reported is not None or spawned.status_report is not None or "pid" not in spawned.plan.namespaces.names:
+        return spawned.reported
+    spawned.status_report = report = _read_available(spawned.status_read, 128)  # one write by init
+    if not (_STATUS.fullmatch(report) or _INIT_FAILED.fullmatch(report)):
+        return None
+    stats = spawned.cgroup.stats() if spawned.cgroup is not None else None
+    wall = time.monotonic() - spawned.started
+    spawned.reported = _result(spawned, None, None, wall, _read_available(spawned.error_read, 4096), report, stats)
+    return spawned.reported
+
+
 def finish_sandbox(spawned: SpawnedSandbox, *, destroy_cgroup: bool = True) -> SandboxResult:
-    """Reap the init process and turn everything it left into a SandboxResult.
-    Always kills what is left of the tree; destroys the (then empty) cgroup
-    unless the caller does so later."""
+    """Reap the init process and turn everything it left into a SandboxResult (the
+    reported one, if it was). Always kills what is left of the tree; destroys the
+    (then empty) cgroup unless the caller does so later."""
     try:
         _, wait_status, rusage = os.wait4(spawned.pid, 0)
         wall = time.monotonic() - spawned.started
         stats: CgroupStats | None = None
         if spawned.cgroup is not None:
             spawned.cgroup.kill()  # before reading: nothing left may hold the pipes open
-            stats = spawned.cgroup.stats()
+            stats = spawned.cgroup.stats() if spawned.reported is None else None
+        if spawned.reported is not None:
+            return spawned.reported
         # Non-blocking: without a pid namespace or cgroup an escaped process could
         # still hold a pipe; what was written before init exited is there already.
         error_report = _read_available(spawned.error_read, 4096)
-        status_report = _read_available(spawned.status_read, 64)
+        status_report = spawned.status_report
+        if status_report is None:
+            status_report = _read_available(spawned.status_read, 128)
         return _result(spawned, wait_status, rusage, wall, error_report, status_report, stats)
     finally:
         try:
@@ -255,15 +278,19 @@ def finish_sandbox(spawned: SpawnedSandbox, *, destroy_cgroup: bool = True) -> S
             _close(spawned)
 
 
-def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_rusage, wall: float,
+def _result(spawned: SpawnedSandbox, wait_status: int | None, rusage: resource.struct_rusage | None, wall: float,
             error_report: bytes, status_report: bytes, stats: CgroupStats | None) -> SandboxResult:
+    """`wait_status` and `rusage` of the reaped init, or None for init's report alone."""
     match = _STATUS.fullmatch(status_report)
     # Init's own resident set is a copy of its parent's; what it reaped is the sandbox's.
-    peak_kib = int(match.group(3)) if match and match.group(3) else rusage.ru_maxrss
+    reported = match is not None and match.group(3) is not None
+    peak_kib = int(match.group(3)) if match and reported else rusage.ru_maxrss if rusage else 0
+    user, system = ((int(match.group(4)) / 1e6, int(match.group(5)) / 1e6) if match and reported and rusage is None
+                    else (rusage.ru_utime, rusage.ru_stime) if rusage else (0.0, 0.0))
     usage = ResourceUsage(
         wall_seconds=wall,
-        cpu_user_seconds=rusage.ru_utime,
-        cpu_system_seconds=rusage.ru_stime,
+        cpu_user_seconds=user,
+        cpu_system_seconds=system,
         memory_peak_bytes=peak_kib * 1024,
     )
     if stats is not None:
@@ -282,7 +309,7 @@ def _result(spawned: SpawnedSandbox, wait_status: int, rusage: resource.struct_r
     kind = match.group(1).decode() if match else ""
     exit_code = int(match.group(2)) if match and kind == "exit" else None
     sig = int(match.group(2)) if match and kind == "signal" else None
-    if kind not in ("exit", "signal") and os.WIFSIGNALED(wait_status):
+    if kind not in ("exit", "signal") and wait_status is not None and os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)  # init itself was killed (timeout, stop, OOM)
     base = replace(base, exit_code=exit_code, signal=sig)
     config = spawned.plan.config

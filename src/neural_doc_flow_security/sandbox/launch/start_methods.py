@@ -31,6 +31,7 @@ from ..errors import SandboxError, UnsupportedError
 from ..result import IsolationReport, SandboxResult
 from .counters import counter_files
 from .launcher import Launcher, LaunchRequest
+from .spawn import SpawnedSandbox
 
 
 class StartMethod(abc.ABC):
@@ -95,12 +96,23 @@ class ForkStarter(StartMethod):
         spawned = self._launcher.start(sandbox_id, launch)
         self.isolation[sandbox_id] = spawned.isolation()
         self.counters[sandbox_id] = counter_files(spawned.cgroup)
-        asyncio.get_running_loop().add_reader(spawned.pidfd, self._reap, sandbox_id, spawned.pidfd)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(spawned.status_read, self._report, sandbox_id, spawned.status_read)
+        loop.add_reader(spawned.pidfd, self._reap, sandbox_id, spawned)
         self._schedule_deadlines()
         return spawned.pid
 
-    def _reap(self, sandbox_id: int, pidfd: int) -> None:
-        asyncio.get_running_loop().remove_reader(pidfd)
+    def _report(self, sandbox_id: int, status_read: int) -> None:
+        """Init reported the payload's end: the result is known before init is reaped."""
+        asyncio.get_running_loop().remove_reader(status_read)
+        result = self._launcher.report(sandbox_id)
+        if result is not None:
+            self._exited(sandbox_id, result)
+
+    def _reap(self, sandbox_id: int, spawned: SpawnedSandbox) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(spawned.pidfd)
+        loop.remove_reader(spawned.status_read)
         self._exited(sandbox_id, self._launcher.finish(sandbox_id))
         self._schedule_deadlines()
 
@@ -139,6 +151,7 @@ class ForkStarter(StartMethod):
         loop = asyncio.get_running_loop()
         for sandbox_id, spawned in list(self._launcher.running.items()):
             loop.remove_reader(spawned.pidfd)
+            loop.remove_reader(spawned.status_read)
             self._launcher.kill(sandbox_id)
             self._exited(sandbox_id, self._launcher.finish(sandbox_id))
         if self._deadline_timer is not None:

@@ -22,6 +22,7 @@ signal) the zygote kills every sandbox, removes their cgroups and exits.
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import gc
 import os
@@ -121,7 +122,7 @@ def serve(sock: socket.socket, launcher: Launcher) -> None:
 def _serve(sock: socket.socket, launcher: Launcher) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
-    pidfds: dict[int, int] = {}  # pidfd -> sandbox id
+    reported: set[int] = set()  # sandboxes whose result went out with init's report, before init was reaped
     while True:
         deadline = launcher.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -134,18 +135,30 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                 reply = _handle(launcher, request, fds)
                 if reply is not None and reply["op"] == "started":
                     spawned = launcher.running[reply["id"]]
-                    pidfds[spawned.pidfd] = reply["id"]
-                    selector.register(spawned.pidfd, selectors.EVENT_READ, reply["id"])
+                    selector.register(spawned.status_read, selectors.EVENT_READ, ("report", reply["id"]))
+                    selector.register(spawned.pidfd, selectors.EVENT_READ, ("exit", reply["id"]))
                 if reply is not None and "req" in request:
                     reply["req"] = request["req"]
                     _send(sock, reply)
-            else:
-                sandbox_id = key.data
+                continue
+            event, sandbox_id = key.data
+            if event == "report":  # init has reported the payload's end: the result can go now
                 selector.unregister(key.fd)
-                pidfds.pop(key.fd, None)
-                result = launcher.finish(sandbox_id, defer_cgroup=True)
+                result = launcher.report(sandbox_id)
+                if result is not None:
+                    reported.add(sandbox_id)
+                    _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
+                continue
+            selector.unregister(key.fd)
+            if sandbox_id not in reported:
+                with contextlib.suppress(KeyError):
+                    selector.unregister(launcher.running[sandbox_id].status_read)
+            result = launcher.finish(sandbox_id, defer_cgroup=True)
+            if sandbox_id in reported:
+                reported.discard(sandbox_id)
+            else:
                 _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
-                launcher.remove_retired()
+            launcher.remove_retired()
         launcher.expire()
         # Idle for a moment: make the next sandbox's spare, cgroup and network namespace.
         # Not at once: a request that follows its predecessor closely would wait for them.

@@ -574,8 +574,9 @@ static void init_failed(int status_fd, const char *what) {
 }
 
 /* pid 1: reap every process, forward signals to the payload, and when it ends
- * report its wait status and the children's peak memory ("exit N maxrss K" /
- * "signal N maxrss K") and exit. */
+ * report its wait status, the reaped children's peak memory (KiB) and CPU time
+ * (user, system, us) ("exit N maxrss K cpu U S" / "signal N maxrss K cpu U S")
+ * and exit, which ends every process of the pid namespace. */
 static void run_init(pid_t payload, int status_fd, const long long *identity) {
     struct sigaction act;
     memset(&act, 0, sizeof act);
@@ -644,7 +645,7 @@ static void run_init(pid_t payload, int status_fd, const long long *identity) {
     /* The largest resident set of the processes init reaped, in KiB: init's own
      * (a copy of its parent's memory) would overstate a small program. */
     struct rusage children;
-    char buf[64];
+    char buf[128];
     size_t at;
     if (WIFSIGNALED(status)) {
         at = append(buf, 0, sizeof buf, "signal ");
@@ -656,8 +657,12 @@ static void run_init(pid_t payload, int status_fd, const long long *identity) {
     if (getrusage(RUSAGE_CHILDREN, &children) == 0) {
         at = append(buf, at, sizeof buf, " maxrss ");
         at = append_int(buf, at, sizeof buf, children.ru_maxrss);
+        at = append(buf, at, sizeof buf, " cpu ");
+        at = append_int(buf, at, sizeof buf, children.ru_utime.tv_sec * 1000000LL + children.ru_utime.tv_usec);
+        at = append(buf, at, sizeof buf, " ");
+        at = append_int(buf, at, sizeof buf, children.ru_stime.tv_sec * 1000000LL + children.ru_stime.tv_usec);
     }
-    (void)!write(status_fd, buf, at);
+    (void)!write(status_fd, buf, at); /* one write: the parent may take it before we exit */
     _exit(0);
 }
 
