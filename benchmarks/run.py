@@ -316,15 +316,22 @@ def wait_for_stop(ctx: Any) -> int:
     return 0
 
 
-async def _timed_calls(call: Callable[[], Awaitable[Any]], n: int, warmup: int = 3) -> list[float]:
+async def _timed_calls(call: Callable[[], Awaitable[Any]], n: int, warmup: int = 3,
+                       pause: float = 0.0) -> list[float]:
+    """`pause`: seconds of idle time before each call (not timed)."""
     for _ in range(warmup):
         await call()
     out = []
     for _ in range(n):
+        if pause:
+            await asyncio.sleep(pause)
         start = time.perf_counter()
         await call()
         out.append(time.perf_counter() - start)
     return out
+
+
+SPARE_PAUSE = 0.02  # idle long enough for a zygote to make the next sandbox's spare (launch/spare.py)
 
 
 def _check_ok(result: Any) -> Any:
@@ -356,15 +363,26 @@ async def scenario_api(nsj: str | None, n: int) -> list[Table]:
         try:
             samples = await _timed_calls(
                 lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42)), n)
-            callables.add(f"execute_sandboxed, start_method={method}", summary(samples))
+            callables.add(f"execute_sandboxed, start_method={method}, back to back", summary(samples))
             if method == "zygote":
                 limited = SandboxConfig(memory_limit_mb=256, max_processes=64)
                 samples = await _timed_calls(lambda m=manager, c=limited: _async_check(
                     m.execute_sandboxed("b", lambda: 42, sandbox_config=c)), n)
-                callables.add("execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids)", summary(samples))
+                callables.add("execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids), back to back",
+                              summary(samples))
+                for label, config in (("", None), (", with cgroup limits", limited)):
+                    samples = await _timed_calls(lambda m=manager, c=config: _async_check(
+                        m.execute_sandboxed("b", lambda: 42, sandbox_config=c)), n, pause=SPARE_PAUSE)
+                    callables.add(f"execute_sandboxed, zygote{label}, {SPARE_PAUSE * 1000:.0f} ms apart "
+                                  "(a spare is ready)", summary(samples))
             samples = await _timed_calls(
                 lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])), n)
-            commands.add(f"execute_command, start_method={method}", summary(samples))
+            commands.add(f"execute_command, start_method={method}, back to back", summary(samples))
+            if method == "zygote":
+                samples = await _timed_calls(
+                    lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])), n, pause=SPARE_PAUSE)
+                commands.add(f"execute_command, zygote, {SPARE_PAUSE * 1000:.0f} ms apart (a spare is ready)",
+                             summary(samples))
         finally:
             await manager.shutdown()
     # The warm pool: sandboxes prepared ahead; a call pays only for handing over the
@@ -491,9 +509,16 @@ async def scenario_throughput(seconds: float, levels: tuple[int, ...]) -> list[T
 # -- scenario 4: memory and latency with many live sandboxes ---------------------------
 
 def _sandbox_processes(zygote_pid: int) -> list[Any]:
+    """The zygote's sandboxes (their inits): its children in a pid namespace of their
+    own, not its template."""
     import psutil
 
-    return psutil.Process(zygote_pid).children(recursive=False)
+    def own_pid_namespace(proc: Any) -> bool:
+        with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/status") as f:
+            return next(len(line.split()) for line in f if line.startswith("NSpid:")) > 2
+        return False
+
+    return [c for c in psutil.Process(zygote_pid).children(recursive=False) if own_pid_namespace(c)]
 
 
 async def scenario_memory(sizes: tuple[int, ...], latency_calls: int) -> list[Table]:
@@ -615,6 +640,55 @@ def arun(coro: Awaitable[list[Table]]) -> list[Table]:
     return asyncio.run(wrapped())
 
 
+def floors_table(tables: list[Table]) -> Table:
+    """Issue #5's floors, as ratios from the tables of this run (rows that were run)."""
+    rows = {r["name"]: r for t in tables for r in t.rows if not r.get("missing")}
+
+    def median(name: str) -> float | None:
+        row = rows.get(name)
+        return None if row is None else row.get("median_ms")
+
+    table = Table("6. The floors of issue #5, from this run", None, timing=False)
+
+    def ratio(what: str, ours: str, peer: str, floor: str) -> None:
+        a, b = median(ours), median(peer)
+        if a is not None and b is not None:
+            table.add(what, None, value=f"{a:.2f} / {b:.2f} ms = {a / b:.2f}x", floor=floor,
+                      met="yes" if a <= b else "no")
+
+    spaced = f"{SPARE_PAUSE * 1000:.0f} ms apart (a spare is ready)"
+    ratio("cold execute_sandboxed p50 vs nsjail /bin/true (back to back)",
+          "execute_sandboxed, start_method=zygote, back to back", "nsjail /bin/true", "<= 1x")
+    ratio(f"cold execute_sandboxed p50 vs nsjail /bin/true ({spaced})",
+          f"execute_sandboxed, zygote, {spaced}", "nsjail /bin/true", "<= 1x")
+    ratio("cold execute_sandboxed with cgroup limits p50 vs nsjail /bin/true (back to back)",
+          "execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids), back to back", "nsjail /bin/true",
+          "<= 1x")
+    pooled = next((r for n, r in rows.items() if n.startswith("execute_sandboxed via the warm pool")), None)
+    if pooled is not None:
+        table.add("pooled execute_sandboxed p50", None, value=f"{pooled['median_ms']:.3f} ms", floor="< 0.5 ms",
+                  met="yes" if pooled["median_ms"] < 0.5 else "no")
+    ratio("execute_command(/bin/true) p50 vs bwrap /bin/true (back to back)",
+          "execute_command, start_method=zygote, back to back", "bwrap /bin/true", "<= 1x")
+    ratio(f"execute_command(/bin/true) p50 vs bwrap /bin/true ({spaced})",
+          f"execute_command, zygote, {spaced}", "bwrap /bin/true", "<= 1x")
+    for kind, prefix in (("callables", "execute_sandboxed(lambda: 42), "),
+                         ("programs", "execute_command(/bin/true), ")):
+        rates = {n.removeprefix(prefix): r.get("calls_per_s") for n, r in rows.items() if n.startswith(prefix)}
+        if rates:
+            low = min(v for v in rates.values() if v is not None)
+            table.add(f"isolated {kind} per second (2 cores)", None,
+                      value=" / ".join(f"{v:.0f}" for v in rates.values() if v is not None) + " (" +
+                      ", ".join(rates) + ")", floor=">= 300/s", met="yes" if low >= 300 else "no")
+    memory = [r for n, r in rows.items() if n.startswith("N=") and "manager_rss_delta_per_sandbox_kib" in r]
+    if memory:
+        worst = max(r["manager_rss_delta_per_sandbox_kib"] for r in memory)
+        table.add("host memory per live sandbox (largest of N=" +
+                  ",".join(n.removeprefix("N=") for n, r in rows.items() if r in memory) + ")", None,
+                  value=f"{worst:.1f} KiB", floor="<= 50 KB", met="yes" if worst * 1024 <= 50_000 else "no")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -654,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     section("memory", lambda: arun(scenario_memory(sizes, 10 if quick else 30)))
     section("stages", lambda: scenario_stages(15 if quick else 100))
 
+    floors = floors_table(tables)
+    if floors.rows:
+        tables.append(floors)
+        print(floors.markdown(), flush=True)
     if UNRETRIEVED:
         print(f"note: {len(UNRETRIEVED)} asyncio errors reported by the loop, e.g. {UNRETRIEVED[0]}",
               file=sys.stderr)

@@ -651,11 +651,9 @@ class SandboxManager:
                 channel = AsyncChannel(host_end, self._decode_limits)
                 theirs.append(sandbox_end.detach())
                 fds[CHANNEL_FD] = theirs[-1]
-            # Without limits a one-shot sandbox (a command, a call) is accounted by the rusage of its
-            # reaped tree; a cgroup accounts for a spawned plugin (live status, freezing) and a pooled
-            # one (its usage is read the moment it answers; the pool makes it off the critical path).
-            request = LaunchRequest(config, payload, plugin_id, armed=not pooled,
-                                    accounting_cgroup=with_channel and (keep_messages or pooled))
+            # Without limits a command is accounted by init's report of its end (rusage); a callable
+            # by a cgroup, read the moment it answers (a spare made while idle is in one already).
+            request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=with_channel)
             handle.pid = await self._starter.spawn(sandbox_id, request, fds)
         except BaseException:
             for fd in ours:

@@ -224,16 +224,17 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which decides
-    from ..linux import syscalls as sc
-
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:
-        return 0
     sock = socket.socket(fileno=fd)
     hello = pickle.loads(sock.recv(MAX_REQUEST_BYTES))  # the manager's sys.path, for the payloads' imports
     sys.path[:] = hello["sys_path"]
-    template = _make_template()
+    template = _make_template()  # it dies with us (its own parent-death signal)
+    from ..linux import syscalls as sc  # ctypes: not in the template's image
     from .launcher import Launcher
+
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the manager died before the signal was armed
+        template.close()
+        return 0
 
     launcher = Launcher(netns_ahead=True, spares=True, template=template)
     try:

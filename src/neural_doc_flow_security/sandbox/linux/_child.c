@@ -321,7 +321,13 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
 
 /* ------------------------------------------------------------------ file system */
 
+/* mkdir -p: the path itself first (its parents usually exist), then, on ENOENT, from
+ * the first missing parent down. */
 static void mkdirs(const char *path) {
+    if (mkdir(path, 0755) == 0 || errno == EEXIST)
+        return;
+    if (errno != ENOENT)
+        fail(errno, "mkdir ", path);
     char buf[4096];
     size_t n = strlen(path);
     if (n >= sizeof buf)
