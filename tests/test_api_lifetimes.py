@@ -175,6 +175,19 @@ def test_a_command_ends_with_its_tree_and_inits_report(method: str) -> None:
     assert gone and later_ok
 
 
+def test_many_sandboxes_ending_at_once_leave_the_zygotes_running() -> None:
+    # A sandbox's report and its init's exit often arrive in the same batch of events.
+    async def scenario() -> tuple[list[object], bool]:
+        async with manager("zygote", max_concurrent=40) as m:
+            results = await asyncio.gather(*(m.execute_command(f"c{i}", ["true"]) for i in range(400)),
+                                           *(m.execute_sandboxed(f"f{i}", lambda: 1) for i in range(40)))
+            alive_after = all(z.dead is None for z in m._starter._zygotes)
+            return [r.outcome.value for r in results], alive_after
+
+    outcomes, zygotes_alive = run(scenario())
+    assert outcomes == ["ok"] * 440 and zygotes_alive
+
+
 # --- leaving `async with` -------------------------------------------------------------
 
 def test_leaving_async_with_kills_live_sandboxes(method: str) -> None:

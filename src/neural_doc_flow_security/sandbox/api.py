@@ -651,9 +651,10 @@ class SandboxManager:
                 channel = AsyncChannel(host_end, self._decode_limits)
                 theirs.append(sandbox_end.detach())
                 fds[CHANNEL_FD] = theirs[-1]
-            # Without limits a command is accounted by init's report of its end (rusage); a callable
-            # by a cgroup, read the moment it answers (a spare made while idle is in one already).
-            request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=with_channel)
+            # Without limits: see LaunchRequest.accounting_cgroup.
+            accounting: Literal["always", "when idle", "never"] = (
+                "always" if keep_messages or pooled else "when idle" if with_channel else "never")
+            request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=accounting)
             handle.pid = await self._starter.spawn(sandbox_id, request, fds)
         except BaseException:
             for fd in ours:

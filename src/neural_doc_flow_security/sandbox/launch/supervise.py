@@ -90,7 +90,7 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
     # (the child starts with an empty signal mask, see bootstrap's signal stage).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
     try:
-        spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map, accounting_cgroup=False))
+        spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map, accounting_cgroup="never"))
         try:
             wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
         finally:

@@ -141,6 +141,8 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                     reply["req"] = request["req"]
                     _send(sock, reply)
                 continue
+            if selector.get_map().get(key.fd) is not key:
+                continue  # unregistered by an earlier event of this batch (its sandbox was finished)
             event, sandbox_id = key.data
             if event == "report":  # init has reported the payload's end: the result can go now
                 selector.unregister(key.fd)
