@@ -70,6 +70,7 @@ class Launcher:
 
     def __init__(self, *, netns_ahead: bool = False, spares: bool = False, template: Template | None = None) -> None:
         self.template = template  # clones every sandbox (a zygote's); else this process does
+        self.template_lost = ""  # why the template is gone: then nothing more is started
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
         self.spares = spares and os.geteuid() == 0  # keep a spare sandbox made ahead (launch/spare.py)
         self._spare: Spare | None = None
@@ -84,8 +85,9 @@ class Launcher:
         the host cannot provide is an UnsupportedError that names it."""
         config = effective_config(request)
         plan = plan_launch(config)
+        busy = any(not s.killed and s.reported is None for s in self.running.values())  # others still work
         accounting = request.accounting_cgroup == "always" or (request.accounting_cgroup == "when idle"
-                                                               and not self.running)
+                                                               and not busy)
 
         def make_cgroup() -> SandboxCgroup | None:
             if not (accounting or config.cgroup_limits_requested or "pid" not in plan.namespaces.names):
@@ -106,15 +108,15 @@ class Launcher:
             netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
             if self.template is None:
                 network.settle()  # a spare still in the making: no thread may run while we clone
+            elif self.template_lost:
+                raise SandboxError(self.template_lost)
             try:
                 spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map,
                                         make_cgroup=None if early else make_cgroup, netns_fd=netns_fd,
                                         template=self.template)
             except TemplateGone as e:
                 self._template_gone(e)
-                network.settle()
-                spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map,
-                                        make_cgroup=None if early else make_cgroup)
+                raise SandboxError(self.template_lost) from None
         except BaseException as e:
             if cgroup is not None:
                 try:
@@ -327,16 +329,17 @@ class Launcher:
             self._spare_failures += 1  # it failed a stage before its launch (logged)
             spare_sandbox.discard(self._spare)
             self._spare = None
-        if self.spares and self._spare is None and self._spare_failures < MAX_SPARE_FAILURES:
+        if self.spares and self._spare is None and self._spare_failures < MAX_SPARE_FAILURES \
+                and not self.template_lost:
             self._spare = self._make_spare()
             return True
         return resources.make_spare_cgroup() or (self.netns_ahead and network.make_ahead())
 
     def _template_gone(self, error: SandboxError) -> None:
-        _log().error("the template process is gone (%s): this process clones its sandboxes from now on", error)
-        if self.template is not None:
-            self.template.close()
-            self.template = None
+        # Not cloned from this process instead: its memory holds earlier requests (their
+        # calls, i.e. documents), which a sandbox forked from it could read.
+        self.template_lost = f"{error}: this launcher starts no more sandboxes"
+        _log().error("%s", self.template_lost)
 
     def _make_spare(self) -> Spare | None:
         cgroup = resources.cgroup_for_spare()

@@ -58,6 +58,7 @@ class SpawnedSandbox:
     timed_out: bool = False
     armed: bool = True  # a pooled sandbox waits unarmed (no deadline) until its call comes
     reported: SandboxResult | None = None  # its result, taken from init's report before init was reaped
+    killed: bool = False
     status_report: bytes | None = None
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
@@ -91,6 +92,7 @@ class SpawnedSandbox:
         """Kill the whole tree. With a pid namespace, killing its init kills every
         process in it; without one, the cgroup is killed too (finish_sandbox kills
         the cgroup again once init is gone, so nothing that forked meanwhile stays)."""
+        self.killed = True
         self.signal(signal.SIGKILL)
         if self.cgroup is not None and "pid" not in self.plan.namespaces.names:
             self.cgroup.kill()

@@ -176,6 +176,7 @@ class _Zygote:
         self.process: subprocess.Popen[bytes] | None = None
         self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.running: set[int] = set()
+        self.send_lock = asyncio.Lock()
         self.dead: str | None = None
 
     def start(self) -> None:
@@ -246,17 +247,28 @@ class _Zygote:
         loop = asyncio.get_running_loop()
         data = pickle.dumps(message)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        while True:
+        if not self.send_lock.locked():  # nobody waits before us: requests keep their order
             try:
                 self.sock.sendmsg([data], ancillary)
-                break
-            except BlockingIOError:  # the zygote is behind: wait until it reads
-                writable = loop.create_future()
-                loop.add_writer(self.sock.fileno(), writable.set_result, None)
+                return
+            except BlockingIOError:
+                pass
+        # The zygote is behind. One sender at a time waits for the socket to drain: the
+        # event loop keeps a single writer callback per fd.
+        async with self.send_lock:
+            while True:
+                if self.dead or self.sock is None:
+                    raise SandboxError(self.dead or "the zygote is not running")
                 try:
-                    await writable
-                finally:
-                    loop.remove_writer(self.sock.fileno())
+                    self.sock.sendmsg([data], ancillary)
+                    return
+                except BlockingIOError:
+                    writable: asyncio.Future[None] = loop.create_future()
+                    loop.add_writer(self.sock.fileno(), _resolve_once, writable)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(self.sock.fileno())
 
     async def close(self) -> None:
         if self.sock is not None:
@@ -267,6 +279,11 @@ class _Zygote:
         if self.process is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
         self.gone(self.dead or "the manager was shut down")
+
+
+def _resolve_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class ZygoteStarter(StartMethod):

@@ -11,8 +11,9 @@ numbers, so the steps are the same either way. A callable's payload process
 returns from serve() into Python here, and runs the payload the launch carried.
 
 The template dies with the zygote (parent-death signal) or when its socket
-closes. Only the zygote uses one; the CLI and the "fork" start method clone
-directly (linux/steps.spawn).
+closes; a zygote whose template died starts no more sandboxes and exits (its
+own memory holds earlier requests). Only the zygote uses one; the CLI and the
+"fork" start method clone directly (linux/steps.spawn).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _REPLY = struct.Struct("<q")
 
 
 class TemplateGone(SandboxError):
-    """The template process died: its zygote clones sandboxes itself from then on."""
+    """The template process died: its zygote starts no more sandboxes (fail closed)."""
 
 
 class Template:
@@ -71,7 +72,10 @@ class Template:
             raise TemplateGone(f"the template process is gone: {e}") from None
         finally:
             os.close(memfd)
-        data, ancdata, _, _ = self._sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(array.array("i").itemsize))
+        try:
+            data, ancdata, _, _ = self._sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(array.array("i").itemsize))
+        except OSError as e:
+            raise TemplateGone(f"the template process is gone: {e}") from None
         if len(data) != _REPLY.size:
             raise TemplateGone("the template process is gone")
         (outcome,) = _REPLY.unpack(data)

@@ -161,6 +161,8 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
             else:
                 _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
             launcher.remove_retired()
+        if launcher.template_lost:
+            return  # fail closed: main() kills what is left; the manager uses its other zygotes
         launcher.expire()
         # Idle for a moment: make the next sandbox's spare, cgroup and network namespace.
         # Not at once: a request that follows its predecessor closely would wait for them.
@@ -244,8 +246,8 @@ def main(argv: list[str]) -> int:
         serve(sock, launcher)
     finally:
         launcher.shutdown()
-        if launcher.template is not None:
-            launcher.template.close()
+        if not launcher.template_lost:
+            template.close()
     return 0
 
 

@@ -648,6 +648,15 @@ static void run_init(pid_t payload, int status_fd, const long long *identity) {
             break;
         }
     }
+    /* As pid 1, end the rest of the tree before reporting: the report is taken as the
+     * sandbox's end (the parent may answer before init itself is reaped), and what
+     * the others used counts. kill(-1) from pid 1 reaches only its own pid namespace
+     * (all of one uid, no capabilities); without a pid namespace the parent's cgroup
+     * kill does this instead. */
+    if (getpid() == 1 && kill(-1, SIGKILL) == 0) /* ESRCH: nobody left; another error (a seccomp
+                                                  profile): the namespace's end kills them */
+        while (waitpid(-1, NULL, 0) > 0 || errno == EINTR)
+            ;
     /* The largest resident set of the processes init reaped, in KiB: init's own
      * (a copy of its parent's memory) would overstate a small program. */
     struct rusage children;
@@ -1083,6 +1092,8 @@ static int receive_request(int sock, request_t *request, int *fds, int *nfds) {
         got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     while (got < 0 && errno == EINTR);
     *nfds = 0;
+    if (got < 0)
+        return 0; /* the socket is broken: end the server */
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
         if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
             for (size_t at = 0; at + sizeof(int) <= c->cmsg_len - CMSG_LEN(0) && *nfds < MAX_SERVED_FDS + 1;
@@ -1135,14 +1146,19 @@ static int place_fds(int *sock, const request_t *request, int *fds, int nfds) {
     for (int i = 1; i < nfds; i++) {
         int moved = fcntl(fds[i], F_DUPFD_CLOEXEC, top + 1);
         if (moved < 0)
-            return -errno;
+            return -errno; /* the caller closes fds[i..] (received or moved) */
         close(fds[i]);
         fds[i] = moved;
     }
     for (int i = 1; i < nfds; i++) {
-        if (dup3(fds[i], request->numbers[i - 1], O_CLOEXEC) < 0)
-            return -errno;
+        if (dup3(fds[i], request->numbers[i - 1], O_CLOEXEC) < 0) {
+            int err = errno;
+            for (int j = 1; j < i; j++) /* placed already */
+                close(request->numbers[j - 1]);
+            return -err; /* the caller closes fds[i..] */
+        }
         close(fds[i]);
+        fds[i] = -1;
     }
     return 0;
 }
@@ -1176,6 +1192,7 @@ static PyObject *child_serve(PyObject *Py_UNUSED(self), PyObject *args) {
         const char *buf = MAP_FAILED;
         struct stat st = {0};
         if (got >= (int)offsetof(request_t, numbers) && nfds >= 1 && request.count <= MAX_SERVED_FDS &&
+            (size_t)got == offsetof(request_t, numbers) + request.count * sizeof(int32_t) &&
             (uint32_t)nfds == request.count + 1 && fstat(fds[0], &st) == 0 && st.st_size > 0)
             buf = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fds[0], 0);
         if (nfds >= 1)
@@ -1185,6 +1202,10 @@ static PyObject *child_serve(PyObject *Py_UNUSED(self), PyObject *args) {
             int pidfd = -1;
             if (placed < 0) {
                 outcome = placed;
+                for (int i = 1; i < nfds; i++)
+                    if (fds[i] >= 0)
+                        close(fds[i]);
+                reply(sock, outcome, -1);
             } else {
                 long pid = clone_child(request.clone_flags | CLONE_PARENT, request.cgroup_fd, &pidfd);
                 if (pid == 0) {
@@ -1192,12 +1213,12 @@ static PyObject *child_serve(PyObject *Py_UNUSED(self), PyObject *args) {
                     return become_child(&launch, request.error_fd, request.trace_fd);
                 }
                 outcome = pid < 0 ? -errno : pid;
+                reply(sock, outcome, pidfd);
+                if (pidfd >= 0)
+                    close(pidfd);
+                for (uint32_t i = 0; i < request.count; i++)
+                    close(request.numbers[i]);
             }
-            reply(sock, outcome, pidfd);
-            if (pidfd >= 0)
-                close(pidfd);
-            for (uint32_t i = 0; i < request.count; i++)
-                close(request.numbers[i]);
         } else {
             for (int i = 1; i < nfds; i++)
                 close(fds[i]);
