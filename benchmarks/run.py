@@ -94,7 +94,7 @@ class Table:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, name: str, stats: dict[str, Any] | None, **extra: Any) -> None:
-        self.rows.append({"name": name, **(stats or {"missing": True}), **extra})
+        self.rows.append({"name": name, **(stats if stats is not None else {"missing": True}), **extra})
 
     def markdown(self) -> str:
         base = next((r for r in self.rows if r["name"] == self.baseline and self.med in r), None)
@@ -653,7 +653,7 @@ def floors_table(tables: list[Table]) -> Table:
     def ratio(what: str, ours: str, peer: str, floor: str) -> None:
         a, b = median(ours), median(peer)
         if a is not None and b is not None:
-            table.add(what, None, value=f"{a:.2f} / {b:.2f} ms = {a / b:.2f}x", floor=floor,
+            table.add(what, {}, value=f"{a:.2f} / {b:.2f} ms = {a / b:.2f}x", floor=floor,
                       met="yes" if a <= b else "no")
 
     spaced = f"{SPARE_PAUSE * 1000:.0f} ms apart (a spare is ready)"
@@ -666,7 +666,7 @@ def floors_table(tables: list[Table]) -> Table:
           "<= 1x")
     pooled = next((r for n, r in rows.items() if n.startswith("execute_sandboxed via the warm pool")), None)
     if pooled is not None:
-        table.add("pooled execute_sandboxed p50", None, value=f"{pooled['median_ms']:.3f} ms", floor="< 0.5 ms",
+        table.add("pooled execute_sandboxed p50", {}, value=f"{pooled['median_ms']:.3f} ms", floor="< 0.5 ms",
                   met="yes" if pooled["median_ms"] < 0.5 else "no")
     ratio("execute_command(/bin/true) p50 vs bwrap /bin/true (back to back)",
           "execute_command, start_method=zygote, back to back", "bwrap /bin/true", "<= 1x")
@@ -677,14 +677,14 @@ def floors_table(tables: list[Table]) -> Table:
         rates = {n.removeprefix(prefix): r.get("calls_per_s") for n, r in rows.items() if n.startswith(prefix)}
         if rates:
             low = min(v for v in rates.values() if v is not None)
-            table.add(f"isolated {kind} per second (2 cores)", None,
+            table.add(f"isolated {kind} per second (2 cores)", {},
                       value=" / ".join(f"{v:.0f}" for v in rates.values() if v is not None) + " (" +
                       ", ".join(rates) + ")", floor=">= 300/s", met="yes" if low >= 300 else "no")
     memory = [r for n, r in rows.items() if n.startswith("N=") and "manager_rss_delta_per_sandbox_kib" in r]
     if memory:
         worst = max(r["manager_rss_delta_per_sandbox_kib"] for r in memory)
         table.add("host memory per live sandbox (largest of N=" +
-                  ",".join(n.removeprefix("N=") for n, r in rows.items() if r in memory) + ")", None,
+                  ",".join(n.removeprefix("N=") for n, r in rows.items() if r in memory) + ")", {},
                   value=f"{worst:.1f} KiB", floor="<= 50 KB", met="yes" if worst * 1024 <= 50_000 else "no")
     return table
 
