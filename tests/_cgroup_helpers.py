@@ -15,6 +15,7 @@ import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from neural_doc_flow_security.sandbox.linux.cgroups import probe_cgroups
 
@@ -234,3 +235,25 @@ def ndf_leftovers() -> list[str]:
             found += [os.path.join(parent, e) for e in os.listdir(parent)
                       if e.startswith(me) or e.endswith("-ndftest")]
     return found
+
+
+def devnull_fds() -> tuple[tuple[int, int], ...]:
+    """An fd map giving a sandbox /dev/null as stdin, stdout and stderr (close the fd after the launch)."""
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return ((0, fd), (1, fd), (2, fd))
+
+
+def start_memory_hog(launcher: Any, sandbox_id: int, limit_mb: int = 64) -> Any:
+    """Start, through `launcher` (a Launcher), a program that touches 256 MiB under a
+    `limit_mb` memory limit: the kernel OOM-kills it."""
+    from neural_doc_flow_security.sandbox.config import FilesystemConfig, SandboxConfig
+    from neural_doc_flow_security.sandbox.launch.launcher import LaunchRequest
+    from neural_doc_flow_security.sandbox.launch.payload import ExecPayload
+
+    config = SandboxConfig(memory_limit_mb=limit_mb, max_processes=16, filesystem=FilesystemConfig(python=True))
+    hog = ExecPayload(("python3", "-c", "x = bytearray(256 << 20); x[::4096] = b'1' * len(x[::4096])"))
+    fds = devnull_fds()
+    try:
+        return launcher.start(sandbox_id, LaunchRequest(config, hog, "hog", fds))
+    finally:
+        os.close(fds[0][1])

@@ -20,12 +20,14 @@ from _cgroup_helpers import (
     Child,
     children,
     cpu_spinner,
+    devnull_fds,
     direct_writer,
     fork_bomb,
     forker,
     memory_hog,
     ndf_leftovers,
     process_state,
+    start_memory_hog,
     wait_for,
 )
 from neural_doc_flow_security.sandbox.linux import cgroups
@@ -312,11 +314,6 @@ def test_stale_cgroup_of_dead_owner_is_removed(spawn: Callable[[Body], Child]) -
 # -------------------------------------------------------------------- whole sandboxes on v2
 
 
-def _devnull_fds() -> tuple[tuple[int, int], ...]:
-    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    return ((0, fd), (1, fd), (2, fd))
-
-
 @needs_controllers
 def test_a_sandbox_cloned_into_its_cgroup_is_oom_killed_at_its_limit() -> None:
     # CLONE_INTO_CGROUP: the child is in its cgroup from its first instruction.
@@ -325,7 +322,7 @@ def test_a_sandbox_cloned_into_its_cgroup_is_oom_killed_at_its_limit() -> None:
     from neural_doc_flow_security.sandbox.launch.supervise import run_sandboxed
 
     config = SandboxConfig(memory_limit_mb=64, max_processes=16, filesystem=FilesystemConfig(python=True))
-    fds = _devnull_fds()
+    fds = devnull_fds()
     hog = ExecPayload(("python3", "-c", "x = bytearray(256 << 20); x[::4096] = b'1' * len(x[::4096])"))
     result = run_sandboxed(config, hog, fd_map=fds)
     os.close(fds[0][1])
@@ -337,9 +334,7 @@ def test_a_sandbox_cloned_into_its_cgroup_is_oom_killed_at_its_limit() -> None:
 @needs_controllers
 def test_a_spare_made_through_the_template_takes_the_limits_of_its_launch() -> None:
     # The zygote's way on v2: the template clones the spare into a cgroup made ahead.
-    from neural_doc_flow_security.sandbox.config import FilesystemConfig, SandboxConfig
-    from neural_doc_flow_security.sandbox.launch.launcher import Launcher, LaunchRequest
-    from neural_doc_flow_security.sandbox.launch.payload import ExecPayload
+    from neural_doc_flow_security.sandbox.launch.launcher import Launcher
     from neural_doc_flow_security.sandbox.launch.template import Template
 
     template = Template()
@@ -349,11 +344,7 @@ def test_a_spare_made_through_the_template_takes_the_limits_of_its_launch() -> N
             pass
         spare = launcher._spare
         assert spare is not None and spare.cgroup is not None
-        config = SandboxConfig(memory_limit_mb=64, max_processes=16, filesystem=FilesystemConfig(python=True))
-        fds = _devnull_fds()
-        hog = ExecPayload(("python3", "-c", "x = bytearray(256 << 20); x[::4096] = b'1' * len(x[::4096])"))
-        spawned = launcher.start(1, LaunchRequest(config, hog, "hog", fds))
-        os.close(fds[0][1])
+        spawned = start_memory_hog(launcher, 1)
         assert spawned.pid == spare.pid
         assert wait_for(lambda: process_state(spawned.pid) == "Z", timeout=30)
         result = launcher.finish(1)

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import cloudpickle
 import pytest
 
-from _cgroup_helpers import ndf_leftovers
+from _cgroup_helpers import devnull_fds, ndf_leftovers, start_memory_hog
 from api_helpers import proc_status_fields
 from conftest import wait_until
-from neural_doc_flow_security.sandbox.config import FilesystemConfig, NamespaceConfig, SandboxConfig
+from neural_doc_flow_security.sandbox.config import NamespaceConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.ipc.channel import SyncChannel
 from neural_doc_flow_security.sandbox.ipc.messages import ChannelRole, MessageKind
 from neural_doc_flow_security.sandbox.launch import spare as spare_sandbox
@@ -50,11 +50,6 @@ def _with_spare(launcher: Launcher) -> spare_sandbox.Spare:
     return launcher._spare
 
 
-def _devnull_fds() -> tuple[tuple[int, int], ...]:
-    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    return ((0, fd), (1, fd), (2, fd))
-
-
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -70,7 +65,7 @@ def _gone(pid: int) -> bool:
 
 def test_a_sandbox_from_a_spare_is_confined_like_a_cold_one(launcher: Launcher) -> None:
     spare = _with_spare(launcher)
-    fds = _devnull_fds()
+    fds = devnull_fds()
     spawned = launcher.start(1, LaunchRequest(SandboxConfig(), ExecPayload(("sleep", "30")), "spare", fds))
     os.close(fds[0][1])
     try:
@@ -131,11 +126,7 @@ def test_a_spare_holds_none_of_its_launchers_fds(launcher: Launcher) -> None:
 
 def test_a_spare_applies_the_limits_of_its_launch(launcher: Launcher) -> None:
     spare = _with_spare(launcher)
-    config = SandboxConfig(memory_limit_mb=64, max_processes=16, filesystem=FilesystemConfig(python=True))
-    fds = _devnull_fds()
-    hog = ExecPayload(("python3", "-c", "x = bytearray(256 << 20); x[::4096] = b'1' * len(x[::4096])"))
-    spawned = launcher.start(1, LaunchRequest(config, hog, "hog", fds))
-    os.close(fds[0][1])
+    spawned = start_memory_hog(launcher, 1)
     assert spawned.pid == spare.pid
     assert wait_until(lambda: _gone(spawned.pid), timeout=30)
     result = launcher.finish(1)
@@ -146,7 +137,7 @@ def test_a_spare_applies_the_limits_of_its_launch(launcher: Launcher) -> None:
 def test_a_spare_that_does_not_fit_stays_and_the_launch_goes_cold(launcher: Launcher) -> None:
     spare = _with_spare(launcher)
     config = SandboxConfig(namespaces=NamespaceConfig(net=False))
-    fds = _devnull_fds()
+    fds = devnull_fds()
     spawned = launcher.start(1, LaunchRequest(config, ExecPayload(("true",)), "cold", fds))
     os.close(fds[0][1])
     assert spawned.pid != spare.pid and launcher._spare is spare
@@ -158,7 +149,7 @@ def test_a_dead_spare_is_reaped_and_the_launch_goes_cold(launcher: Launcher) -> 
     spare = _with_spare(launcher)
     sc.pidfd_send_signal(spare.pidfd, signal.SIGKILL)
     assert wait_until(lambda: _gone(spare.pid), timeout=10)
-    fds = _devnull_fds()
+    fds = devnull_fds()
     spawned = launcher.start(1, LaunchRequest(SandboxConfig(), ExecPayload(("true",)), "cold", fds))
     os.close(fds[0][1])
     assert spawned.pid != spare.pid
@@ -170,7 +161,7 @@ def test_a_dead_spare_is_reaped_and_the_launch_goes_cold(launcher: Launcher) -> 
 def test_a_callable_from_a_spare_answers_over_its_channel(launcher: Launcher) -> None:
     spare = _with_spare(launcher)
     host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = _devnull_fds() + ((3, sandbox_end.fileno()),)
+    fds = devnull_fds() + ((3, sandbox_end.fileno()),)
     call = cloudpickle.dumps((lambda: sorted(os.listdir("/")) + [str(os.getuid())], (), {}))
     spawned = launcher.start(1, LaunchRequest(SandboxConfig(), PythonWorkerPayload(call=call), "call", fds))
     os.close(fds[0][1])

@@ -24,8 +24,12 @@ pytestmark = [pytest.mark.skipif(os.uname().sysname != "Linux", reason="Linux sa
 
 
 def _ns_depth(proc: psutil.Process) -> int:
-    with open(f"/proc/{proc.pid}/status") as f:
-        return next(len(line.split()[1:]) for line in f if line.startswith("NSpid:"))
+    """How many pid namespaces the process is in (0: it is gone)."""
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            return next(len(line.split()[1:]) for line in f if line.startswith("NSpid:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
 
 
 def _templates(zygote_pid: int) -> list[psutil.Process]:

@@ -717,37 +717,60 @@ static void *child_alloc(size_t size) {
     return mem == MAP_FAILED ? NULL : mem;
 }
 
-/* A spare waits here for its launch: one record on `sock` whose fds are a memfd
- * holding the packed launch and then the payload's fds, which are placed at
- * `staging`, `staging`+1, ... (the launch's fd map takes them from there). EOF
- * means the spare was discarded unused. */
-static void await_launch(launch_t *launch, int sock, int staging) {
-    char tag;
-    struct iovec iov = {&tag, 1};
+/* One record on `sock`: its bytes into `buf`, and up to `max_fds` passed fds (close-on-
+ * exec) into `fds`. Returns the byte count, 0 at EOF, -1 on an error (no fds then);
+ * `truncated`: the bytes or the fds did not all fit. */
+static ssize_t receive_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
+                                int *truncated) {
+    enum { MOST_FDS = 64 };
+    struct iovec iov = {buf, len};
     union {
         struct cmsghdr header;
-        char buf[CMSG_SPACE(sizeof(int) * MAX_LAUNCH_FDS)];
+        char buf[CMSG_SPACE(sizeof(int) * MOST_FDS)];
     } control;
     struct msghdr msg;
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)(max_fds < MOST_FDS ? max_fds : MOST_FDS));
     ssize_t got;
     do
         got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     while (got < 0 && errno == EINTR);
+    *nfds = 0;
+    *truncated = 0;
+    if (got < 0)
+        return got;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            for (size_t at = 0; at + sizeof(int) <= c->cmsg_len - CMSG_LEN(0); at += sizeof(int)) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + at, sizeof(int));
+                if (*nfds < max_fds) {
+                    fds[(*nfds)++] = fd;
+                } else {
+                    close(fd);
+                    *truncated = 1;
+                }
+            }
+    if (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC))
+        *truncated = 1;
+    return got;
+}
+
+/* A spare waits here for its launch: one record on `sock` whose fds are a memfd
+ * holding the packed launch and then the payload's fds, which are placed at
+ * `staging`, `staging`+1, ... (the launch's fd map takes them from there). EOF
+ * means the spare was discarded unused. */
+static void await_launch(launch_t *launch, int sock, int staging) {
+    char tag;
+    int fds[MAX_LAUNCH_FDS], nfds, truncated;
+    ssize_t got = receive_with_fds(sock, &tag, 1, fds, MAX_LAUNCH_FDS, &nfds, &truncated);
     if (got == 0)
         _exit(0);
     check(got, "receive the launch", "");
-    int fds[MAX_LAUNCH_FDS], nfds = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-            for (size_t at = 0; at + sizeof(int) <= c->cmsg_len - CMSG_LEN(0) && nfds < MAX_LAUNCH_FDS;
-                 at += sizeof(int))
-                memcpy(&fds[nfds++], CMSG_DATA(c) + at, sizeof(int));
-    if ((msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC)) || nfds < 1)
+    if (truncated || nfds < 1)
         fail(EINVAL, "a malformed launch record", "");
     /* Out of the way first, then onto the staging numbers: no fd is overwritten. */
     for (int i = 1; i < nfds; i++) {
@@ -1076,30 +1099,11 @@ typedef struct {
 } request_t;
 
 static int receive_request(int sock, request_t *request, int *fds, int *nfds) {
-    struct iovec iov = {request, sizeof *request};
-    union {
-        struct cmsghdr header;
-        char buf[CMSG_SPACE(sizeof(int) * (MAX_SERVED_FDS + 1))];
-    } control;
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof control.buf;
-    ssize_t got;
-    do
-        got = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    while (got < 0 && errno == EINTR);
-    *nfds = 0;
+    int truncated;
+    ssize_t got = receive_with_fds(sock, request, sizeof *request, fds, MAX_SERVED_FDS + 1, nfds, &truncated);
     if (got < 0)
         return 0; /* the socket is broken: end the server */
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-            for (size_t at = 0; at + sizeof(int) <= c->cmsg_len - CMSG_LEN(0) && *nfds < MAX_SERVED_FDS + 1;
-                 at += sizeof(int))
-                memcpy(&fds[(*nfds)++], CMSG_DATA(c) + at, sizeof(int));
-    return (int)got;
+    return truncated ? -1 : (int)got;
 }
 
 static void reply(int sock, long pid_or_error, int pidfd) {
