@@ -91,7 +91,8 @@ def test_a_zygote_whose_template_died_starts_nothing_and_the_others_go_on(manage
 
     outputs, first_gone = run(scenario())
     assert first_gone
-    assert outputs.count(2) >= 5 and set(outputs) <= {2, "SandboxError"}, outputs
+    # A call or two may still reach the dying zygote (the manager learns of it at its exit).
+    assert set(outputs) <= {2, "SandboxError"} and outputs[-3:] == [2, 2, 2], outputs
 
 
 def test_the_template_dies_with_its_zygote(manager: SandboxManager) -> None:

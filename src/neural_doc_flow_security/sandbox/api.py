@@ -524,6 +524,10 @@ class SandboxManager:
         await self._starter.close()
         await asyncio.gather(*(h.wait() for h in list(self._handles.values())), return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
+        from .linux.cgroups import remove_stale_cgroups
+
+        with contextlib.suppress(OSError, SandboxError):
+            remove_stale_cgroups()  # of a zygote that died (killed): its spare's, its sandboxes
 
     # -- running ------------------------------------------------------------
 

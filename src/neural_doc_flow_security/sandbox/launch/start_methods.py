@@ -158,6 +158,10 @@ class ForkStarter(StartMethod):
             self._deadline_timer.cancel()
 
 
+class ZygoteGone(SandboxError):
+    """A request could not be sent: the zygote has exited."""
+
+
 def zygote_environment() -> dict[str, str]:
     """The zygote's environment: what Python needs to start as this one did, nothing
     else. Every sandbox is a fork of the zygote, so its memory holds the zygote's
@@ -241,13 +245,21 @@ class _Zygote:
         return await future
 
     async def send(self, message: dict[str, Any], fds: list[int]) -> None:
-        """Send a request; one without a "req" number gets no reply."""
+        """Send a request; one without a "req" number gets no reply. Raises ZygoteGone
+        when it could not be sent: the zygote has exited."""
         if self.dead or self.sock is None:
-            raise SandboxError(self.dead or "the zygote is not running")
+            raise ZygoteGone(self.dead or "the zygote is not running")
+        try:
+            await self._send(message, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            self.gone("the zygote exited")
+            raise ZygoteGone("the zygote exited") from None
+
+    async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
         loop = asyncio.get_running_loop()
         data = pickle.dumps(message)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        if not self.send_lock.locked():  # nobody waits before us: requests keep their order
+        if not self.send_lock.locked() and self.sock is not None:  # nobody waits before us: keep the order
             try:
                 self.sock.sendmsg([data], ancillary)
                 return
@@ -258,7 +270,7 @@ class _Zygote:
         async with self.send_lock:
             while True:
                 if self.dead or self.sock is None:
-                    raise SandboxError(self.dead or "the zygote is not running")
+                    raise ZygoteGone(self.dead or "the zygote is not running")
                 try:
                     self.sock.sendmsg([data], ancillary)
                     return
@@ -314,19 +326,26 @@ class ZygoteStarter(StartMethod):
             zygote.start()
 
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
-        alive = [z for z in self._zygotes if not z.dead]
-        if not alive:
-            raise SandboxError(self._zygotes[0].dead or "no zygote is running")
-        zygote = min(alive, key=lambda z: len(z.running) + len(z.replies))
-        self._owner[sandbox_id] = zygote
+        while True:
+            alive = [z for z in self._zygotes if not z.dead]
+            if not alive:
+                raise SandboxError(self._zygotes[0].dead or "no zygote is running")
+            zygote = min(alive, key=lambda z: len(z.running) + len(z.replies))
+            self._owner[sandbox_id] = zygote
+            zygote.running.add(sandbox_id)
+            try:
+                reply = await zygote.request(
+                    {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
+                break
+            except ZygoteGone:  # the request never left: another zygote takes it
+                zygote.running.discard(sandbox_id)
+                failed = self._exits.pop(sandbox_id, None)  # failed by gone(): a fresh one follows
+                if failed is not None and failed.done() and not failed.cancelled():
+                    failed.exception()  # retrieved
+            except BaseException:
+                zygote.running.discard(sandbox_id)
+                raise
         self.exit_future(sandbox_id).add_done_callback(lambda _: self._owner.pop(sandbox_id, None))
-        zygote.running.add(sandbox_id)
-        try:
-            reply = await zygote.request(
-                {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
-        except BaseException:
-            zygote.running.discard(sandbox_id)
-            raise
         if reply["op"] == "failed":
             zygote.running.discard(sandbox_id)
             self._owner.pop(sandbox_id, None)
