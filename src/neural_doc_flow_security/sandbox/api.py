@@ -317,9 +317,13 @@ class SandboxHandle:
                                    resource_usage=usage, isolation=isolation)
         else:
             result = self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
-        # The launcher is told to kill (and reap) it from the next turn of the event loop:
-        # woken now, it would compete with this answer for a CPU.
-        self._manager._reap_later(self, kill=True)
+        # The launcher kills it (no reply awaited) before any request made after this
+        # answer: the next launch must find it ended.
+        try:
+            await self._starter.notify("kill", self.sandbox_id)
+        except SandboxError:
+            pass  # the zygote is gone, and its sandboxes with it
+        self._manager._reap_later(self)
         return result
 
     def _merge(self, ended: SandboxResult, stdout: bytes, stderr: bytes) -> SandboxResult:
@@ -683,17 +687,14 @@ class SandboxManager:
             handle.health = Health.EXITED
             _resolve(handle._answered)
 
-    def _reap_later(self, handle: SandboxHandle, *, kill: bool = False) -> None:
-        """Let a sandbox that has answered finish its teardown in the background
-        (`kill`: have the launcher kill its tree first)."""
-        task = asyncio.create_task(self._wait_quietly(handle, kill))
+    def _reap_later(self, handle: SandboxHandle) -> None:
+        """Let a sandbox that has answered finish its teardown in the background."""
+        task = asyncio.create_task(self._wait_quietly(handle))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _wait_quietly(self, handle: SandboxHandle, kill: bool = False) -> None:
+    async def _wait_quietly(self, handle: SandboxHandle) -> None:
         with contextlib.suppress(SandboxError):
-            if kill:
-                await self._starter.notify("kill", handle.sandbox_id)
             await handle.wait()
 
     async def _finish(self, handle: SandboxHandle, *, early: bool = False) -> SandboxResult:
