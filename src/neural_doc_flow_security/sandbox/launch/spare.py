@@ -21,14 +21,14 @@ import array
 import fcntl
 import logging
 import os
-import pickle
 import signal
 import socket
 import time
 from dataclasses import dataclass
 
 from ..errors import SandboxError
-from ..linux import network, steps
+from ..ipc.memfd import seal_bytes
+from ..linux import network
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.cgroups.v1 import V1Cgroup
@@ -36,7 +36,7 @@ from ..linux.namespaces import NamespacePlan
 from . import bootstrap
 from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
-from .spawn import SpawnedSandbox, clone_child, has_exited, python_signal_handlers
+from .spawn import SpawnedSandbox, clone_child, has_exited, pack_with_payload
 from .template import Template
 
 log = logging.getLogger(__name__)
@@ -138,17 +138,11 @@ def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
     """Send the spare its launch; it runs the payload of `plan` like a cold child. The
     cgroup's name and limits must be in place (the caller's). Raises OSError if the
     spare is gone (the caller discards it)."""
-    program = payload if isinstance(payload, bootstrap.ExecPayload) else None
+    program = isinstance(payload, bootstrap.ExecPayload)
     staged = tuple((target, spare.staging + i) for i, (target, _) in enumerate(fd_map))
-    launch_steps = bootstrap.launch_steps(plan, program is not None, spare.pipes, staged, spare.loopback)
-    python = b"" if program else pickle.dumps((payload, plan.environment, python_signal_handlers()))
-    packed = steps.pack_launch(launch_steps, tuple(os.fsencode(a) for a in program.argv) if program else (),
-                               plan.environment, os.fsencode(program.cwd) if program else b"/", python)
-    memfd = os.memfd_create("ndf-launch", os.MFD_CLOEXEC)
+    launch_steps = bootstrap.launch_steps(plan, program, spare.pipes, staged, spare.loopback)
+    memfd = seal_bytes(pack_with_payload(launch_steps, payload, plan.environment), "ndf-launch")
     try:
-        view = memoryview(packed)
-        while view:
-            view = view[os.write(memfd, view):]
         fds = array.array("i", [memfd, *(source for _, source in fd_map)])
         started = time.monotonic()
         spare.launch_socket.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])

@@ -113,6 +113,23 @@ def usage_from_cgroup(stats: CgroupStats, wall: float, floor: ResourceUsage | No
     )
 
 
+def _payload_parts(payload: Payload | None, environment: tuple[bytes, ...]
+                   ) -> tuple[tuple[bytes, ...], bytes, tuple[Payload, tuple[bytes, ...], tuple[int, ...]] | None]:
+    """A program's argv and working directory, or what a callable's payload process runs."""
+    if isinstance(payload, ExecPayload):
+        return tuple(os.fsencode(arg) for arg in payload.argv), os.fsencode(payload.cwd), None
+    python = (payload, environment, python_signal_handlers()) if payload is not None else None
+    return (), b"/", python
+
+
+def pack_with_payload(child_steps: tuple[StepTuple, ...], payload: Payload | None,
+                      environment: tuple[bytes, ...]) -> bytes:
+    """The packed launch (steps.pack_launch) for a child that is not a fork of this
+    process (the template's, a spare's): a callable's payload travels pickled in it."""
+    argv, cwd, python = _payload_parts(payload, environment)
+    return steps.pack_launch(child_steps, argv, environment, cwd, pickle.dumps(python) if python else b"")
+
+
 def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | None, error_fd: int,
                 child_steps: tuple[StepTuple, ...], child_fds: tuple[int, ...], payload: Payload | None = None,
                 environment: tuple[bytes, ...] = ()) -> tuple[int, int]:
@@ -120,13 +137,10 @@ def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | No
     comes with its launch): through the `template` (a zygote's), else from this
     process, which must be single-threaded. `child_fds`: the fds of this process
     the child uses. Returns (pid, pidfd); a payload process never returns."""
-    program = payload if isinstance(payload, ExecPayload) else None
-    argv = tuple(os.fsencode(arg) for arg in program.argv) if program else ()
-    cwd = os.fsencode(program.cwd) if program else b"/"
-    python = (payload, environment, python_signal_handlers()) if payload is not None and not program else None
     if template is not None:
-        launch = steps.pack_launch(child_steps, argv, environment, cwd, pickle.dumps(python) if python else b"")
-        return template.clone(clone_flags, cgroup_fd, error_fd, launch, child_fds, trace_fd)
+        return template.clone(clone_flags, cgroup_fd, error_fd, pack_with_payload(child_steps, payload, environment),
+                              child_fds, trace_fd)
+    argv, cwd, python = _payload_parts(payload, environment)
     pid, pidfd, received = steps.spawn(clone_flags, cgroup_fd, error_fd, child_steps, argv, environment, cwd,
                                        trace_fd)
     if pid == 0:  # a callable's payload process: every protection is in place

@@ -19,6 +19,7 @@ own memory holds earlier requests). Only the zygote uses one; the CLI and the
 from __future__ import annotations
 
 import array
+import errno
 import os
 import pickle
 import socket
@@ -26,6 +27,7 @@ import struct
 from typing import NoReturn
 
 from ..errors import SandboxError
+from ..ipc.memfd import seal_bytes
 from ..linux import _child
 from ..result import EXIT_SANDBOX_ERROR
 from .payload import run_payload
@@ -59,12 +61,8 @@ class Template:
         cgroup_fd and trace_fd are added). Returns (pid, pidfd); the child is ours."""
         needed = tuple(dict.fromkeys((*fds, error_fd) + ((cgroup_fd,) if cgroup_fd is not None else ())
                                      + ((trace_fd,) if trace_fd >= 0 else ())))
-        _child.check(launch)  # a malformed launch is refused here, with its reason
-        memfd = os.memfd_create("ndf-launch", os.MFD_CLOEXEC)
+        memfd = seal_bytes(launch, "ndf-launch")
         try:
-            view = memoryview(launch)
-            while view:
-                view = view[os.write(memfd, view):]
             header = _REQUEST.pack(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd, trace_fd,
                                    len(needed)) + struct.pack(f"<{len(needed)}i", *needed)
             self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memfd, *needed]))])
@@ -84,6 +82,8 @@ class Template:
         if outcome < 0:
             for fd in pidfds:
                 os.close(fd)
+            if outcome == -errno.EINVAL:
+                _child.check(launch)  # a malformed launch: ValueError with the reason
             raise OSError(-outcome, os.strerror(-outcome))
         if len(pidfds) != 1:
             raise SandboxError("the template sent no pidfd")
