@@ -300,8 +300,8 @@ class SandboxHandle:
             return await self.wait()
         usage = self._read_counters()
         if usage is None and not self._starter.counters.get(self.sandbox_id):
-            # No cgroup: its usage is the rusage of the reaped tree. It exits once it has
-            # answered; the kill only ends what it may have left running.
+            # No cgroup: its usage is what its init reports when it ends (it exits once
+            # it has answered; the kill only ends what it may have left running).
             self._answered_then_killed = True
             await self._starter.notify("kill", self.sandbox_id)
             return await self.wait()
