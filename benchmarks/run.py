@@ -340,50 +340,107 @@ def _check_ok(result: Any) -> Any:
     return result
 
 
+BLOCK = 10  # back-to-back calls of one row per turn in interleaved_blocks
+
+
+async def interleaved_blocks(rows: dict[str, tuple[Callable[[], Awaitable[object]], float]], n: int,
+                             warmup: int = 3) -> dict[str, list[float]]:
+    """`n` timed calls of each row, in turns of BLOCK back-to-back calls of one row, the
+    rows in a shuffled order each round: compared rows share the machine's good and
+    bad moments (its load drifts over a run) while each keeps its own rhythm (a
+    zygote's sandboxes back to back, or `pause` seconds of idle before each call,
+    not timed). Seconds per call."""
+    for call, _ in rows.values():
+        for _ in range(warmup):
+            await call()
+    samples: dict[str, list[float]] = {name: [] for name in rows}
+    names = list(rows)
+    for _ in range(-(-n // BLOCK)):
+        random.shuffle(names)
+        for name in names:
+            call, pause = rows[name]
+            for _ in range(min(BLOCK, n - len(samples[name]))):
+                if pause:
+                    await asyncio.sleep(pause)
+                start = time.perf_counter()
+                await call()
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def _blocking(thunk: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    """A peer run by subprocess.run, as a row of interleaved_blocks (the event loop
+    waits meanwhile; the zygotes, separate processes, go on with their idle work)."""
+    async def call() -> object:
+        return thunk()
+    return call
+
+
 async def scenario_api(nsj: str | None, n: int) -> list[Table]:
     from neural_doc_flow_security.sandbox import SandboxConfig, SandboxManager
 
     callables = Table(f"2a. API: a Python callable (`lambda: 42`) in a fresh sandbox, {n} sequential calls",
                       "bwrap python3 -c 'print(42)'",
                       "ProcessPoolExecutor is no isolation and a warm pool; bwrap/nsjail rows are what a "
-                      "user would otherwise do: subprocess.run of a fresh python3 in the sandbox.")
-    commands = Table(f"2b. API: execute_command(['/bin/true']), {n} sequential calls", "bwrap /bin/true")
+                      "user would otherwise do: subprocess.run of a fresh python3 in the sandbox. The "
+                      f"zygote rows and the peers are run interleaved, {BLOCK} calls of one row per turn.")
+    commands = Table(f"2b. API: execute_command(['/bin/true']), {n} sequential calls", "bwrap /bin/true",
+                     f"Run interleaved with table 2a's rows, {BLOCK} calls of one row per turn.")
     startup = Table("2c. Manager start (zygote process up and warmed) and the first call", None)
-    for method in ("zygote", "fork"):
-        start = time.perf_counter()
-        manager = SandboxManager(start_method=method)  # type: ignore[arg-type]
-        await manager.start()
-        started = time.perf_counter()
-        _check_ok(await manager.execute_sandboxed("b", lambda: 42))
-        first = time.perf_counter()
-        startup.add(f"{method}: manager.start()",
-                    {"n": 1, "median_ms": (started - start) * 1000, "p90_ms": None})
-        startup.add(f"{method}: first execute_sandboxed", {"n": 1, "median_ms": (first - started) * 1000,
-                                                           "p90_ms": None})
-        try:
-            samples = await _timed_calls(
-                lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42)), n)
-            callables.add(f"execute_sandboxed, start_method={method}, back to back", summary(samples))
-            if method == "zygote":
-                limited = SandboxConfig(memory_limit_mb=256, max_processes=64)
-                samples = await _timed_calls(lambda m=manager, c=limited: _async_check(
-                    m.execute_sandboxed("b", lambda: 42, sandbox_config=c)), n)
-                callables.add("execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids), back to back",
-                              summary(samples))
-                for label, config in (("", None), (", with cgroup limits", limited)):
-                    samples = await _timed_calls(lambda m=manager, c=config: _async_check(
-                        m.execute_sandboxed("b", lambda: 42, sandbox_config=c)), n, pause=SPARE_PAUSE)
-                    callables.add(f"execute_sandboxed, zygote{label}, {SPARE_PAUSE * 1000:.0f} ms apart "
-                                  "(a spare is ready)", summary(samples))
-            samples = await _timed_calls(
-                lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])), n)
-            commands.add(f"execute_command, start_method={method}, back to back", summary(samples))
-            if method == "zygote":
-                samples = await _timed_calls(
-                    lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])), n, pause=SPARE_PAUSE)
-                commands.add(f"execute_command, zygote, {SPARE_PAUSE * 1000:.0f} ms apart (a spare is ready)",
-                             summary(samples))
-        finally:
+    managers = {}
+    try:
+        for method in ("fork", "zygote"):
+            start = time.perf_counter()
+            manager = managers[method] = SandboxManager(start_method=method)  # type: ignore[arg-type]
+            await manager.start()
+            started = time.perf_counter()
+            _check_ok(await manager.execute_sandboxed("b", lambda: 42))
+            first = time.perf_counter()
+            startup.add(f"{method}: manager.start()",
+                        {"n": 1, "median_ms": (started - start) * 1000, "p90_ms": None})
+            startup.add(f"{method}: first execute_sandboxed", {"n": 1, "median_ms": (first - started) * 1000,
+                                                               "p90_ms": None})
+            if method == "fork":  # it forks the manager itself: timed on its own, before the zygotes exist
+                for label, table, call in (
+                        ("execute_sandboxed", callables,
+                         lambda m=manager: _async_check(m.execute_sandboxed("b", lambda: 42))),
+                        ("execute_command", commands,
+                         lambda m=manager: _async_check(m.execute_command("t", ["/bin/true"])))):
+                    table.add(f"{label}, start_method=fork, back to back", summary(await _timed_calls(call, n)))
+                await managers.pop(method).shutdown()
+        zygote = managers["zygote"]
+        limited = SandboxConfig(memory_limit_mb=256, max_processes=64)
+        spaced = f"{SPARE_PAUSE * 1000:.0f} ms apart (a spare is ready)"
+        ours: dict[str, tuple[Table, Callable[[], Awaitable[object]], float]] = {
+            "execute_sandboxed, start_method=zygote, back to back":
+                (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42)), 0.0),
+            "execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids), back to back":
+                (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42,
+                                                                          sandbox_config=limited)), 0.0),
+            f"execute_sandboxed, zygote, {spaced}":
+                (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42)), SPARE_PAUSE),
+            f"execute_sandboxed, zygote, with cgroup limits, {spaced}":
+                (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42,
+                                                                          sandbox_config=limited)), SPARE_PAUSE),
+            "execute_command, start_method=zygote, back to back":
+                (commands, lambda: _async_check(zygote.execute_command("t", ["/bin/true"])), 0.0),
+            f"execute_command, zygote, {spaced}":
+                (commands, lambda: _async_check(zygote.execute_command("t", ["/bin/true"])), SPARE_PAUSE),
+        }
+        peers: dict[str, tuple[Table, Callable[[], object]]] = {
+            "bwrap python3 -c 'print(42)'": (callables, runner(bwrap(SYSTEM_PY, "-c", "print(42)"))),
+            "python3 -c 'print(42)' (no sandbox)": (callables, runner([SYSTEM_PY, "-c", "print(42)"])),
+            "bwrap /bin/true": (commands, runner(bwrap("/bin/true"))),
+        }
+        if nsj:
+            peers["nsjail python3 -c 'print(42)'"] = (callables, runner(nsjail(nsj, SYSTEM_PY, "-c", "print(42)")))
+            peers["nsjail /bin/true"] = (commands, runner(nsjail(nsj, "/bin/true")))
+        rows = {name: (call, pause) for name, (_, call, pause) in ours.items()}
+        rows.update({name: (_blocking(thunk), 0.0) for name, (_, thunk) in peers.items()})
+        for name, stats in (await interleaved_blocks(rows, n)).items():
+            (ours[name][0] if name in ours else peers[name][0]).add(name, summary(stats))
+    finally:
+        for manager in managers.values():
             await manager.shutdown()
     # The warm pool: sandboxes prepared ahead; a call pays only for handing over the
     # work and collecting the answer. Before each timed call the pool is full again
@@ -394,54 +451,38 @@ async def scenario_api(nsj: str | None, n: int) -> list[Table]:
     await pooled.start()
     pauses = []
     try:
-        samples = []
+        pool_samples = []
         for i in range(n + 3):
             pause = time.perf_counter()
             await pooled.wait_pool_ready()
             start = time.perf_counter()
             _check_ok(await pooled.execute_sandboxed("p", lambda: 42))
             if i >= 3:  # the first calls warm up, as in _timed_calls
-                samples.append(time.perf_counter() - start)
+                pool_samples.append(time.perf_counter() - start)
                 pauses.append(start - pause)
         callables.add("execute_sandboxed via the warm pool (pool_size=2; timed once it is full again)",
-                      summary(samples))
+                      summary(pool_samples))
     finally:
         await pooled.shutdown()
     with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
         for _ in range(10):
             pool.submit(answer).result()
-        samples = []
+        pool_samples = []
         for _ in range(n):
             start = time.perf_counter()
             pool.submit(answer).result()
-            samples.append(time.perf_counter() - start)
-        callables.add("ProcessPoolExecutor().submit(f) (warm, no isolation)", summary(samples))
+            pool_samples.append(time.perf_counter() - start)
+        callables.add("ProcessPoolExecutor().submit(f) (warm, no isolation)", summary(pool_samples))
         # The same, idle in between as long as the pool row waits for its refill: on
         # a VM, code and data go cold in the caches while the CPU idles.
-        samples = []
+        pool_samples = []
         for _ in range(n):
             time.sleep(statistics.median(pauses))
             start = time.perf_counter()
             pool.submit(answer).result()
-            samples.append(time.perf_counter() - start)
+            pool_samples.append(time.perf_counter() - start)
         callables.add(f"ProcessPoolExecutor().submit(f), {statistics.median(pauses) * 1000:.0f} ms apart "
-                      "(the pool row's pause)", summary(samples))
-    peers: dict[str, Callable[[], object]] = {
-        "bwrap python3 -c 'print(42)'": runner(bwrap(SYSTEM_PY, "-c", "print(42)")),
-        "python3 -c 'print(42)' (no sandbox)": runner([SYSTEM_PY, "-c", "print(42)"]),
-        "bwrap /bin/true": runner(bwrap("/bin/true")),
-    }
-    if nsj:
-        peers["nsjail python3 -c 'print(42)'"] = runner(nsjail(nsj, SYSTEM_PY, "-c", "print(42)"))
-        peers["nsjail /bin/true"] = runner(nsjail(nsj, "/bin/true"))
-    peer_samples = interleaved(peers, n)
-    for name in ("bwrap python3 -c 'print(42)'", "nsjail python3 -c 'print(42)'",
-                 "python3 -c 'print(42)' (no sandbox)"):
-        if name in peer_samples:
-            callables.add(name, summary(peer_samples[name]))
-    for name in ("bwrap /bin/true", "nsjail /bin/true"):
-        if name in peer_samples:
-            commands.add(name, summary(peer_samples[name]))
+                      "(the pool row's pause)", summary(pool_samples))
     return [callables, commands, startup]
 
 
@@ -625,6 +666,18 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks so far, from /proc/stat: on a VM, steal is the time the
+    host ran something else while this guest wanted its vCPUs."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
 UNRETRIEVED: list[str] = []
 
 
@@ -709,17 +762,19 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     tables: list[Table] = []
     started = time.time()
+    steal: dict[str, float] = {}  # per scenario: how much of the CPU the VM's host took away
 
     def section(name: str, make: Callable[[], list[Table]]) -> None:
         if name not in only:
             return
-        t = time.perf_counter()
+        t, ticks = time.perf_counter(), cpu_ticks()
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         new = make()
         tables.extend(new)
         for table in new:
             print(table.markdown(), flush=True)
-        print(f"[{name}] {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        steal[name] = steal_share(ticks, cpu_ticks())
+        print(f"[{name}] {time.perf_counter() - t:.1f} s, CPU steal {steal[name]:.0%}", file=sys.stderr, flush=True)
 
     section("cli", lambda: scenario_cli(nsj, 15 if quick else 60))
     section("api", lambda: arun(scenario_api(nsj, 30 if quick else 200)))
@@ -737,13 +792,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     header = (f"Run {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
               f"{'--quick' if quick else 'full'}, {time.time() - started:.0f} s; machine: {machine()}; "
-              f"nsjail: {nsj or 'missing'}\n")
+              f"nsjail: {nsj or 'missing'}; CPU steal per scenario (the VM's host running others): "
+              + ", ".join(f"{name} {share:.0%}" for name, share in steal.items()) + "\n")
     text = header + "\n" + "\n".join(t.markdown() for t in tables)
     if args.markdown:
         Path(args.markdown).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": machine(), "quick": quick, "nsjail": nsj, "asyncio_errors": UNRETRIEVED[:20],
+            {"machine": machine(), "quick": quick, "nsjail": nsj, "cpu_steal": steal,
+             "asyncio_errors": UNRETRIEVED[:20],
              "tables": [{"title": t.title, "baseline": t.baseline, "rows": t.rows} for t in tables]},
             indent=2, default=str))
     return 0
