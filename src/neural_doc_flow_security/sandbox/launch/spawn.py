@@ -200,9 +200,11 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
         if spawned.cgroup is not None and cgroup_fd is None:  # v1: no CLONE_INTO_CGROUP
             spawned.cgroup.add_process(pid)
         os.write(sync_write, b"c")
-    except BaseException:
-        if has_exited(pidfd):
-            return spawned  # a stage failed in the child: finish_sandbox() reports it
+    except BaseException as e:
+        # A stage failed in the child: finish_sandbox() reports it. EPIPE: the child has
+        # closed its files on the way out, a moment before its pidfd says it exited.
+        if isinstance(e, BrokenPipeError) or has_exited(pidfd):
+            return spawned
         spawned.kill()
         os.waitpid(pid, 0)
         _close(spawned)
