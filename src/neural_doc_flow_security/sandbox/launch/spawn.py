@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from ..errors import SandboxError, SetupError
+from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import steps
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import CgroupStats, SandboxCgroup
@@ -201,9 +201,9 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
             spawned.cgroup.add_process(pid)
         os.write(sync_write, b"c")
     except BaseException as e:
-        # A stage failed in the child: finish_sandbox() reports it. EPIPE: the child has
-        # closed its files on the way out, a moment before its pidfd says it exited.
-        if isinstance(e, BrokenPipeError) or has_exited(pidfd):
+        # Our refusal of a protection stands. Any other error while the child has given
+        # up is its failed stage (our writes to it then fail), which finish_sandbox() reports.
+        if not isinstance(e, UnsupportedError) and gave_up(spawned):
             return spawned
         spawned.kill()
         os.waitpid(pid, 0)
@@ -221,11 +221,20 @@ def python_signal_handlers() -> tuple[int, ...]:
     return tuple(sig for sig in range(1, 32) if signal.getsignal(sig) not in (signal.SIG_DFL, None))
 
 
-def has_exited(pidfd: int) -> bool:
-    """Whether the process behind `pidfd` has exited (poll: any fd number works)."""
+def has_exited(pidfd: int, *more: int) -> bool:
+    """Whether the process behind `pidfd` has exited (poll: any fd number works), or
+    any of `more` is readable."""
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
+    for fd in (pidfd, *more):
+        poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def gave_up(spawned: SpawnedSandbox) -> bool:
+    """Whether a child still held at its sync points failed a stage: its error report
+    is readable (it writes it first, then exits; its id maps, cgroup move and release
+    fail with ESRCH or EPIPE before its pidfd says so), or it has exited."""
+    return has_exited(spawned.pidfd, spawned.error_read)
 
 
 def _read_available(fd: int, limit: int) -> bytes:
