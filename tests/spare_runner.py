@@ -8,20 +8,28 @@ import sys
 
 from neural_doc_flow_security.sandbox import cli
 from neural_doc_flow_security.sandbox.launch import spare, supervise
-from neural_doc_flow_security.sandbox.launch.launcher import Launcher
+from neural_doc_flow_security.sandbox.launch.launcher import Launcher, LaunchRequest, effective_config
+from neural_doc_flow_security.sandbox.launch.plan import plan_launch
+from neural_doc_flow_security.sandbox.launch.spawn import SpawnedSandbox
 
 made: list[Launcher] = []
 
 
 class LauncherWithSpare(Launcher):
-    """A launcher that has made its spare before the launch, as a zygote does when idle."""
+    """A launcher that has made its spare before the launch, as a zygote does when
+    idle after a launch like it: the spare has built the root too, where the
+    config allows (spare.root_to_build_ahead)."""
 
     def __init__(self) -> None:
         super().__init__(spares=True)
+        made.append(self)
+
+    def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
+        self._spare_root = spare.root_to_build_ahead(plan_launch(effective_config(request)))
         self._spare = self._make_spare()
         if self._spare is None:
             raise SystemExit("spare_runner: no spare could be made")
-        made.append(self)
+        return super().start(sandbox_id, request)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -19,12 +20,13 @@ import pytest
 from _cgroup_helpers import devnull_fds, ndf_leftovers, start_memory_hog
 from api_helpers import proc_status_fields
 from conftest import wait_until
-from neural_doc_flow_security.sandbox.config import NamespaceConfig, SandboxConfig
+from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, NamespaceConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.ipc.channel import SyncChannel
 from neural_doc_flow_security.sandbox.ipc.messages import ChannelRole, MessageKind
 from neural_doc_flow_security.sandbox.launch import spare as spare_sandbox
 from neural_doc_flow_security.sandbox.launch.bootstrap import ExecPayload
 from neural_doc_flow_security.sandbox.launch.launcher import Launcher, LaunchRequest
+from neural_doc_flow_security.sandbox.launch.plan import plan_launch
 from neural_doc_flow_security.sandbox.launch.python_worker import PythonWorkerPayload
 from neural_doc_flow_security.sandbox.linux import syscalls as sc
 from neural_doc_flow_security.sandbox.linux.cgroups import V1Cgroup
@@ -173,6 +175,114 @@ def test_a_callable_from_a_spare_answers_over_its_channel(launcher: Launcher) ->
     assert reply.value[-1] == "65534" and "root" not in reply.value and "home" not in reply.value
     assert wait_until(lambda: _gone(spawned.pid), timeout=10)
     assert launcher.finish(1).outcome.value == "ok"
+
+
+def _start_sleeper(launcher: Launcher, sandbox_id: int, config: SandboxConfig) -> tuple[int, int]:
+    """Start `sleep 30` in a sandbox; (init's pid, the program's pid)."""
+    fds = devnull_fds()
+    spawned = launcher.start(sandbox_id, LaunchRequest(config, ExecPayload(("sleep", "30")), "sleeper", fds))
+    os.close(fds[0][1])
+    assert wait_until(lambda: _children(spawned.pid), timeout=10)
+    return spawned.pid, _children(spawned.pid)[0]
+
+
+def _end(launcher: Launcher, sandbox_id: int, pid: int) -> None:
+    launcher.kill(sandbox_id)
+    assert wait_until(lambda: _gone(pid), timeout=10)
+    assert launcher.finish(sandbox_id).outcome.value == "killed"
+
+
+def _mount_table(pid: int) -> list[tuple[str, ...]]:
+    """What /proc/<pid>/mountinfo says of each mount but its ids and peer groups:
+    root, mount point, mount options, file system type, super options."""
+    rows = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            tail = fields[fields.index("-") + 1:]
+            rows.append((fields[3], fields[4], fields[5], tail[0], tail[2]))
+    return sorted(rows)
+
+
+def _with_spare_for(launcher: Launcher, config: SandboxConfig) -> spare_sandbox.Spare:
+    """Idle time until the spare has a fresh root for `config`'s launches."""
+    wanted = plan_launch(config).rootfs
+
+    def ready(spare: spare_sandbox.Spare | None) -> bool:
+        return spare is not None and spare.rootfs == wanted and not spare_sandbox.root_stale(spare)
+
+    while not ready(launcher._spare) and launcher.prepare_next():
+        pass
+    assert launcher._spare is not None and launcher._spare.rootfs == wanted
+    return launcher._spare
+
+
+def test_after_a_launch_the_next_spare_builds_its_root_ahead(launcher: Launcher) -> None:
+    config = SandboxConfig()
+    cold_init, cold_program = _start_sleeper(launcher, 1, config)  # no spare yet: a cold sandbox
+    cold_mounts = _mount_table(cold_program)
+    _end(launcher, 1, cold_init)
+    spare = _with_spare(launcher)
+    assert spare.rootfs is not None  # the latest launch's root, built before any launch asks for it
+
+    def built() -> bool:  # seen from the host: the spare's mount namespace already has it
+        return _mount_table(spare.pid) == cold_mounts
+
+    assert wait_until(built, timeout=10), _mount_table(spare.pid)
+    init, program = _start_sleeper(launcher, 2, config)
+    try:
+        assert init == spare.pid
+        assert _mount_table(program) == cold_mounts  # the same root as a cold sandbox's
+        with open(f"/proc/{program}/status") as f:
+            assert proc_status_fields(f.read())["Seccomp"] == "2"
+    finally:
+        _end(launcher, 2, init)
+
+
+def test_a_spare_never_builds_a_root_with_user_binds(launcher: Launcher, tmp_path: Path) -> None:
+    bound = SandboxConfig(filesystem=FilesystemConfig(read_only_binds=(BindMount(str(tmp_path), "/data"),)))
+    init, _ = _start_sleeper(launcher, 1, bound)
+    _end(launcher, 1, init)
+    spare = _with_spare(launcher)
+    assert spare.rootfs is None  # a bind's source could change before the launch: bound at the launch
+    init, program = _start_sleeper(launcher, 2, bound)
+    try:
+        assert init == spare.pid and "/data" in [row[1] for row in _mount_table(program)]
+    finally:
+        _end(launcher, 2, init)
+
+
+def test_a_spare_built_for_another_root_is_replaced_when_idle(launcher: Launcher) -> None:
+    init, _ = _start_sleeper(launcher, 1, SandboxConfig())
+    _end(launcher, 1, init)
+    spare = _with_spare(launcher)
+    assert spare.rootfs is not None
+    other = SandboxConfig(filesystem=FilesystemConfig(tmp_size_mb=32))  # another root
+    init, _ = _start_sleeper(launcher, 2, other)
+    assert init != spare.pid and launcher._spare is spare  # it does not fit: the launch went cold
+    _end(launcher, 2, init)
+    replacement = _with_spare_for(launcher, other)
+    assert replacement.pid != spare.pid and not os.path.exists(f"/proc/{spare.pid}")  # killed and reaped
+    init, _ = _start_sleeper(launcher, 3, other)
+    try:
+        assert init == replacement.pid
+    finally:
+        _end(launcher, 3, init)
+
+
+def test_a_root_built_long_ago_is_not_used_and_the_spare_is_replaced(launcher: Launcher) -> None:
+    init, _ = _start_sleeper(launcher, 1, SandboxConfig())
+    _end(launcher, 1, init)
+    spare = _with_spare(launcher)
+    assert spare.rootfs is not None
+    deadline = launcher.next_deadline()  # an idle zygote wakes up then to replace it
+    assert deadline is not None and deadline <= spare.made_at + spare_sandbox.ROOT_MAX_AGE
+    spare.made_at -= spare_sandbox.ROOT_MAX_AGE  # as if it had waited that long
+    init, _ = _start_sleeper(launcher, 2, SandboxConfig())
+    assert init != spare.pid  # a file bound by itself may have been replaced since: cold
+    _end(launcher, 2, init)
+    replacement = _with_spare_for(launcher, SandboxConfig())
+    assert replacement is not spare and not os.path.exists(f"/proc/{spare.pid}")
 
 
 def test_shutdown_removes_an_unused_spare(launcher: Launcher) -> None:

@@ -31,8 +31,9 @@ is forked, and nothing untrusted runs, before the child is in its cgroups.
 
 A spare (launch/spare.py, made by an idle zygote) runs the same list split in
 two: `spare_steps` (stages 1-3 and 5, then it drops every inherited fd, joins
-its cgroup itself and waits) ahead of any request, and `launch_steps` (stage 6
-on) once a launch sends them. Nothing of a config is applied before the launch.
+its cgroup itself, builds the root of a recent launch if asked (stage 6) and
+waits) ahead of any request, and `launch_steps` (stage 6 or 7 on) once a launch
+sends them. Nothing else of a config is applied before the launch.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import signal
 from dataclasses import dataclass
 
 from ..linux import syscalls as sc
-from ..linux.rootfs import rootfs_steps
+from ..linux.rootfs import RootfsPlan, rootfs_steps
 from ..linux.steps import Step, StepTuple
 from .payload import ExecPayload, Payload
 from .plan import LaunchPlan
@@ -98,11 +99,11 @@ _NOT_DUMPABLE = _stage("not dumpable", (Step.PRCTL, sc.PR_SET_DUMPABLE, 0))
 
 
 def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
-                   loopback: bool, cgroup_token: bool) -> list[StepTuple]:
-    """From the mounts to the payload."""
+                   loopback: bool, cgroup_token: bool, mounted: bool = False) -> list[StepTuple]:
+    """From the mounts (unless `mounted`: a spare built the root) to the payload."""
     names = plan.namespaces.names
     steps: list[StepTuple] = []
-    if plan.rootfs is not None:
+    if plan.rootfs is not None and not mounted:
         steps += _stage("mounts", *rootfs_steps(plan.rootfs))
     if "uts" in names:
         steps += _stage("hostname", (Step.SETHOSTNAME, plan.config.hostname.encode()))
@@ -157,10 +158,11 @@ def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tupl
 
 
 def spare_steps(pipes: ChildPipes, netns_fd: int | None, cgroup_procs: tuple[int, ...], launch_socket: int,
-                staging: int) -> tuple[StepTuple, ...]:
+                staging: int, rootfs: RootfsPlan | None = None) -> tuple[StepTuple, ...]:
     """A spare's steps (launch/spare.py): the same first stages, then it drops every
-    inherited fd but its own, joins its cgroup (v1: cgroup.procs fds) and waits for
-    its launch, whose steps are `launch_steps`. Nothing of a config is applied yet."""
+    inherited fd but its own, joins its cgroup (v1: cgroup.procs fds), builds
+    `rootfs` if given, and waits for its launch, whose steps are `launch_steps`.
+    Nothing else of a config is applied yet."""
     keep = (pipes.sync_read, pipes.status_write, launch_socket, *cgroup_procs)
     # The error pipe (and a benchmark's trace fd) above the fds the launch stages from `staging` on.
     steps: list[StepTuple] = [(Step.MOVE_ERROR_FD, staging + 16)]
@@ -168,12 +170,16 @@ def spare_steps(pipes: ChildPipes, netns_fd: int | None, cgroup_procs: tuple[int
     steps += _stage("file descriptors", (Step.ARRANGE_FDS, b"", b"".join(fd.to_bytes(4, "little") for fd in keep)))
     if cgroup_procs:
         steps += _stage("cgroup", (Step.JOIN_CGROUP, b"".join(fd.to_bytes(4, "little") for fd in cgroup_procs)))
+    if rootfs is not None:
+        steps += _stage("mounts", *rootfs_steps(rootfs))
     steps += _stage("wait for the launch", (Step.AWAIT_LAUNCH, launch_socket, staging))
     return tuple(steps)
 
 
 @functools.lru_cache(maxsize=64)
 def launch_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
-                 loopback: bool) -> tuple[StepTuple, ...]:
-    """What a spare does once launched: the rest of child_steps (it is in its cgroup already)."""
-    return tuple(_sandbox_steps(plan, program, pipes, fd_map, loopback=loopback, cgroup_token=False))
+                 loopback: bool, mounted: bool = False) -> tuple[StepTuple, ...]:
+    """What a spare does once launched: the rest of child_steps (it is in its cgroup
+    already, and `mounted`: its root is built)."""
+    return tuple(_sandbox_steps(plan, program, pipes, fd_map, loopback=loopback, cgroup_token=False,
+                                mounted=mounted))

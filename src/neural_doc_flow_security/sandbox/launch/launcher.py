@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import cgroups, network
 from ..linux.cgroups.base import SandboxCgroup
+from ..linux.rootfs import RootfsPlan
 from ..result import Outcome, ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from . import spare as spare_sandbox
@@ -74,6 +76,7 @@ class Launcher:
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
         self.spares = spares and os.geteuid() == 0  # keep a spare sandbox made ahead (launch/spare.py)
         self._spare: Spare | None = None
+        self._spare_root: RootfsPlan | None = None  # what the next spare builds: the latest launch's root
         self._spare_failures = 0
         self._retired: list[SandboxCgroup] = []
         self.running: dict[int, SpawnedSandbox] = {}
@@ -85,9 +88,9 @@ class Launcher:
         the host cannot provide is an UnsupportedError that names it."""
         config = effective_config(request)
         plan = plan_launch(config)
-        busy = any(not s.killed and s.reported is None for s in self.running.values())  # others still work
+        self._spare_root = spare_sandbox.root_to_build_ahead(plan)
         accounting = request.accounting_cgroup == "always" or (request.accounting_cgroup == "when idle"
-                                                               and not busy)
+                                                               and not self._working())
 
         def make_cgroup() -> SandboxCgroup | None:
             if not (accounting or config.cgroup_limits_requested or "pid" not in plan.namespaces.names):
@@ -158,8 +161,12 @@ class Launcher:
             return None
 
     def next_deadline(self) -> float | None:
-        """The earliest wall deadline of the running sandboxes (monotonic clock)."""
-        return min((s.deadline for s in self.running.values() if s.deadline is not None), default=None)
+        """The earliest wall deadline of the running sandboxes, or when the spare's
+        root gets too old to be used (monotonic clock)."""
+        deadlines = [s.deadline for s in self.running.values() if s.deadline is not None]
+        if self._spare is not None and self._spare.rootfs is not None:
+            deadlines.append(self._spare.made_at + spare_sandbox.ROOT_MAX_AGE)
+        return min(deadlines, default=None)
 
     def expire(self, now: float | None = None) -> list[int]:
         """Kill every sandbox past its deadline; returns their ids."""
@@ -318,22 +325,38 @@ class Launcher:
         self.kill(sandbox_id)
         return usage
 
-    def prepare_next(self) -> bool:
+    def prepare_next(self, announce: Callable[[], None] = lambda: None) -> bool:
         """Idle time (a zygote between requests): make one more thing for the next
         sandbox, off its critical path: a spare sandbox, a cgroup, a network
-        namespace. Not while a sandbox of ours runs: it would compete with it for
-        the CPU. False when nothing is left to make (now)."""
-        if self.running:
+        namespace. Not while a sandbox of ours works: it would compete with it for
+        the CPU (one that has ended its payload or was killed is only torn down
+        by the kernel now). False when nothing is left to make (now). `announce`
+        is called before work that takes milliseconds and cannot be interrupted
+        (the spare, the cgroup): a launch sent meanwhile would wait for it."""
+        if self._working():
             return False
         if self._spare is not None and not spare_sandbox.alive(self._spare):
             self._spare_failures += 1  # it failed a stage before its launch (logged)
             spare_sandbox.discard(self._spare)
             self._spare = None
+        spare = self._spare
+        if spare is not None and (spare.rootfs != self._spare_root or spare_sandbox.root_stale(spare)):
+            announce()  # launches changed their root, or it is old: a new one for the next of them
+            spare_sandbox.discard(spare)
+            self._spare = None
         if self.spares and self._spare is None and self._spare_failures < MAX_SPARE_FAILURES \
                 and not self.template_lost:
+            announce()
             self._spare = self._make_spare()
             return True
-        return resources.make_spare_cgroup() or (self.netns_ahead and network.make_ahead())
+        if resources.spare_cgroup_wanted():
+            announce()
+            return resources.make_spare_cgroup()
+        return self.netns_ahead and network.make_ahead()  # in a thread: nothing to announce
+
+    def _working(self) -> bool:
+        """Whether a sandbox of ours may still be running its payload."""
+        return any(not s.killed and s.reported is None for s in self.running.values())
 
     def _template_gone(self, error: SandboxError) -> None:
         # Not cloned from this process instead: its memory holds earlier requests (their
@@ -345,7 +368,7 @@ class Launcher:
         cgroup = resources.cgroup_for_spare()
         try:
             return spare_sandbox.make_spare(plan_launch(SandboxConfig()).namespaces, cgroup,  # the default's
-                                            self.template)
+                                            self.template, self._spare_root)
         except (SandboxError, OSError) as e:
             if isinstance(e, TemplateGone):
                 self._template_gone(e)

@@ -98,12 +98,17 @@ _spare: V1Cgroup | None = None
 _spare_maker: threading.Thread | None = None
 
 
+def spare_cgroup_wanted() -> bool:
+    """Whether make_spare_cgroup() would make one (cgroup v1, none made or in the making)."""
+    return _spare is None and _spare_maker is None and not cgroups.joined_at_clone()
+
+
 def make_spare_cgroup(*, in_background: bool = False) -> bool:
     """Make an unlimited cgroup for the next launch now (a zygote when idle; the
     CLI in a thread while it imports). Only on cgroup v1, where a cgroup can take
     its sandbox's name later; best effort. Whether there was one to make."""
     global _spare_maker
-    if _spare is not None or _spare_maker is not None or cgroups.joined_at_clone():
+    if not spare_cgroup_wanted():
         return False
     if in_background:
         _spare_maker = threading.Thread(target=_make_spare, name="ndf-cgroup", daemon=True)

@@ -4,11 +4,15 @@ What a launch costs before any of its config is applied is paid ahead: clone3
 with the namespaces (joining a network namespace made ahead), the first init
 stages (bootstrap.spare_steps) and, on cgroup v1, the move into its cgroup,
 which waits for an RCU grace period (~10 ms once the machine has been idle).
-The spare then waits in AWAIT_LAUNCH with nothing but its own fds.
+It may also build a root ahead: that of the launcher's latest launch, when it
+binds only system directories and the interpreter (`root_to_build_ahead`: no
+user binds, whose sources could change before the launch), used for at most
+ROOT_MAX_AGE (a file bound by itself, /etc/ld.so.cache say, may be replaced
+meanwhile). The spare then waits in AWAIT_LAUNCH with nothing but its own fds.
 
-A launch whose plan has the spare's namespaces (`matches`) takes it: the
-cgroup gets the sandbox's name and limits, then the spare receives the rest of
-its steps (bootstrap.launch_steps, packed in a memfd), the payload's fds and,
+A launch whose plan has the spare's namespaces and, if it built one, its root
+(`matches`) takes it: the cgroup gets the sandbox's name and limits, then the
+spare receives the rest of its steps (bootstrap.launch_steps, packed in a memfd), the payload's fds and,
 for a callable, the pickled payload, and goes on exactly like a cold child. A
 spare is used once. One that died or does not fit is discarded, and the
 launch takes the cold path. Only as root without a user namespace (a user
@@ -33,6 +37,7 @@ from ..linux import syscalls as sc
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.cgroups.v1 import V1Cgroup
 from ..linux.namespaces import NamespacePlan
+from ..linux.rootfs import RootfsPlan
 from . import bootstrap
 from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 # The spare's own fds sit at or above this number, its payload's fds are staged
 # just above them: below it, the payload's fd targets (0-3) and the error pipe.
 FD_FLOOR = 64
+ROOT_MAX_AGE = 60.0  # seconds
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Spare:
     staging: int
     loopback: bool  # lo still to bring up (no namespace was made ahead)
     cgroup: SandboxCgroup | None
+    rootfs: RootfsPlan | None  # the root it built, if any
+    made_at: float  # monotonic clock
 
 
 def _high(fd: int) -> int:
@@ -70,11 +78,20 @@ def _high(fd: int) -> int:
     return moved
 
 
-def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template: Template | None = None) -> Spare:
+def root_to_build_ahead(plan: LaunchPlan) -> RootfsPlan | None:
+    """The root a spare may build for launches like this one: only system
+    directories, the interpreter and synthesized files (no user binds)."""
+    fs = plan.config.filesystem
+    return plan.rootfs if not (fs.binds or fs.read_only_binds) else None
+
+
+def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template: Template | None = None,
+               rootfs: RootfsPlan | None = None) -> Spare:
     """Clone a spare with these namespaces into `cgroup` (v2 with the clone; v1: the
     child writes itself into the cgroup.procs files), through `template` or from
-    this process (then single-threaded). A failure closes everything and raises;
-    the cgroup stays the caller's until this returns."""
+    this process (then single-threaded); with `rootfs`, it builds that root. A
+    failure closes everything and raises; the cgroup stays the caller's until
+    this returns."""
     if namespaces.user or "pid" not in namespaces.names:
         raise SandboxError("a spare needs a pid namespace and no user namespace")
     ours: list[int] = []
@@ -108,7 +125,7 @@ def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template
         if netns_fd is not None:
             theirs.append(netns_fd)
         staging = max(theirs) + 1
-        spare_steps = bootstrap.spare_steps(pipes, netns_fd, tuple(procs), child_socket, staging)
+        spare_steps = bootstrap.spare_steps(pipes, netns_fd, tuple(procs), child_socket, staging, rootfs)
         clone_flags = namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
         pid, pidfd = clone_child(template, clone_flags, cgroup_fd, pipes.error_write, spare_steps, tuple(theirs))
     except BaseException:
@@ -118,14 +135,21 @@ def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template
     for fd in theirs:
         os.close(fd)
     return Spare(namespaces.clone_flags, pid, pidfd, pipes, error_read, status_read, sync_write,
-                 socket.socket(fileno=ours[3]), staging, loopback=netns_fd is None, cgroup=cgroup)
+                 socket.socket(fileno=ours[3]), staging, loopback=netns_fd is None, cgroup=cgroup, rootfs=rootfs,
+                 made_at=time.monotonic())
 
 
 def matches(spare: Spare, plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...]) -> bool:
     """Whether `spare` can start a sandbox of `plan` with these fds."""
     return (spare.clone_flags == plan.namespaces.clone_flags and not plan.namespaces.user
             and "pid" in plan.namespaces.names and len(fd_map) < 8
-            and all(target < FD_FLOOR for target, _ in fd_map))
+            and all(target < FD_FLOOR for target, _ in fd_map)
+            and (spare.rootfs is None or (spare.rootfs == plan.rootfs and not root_stale(spare))))
+
+
+def root_stale(spare: Spare) -> bool:
+    """Whether the root the spare built is too old to be used."""
+    return spare.rootfs is not None and time.monotonic() - spare.made_at >= ROOT_MAX_AGE
 
 
 def alive(spare: Spare) -> bool:
@@ -140,7 +164,8 @@ def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
     spare is gone (the caller discards it)."""
     program = isinstance(payload, bootstrap.ExecPayload)
     staged = tuple((target, spare.staging + i) for i, (target, _) in enumerate(fd_map))
-    launch_steps = bootstrap.launch_steps(plan, program, spare.pipes, staged, spare.loopback)
+    launch_steps = bootstrap.launch_steps(plan, program, spare.pipes, staged, spare.loopback,
+                                          mounted=spare.rootfs is not None)
     memfd = seal_bytes(pack_with_payload(launch_steps, payload, plan.environment), "ndf-launch")
     try:
         fds = array.array("i", [memfd, *(source for _, source in fd_map)])

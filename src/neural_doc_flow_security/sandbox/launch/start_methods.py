@@ -182,6 +182,7 @@ class _Zygote:
         self.running: set[int] = set()
         self.send_lock = asyncio.Lock()
         self.dead: str | None = None
+        self.preparing = False  # making a spare ahead: a launch sent now would wait for it
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -211,6 +212,9 @@ class _Zygote:
             self.gone("the zygote exited")
             return
         message = msgpack.unpackb(data, raw=False)
+        if message["op"] == "preparing":
+            self.preparing = message["busy"]
+            return
         if message["op"] == "exited":
             self.running.discard(message["id"])
             self.starter._exited(message["id"], SandboxResult.from_dict(message["result"]))
@@ -330,7 +334,7 @@ class ZygoteStarter(StartMethod):
             alive = [z for z in self._zygotes if not z.dead]
             if not alive:
                 raise SandboxError(self._zygotes[0].dead or "no zygote is running")
-            zygote = min(alive, key=lambda z: len(z.running) + len(z.replies))
+            zygote = min(alive, key=lambda z: (len(z.running) + len(z.replies), z.preparing))
             self._owner[sandbox_id] = zygote
             zygote.running.add(sandbox_id)
             try:

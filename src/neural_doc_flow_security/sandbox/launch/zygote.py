@@ -14,6 +14,7 @@ requests on a SOCK_SEQPACKET socket:
     zygote -> manager  msgpack
         {"op": "started", "id", "pid", "isolation", "counters"} | {"op": "exited", "id", "result": {...}}
         {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", "type"}
+        {"op": "preparing", "busy": bool}: making a spare (a launch sent now would wait)
 
 When the manager goes away (socket EOF, or SIGTERM from the parent-death
 signal) the zygote kills every sandbox, removes their cgroups and exits.
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 # the zygote's own machinery (launcher, cgroups, seccomp, ...) only after.
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-PREPARE_WHEN_IDLE_FOR = 0.005  # seconds without a request or an exit
+PREPARE_WHEN_IDLE_FOR = 0.0005  # seconds without a request or an exit
 MAX_FDS = 8
 
 
@@ -164,10 +165,25 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
         if launcher.template_lost:
             return  # fail closed: main() kills what is left; the manager uses its other zygotes
         launcher.expire()
-        # Idle for a moment: make the next sandbox's spare, cgroup and network namespace.
-        # Not at once: a request that follows its predecessor closely would wait for them.
-        while not selector.select(PREPARE_WHEN_IDLE_FOR) and launcher.prepare_next():
-            pass
+        _prepare_while_idle(sock, selector, launcher)
+
+
+def _prepare_while_idle(sock: socket.socket, selector: selectors.BaseSelector, launcher: Launcher) -> None:
+    """Idle for a moment: make the next sandbox's spare, cgroup and network namespace.
+    The manager is told while this runs (it cannot be interrupted): it sends its
+    launches to another zygote meanwhile, if one is free."""
+    told = False
+
+    def announce() -> None:
+        nonlocal told
+        if not told:
+            _send(sock, {"op": "preparing", "busy": True})
+            told = True
+
+    while not selector.select(PREPARE_WHEN_IDLE_FOR) and launcher.prepare_next(announce):
+        pass
+    if told:
+        _send(sock, {"op": "preparing", "busy": False})
 
 
 def _make_template() -> Template:
