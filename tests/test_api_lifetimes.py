@@ -190,6 +190,28 @@ def test_many_sandboxes_ending_at_once_leave_the_zygotes_running() -> None:
     assert outcomes == ["ok"] * 440 and zygotes_alive
 
 
+def test_a_launch_goes_to_a_zygote_that_is_not_making_a_spare() -> None:
+    # A zygote says when it starts and ends making a spare (it cannot be interrupted):
+    # the manager sends launches to another one meanwhile, if one is as free.
+    async def scenario() -> list[bool]:
+        async with manager("zygote", status_interval=None) as m:
+            zygotes = m._starter._zygotes
+            if len(zygotes) < 2:
+                pytest.skip("one zygote on a machine with one CPU")
+            placed = []
+            for preparing in zygotes[:2]:
+                await asyncio.sleep(0.3)  # both have made what they make ahead, and said so
+                preparing.preparing = True  # as if it had just said so
+                handle = await m.spawn("p", lambda ctx: ctx.wait_for_stop())
+                placed.append(m._starter._owner[handle.sandbox_id] is not preparing)
+                await handle.kill()
+                await handle.wait()
+                preparing.preparing = False
+            return placed
+
+    assert run(scenario()) == [True, True]
+
+
 def test_hundreds_of_requests_at_once_are_all_carried_out() -> None:
     # More requests than the zygotes' sockets hold: senders queue for the socket to drain
     # (the event loop has one writer callback per fd; every queued request must still go).

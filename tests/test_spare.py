@@ -8,13 +8,16 @@ files, the fds it holds. The escape suite also runs every threat through a spare
 
 from __future__ import annotations
 
+import contextlib
 import os
+import selectors
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
+import msgpack
 import pytest
 
 from _cgroup_helpers import devnull_fds, ndf_leftovers, start_memory_hog
@@ -24,6 +27,7 @@ from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig,
 from neural_doc_flow_security.sandbox.ipc.channel import SyncChannel
 from neural_doc_flow_security.sandbox.ipc.messages import ChannelRole, MessageKind
 from neural_doc_flow_security.sandbox.launch import spare as spare_sandbox
+from neural_doc_flow_security.sandbox.launch import zygote
 from neural_doc_flow_security.sandbox.launch.bootstrap import ExecPayload
 from neural_doc_flow_security.sandbox.launch.launcher import Launcher, LaunchRequest
 from neural_doc_flow_security.sandbox.launch.plan import plan_launch
@@ -283,6 +287,29 @@ def test_a_root_built_long_ago_is_not_used_and_the_spare_is_replaced(launcher: L
     _end(launcher, 2, init)
     replacement = _with_spare_for(launcher, SandboxConfig())
     assert replacement is not spare and not os.path.exists(f"/proc/{spare.pid}")
+
+
+def _prepare_as_a_zygote(launcher: Launcher, *, request_waiting: bool) -> list[object]:
+    """Run the zygote's idle step with `launcher`; what it told the manager."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, selectors.DefaultSelector() as selector:
+        selector.register(ours, selectors.EVENT_READ)
+        if request_waiting:
+            theirs.send(b"a request")
+        zygote._prepare_while_idle(ours, selector, launcher)
+        theirs.setblocking(False)
+        said: list[object] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                said.append(msgpack.unpackb(theirs.recv(4096)))
+    return said
+
+
+def test_an_idle_zygote_says_while_it_makes_its_spare(launcher: Launcher) -> None:
+    assert _prepare_as_a_zygote(launcher, request_waiting=True) == [] and launcher._spare is None  # it serves first
+    said = _prepare_as_a_zygote(launcher, request_waiting=False)
+    assert launcher._spare is not None
+    assert said == [{"op": "preparing", "busy": True}, {"op": "preparing", "busy": False}]
 
 
 def test_shutdown_removes_an_unused_spare(launcher: Launcher) -> None:

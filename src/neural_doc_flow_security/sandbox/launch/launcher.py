@@ -348,11 +348,15 @@ class Launcher:
                 and not self.template_lost:
             announce()
             self._spare = self._make_spare()
+            if self.netns_ahead:  # the next spare's, at once (in a thread): a launch may come before
+                network.make_ahead()  # the next idle moment, and a clone without one makes it (~1 ms)
+            return True
+        if self.netns_ahead and network.make_ahead():  # in a thread: nothing to announce
             return True
         if resources.spare_cgroup_wanted():
             announce()
             return resources.make_spare_cgroup()
-        return self.netns_ahead and network.make_ahead()  # in a thread: nothing to announce
+        return False
 
     def _working(self) -> bool:
         """Whether a sandbox of ours may still be running its payload."""
