@@ -25,10 +25,10 @@ class LauncherWithSpare(Launcher):
         made.append(self)
 
     def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
-        self._spare_root = spare.root_to_build_ahead(plan_launch(effective_config(request)))
-        self._spare = self._make_spare()
-        if self._spare is None:
+        made_ahead = self._make_spare(spare.root_to_build_ahead(plan_launch(effective_config(request))))
+        if made_ahead is None:
             raise SystemExit("spare_runner: no spare could be made")
+        self._spares.append(made_ahead)
         return super().start(sandbox_id, request)
 
 
@@ -38,6 +38,6 @@ if __name__ == "__main__":
         code = cli.main(sys.argv[1:])
     finally:
         for launcher in made:
-            if launcher._spare is not None:  # the config did not fit it
-                spare.discard(launcher._spare)
+            for unused in launcher._spares:  # the config did not fit it
+                spare.discard(unused)
     sys.exit(code)

@@ -342,8 +342,9 @@ def test_a_spare_made_through_the_template_takes_the_limits_of_its_launch() -> N
     try:
         while launcher.prepare_next():
             pass
-        spare = launcher._spare
-        assert spare is not None and spare.cgroup is not None
+        assert launcher._spares
+        spare = launcher._spares[0]
+        assert spare.cgroup is not None
         spawned = start_memory_hog(launcher, 1)
         assert spawned.pid == spare.pid
         assert wait_for(lambda: process_state(spawned.pid) == "Z", timeout=30)

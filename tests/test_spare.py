@@ -26,6 +26,7 @@ from conftest import wait_until
 from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, NamespaceConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.ipc.channel import SyncChannel
 from neural_doc_flow_security.sandbox.ipc.messages import ChannelRole, MessageKind
+from neural_doc_flow_security.sandbox.launch import launcher as launcher_module
 from neural_doc_flow_security.sandbox.launch import spare as spare_sandbox
 from neural_doc_flow_security.sandbox.launch import zygote
 from neural_doc_flow_security.sandbox.launch.bootstrap import ExecPayload
@@ -50,10 +51,10 @@ def launcher() -> Iterator[Launcher]:
 
 
 def _with_spare(launcher: Launcher) -> spare_sandbox.Spare:
-    while launcher._spare is None and launcher.prepare_next():
+    while not launcher._spares and launcher.prepare_next():
         pass
-    assert launcher._spare is not None
-    return launcher._spare
+    assert launcher._spares
+    return launcher._spares[0]
 
 
 def _children(pid: int) -> list[int]:
@@ -75,7 +76,7 @@ def test_a_sandbox_from_a_spare_is_confined_like_a_cold_one(launcher: Launcher) 
     spawned = launcher.start(1, LaunchRequest(SandboxConfig(), ExecPayload(("sleep", "30")), "spare", fds))
     os.close(fds[0][1])
     try:
-        assert spawned.pid == spare.pid and launcher._spare is None  # the spare itself, used once
+        assert spawned.pid == spare.pid and spare not in launcher._spares  # the spare itself, used once
         assert wait_until(lambda: _children(spawned.pid), timeout=10)
         program = _children(spawned.pid)[0]
         with open(f"/proc/{program}/status") as f:
@@ -146,7 +147,7 @@ def test_a_spare_that_does_not_fit_stays_and_the_launch_goes_cold(launcher: Laun
     fds = devnull_fds()
     spawned = launcher.start(1, LaunchRequest(config, ExecPayload(("true",)), "cold", fds))
     os.close(fds[0][1])
-    assert spawned.pid != spare.pid and launcher._spare is spare
+    assert spawned.pid != spare.pid and spare in launcher._spares
     assert wait_until(lambda: _gone(spawned.pid), timeout=10)
     assert launcher.finish(1).outcome.value == "ok"
 
@@ -212,13 +213,14 @@ def _with_spare_for(launcher: Launcher, config: SandboxConfig) -> spare_sandbox.
     """Idle time until the spare has a fresh root for `config`'s launches."""
     wanted = plan_launch(config).rootfs
 
-    def ready(spare: spare_sandbox.Spare | None) -> bool:
-        return spare is not None and spare.rootfs == wanted and not spare_sandbox.root_stale(spare)
+    def ready() -> spare_sandbox.Spare | None:
+        return next((s for s in launcher._spares if s.rootfs == wanted and not spare_sandbox.root_stale(s)), None)
 
-    while not ready(launcher._spare) and launcher.prepare_next():
+    while ready() is None and launcher.prepare_next():
         pass
-    assert launcher._spare is not None and launcher._spare.rootfs == wanted
-    return launcher._spare
+    spare = ready()
+    assert spare is not None
+    return spare
 
 
 def test_after_a_launch_the_next_spare_builds_its_root_ahead(launcher: Launcher) -> None:
@@ -256,22 +258,28 @@ def test_a_spare_never_builds_a_root_with_user_binds(launcher: Launcher, tmp_pat
         _end(launcher, 2, init)
 
 
-def test_a_spare_built_for_another_root_is_replaced_when_idle(launcher: Launcher) -> None:
-    init, _ = _start_sleeper(launcher, 1, SandboxConfig())
+def test_spares_follow_the_roots_of_the_latest_launches(launcher: Launcher) -> None:
+    # A pipeline that runs a program and a callable per document has two roots:
+    # a spare for each; a third root replaces the older one's spare when idle.
+    first, second, third = (SandboxConfig(filesystem=FilesystemConfig(tmp_size_mb=size)) for size in (64, 32, 16))
+    init, _ = _start_sleeper(launcher, 1, first)
     _end(launcher, 1, init)
-    spare = _with_spare(launcher)
-    assert spare.rootfs is not None
-    other = SandboxConfig(filesystem=FilesystemConfig(tmp_size_mb=32))  # another root
-    init, _ = _start_sleeper(launcher, 2, other)
-    assert init != spare.pid and launcher._spare is spare  # it does not fit: the launch went cold
+    first_spare = _with_spare_for(launcher, first)
+    init, _ = _start_sleeper(launcher, 2, second)
+    assert init != first_spare.pid and first_spare in launcher._spares  # it does not fit: the launch went cold
     _end(launcher, 2, init)
-    replacement = _with_spare_for(launcher, other)
-    assert replacement.pid != spare.pid and not os.path.exists(f"/proc/{spare.pid}")  # killed and reaped
-    init, _ = _start_sleeper(launcher, 3, other)
+    second_spare = _with_spare_for(launcher, second)
+    assert first_spare in launcher._spares and len(launcher._spares) == launcher_module.MAX_SPARES
+    init, _ = _start_sleeper(launcher, 3, third)
+    _end(launcher, 3, init)
+    third_spare = _with_spare_for(launcher, third)
+    assert launcher._spares == [second_spare, third_spare]
+    assert not os.path.exists(f"/proc/{first_spare.pid}")  # killed and reaped
+    init, _ = _start_sleeper(launcher, 4, second)
     try:
-        assert init == replacement.pid
+        assert init == second_spare.pid
     finally:
-        _end(launcher, 3, init)
+        _end(launcher, 4, init)
 
 
 def test_a_root_built_long_ago_is_not_used_and_the_spare_is_replaced(launcher: Launcher) -> None:
@@ -306,14 +314,14 @@ def _prepare_as_a_zygote(launcher: Launcher, *, request_waiting: bool) -> list[o
 
 
 def test_an_idle_zygote_says_while_it_makes_its_spare(launcher: Launcher) -> None:
-    assert _prepare_as_a_zygote(launcher, request_waiting=True) == [] and launcher._spare is None  # it serves first
+    assert _prepare_as_a_zygote(launcher, request_waiting=True) == [] and not launcher._spares  # it serves first
     said = _prepare_as_a_zygote(launcher, request_waiting=False)
-    assert launcher._spare is not None
+    assert launcher._spares
     assert said == [{"op": "preparing", "busy": True}, {"op": "preparing", "busy": False}]
 
 
 def test_shutdown_removes_an_unused_spare(launcher: Launcher) -> None:
     spare = _with_spare(launcher)
     launcher.shutdown()
-    assert launcher._spare is None and not os.path.exists(f"/proc/{spare.pid}")
+    assert launcher._spares == [] and not os.path.exists(f"/proc/{spare.pid}")
     assert ndf_leftovers() == []

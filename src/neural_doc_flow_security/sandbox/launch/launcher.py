@@ -31,6 +31,7 @@ from .spawn import SpawnedSandbox, finish_sandbox, reported_result, spawn_sandbo
 from .template import Template, TemplateGone
 
 MAX_SPARE_FAILURES = 3  # then no more spares: something on this host refuses them (logged)
+MAX_SPARES = 2  # one for each root of the latest launches (a callable's and a program's differ)
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,10 @@ class Launcher:
         self.template = template  # clones every sandbox (a zygote's); else this process does
         self.template_lost = ""  # why the template is gone: then nothing more is started
         self.netns_ahead = netns_ahead  # make each next network namespace ahead (a zygote: never the host)
-        self.spares = spares and os.geteuid() == 0  # keep a spare sandbox made ahead (launch/spare.py)
-        self._spare: Spare | None = None
-        self._spare_root: RootfsPlan | None = None  # what the next spare builds: the latest launch's root
+        self.spares = spares and os.geteuid() == 0  # keep spare sandboxes made ahead (launch/spare.py)
+        self._spares: list[Spare] = []
+        # The roots the spares build: those of the latest launches, newest first, each once.
+        self._spare_roots: list[RootfsPlan | None] = [None]
         self._spare_failures = 0
         self._retired: list[SandboxCgroup] = []
         self.running: dict[int, SpawnedSandbox] = {}
@@ -88,7 +90,8 @@ class Launcher:
         the host cannot provide is an UnsupportedError that names it."""
         config = effective_config(request)
         plan = plan_launch(config)
-        self._spare_root = spare_sandbox.root_to_build_ahead(plan)
+        root = spare_sandbox.root_to_build_ahead(plan)
+        self._spare_roots = [root, *(r for r in self._spare_roots if r != root)][:MAX_SPARES]
         accounting = request.accounting_cgroup == "always" or (request.accounting_cgroup == "when idle"
                                                                and not self._working())
 
@@ -139,14 +142,15 @@ class Launcher:
         return spawned
 
     def _launch_spare(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan) -> SpawnedSandbox | None:
-        """Start the sandbox from the spare made ahead, if there is one that fits;
-        None: take the cold path (a spare that does not fit stays for later)."""
-        spare = self._spare
-        if spare is None or not spare_sandbox.matches(spare, plan, request.fd_map):
+        """Start the sandbox from a spare made ahead, if one fits; None: take the
+        cold path (a spare that does not fit stays for later)."""
+        fitting = [s for s in self._spares if spare_sandbox.matches(s, plan, request.fd_map)]
+        spare = min(fitting, key=lambda s: s.rootfs is None, default=None)  # one that built the root first
+        if spare is None:
             return None
         if spare.cgroup is None and (request.accounting_cgroup == "always" or config.cgroup_limits_requested):
             return None
-        self._spare = None
+        self._spares.remove(spare)
         if not spare_sandbox.alive(spare):
             self._spare_failures += 1
             spare_sandbox.discard(spare)
@@ -161,11 +165,10 @@ class Launcher:
             return None
 
     def next_deadline(self) -> float | None:
-        """The earliest wall deadline of the running sandboxes, or when the spare's
+        """The earliest wall deadline of the running sandboxes, or when a spare's
         root gets too old to be used (monotonic clock)."""
         deadlines = [s.deadline for s in self.running.values() if s.deadline is not None]
-        if self._spare is not None and self._spare.rootfs is not None:
-            deadlines.append(self._spare.made_at + spare_sandbox.ROOT_MAX_AGE)
+        deadlines += [s.made_at + spare_sandbox.ROOT_MAX_AGE for s in self._spares if s.rootfs is not None]
         return min(deadlines, default=None)
 
     def expire(self, now: float | None = None) -> list[int]:
@@ -327,27 +330,26 @@ class Launcher:
 
     def prepare_next(self, announce: Callable[[], None] = lambda: None) -> bool:
         """Idle time (a zygote between requests): make one more thing for the next
-        sandbox, off its critical path: a spare sandbox, a cgroup, a network
-        namespace. Not while a sandbox of ours works: it would compete with it for
+        sandbox, off its critical path: a spare sandbox (one for each root of the
+        latest launches), a network namespace, a cgroup. Not while a sandbox of ours works: it would compete with it for
         the CPU (one that has ended its payload or was killed is only torn down
         by the kernel now). False when nothing is left to make (now). `announce`
         is called before work that takes milliseconds and cannot be interrupted
         (the spare, the cgroup): a launch sent meanwhile would wait for it."""
         if self._working():
             return False
-        if self._spare is not None and not spare_sandbox.alive(self._spare):
+        for spare in [s for s in self._spares if not spare_sandbox.alive(s)]:
             self._spare_failures += 1  # it failed a stage before its launch (logged)
-            spare_sandbox.discard(self._spare)
-            self._spare = None
-        spare = self._spare
-        if spare is not None and (spare.rootfs != self._spare_root or spare_sandbox.root_stale(spare)):
-            announce()  # launches changed their root, or it is old: a new one for the next of them
-            spare_sandbox.discard(spare)
-            self._spare = None
-        if self.spares and self._spare is None and self._spare_failures < MAX_SPARE_FAILURES \
-                and not self.template_lost:
+            self._discard_spare(spare)
+        for spare in [s for s in self._spares if s.rootfs not in self._spare_roots or spare_sandbox.root_stale(s)]:
+            announce()  # no recent launch has its root, or it is old
+            self._discard_spare(spare)
+        missing = [r for r in self._spare_roots if all(s.rootfs != r for s in self._spares)]
+        if self.spares and missing and self._spare_failures < MAX_SPARE_FAILURES and not self.template_lost:
             announce()
-            self._spare = self._make_spare()
+            made = self._make_spare(missing[0])
+            if made is not None:
+                self._spares.append(made)
             if self.netns_ahead:  # the next spare's, at once (in a thread): a launch may come before
                 network.make_ahead()  # the next idle moment, and a clone without one makes it (~1 ms)
             return True
@@ -368,11 +370,15 @@ class Launcher:
         self.template_lost = f"{error}: this launcher starts no more sandboxes"
         _log().error("%s", self.template_lost)
 
-    def _make_spare(self) -> Spare | None:
+    def _discard_spare(self, spare: Spare) -> None:
+        self._spares.remove(spare)
+        spare_sandbox.discard(spare)
+
+    def _make_spare(self, rootfs: RootfsPlan | None) -> Spare | None:
         cgroup = resources.cgroup_for_spare()
         try:
             return spare_sandbox.make_spare(plan_launch(SandboxConfig()).namespaces, cgroup,  # the default's
-                                            self.template, self._spare_root)
+                                            self.template, rootfs)
         except (SandboxError, OSError) as e:
             if isinstance(e, TemplateGone):
                 self._template_gone(e)
@@ -388,9 +394,8 @@ class Launcher:
         for sandbox_id in list(self.running):
             self.kill(sandbox_id)
             results.append((sandbox_id, self.finish(sandbox_id)))
-        if self._spare is not None:
-            spare_sandbox.discard(self._spare)
-            self._spare = None
+        while self._spares:
+            self._discard_spare(self._spares[0])
         self.remove_retired()
         resources.discard_spare_cgroup()
         return results

@@ -4,19 +4,20 @@ What a launch costs before any of its config is applied is paid ahead: clone3
 with the namespaces (joining a network namespace made ahead), the first init
 stages (bootstrap.spare_steps) and, on cgroup v1, the move into its cgroup,
 which waits for an RCU grace period (~10 ms once the machine has been idle).
-It may also build a root ahead: that of the launcher's latest launch, when it
-binds only system directories and the interpreter (`root_to_build_ahead`: no
-user binds, whose sources could change before the launch), used for at most
+It may also build a root ahead: that of one of the launcher's latest launches
+(a launcher keeps a spare for each of their roots, launcher.MAX_SPARES), when
+it binds only system directories and the interpreter (`root_to_build_ahead`:
+no user binds, whose sources could change before the launch), used for at most
 ROOT_MAX_AGE (a file bound by itself, /etc/ld.so.cache say, may be replaced
 meanwhile). The spare then waits in AWAIT_LAUNCH with nothing but its own fds.
 
 A launch whose plan has the spare's namespaces and, if it built one, its root
 (`matches`) takes it: the cgroup gets the sandbox's name and limits, then the
-spare receives the rest of its steps (bootstrap.launch_steps, packed in a memfd), the payload's fds and,
-for a callable, the pickled payload, and goes on exactly like a cold child. A
-spare is used once. One that died or does not fit is discarded, and the
-launch takes the cold path. Only as root without a user namespace (a user
-namespace's id maps depend on the config).
+spare receives the rest of its steps (bootstrap.launch_steps, packed in a
+memfd), the payload's fds and, for a callable, the pickled payload, and goes
+on exactly like a cold child. A spare is used once. When none fits (or the one
+that does has died: it is discarded), the launch takes the cold path. Only as
+root without a user namespace (a user namespace's id maps depend on the config).
 """
 
 from __future__ import annotations
