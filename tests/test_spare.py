@@ -33,6 +33,7 @@ from neural_doc_flow_security.sandbox.launch.bootstrap import ExecPayload
 from neural_doc_flow_security.sandbox.launch.launcher import Launcher, LaunchRequest
 from neural_doc_flow_security.sandbox.launch.plan import plan_launch
 from neural_doc_flow_security.sandbox.launch.python_worker import PythonWorkerPayload
+from neural_doc_flow_security.sandbox.linux import network
 from neural_doc_flow_security.sandbox.linux import syscalls as sc
 from neural_doc_flow_security.sandbox.linux.cgroups import V1Cgroup
 
@@ -318,6 +319,19 @@ def test_an_idle_zygote_says_while_it_makes_its_spare(launcher: Launcher) -> Non
     said = _prepare_as_a_zygote(launcher, request_waiting=False)
     assert launcher._spares
     assert said == [{"op": "preparing", "busy": True}, {"op": "preparing", "busy": False}]
+
+
+def test_the_next_network_namespace_is_started_as_a_spare_takes_the_last_one() -> None:
+    launcher = Launcher(spares=True, netns_ahead=True)
+    try:
+        assert network.take() is None  # none made ahead yet
+        assert launcher.prepare_next() and launcher._spares  # one call: the spare (it made its own)
+        made_ahead = network.take()  # and, at once, the next spare's, not at the next idle moment
+        assert made_ahead is not None
+        assert os.readlink(f"/proc/self/fd/{made_ahead}") != os.readlink("/proc/self/ns/net")
+        os.close(made_ahead)
+    finally:
+        launcher.shutdown()
 
 
 def test_shutdown_removes_an_unused_spare(launcher: Launcher) -> None:
