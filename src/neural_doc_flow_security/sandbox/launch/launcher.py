@@ -331,11 +331,12 @@ class Launcher:
     def prepare_next(self, announce: Callable[[], None] = lambda: None) -> bool:
         """Idle time (a zygote between requests): make one more thing for the next
         sandbox, off its critical path: a spare sandbox (one for each root of the
-        latest launches), a network namespace, a cgroup. Not while a sandbox of ours works: it would compete with it for
-        the CPU (one that has ended its payload or was killed is only torn down
-        by the kernel now). False when nothing is left to make (now). `announce`
-        is called before work that takes milliseconds and cannot be interrupted
-        (the spare, the cgroup): a launch sent meanwhile would wait for it."""
+        latest launches), a network namespace, a cgroup. Not while a sandbox of
+        ours works: it would compete with it for the CPU (one that has ended its
+        payload or was killed is only torn down by the kernel now). False when
+        nothing is left to make (now). `announce` is called before work that takes
+        milliseconds and cannot be interrupted (the spare, the cgroup): a launch
+        sent meanwhile would wait for it."""
         if self._working():
             return False
         for spare in [s for s in self._spares if not spare_sandbox.alive(s)]:
