@@ -121,7 +121,11 @@ def test_a_spare_holds_none_of_its_launchers_fds(launcher: Launcher) -> None:
         spare = _with_spare(launcher)
 
         def held() -> set[str]:
-            return {os.readlink(f"/proc/{spare.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{spare.pid}/fd")}
+            targets = set()
+            for fd in os.listdir(f"/proc/{spare.pid}/fd"):
+                with contextlib.suppress(FileNotFoundError):  # closed since the listing (its cgroup files)
+                    targets.add(os.readlink(f"/proc/{spare.pid}/fd/{fd}"))
+            return targets
 
         ours = os.readlink(f"/proc/self/fd/{write_end}")
         # Once it has joined its cgroup (and closed those files): its three pipes and its launch socket.
