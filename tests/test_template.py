@@ -91,8 +91,35 @@ def test_a_zygote_whose_template_died_starts_nothing_and_the_others_go_on(manage
 
     outputs, first_gone = run(scenario())
     assert first_gone
-    # A call or two may still reach the dying zygote (the manager learns of it at its exit).
-    assert set(outputs) <= {2, "SandboxError"} and outputs[-3:] == [2, 2, 2], outputs
+    # A launch that reached the zygote after its template died was refused there and
+    # sent to the other zygote (nothing had started): no call fails.
+    assert outputs == [2] * 6, outputs
+
+
+def test_sandboxes_started_before_their_template_died_run_to_their_end(manager: SandboxManager) -> None:
+    async def scenario() -> tuple[list[object], bool, str, bool]:
+        async with manager:
+            handle = await manager.spawn("started before", lambda ctx: ctx.wait_for_stop())
+            owner = manager._starter._owner[handle.sandbox_id]
+            assert owner.process is not None
+            template = _templates(owner.process.pid)[0]
+            os.kill(template.pid, signal.SIGKILL)  # the template process this test started
+            assert wait_until(lambda: not alive(template), timeout=10)
+            outputs = [(await manager.execute_sandboxed("after", lambda: 2)).output for _ in range(4)]
+            await async_wait_until(lambda: owner.refusing, timeout=10)
+            # Still serving the sandbox it started: the zygote and the sandbox are alive.
+            both_alive = owner.process.poll() is None and psutil.pid_exists(handle.pid)
+            await handle.stop()
+            outcome = (await handle.wait()).outcome.value
+            await async_wait_until(lambda: owner.dead is not None and owner.process.poll() is not None,
+                                   timeout=10)
+            return outputs, both_alive, outcome, owner.process.returncode == 0
+
+    outputs, both_alive, outcome, exited_cleanly = run(scenario())
+    assert outputs == [2] * 4
+    assert both_alive
+    assert outcome == "ok"  # it saw the stop and returned: not killed with its zygote
+    assert exited_cleanly
 
 
 def test_the_template_dies_with_its_zygote(manager: SandboxManager) -> None:

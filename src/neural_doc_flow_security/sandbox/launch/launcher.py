@@ -87,7 +87,10 @@ class Launcher:
 
     def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
         """Create the cgroup and spawn. Raises SandboxError subclasses: a protection
-        the host cannot provide is an UnsupportedError that names it."""
+        the host cannot provide is an UnsupportedError that names it; TemplateGone:
+        nothing was started, and this launcher starts nothing more."""
+        if self.template_lost:
+            raise TemplateGone(self.template_lost)
         config = effective_config(request)
         plan = plan_launch(config)
         root = spare_sandbox.root_to_build_ahead(plan)
@@ -114,15 +117,13 @@ class Launcher:
             netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
             if self.template is None:
                 network.settle()  # a spare still in the making: no thread may run while we clone
-            elif self.template_lost:
-                raise SandboxError(self.template_lost)
             try:
                 spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map,
                                         make_cgroup=None if early else make_cgroup, netns_fd=netns_fd,
                                         template=self.template)
             except TemplateGone as e:
-                self._template_gone(e)
-                raise SandboxError(self.template_lost) from None
+                self.template_gone(str(e))
+                raise TemplateGone(self.template_lost) from None
         except BaseException as e:
             if cgroup is not None:
                 try:
@@ -365,11 +366,13 @@ class Launcher:
         """Whether a sandbox of ours may still be running its payload."""
         return any(not s.killed and s.reported is None for s in self.running.values())
 
-    def _template_gone(self, error: SandboxError) -> None:
-        # Not cloned from this process instead: its memory holds earlier requests (their
-        # calls, i.e. documents), which a sandbox forked from it could read.
-        self.template_lost = f"{error}: this launcher starts no more sandboxes"
-        _log().error("%s", self.template_lost)
+    def template_gone(self, why: str) -> None:
+        """The template died: start nothing more. Not cloned from this process instead:
+        its memory holds earlier requests (their calls, i.e. documents), which a
+        sandbox forked from it could read."""
+        if not self.template_lost:
+            self.template_lost = f"{why}: this launcher starts no more sandboxes"
+            _log().error("%s", self.template_lost)
 
     def _discard_spare(self, spare: Spare) -> None:
         self._spares.remove(spare)
@@ -382,7 +385,7 @@ class Launcher:
                                             self.template, rootfs)
         except (SandboxError, OSError) as e:
             if isinstance(e, TemplateGone):
-                self._template_gone(e)
+                self.template_gone(str(e))
             self._spare_failures += 1
             _log().warning("cannot make a spare sandbox: %s", e)
             if cgroup is not None:

@@ -183,6 +183,7 @@ class _Zygote:
         self.send_lock = asyncio.Lock()
         self.dead: str | None = None
         self.preparing = False  # making a spare ahead: a launch sent now would wait for it
+        self.refusing = ""  # why it starts nothing more (its template died): it exits when idle
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -208,12 +209,17 @@ class _Zygote:
             data = self.sock.recv(1 << 20)
         except BlockingIOError:
             return
+        except ConnectionResetError:
+            return  # it exited before reading all we sent: what it sent before is still queued
         if not data:
             self.gone("the zygote exited")
             return
         message = msgpack.unpackb(data, raw=False)
         if message["op"] == "preparing":
             self.preparing = message["busy"]
+            return
+        if message["op"] == "refusing":
+            self.refusing = message["why"]
             return
         if message["op"] == "exited":
             self.running.discard(message["id"])
@@ -331,34 +337,43 @@ class ZygoteStarter(StartMethod):
 
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
         while True:
-            alive = [z for z in self._zygotes if not z.dead]
+            alive = [z for z in self._zygotes if not z.dead and not z.refusing]
             if not alive:
-                raise SandboxError(self._zygotes[0].dead or "no zygote is running")
+                first = self._zygotes[0]
+                raise SandboxError(first.dead or first.refusing or "no zygote is running")
             zygote = min(alive, key=lambda z: (len(z.running) + len(z.replies), z.preparing))
             self._owner[sandbox_id] = zygote
             zygote.running.add(sandbox_id)
             try:
                 reply = await zygote.request(
                     {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
-                break
-            except ZygoteGone:  # the request never left: another zygote takes it
-                zygote.running.discard(sandbox_id)
-                failed = self._exits.pop(sandbox_id, None)  # failed by gone(): a fresh one follows
-                if failed is not None and failed.done() and not failed.cancelled():
-                    failed.exception()  # retrieved
+            except ZygoteGone:  # the request never left
+                reply = {"op": "failed", "elsewhere": True, "error": ""}
             except BaseException:
-                zygote.running.discard(sandbox_id)
+                self._drop_launch(zygote, sandbox_id)
                 raise
+            if reply["op"] == "started":
+                break
+            self._drop_launch(zygote, sandbox_id)
+            if not reply.get("elsewhere"):
+                if reply.get("protection"):
+                    raise UnsupportedError(reply["protection"], reply["reason"])
+                raise SandboxError(reply["error"])
+            # Nothing was started (the zygote is gone, or its template): another zygote takes it.
+            zygote.refusing = zygote.refusing or reply["error"]
         self.exit_future(sandbox_id).add_done_callback(lambda _: self._owner.pop(sandbox_id, None))
-        if reply["op"] == "failed":
-            zygote.running.discard(sandbox_id)
-            self._owner.pop(sandbox_id, None)
-            if reply.get("protection"):
-                raise UnsupportedError(reply["protection"], reply["reason"])
-            raise SandboxError(reply["error"])
         self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
         self.counters[sandbox_id] = tuple(reply["counters"])
         return int(reply["pid"])
+
+    def _drop_launch(self, zygote: _Zygote, sandbox_id: int) -> None:
+        """Forget a launch that did not start, with the exit future that gone() may
+        have failed meanwhile (nobody awaits it)."""
+        zygote.running.discard(sandbox_id)
+        self._owner.pop(sandbox_id, None)
+        failed = self._exits.pop(sandbox_id, None)
+        if failed is not None and failed.done() and not failed.cancelled():
+            failed.exception()  # retrieved
 
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:
         zygote = self._owner.get(sandbox_id)

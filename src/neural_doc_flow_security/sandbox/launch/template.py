@@ -11,8 +11,8 @@ numbers, so the steps are the same either way. A callable's payload process
 returns from serve() into Python here, and runs the payload the launch carried.
 
 The template dies with the zygote (parent-death signal) or when its socket
-closes; a zygote whose template died starts no more sandboxes and exits (its
-own memory holds earlier requests). Only the zygote uses one; the CLI and the
+closes; a zygote whose template died (its socket hangs up) starts no more
+sandboxes and exits (its own memory holds earlier requests). Only the zygote uses one; the CLI and the
 "fork" start method clone directly (linux/steps.spawn).
 """
 
@@ -88,6 +88,11 @@ class Template:
         if len(pidfds) != 1:
             raise SandboxError("the template sent no pidfd")
         return int(outcome), pidfds[0]
+
+    def fileno(self) -> int:
+        """Its socket: readable only once the template has gone (clone() reads each
+        answer before it returns)."""
+        return self._sock.fileno()
 
     def close(self) -> None:
         """End the template (EOF on its socket) and reap it."""

@@ -13,11 +13,17 @@ requests on a SOCK_SEQPACKET socket:
         request without one is carried out and not answered (arm, kill after use)
     zygote -> manager  msgpack
         {"op": "started", "id", "pid", "isolation", "counters"} | {"op": "exited", "id", "result": {...}}
-        {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", "type"}
+        {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", ...}
+        {"op": "failed", ..., "elsewhere": True}: the template is gone, nothing was
+        started: the manager sends the launch to another zygote
         {"op": "preparing", "busy": bool}: making a spare (a launch sent now would wait)
+        {"op": "refusing", "why"}: the template is gone; it exits once its sandboxes have
 
 When the manager goes away (socket EOF, or SIGTERM from the parent-death
-signal) the zygote kills every sandbox, removes their cgroups and exits.
+signal) the zygote kills every sandbox, removes their cgroups and exits. When
+its template dies it refuses every launch (the manager sends them to another
+zygote), serves the sandboxes it has until they end, then stops taking requests
+(the manager's sends fail), answers those already sent and exits.
 """
 
 from __future__ import annotations
@@ -51,9 +57,9 @@ PREPARE_WHEN_IDLE_FOR = 0.0005  # seconds without a request or an exit
 MAX_FDS = 8
 
 
-def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+def _recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
     fds = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    data, ancdata, _flags, _addr = sock.recvmsg(MAX_REQUEST_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), flags)
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
@@ -66,6 +72,7 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
 
 def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
     from .counters import counter_files
+    from .template import TemplateGone
 
     op = request["op"]
     sandbox_id: int = request.get("id", 0)
@@ -80,6 +87,8 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
         except UnsupportedError as e:
             return {"op": "failed", "id": sandbox_id, "error": str(e), "protection": e.protection,
                     "reason": e.reason}
+        except TemplateGone as e:
+            return {"op": "failed", "id": sandbox_id, "error": str(e), "elsewhere": True}
         except Exception as e:  # noqa: BLE001 - one bad request must not end the zygote (and its sandboxes)
             return {"op": "failed", "id": sandbox_id, "error": str(e)}
         finally:
@@ -113,9 +122,12 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
 
 
 def serve(sock: socket.socket, launcher: Launcher) -> None:
-    """Serve requests until the manager closes its end."""
+    """Serve requests until the manager closes its end, or until the template died
+    and the sandboxes started before have ended."""
     try:
         _serve(sock, launcher)
+        if launcher.template_lost:
+            _refuse_the_rest(sock, launcher)
     except (BrokenPipeError, ConnectionResetError):
         return  # the manager is gone: main() kills what is left
 
@@ -123,8 +135,20 @@ def serve(sock: socket.socket, launcher: Launcher) -> None:
 def _serve(sock: socket.socket, launcher: Launcher) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
+    if launcher.template is not None:
+        selector.register(launcher.template, selectors.EVENT_READ, ("template", 0))
     reported: set[int] = set()  # sandboxes whose result went out with init's report, before init was reaped
+    refusing = False
     while True:
+        if launcher.template_lost and not refusing:
+            # Fail closed: no launch more (they are refused, and the manager sends them
+            # to its other zygotes); the sandboxes cloned before go on to their end.
+            refusing = True
+            _send(sock, {"op": "refusing", "why": launcher.template_lost})
+            if launcher.template is not None:
+                selector.unregister(launcher.template)
+        if refusing and not launcher.running:
+            return
         deadline = launcher.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         for key, _ in selector.select(timeout):
@@ -132,19 +156,14 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
                 data, fds = _recv(sock)
                 if not data:
                     return
-                request = pickle.loads(data)
-                reply = _handle(launcher, request, fds)
-                if reply is not None and reply["op"] == "started":
-                    spawned = launcher.running[reply["id"]]
-                    selector.register(spawned.status_read, selectors.EVENT_READ, ("report", reply["id"]))
-                    selector.register(spawned.pidfd, selectors.EVENT_READ, ("exit", reply["id"]))
-                if reply is not None and "req" in request:
-                    reply["req"] = request["req"]
-                    _send(sock, reply)
+                _answer(sock, launcher, pickle.loads(data), fds, selector)
                 continue
             if selector.get_map().get(key.fd) is not key:
                 continue  # unregistered by an earlier event of this batch (its sandbox was finished)
             event, sandbox_id = key.data
+            if event == "template":  # its socket hung up
+                launcher.template_gone("the template process is gone")
+                continue
             if event == "report":  # init has reported the payload's end: the result can go now
                 selector.unregister(key.fd)
                 result = launcher.report(sandbox_id)
@@ -162,10 +181,38 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
             else:
                 _send(sock, {"op": "exited", "id": sandbox_id, "result": result.to_dict()})
             launcher.remove_retired()
-        if launcher.template_lost:
-            return  # fail closed: main() kills what is left; the manager uses its other zygotes
         launcher.expire()
-        _prepare_while_idle(sock, selector, launcher)
+        if not launcher.template_lost:
+            _prepare_while_idle(sock, selector, launcher)
+
+
+def _answer(sock: socket.socket, launcher: Launcher, request: dict[str, Any], fds: list[int],
+            selector: selectors.BaseSelector) -> None:
+    """Carry out a request, watch the sandbox it started, reply if it asks for one."""
+    reply = _handle(launcher, request, fds)
+    if reply is not None and reply["op"] == "started":
+        spawned = launcher.running[reply["id"]]
+        selector.register(spawned.status_read, selectors.EVENT_READ, ("report", reply["id"]))
+        selector.register(spawned.pidfd, selectors.EVENT_READ, ("exit", reply["id"]))
+    if reply is not None and "req" in request:
+        reply["req"] = request["req"]
+        _send(sock, reply)
+
+
+def _refuse_the_rest(sock: socket.socket, launcher: Launcher) -> None:
+    """The template is gone and our sandboxes have ended: take no more requests (the
+    manager's sends now fail: it sends them to another zygote) and answer those
+    already sent (a launch is refused: nothing started, it goes elsewhere too)."""
+    sock.shutdown(socket.SHUT_RD)
+    selector = selectors.DefaultSelector()  # never used: nothing is started now
+    while True:
+        try:
+            data, fds = _recv(sock, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        _answer(sock, launcher, pickle.loads(data), fds, selector)
 
 
 def _prepare_while_idle(sock: socket.socket, selector: selectors.BaseSelector, launcher: Launcher) -> None:
