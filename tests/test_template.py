@@ -107,8 +107,10 @@ def test_sandboxes_started_before_their_template_died_run_to_their_end(manager: 
             assert wait_until(lambda: not alive(template), timeout=10)
             outputs = [(await manager.execute_sandboxed("after", lambda: 2)).output for _ in range(4)]
             await async_wait_until(lambda: owner.refusing, timeout=10)
-            # Still serving the sandbox it started: the zygote and the sandbox are alive.
+            # Still serving the sandbox it started: the zygote and the sandbox are alive;
+            # the template was reaped (no zombie left while it serves).
             both_alive = owner.process.poll() is None and psutil.pid_exists(handle.pid)
+            assert wait_until(lambda: not psutil.pid_exists(template.pid), timeout=10)
             await handle.stop()
             outcome = (await handle.wait()).outcome.value
             await async_wait_until(lambda: owner.dead is not None and owner.process.poll() is not None,

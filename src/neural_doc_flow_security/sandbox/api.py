@@ -525,8 +525,9 @@ class SandboxManager:
         self._closed = True
         if self._pool is not None:
             await self._pool.close()
+        handles = list(self._handles.values())  # forgotten as they end, in close()
         await self._starter.close()
-        await asyncio.gather(*(h.wait() for h in list(self._handles.values())), return_exceptions=True)
+        await asyncio.gather(*(h.wait() for h in handles), return_exceptions=True)  # their fds are closed
         await asyncio.gather(*self._background, return_exceptions=True)
         from .linux.cgroups import remove_stale_cgroups
 

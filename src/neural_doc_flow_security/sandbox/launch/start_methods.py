@@ -251,18 +251,22 @@ class _Zygote:
             await self.send(message, fds)
         except BaseException:
             self.replies.pop(message["req"], None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by gone() meanwhile: retrieved (this raises instead)
             raise
         return await future
 
     async def send(self, message: dict[str, Any], fds: list[int]) -> None:
         """Send a request; one without a "req" number gets no reply. Raises ZygoteGone
-        when it could not be sent: the zygote has exited."""
+        when it could not be sent: the zygote has exited or takes no more requests."""
         if self.dead or self.sock is None:
             raise ZygoteGone(self.dead or "the zygote is not running")
         try:
             await self._send(message, fds)
         except (BrokenPipeError, ConnectionResetError):
-            self.gone("the zygote exited")
+            # What it sent before (answers, results) is still to be read: gone() follows
+            # at the end of it (EOF).
+            self.refusing = self.refusing or "the zygote takes no more requests"
             raise ZygoteGone("the zygote exited") from None
 
     async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -347,8 +351,8 @@ class ZygoteStarter(StartMethod):
             try:
                 reply = await zygote.request(
                     {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
-            except ZygoteGone:  # the request never left
-                reply = {"op": "failed", "elsewhere": True, "error": ""}
+            except ZygoteGone as e:  # the request never left
+                reply = {"op": "failed", "elsewhere": True, "error": str(e)}
             except BaseException:
                 self._drop_launch(zygote, sandbox_id)
                 raise

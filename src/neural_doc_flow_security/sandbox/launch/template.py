@@ -66,13 +66,13 @@ class Template:
             header = _REQUEST.pack(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd, trace_fd,
                                    len(needed)) + struct.pack(f"<{len(needed)}i", *needed)
             self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memfd, *needed]))])
-        except OSError as e:
+        except (BrokenPipeError, ConnectionResetError) as e:  # else (ENOBUFS...) nothing was sent
             raise TemplateGone(f"the template process is gone: {e}") from None
         finally:
             os.close(memfd)
         try:
             data, ancdata, _, _ = self._sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(array.array("i").itemsize))
-        except OSError as e:
+        except OSError as e:  # the answer may still come: no later clone could trust its answer
             raise TemplateGone(f"the template process is gone: {e}") from None
         if len(data) != _REPLY.size:
             raise TemplateGone("the template process is gone")

@@ -147,6 +147,7 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
             _send(sock, {"op": "refusing", "why": launcher.template_lost})
             if launcher.template is not None:
                 selector.unregister(launcher.template)
+                launcher.template.close()  # reaped (it has gone, or goes at the EOF)
         if refusing and not launcher.running:
             return
         deadline = launcher.next_deadline()
