@@ -159,7 +159,8 @@ class SandboxHandle:
         self._channel: AsyncChannel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._reader: asyncio.Task[None] | None = None
-        self._read_by_answer = False  # a pooled sandbox's reader stops at its heartbeat; answer() reads on
+        self._hands_over = False  # a pooled sandbox's reader stops at its heartbeat...
+        self._read_by_answer = False  # ...and once it has, answer() reads on
         self._outputs: list[_OutputCapture] = []
         loop = asyncio.get_running_loop()
         self._answered: asyncio.Future[None] = loop.create_future()  # its result arrived, or it ended
@@ -290,6 +291,10 @@ class SandboxHandle:
         then (and reaped in the background). `exit_code` is None in that case.
         Ends like wait() when the sandbox ends before answering."""
         exit_future = self._starter.exit_future(self.sandbox_id)
+        if self._hands_over and self._reader is not None:
+            # A pooled sandbox taken before its heartbeat was read: its reader owns the
+            # channel until then; take it over only once the reader has stopped.
+            await asyncio.shield(self._reader)
         if self._read_by_answer and self._channel is not None:
             # Read the answer in this task: no hop through a reader task on the critical path.
             self._read_by_answer = False
@@ -376,6 +381,7 @@ class SandboxHandle:
         self._channel = channel
         self._outputs = [_OutputCapture(stdout_fd, output_limit), _OutputCapture(stderr_fd, output_limit)]
         if channel is not None:
+            self._hands_over = pooled
             self._reader = asyncio.create_task(self._read_channel(channel, until_prepared=pooled))
             self._tasks.append(self._reader)
         if status_interval and self._keep_messages:
