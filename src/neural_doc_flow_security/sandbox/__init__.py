@@ -14,6 +14,7 @@ from .config import (
 )
 from .errors import (
     ConfigError,
+    HostLimitError,
     OutcomeError,
     ProtocolViolation,
     SandboxError,
@@ -61,6 +62,7 @@ __all__ = [
     "IsolationReport",
     "NamespaceConfig",
     "Outcome",
+    "HostLimitError",
     "OutcomeError",
     "ProtocolViolation",
     "ResourceUsage",

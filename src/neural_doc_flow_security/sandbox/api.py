@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import errno
 import functools
 import itertools
 import os
@@ -32,10 +33,10 @@ from typing import Any, Literal
 import cloudpickle
 
 from .config import SandboxConfig
-from .errors import ProtocolViolation, SandboxError
+from .errors import HostLimitError, ProtocolViolation, SandboxError
 from .ipc.channel import AsyncChannel, create_channel_pair
 from .ipc.limits import DecodeLimits
-from .ipc.memfd import seal_bytes
+from .ipc.memfd import seal_bytes, unmap
 from .ipc.messages import ControlMessage, IpcMessage, MessageKind
 from .launch.counters import UsageCounters
 from .launch.launcher import LaunchRequest
@@ -47,6 +48,8 @@ from .result import Outcome, ResourceUsage, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 MAX_CALL_WITH_LAUNCH = 1024 * 1024  # a larger pickled call goes on the sandbox's channel
+INBOX_MESSAGES = 1024  # unread messages of a spawned plugin before its channel is no longer read
+INBOX_BLOBS = 16  # of which holding a memfd mapping (each holds a host fd on Python < 3.13)
 
 
 class Health(enum.StrEnum):
@@ -141,7 +144,13 @@ class _OutputCapture:
 
 
 class SandboxHandle:
-    """A running sandbox: talk to it, watch it, pause, resume, stop, wait for it."""
+    """A running sandbox: talk to it, watch it, pause, resume, stop, wait for it.
+
+    Unread messages are bounded (INBOX_MESSAGES, INBOX_BLOBS): at the bound the
+    channel is not read until receive() makes room, and the plugin's sends block.
+    Once the sandbox has ended the rest is read in; memfd messages beyond
+    INBOX_BLOBS are then dropped and counted in `dropped_blobs`.
+    """
 
     def __init__(self, manager: SandboxManager, plugin_id: str, sandbox_id: int, kind: str,
                  config: SandboxConfig, keep_messages: bool) -> None:
@@ -154,7 +163,12 @@ class SandboxHandle:
         self._manager = manager
         self._starter = manager._starter
         self._keep_messages = keep_messages
-        self._inbox: asyncio.Queue[IpcMessage] = asyncio.Queue(maxsize=1024)
+        # Bounded by the reader (INBOX_MESSAGES, INBOX_BLOBS) while the sandbox runs; what
+        # is left in its socket when it ends is read in regardless, so ending never waits.
+        self._inbox: asyncio.Queue[IpcMessage] = asyncio.Queue()
+        self._inbox_blobs = 0
+        self._room = asyncio.Event()  # set when the inbox shrank or the sandbox ended
+        self.dropped_blobs = 0
         self._status_pending = False
         self._channel: AsyncChannel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -197,7 +211,7 @@ class SandboxHandle:
         None on timeout or once the sandbox has ended and everything was read."""
         await asyncio.sleep(0)  # let the channel reader run even when messages are waiting
         if not self._inbox.empty():
-            message = self._inbox.get_nowait()
+            message = self._take()
         else:
             # Everything the plugin sent is in the inbox once its channel reader is done.
             ended: asyncio.Future[Any] = self._reader or self._starter.exit_future(self.sandbox_id)
@@ -210,10 +224,19 @@ class SandboxHandle:
                 if not getter.done():
                     getter.cancel()
             if not getter.done() or getter.cancelled():
-                return self._inbox.get_nowait() if not self._inbox.empty() else None
-            message = getter.result()
+                return self._take() if not self._inbox.empty() else None
+            message = self._took(getter.result())
+        return message
+
+    def _take(self) -> IpcMessage:
+        return self._took(self._inbox.get_nowait())
+
+    def _took(self, message: IpcMessage) -> IpcMessage:
         if message.kind is MessageKind.STATUS:
             self._status_pending = False
+        if _holds_mapping(message):
+            self._inbox_blobs -= 1
+        self._room.set()
         return message
 
     async def status(self) -> IpcMessage:
@@ -382,6 +405,7 @@ class SandboxHandle:
         self._outputs = [_OutputCapture(stdout_fd, output_limit), _OutputCapture(stderr_fd, output_limit)]
         if channel is not None:
             self._hands_over = pooled
+            self._starter.exit_future(self.sandbox_id).add_done_callback(lambda _: self._room.set())
             self._reader = asyncio.create_task(self._read_channel(channel, until_prepared=pooled))
             self._tasks.append(self._reader)
         if status_interval and self._keep_messages:
@@ -410,15 +434,33 @@ class SandboxHandle:
                         self._read_by_answer = True
                         return
                 elif self._keep_messages:
-                    await self._inbox.put(message)
+                    await self._queue(message)
         except ProtocolViolation as violation:
-            self._violation = violation
+            self._violation = violation.with_traceback(None)  # its frames held what it refused
             with contextlib.suppress(SandboxError):
                 await self._starter.control("kill", self.sandbox_id)
         except (OSError, SandboxError):
             return
         finally:
             _resolve(self._prepared)
+
+    async def _queue(self, message: IpcMessage) -> None:
+        """Put a message in the inbox; while the inbox is full the channel is not read
+        (the plugin's sends block), until the host reads or the sandbox ends."""
+        blob = _holds_mapping(message)
+        ended = self._starter.exit_future(self.sandbox_id)
+        while not ended.done() and (self._inbox.qsize() >= INBOX_MESSAGES
+                                    or (blob and self._inbox_blobs >= INBOX_BLOBS)):
+            self._room.clear()
+            await self._room.wait()
+        if blob and self._inbox_blobs >= INBOX_BLOBS:
+            # It ended with more memfds unread than the bound: their mappings (and fds) go now.
+            if isinstance(message.content, memoryview):
+                unmap(message.content)
+            self.dropped_blobs += 1
+            return
+        self._inbox_blobs += blob
+        self._inbox.put_nowait(message)
 
     async def _sample_status(self, interval: float) -> None:
         exit_future = self._starter.exit_future(self.sandbox_id)
@@ -427,15 +469,42 @@ class SandboxHandle:
                 await asyncio.wait_for(asyncio.shield(exit_future), interval)
             if exit_future.done():
                 return
-            if not self._status_pending and not self._inbox.full():
+            if not self._status_pending and self._inbox.qsize() < INBOX_MESSAGES:
                 with contextlib.suppress(SandboxError):
                     self._inbox.put_nowait(await self.status())
                     self._status_pending = True
 
 
+def _holds_mapping(message: IpcMessage) -> bool:
+    """Whether a received message holds a memfd mapping (a blob that came by memfd)."""
+    return isinstance(message.content, memoryview) and message.content.nbytes > 0
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _fd_limit_message(exc: OSError, alive: int) -> str:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"cannot start another sandbox: the manager is out of file descriptors "
+            f"(RLIMIT_NOFILE {soft}, {alive} sandboxes alive, each holds about 3): {exc.strerror}")
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit: every live
+    sandbox holds a few of the manager's fds, so the soft limit caps how many can run."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as nr_open:
+            target = int(nr_open.read())
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _start_method(name: str, allow_unenforced: Iterable[str]) -> StartMethod:
@@ -508,6 +577,8 @@ class SandboxManager:
 
         with contextlib.suppress(OSError, SandboxError):
             remove_stale_cgroups()
+        with contextlib.suppress(OSError, ValueError):  # e.g. no /proc/sys/fs/nr_open (macOS)
+            raise_fd_limit()
         self._slots = asyncio.Semaphore(self._max_concurrent)
         await self._starter.start()
         self._started = True
@@ -646,40 +717,44 @@ class SandboxManager:
         sandbox_id = next(self._ids)
         handle = SandboxHandle(self, plugin_id, sandbox_id, "callable" if with_channel else "command", config,
                                keep_messages)
-        ours: list[int] = []
-        theirs: list[int] = []
         channel = None
-        try:
-            if stdin is not None:
-                stdin_fd = seal_bytes(stdin, "ndf-stdin")
-                os.lseek(stdin_fd, 0, os.SEEK_SET)
-            else:
-                stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            theirs.append(stdin_fd)
-            stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
-            stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-            ours += [stdout_r, stderr_r]
-            theirs += [stdout_w, stderr_w]
-            fds = {0: stdin_fd, 1: stdout_w, 2: stderr_w}
-            if with_channel:
-                host_end, sandbox_end = create_channel_pair()
-                channel = AsyncChannel(host_end, self._decode_limits)
-                theirs.append(sandbox_end.detach())
-                fds[CHANNEL_FD] = theirs[-1]
-            # Without limits: see LaunchRequest.accounting_cgroup.
-            accounting: Literal["always", "when idle", "never"] = (
-                "always" if keep_messages or pooled else "when idle" if with_channel else "never")
-            request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=accounting)
-            handle.pid = await self._starter.spawn(sandbox_id, request, fds)
-        except BaseException:
-            for fd in ours:
-                os.close(fd)
-            if channel is not None:
-                channel.close()
-            raise
-        finally:
-            for fd in theirs:
-                os.close(fd)
+        # `theirs` go to the sandbox and are closed once it has them; `ours` are kept by
+        # the handle, closed here only if the launch fails. Each fd is owned from the
+        # call that made it: no error path can leak one.
+        with contextlib.ExitStack() as theirs, contextlib.ExitStack() as ours:
+            try:
+                if stdin is not None:
+                    stdin_fd = seal_bytes(stdin, "ndf-stdin")
+                    theirs.callback(os.close, stdin_fd)
+                    os.lseek(stdin_fd, 0, os.SEEK_SET)
+                else:
+                    stdin_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    theirs.callback(os.close, stdin_fd)
+                fds = {0: stdin_fd}
+                read_ends: list[int] = []
+                for target in (1, 2):
+                    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                    ours.callback(os.close, read_end)
+                    theirs.callback(os.close, write_end)
+                    read_ends.append(read_end)
+                    fds[target] = write_end
+                if with_channel:
+                    host_end, sandbox_end = create_channel_pair()
+                    ours.callback(host_end.close)
+                    theirs.callback(sandbox_end.close)
+                    channel = AsyncChannel(host_end, self._decode_limits)
+                    fds[CHANNEL_FD] = sandbox_end.fileno()
+                # Without limits: see LaunchRequest.accounting_cgroup.
+                accounting: Literal["always", "when idle", "never"] = (
+                    "always" if keep_messages or pooled else "when idle" if with_channel else "never")
+                request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=accounting)
+                handle.pid = await self._starter.spawn(sandbox_id, request, fds)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise HostLimitError(_fd_limit_message(exc, len(self._handles))) from exc
+                raise SandboxError(f"{plugin_id}: cannot set up the sandbox's pipes: {exc}") from exc
+            ours.pop_all()
+        stdout_r, stderr_r = read_ends
         self._handles[sandbox_id] = handle
         self._starter.exit_future(sandbox_id).add_done_callback(lambda _: self._forget(sandbox_id))
         handle.health = Health.RUNNING

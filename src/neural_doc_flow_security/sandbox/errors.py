@@ -24,6 +24,10 @@ class UnsupportedError(SandboxError):
         self.reason = reason
 
 
+class HostLimitError(SandboxError):
+    """The host ran out of something a launch needs (file descriptors); nothing was started."""
+
+
 class SetupError(SandboxError):
     """A bootstrap stage failed inside the child before the payload started."""
 

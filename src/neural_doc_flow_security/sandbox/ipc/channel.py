@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from ..errors import ProtocolViolation
 from . import framing
 from .limits import DecodeLimits, MessageRateLimiter
-from .memfd import read_sealed, seal_bytes
+from .memfd import read_sealed, seal_bytes, unmap
 from .messages import KINDS_SENT_BY, Blob, ChannelRole, IpcMessage
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class _RecordCodec:
         try:
             return self._unpack(record, msg_flags, fds)
         except ProtocolViolation as exc:
-            self.violation = exc
+            self.violation = ProtocolViolation(str(exc))  # kept without the traceback and its frames
             raise
         finally:
             _close_all(fds)
@@ -157,31 +157,41 @@ class _RecordCodec:
             if len(record) != 1 or not fds:
                 raise ProtocolViolation("spilled record must be one byte with the frame memfd attached")
             frame = read_sealed(fds[0], limits.max_frame_bytes)
-            self._account(frame.nbytes)
             blob_fds = fds[1:]
         else:
             raise ProtocolViolation(f"unknown record header {header:#04x}")
 
         try:
+            if header == RECORD_SPILLED:
+                self._account(frame.nbytes)
             decoded = framing.decode(frame, limits)
         finally:
-            frame.release()
+            unmap(frame)
 
         used: set[int] = set()
+        views: list[memoryview] = []
 
         def resolve_blob(index: int, size: int) -> memoryview:
             if index >= len(blob_fds) or index in used:
                 raise ProtocolViolation(f"blob reference to fd {index}, which is not attached or reused")
             used.add(index)
             view = read_sealed(blob_fds[index], limits.max_memfd_bytes)
+            views.append(view)
             if view.nbytes != size:
                 raise ProtocolViolation(f"blob memfd holds {view.nbytes} bytes, message announced {size}")
             self._account(size)
             return view
 
-        message = IpcMessage.from_wire(decoded, accept=self.accept, resolve_blob=resolve_blob)
-        if len(used) != len(blob_fds):
-            raise ProtocolViolation(f"{len(blob_fds) - len(used)} unexpected fd(s) attached to a message")
+        try:
+            message = IpcMessage.from_wire(decoded, accept=self.accept, resolve_blob=resolve_blob)
+            if len(used) != len(blob_fds):
+                raise ProtocolViolation(f"{len(blob_fds) - len(used)} unexpected fd(s) attached to a message")
+        except BaseException:
+            # Nothing of a refused frame may stay mapped (the exception's traceback
+            # keeps this frame's locals alive as long as someone keeps the exception).
+            for view in views:
+                unmap(view)
+            raise
         return message
 
     def _account(self, size: int) -> None:

@@ -7,11 +7,14 @@ rewritten by the sandbox while the host reads it, and one that may shrink would
 raise SIGBUS in the host when a mapped page disappears.
 
 The pages belong to whoever wrote them, so a sandbox's blob is charged to the
-sandbox's memory cgroup, not the host's.
+sandbox's memory cgroup, not the host's. A memfd with holes (ftruncate without
+writes) is refused: reading a hole would allocate the page on the reader's
+account, moving the sandbox's memory onto the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -62,6 +65,7 @@ def read_sealed(fd: int, max_bytes: int) -> memoryview:
         raise ProtocolViolation(f"memfd of {size} bytes exceeds the limit of {max_bytes}")
     if size == 0:
         return memoryview(b"")
+    _refuse_holes(fd, size, info.st_blocks)
     options: dict[str, Any] = {}
     if sys.version_info >= (3, 13):
         options["trackfd"] = False  # older Pythons keep a dup of the fd for the mapping's lifetime
@@ -70,3 +74,32 @@ def read_sealed(fd: int, max_bytes: int) -> memoryview:
     except (OSError, ValueError) as exc:
         raise ProtocolViolation(f"cannot map memfd: {exc}") from None
     return memoryview(mapping)
+
+
+def _refuse_holes(fd: int, size: int, blocks: int) -> None:
+    # st_blocks counts the pages the writer allocated (in 512-byte units); SEEK_HOLE
+    # also finds a hole that page rounding hides. The seals forbid punching new holes.
+    if blocks * 512 < size:
+        raise ProtocolViolation(
+            f"memfd of {size} bytes has holes (only {blocks * 512} bytes written): "
+            "reading it would allocate the sandbox's memory on the host"
+        )
+    try:
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+    except OSError:
+        return  # no SEEK_HOLE here; st_blocks already said it was written
+    if hole < size:
+        raise ProtocolViolation(f"memfd of {size} bytes has a hole at offset {hole}")
+
+
+def unmap(view: memoryview) -> None:
+    """Release a view returned by read_sealed and unmap its memfd at once (with the
+    descriptor the mapping holds on Python < 3.13), instead of when it is collected."""
+    try:
+        owner = view.obj
+    except ValueError:  # already released
+        return
+    view.release()
+    if isinstance(owner, mmap.mmap):
+        with contextlib.suppress(BufferError):  # another view still uses it: it goes with that one
+            owner.close()
