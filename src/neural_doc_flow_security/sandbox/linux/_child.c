@@ -1183,13 +1183,22 @@ static PyObject *child_serve(PyObject *Py_UNUSED(self), PyObject *args) {
     /* Die with the requester; it may have died before the signal was armed. */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
         Py_RETURN_NONE;
+    /* Every clone below is a fork of this process as far as Python is concerned, and
+     * the payload process calls PyOS_AfterFork_Child (become_child), which releases
+     * what PyOS_BeforeFork took: the import lock and, from 3.13, the runtime's
+     * recursive mutexes, which must be owned by the forking thread (else a fatal
+     * error). No Python runs in the server, so it takes them once, here, and stays
+     * "before the fork" until its socket ends. */
+    PyOS_BeforeFork();
     for (;;) {
         request_t request;
         int fds[MAX_SERVED_FDS + 1], nfds;
         memset(&request, 0, sizeof request);
         int got = receive_request(sock, &request, fds, &nfds);
-        if (got == 0)
+        if (got == 0) {
+            PyOS_AfterFork_Parent();
             Py_RETURN_NONE; /* the requester is gone */
+        }
         long outcome = -EINVAL;
         launch_t launch;
         memset(&launch, 0, sizeof launch);
