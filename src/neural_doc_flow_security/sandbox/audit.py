@@ -5,7 +5,7 @@ caller allowed to degrade). Configure that logger to keep the records."""
 
 from __future__ import annotations
 
-import json
+import sys
 from typing import Any
 
 from .result import IsolationReport, SandboxResult
@@ -14,16 +14,24 @@ LOGGER_NAME = "neural_doc_flow_security.audit"
 
 
 def _logger() -> Any:
-    import logging  # imported on first use: `ndf-sandbox run` starts without it
+    """The audit logger if it records INFO, else None (the records are INFO first).
+    A program that never imported logging cannot have enabled it: `ndf-sandbox run`
+    starts without importing logging."""
+    if "logging" not in sys.modules:
+        return None
+    import logging
 
-    return logging.getLogger(LOGGER_NAME)
+    logger = logging.getLogger(LOGGER_NAME)
+    return logger if logger.isEnabledFor(logging.INFO) else None
 
 
 def sandbox_started(name: str, pid: int, isolation: IsolationReport) -> None:
     """Record a start: which backend, namespaces, limits, and what is NOT enforced."""
     logger = _logger()
-    if not logger.isEnabledFor(20):  # INFO
+    if logger is None:
         return
+    import json
+
     logger.info("sandbox started %s", json.dumps({
         "name": name, "pid": pid, "backend": isolation.backend, "namespaces": isolation.namespaces,
         "seccomp": isolation.seccomp.split(":")[0], "uid": isolation.uid, "cgroup": bool(isolation.cgroup),
@@ -35,8 +43,10 @@ def sandbox_started(name: str, pid: int, isolation: IsolationReport) -> None:
 def sandbox_ended(name: str, result: SandboxResult) -> None:
     """Record an end: outcome and the kernel's resource figures."""
     logger = _logger()
-    if not logger.isEnabledFor(20):
+    if logger is None:
         return
+    import json
+
     usage = result.resource_usage
     logger.info("sandbox ended %s", json.dumps({
         "name": name, "outcome": result.outcome.value, "exit_code": result.exit_code, "signal": result.signal,

@@ -13,7 +13,6 @@ protocol violation; 2 for a bad command line or profile.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -188,6 +187,8 @@ def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str]) ->
     if result.outcome.value == "sandbox_error" or result.outcome.value in ("timeout", "oom"):
         print(f"ndf-sandbox: {result.outcome.value}: {result.error}", file=sys.stderr)
     if args.json_result:
+        import json
+
         with open(args.json_result, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
     return result.cli_exit_status()
@@ -204,6 +205,8 @@ def _remove_stale_cgroups() -> None:
 
 
 def _command_check(args: argparse.Namespace) -> int:
+    import json
+
     from .detect import detect_features, format_report, missing_for, report_to_dict
 
     features = detect_features()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import logging
 import os
 import signal
 import socket
@@ -44,8 +43,6 @@ from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
 from .spawn import SpawnedSandbox, clone_child, has_exited, pack_with_payload
 from .template import Template
-
-log = logging.getLogger(__name__)
 
 # The spare's own fds sit at or above this number, its payload's fds are staged
 # just above them: below it, the payload's fd targets (0-3) and the error pipe.
@@ -192,7 +189,9 @@ def discard(spare: Spare) -> None:
     except BlockingIOError:
         report = b""
     if report:
-        log.warning("a spare sandbox failed before its launch: %s", parse_setup_error(report))
+        import logging  # on first use: `ndf-sandbox run` starts without it
+
+        logging.getLogger(__name__).warning("a spare sandbox failed before its launch: %s", parse_setup_error(report))
     spare.launch_socket.close()
     for fd in (spare.pidfd, spare.error_read, spare.status_read, spare.sync_write):
         os.close(fd)
