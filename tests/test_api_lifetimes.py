@@ -177,6 +177,61 @@ def test_a_command_ends_with_its_tree_and_inits_report(method: str) -> None:
     assert gone and later_ok
 
 
+def answer_then_keep_writing(path: str, marker: str) -> None:
+    """Send the result by hand, then append to `path` (in a writable bind) forever,
+    and so does a shell started with `marker` in its argv."""
+    import subprocess
+
+    from neural_doc_flow_security.sandbox.ipc.channel import SyncChannel
+    from neural_doc_flow_security.sandbox.ipc.messages import IpcMessage
+
+    subprocess.Popen(["sh", "-c", f"while :; do echo sh >> {path}; done", marker])
+    with open(path, "a") as f:
+        f.write("python\n")
+        f.flush()
+        SyncChannel.from_fd(3).send(IpcMessage.result("answered"))
+        while True:
+            f.write("python\n")
+            f.flush()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["cold", "pooled"])
+def test_a_call_returns_only_once_its_tree_is_dead(method: str, pooled: bool, no_leaks: LeakTracker) -> None:
+    # A callable that answers early and keeps going: when the call returns, nothing
+    # of its sandbox may run any more (issue 23 item 14: it went on writing for ~4 ms).
+    from conftest import processes_with_argument, unique_marker
+
+    directory = make_host_dir(no_leaks)
+    config = rw_bind_config(directory)
+    marker = unique_marker()
+
+    async def scenario() -> list[tuple[str, int, int, list[str]]]:
+        seen = []
+        async with manager(method, config=config, pool_size=1 if pooled else 0) as m:
+            for n in range(5):
+                path = directory / f"written-{n}"
+                if pooled:
+                    await m.wait_pool_ready()
+                result = await m.execute_sandboxed("writer", answer_then_keep_writing, str(path), marker)
+                size_at_return = path.stat().st_size if path.exists() else 0
+                left = describe_processes(processes_with_argument(marker, program=None))
+                await asyncio.sleep(0.2)
+                seen.append((describe(result) if result.output != "answered" else "", size_at_return,
+                             path.stat().st_size if path.exists() else 0, left))
+        return seen
+
+    try:
+        seen = run(scenario())
+    finally:
+        from conftest import kill_processes_with_argument
+
+        kill_processes_with_argument(marker)
+    for failed, at_return, later, left in seen:
+        assert not failed, failed
+        assert later == at_return, f"the file grew from {at_return} to {later} bytes after the call returned"
+        assert not left, f"processes of the sandbox alive after the call returned: {left}"
+
+
 def test_many_sandboxes_ending_at_once_leave_the_zygotes_running() -> None:
     # A sandbox's report and its init's exit often arrive in the same batch of events.
     async def scenario() -> tuple[list[object], bool]:

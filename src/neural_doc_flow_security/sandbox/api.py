@@ -50,6 +50,7 @@ DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 MAX_CALL_WITH_LAUNCH = 1024 * 1024  # a larger pickled call goes on the sandbox's channel
 INBOX_MESSAGES = 1024  # unread messages of a spawned plugin before its channel is no longer read
 INBOX_BLOBS = 16  # of which holding a memfd mapping (each holds a host fd on Python < 3.13)
+ANSWER_GRACE_SECONDS = 0.05  # after its answer, a payload's own exit is awaited this long before the kill
 
 
 class Health(enum.StrEnum):
@@ -309,9 +310,10 @@ class SandboxHandle:
         return self._result
 
     async def answer(self) -> SandboxResult:
-        """The result of a callable as soon as it has answered: the plugin's value or
+        """The result of a callable once it has answered: the plugin's value or
         exception, its usage read from the kernel at that moment; the tree is killed
-        then (and reaped in the background). `exit_code` is None in that case.
+        then, and this returns once no process of it runs any more (the rest of the
+        teardown happens in the background). `exit_code` is None in that case.
         Ends like wait() when the sandbox ends before answering."""
         exit_future = self._starter.exit_future(self.sandbox_id)
         if self._hands_over and self._reader is not None:
@@ -345,12 +347,18 @@ class SandboxHandle:
                                    resource_usage=usage, isolation=isolation)
         else:
             result = self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
-        # The launcher kills it (no reply awaited) before any request made after this
-        # answer: the next launch must find it ended.
-        try:
-            await self._starter.notify("kill", self.sandbox_id)
-        except SandboxError:
-            pass  # the zygote is gone, and its sandboxes with it
+        # The call returns only once no process of the sandbox runs: a payload that
+        # answers and goes on must not outlive its call (it could still write to its
+        # binds). Its end is init's report (init has killed and reaped the rest of its
+        # pid namespace) or, once init is killed, its pidfd. A payload exits right
+        # after its answer, and its init reports at once; killing init instead would
+        # make the call wait for the namespaces' teardown, so init is killed only when
+        # the payload has not ended by itself within a grace period.
+        with contextlib.suppress(SandboxError):  # the zygote is gone, and its sandboxes with it
+            await asyncio.wait([exit_future], timeout=ANSWER_GRACE_SECONDS)
+            if not exit_future.done():
+                await self._starter.notify("kill", self.sandbox_id)
+                await asyncio.shield(exit_future)
         self._manager._reap_later(self)
         return result
 
