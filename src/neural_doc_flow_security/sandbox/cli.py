@@ -21,7 +21,6 @@ from typing import Any
 from .config import (
     BindMount,
     CapabilityConfig,
-    FilesystemConfig,
     SandboxConfig,
     parse_rate,
     parse_size_mb,
@@ -34,6 +33,22 @@ EXIT_USAGE = 2
 
 def _optional(value: str, parse: Any) -> Any:
     return None if value.lower() in ("none", "0", "unlimited") else parse(value)
+
+
+class _BindOption(argparse.Action):
+    """Collects --ro-bind, --bind, --ro-bind-to and --bind-to into one list, in order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        specs = [*(getattr(namespace, self.dest, None) or []), (option_string, values)]
+        setattr(namespace, self.dest, specs)
+
+
+def _bind_from_option(option: str, value: str | list[str]) -> BindMount:
+    read_only = option.startswith("--ro-")
+    if isinstance(value, str):
+        return BindMount.parse(value, read_only=read_only)
+    return BindMount(source=value[0], target=value[1], read_only=read_only)
 
 
 def _build_run_parser(sub: Any) -> None:
@@ -52,10 +67,15 @@ def _build_run_parser(sub: Any) -> None:
                      help="share the host's network (no network namespace)")
     net.add_argument("--no-net", dest="net", action="store_false",
                      help="a new, empty network namespace: loopback only (default)")
-    run.add_argument("--ro-bind", metavar="SRC[:DST]", action="append", default=[],
-                     help="bind a host path read-only")
-    run.add_argument("--bind", metavar="SRC[:DST]", action="append", default=[],
-                     help="bind a host path read-write")
+    run.add_argument("--ro-bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
+                     help="bind a host path read-only (at DST, default the same path)")
+    run.add_argument("--bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
+                     help="bind a host path read-write (nosuid, nodev)")
+    run.add_argument("--ro-bind-to", metavar=("SRC", "DST"), nargs=2, dest="bind_specs", action=_BindOption, default=[],
+                     help="like --ro-bind, for paths that contain ':'")
+    run.add_argument("--bind-to", metavar=("SRC", "DST"), nargs=2, dest="bind_specs", action=_BindOption, default=[],
+                     help="like --bind, for paths that contain ':'. Binds are mounted in the order given, "
+                          "a parent before anything below it; SRC must be its real path (no symlink on it)")
     run.add_argument("--tmpfs-size", metavar="SIZE", help="size of the private /tmp, e.g. 64M")
     run.add_argument("--python", action="store_true", help="make the Python installation visible")
     run.add_argument("--cap", metavar="CAP", action="append", default=[],
@@ -107,11 +127,11 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         changes["io_write_bps"] = _optional(args.io_write_bps, lambda v: parse_rate(v, "io_write_bps"))
     if args.net is not None:
         changes["namespaces"] = replace(config.namespaces, net=not args.net)
-    if args.ro_bind or args.bind or args.tmpfs_size or args.python:
+    if args.bind_specs or args.tmpfs_size or args.python:
         fs = config.filesystem
-        changes["filesystem"] = FilesystemConfig(
-            read_only_binds=fs.read_only_binds + tuple(BindMount.parse(s, read_only=True) for s in args.ro_bind),
-            binds=fs.binds + tuple(BindMount.parse(s, read_only=False) for s in args.bind),
+        changes["filesystem"] = replace(
+            fs,
+            bind_mounts=fs.bind_mounts + tuple(_bind_from_option(*spec) for spec in args.bind_specs),
             tmp_size_mb=parse_size_mb(args.tmpfs_size, "filesystem.tmp_size_mb") if args.tmpfs_size
             else fs.tmp_size_mb,
             python=fs.python or args.python,

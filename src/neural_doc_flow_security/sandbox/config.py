@@ -153,21 +153,32 @@ class BindMount:
 class FilesystemConfig:
     """The sandbox's file system: a read-only root built from system directories,
     plus these binds, a private /tmp of `tmp_size_mb`, and the Python
-    installation when `python` is true (needed to run Python callables)."""
+    installation when `python` is true (needed to run Python callables).
+
+    `bind_mounts` is one ordered list of binds, each read-only or not as its
+    BindMount says; `read_only_binds` and `binds` are the older two-list form, taken
+    before it (see `all_binds`). A bind's parent is always mounted before what is
+    below it, whatever the order; of two binds on one target, the later is on top.
+    A bind's source must be its real path: no component may be a symlink."""
 
     read_only_binds: tuple[BindMount, ...] = ()
     binds: tuple[BindMount, ...] = ()
     tmp_size_mb: int = 64
     python: bool = False
+    bind_mounts: tuple[BindMount, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "read_only_binds", tuple(self.read_only_binds))
-        object.__setattr__(self, "binds", tuple(self.binds))
-        for name in ("read_only_binds", "binds"):
+        for name in ("read_only_binds", "binds", "bind_mounts"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
             for bind in getattr(self, name):
                 if not isinstance(bind, BindMount):
                     raise ConfigError(f"filesystem.{name}", f"must be BindMount, got {bind!r}")
         _positive("filesystem.tmp_size_mb", self.tmp_size_mb, allow_none=False)
+
+    @property
+    def all_binds(self) -> tuple[BindMount, ...]:
+        """Every bind, in order: `read_only_binds`, `binds`, then `bind_mounts`."""
+        return self.read_only_binds + self.binds + self.bind_mounts
 
 
 @dataclass(frozen=True)
@@ -236,7 +247,7 @@ class SandboxConfig:
         if self.max_processes is not None and self.max_processes < 2:
             raise ConfigError("max_processes",
                               f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
-        if not self.namespaces.mnt and (self.filesystem.binds or self.filesystem.read_only_binds):
+        if not self.namespaces.mnt and self.filesystem.all_binds:
             raise ConfigError("filesystem", "binds need namespaces.mnt = true")
 
     @property
@@ -287,8 +298,10 @@ def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
         hint = hints[key]
         if hint in (NamespaceConfig, CapabilityConfig, FilesystemConfig):
             value = _from_mapping(hint, value, f"{prefix}{key}.")
-        elif key in ("read_only_binds", "binds"):
-            value = tuple(_bind_from_profile(v, read_only=key == "read_only_binds") for v in value)
+        elif key in ("read_only_binds", "binds", "bind_mounts"):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{prefix}{key}", f"must be a list, got {value!r}")
+            value = tuple(_bind_from_profile(v, key) for v in value)
         elif key == "environment" and isinstance(value, Mapping):
             value = tuple((str(k), str(v)) for k, v in value.items())
         elif key in ("allowed", "ambient") and isinstance(value, list):
@@ -299,14 +312,31 @@ def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _bind_from_profile(value: Any, *, read_only: bool) -> BindMount:
-    if isinstance(value, str):
+_BIND_TABLE_KEYS = ("source", "target", "read_only")
+
+
+def _bind_from_profile(value: Any, key: str) -> BindMount:
+    """One entry of a profile's bind list `key`: 'SRC[:DST]' (not in bind_mounts), or a
+    table {source, target} (bind_mounts: also read_only, default true)."""
+    field_name = f"filesystem.{key}"
+    read_only = key == "read_only_binds"
+    if isinstance(value, str) and key != "bind_mounts":
         return BindMount.parse(value, read_only=read_only)
     if isinstance(value, Mapping):
-        return BindMount(source=value.get("source", ""), target=value.get("target", ""),
-                         read_only=read_only)
-    kind = "read_only_binds" if read_only else "binds"
-    raise ConfigError(f"filesystem.{kind}", f"entries must be 'SRC[:DST]' or a table, got {value!r}")
+        allowed = _BIND_TABLE_KEYS if key == "bind_mounts" else _BIND_TABLE_KEYS[:2]
+        unknown = [k for k in value if k not in allowed]
+        if unknown:
+            raise ConfigError(field_name, f"unknown key {unknown[0]!r} in a bind table (allowed: {', '.join(allowed)})")
+        if key == "bind_mounts":
+            read_only = value.get("read_only", True)
+            if not isinstance(read_only, bool):
+                raise ConfigError(field_name, f"read_only must be true or false, got {read_only!r}")
+        try:
+            return BindMount(source=value.get("source", ""), target=value.get("target", ""), read_only=read_only)
+        except ConfigError as e:  # named after the list the entry is in
+            raise ConfigError(field_name, str(e).split(": ", 1)[1]) from None
+    form = "a table {source, target, read_only}" if key == "bind_mounts" else "'SRC[:DST]' or a table"
+    raise ConfigError(field_name, f"entries must be {form}, got {value!r}")
 
 
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")

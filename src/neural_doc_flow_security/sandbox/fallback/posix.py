@@ -136,7 +136,7 @@ def unenforced_protections(
     fs = config.filesystem
     gaps.append(("filesystem", "no read-only root, binds or private /tmp: the host file system is "
                  "visible with the payload uid's rights",
-                 config.namespaces.mnt or bool(fs.binds or fs.read_only_binds)))
+                 config.namespaces.mnt or bool(fs.all_binds)))
     gaps.append(("seccomp", "no system-call filter in the posix backend", config.seccomp != "off"))
     if platform != "linux":
         gaps.append(("no_new_privs", f"no_new_privs is a Linux prctl ({_system()}): setuid programs "

@@ -80,7 +80,7 @@ def root_to_build_ahead(plan: LaunchPlan) -> RootfsPlan | None:
     """The root a spare may build for launches like this one: only system
     directories, the interpreter and synthesized files (no user binds)."""
     fs = plan.config.filesystem
-    return plan.rootfs if not (fs.binds or fs.read_only_binds) else None
+    return plan.rootfs if not fs.all_binds else None
 
 
 def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template: Template | None = None,

@@ -66,6 +66,27 @@
 #ifndef SYS_mount_setattr
 #define SYS_mount_setattr 442
 #endif
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#ifndef RESOLVE_NO_SYMLINKS
+#define RESOLVE_NO_SYMLINKS 0x04
+#define RESOLVE_BENEATH 0x08
+#endif
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#define OPEN_TREE_CLOEXEC O_CLOEXEC
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#define MOVE_MOUNT_T_EMPTY_PATH 0x00000040
+#endif
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
 #endif
@@ -90,6 +111,8 @@ enum {
     STEP_WAIT_TOKEN = 5,     /* fd, token */
     STEP_STILL_SUPERVISED = 6, /* fd: the parent holds its other end while it supervises */
     STEP_DIE_WITH_INIT = 7,
+    /* File-system steps: no path is resolved through a symlink; a relative one is
+     * beneath the working directory (the new root). See "file system" below. */
     STEP_MOUNT = 8,          /* source, target, fstype, flags, data, optional */
     STEP_SETATTR = 9,        /* path, attr_set, recursive */
     STEP_OPEN_SOURCE = 10,   /* slot, path */
@@ -321,104 +344,202 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
 
 /* ------------------------------------------------------------------ file system */
 
-/* mkdir -p: the path itself first (its parents usually exist), then, on ENOENT, from
- * the first missing parent down. */
-static void mkdirs(const char *path) {
-    if (mkdir(path, 0755) == 0 || errno == EEXIST)
-        return;
-    if (errno != ENOENT)
-        fail(errno, "mkdir ", path);
+/* Paths in the file-system steps are opened without following a symlink in any
+ * component (openat2 RESOLVE_NO_SYMLINKS), and a relative path is resolved beneath
+ * the working directory (RESOLVE_BENEATH), which rootfs.py makes the new root: part
+ * of that tree can be a writable bind, where an earlier sandbox may have planted a
+ * symlink to lead this set-up (root, before pivot_root) to a host directory. Mounts
+ * go onto the opened fds, so nothing is resolved twice. */
+
+struct open_how_arg {
+    uint64_t flags, mode, resolve;
+};
+
+static int open_no_symlinks(int dirfd, const char *path, int flags) {
+    struct open_how_arg how = {(uint64_t)(flags | O_CLOEXEC), 0,
+                               RESOLVE_NO_SYMLINKS | (path[0] == '/' ? 0 : RESOLVE_BENEATH)};
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
+/* Fail naming `path` as the sandbox will see it (a relative one is under the new root). */
+static void fail_path(int err, const char *what, const char *path) {
+    char buf[900];
+    size_t at = append(buf, 0, sizeof buf, what);
+    at = append(buf, at, sizeof buf, path[0] == '/' ? "" : "/");
+    at = append(buf, at, sizeof buf, path);
+    if (err == ELOOP)
+        append(buf, at, sizeof buf, ": a component is a symlink (refused: never followed here)");
+    fail(err, buf, "");
+}
+
+static int open_path(const char *what, const char *path, int flags) {
+    int fd = open_no_symlinks(AT_FDCWD, path, flags);
+    if (fd < 0)
+        fail_path(errno, what, path);
+    return fd;
+}
+
+/* Whether an optional path is there: only "no such file" skips it; any other error
+ * fails the stage (a mask that cannot be checked is not silently dropped). */
+static int open_optional(const char *what, const char *path, int flags) {
+    int fd = open_no_symlinks(AT_FDCWD, path, flags);
+    if (fd < 0 && errno != ENOENT)
+        fail_path(errno, what, path);
+    return fd;
+}
+
+/* mkdir -p, one component at a time; returns an O_PATH fd of the directory. With
+ * `mount_point`, the directories made on the new root's own tmpfs (parents of a
+ * bind's target, e.g. /root for an interpreter under /root/.pyenv) are mode 0111:
+ * they can be crossed, not listed. */
+static int make_dirs(const char *path, int mount_point) {
+    const char *what = mount_point ? "mount point " : "mkdir ";
+    int dir = open_no_symlinks(AT_FDCWD, path, O_PATH | O_DIRECTORY);
+    if (dir >= 0 || errno != ENOENT) {
+        if (dir < 0)
+            fail_path(errno, what, path);
+        return dir;
+    }
     char buf[4096];
     size_t n = strlen(path);
     if (n >= sizeof buf)
-        fail(ENAMETOOLONG, "mkdir ", path);
+        fail_path(ENAMETOOLONG, what, path);
     memcpy(buf, path, n + 1);
-    for (size_t i = 1; i <= n; i++) {
-        if (buf[i] == '/' || buf[i] == '\0') {
-            char saved = buf[i];
-            buf[i] = '\0';
-            if (mkdir(buf, 0755) < 0 && errno != EEXIST)
-                fail(errno, "mkdir ", buf);
-            buf[i] = saved;
+    struct stat root, st;
+    check(stat(".", &root), "stat the new root", "");
+    dir = open(path[0] == '/' ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    check(dir, what, path);
+    for (char *name = buf, *next; *name; name = next) {
+        for (next = name; *next && *next != '/'; next++)
+            ;
+        if (*next)
+            *next++ = '\0';
+        if (*name == '\0' || strcmp(name, ".") == 0)
+            continue;
+        int child = open_no_symlinks(dir, name, O_PATH | O_DIRECTORY);
+        if (child < 0 && errno == ENOENT) {
+            mode_t mode = mount_point && fstat(dir, &st) == 0 && st.st_dev == root.st_dev ? 0111 : 0755;
+            if (mkdirat(dir, name, mode) < 0 && errno != EEXIST)
+                fail_path(errno, what, path);
+            child = open_no_symlinks(dir, name, O_PATH | O_DIRECTORY);
         }
+        if (child < 0)
+            fail_path(errno, what, path);
+        close(dir);
+        dir = child;
     }
+    return dir;
 }
 
-static void make_mount_point(const char *target, int is_dir) {
-    if (is_dir) {
-        mkdirs(target);
-        return;
-    }
+/* The directory holding `path` (made if missing) and, in `name`, its last component. */
+static int open_parent(const char *path, char *name, size_t cap, int mount_point) {
+    const char *slash = strrchr(path, '/');
+    const char *last = slash ? slash + 1 : path;
+    if (strlen(last) >= cap || *last == '\0')
+        fail_path(EINVAL, "not a file path: ", path);
+    strcpy(name, last);
+    if (!slash)
+        return open_path("directory ", ".", O_PATH | O_DIRECTORY);
     char parent[4096];
-    size_t n = strlen(target);
+    size_t n = (size_t)(slash - path);
     if (n >= sizeof parent)
-        fail(ENAMETOOLONG, "mount point ", target);
-    memcpy(parent, target, n + 1);
-    char *slash = strrchr(parent, '/');
-    if (slash && slash != parent) {
-        *slash = '\0';
-        mkdirs(parent);
-    }
-    int fd = open(target, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
-    if (fd < 0 && errno != EEXIST) /* an existing file (or link) is a mount point already */
-        fail(errno, "mount point ", target);
+        fail_path(ENAMETOOLONG, "mkdir ", path);
+    memcpy(parent, path, n);
+    parent[n] = '\0';
+    return make_dirs(n ? parent : "/", mount_point);
+}
+
+/* The mount point of a bind target, made if missing (a directory, or an empty file
+ * for a file source), as an O_PATH fd. */
+static int open_mount_point(const char *target, int is_dir) {
+    if (is_dir)
+        return make_dirs(target, 1);
+    char name[256];
+    int parent = open_parent(target, name, sizeof name, 1);
+    int fd = openat(parent, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0 && errno != EEXIST) /* an existing file is a mount point already */
+        fail_path(errno, "mount point ", target);
     if (fd >= 0)
         close(fd);
+    fd = open_no_symlinks(parent, name, O_PATH);
+    if (fd < 0)
+        fail_path(errno, "mount point ", target);
+    close(parent);
+    return fd;
 }
 
 struct mount_attr_arg {
     uint64_t attr_set, attr_clr, propagation, userns_fd;
 };
 
-static void set_attrs(const char *path, long long attrs, int recursive) {
+static void set_attrs(int fd, const char *path, long long attrs, int recursive) {
     struct mount_attr_arg attr = {(uint64_t)attrs, 0, 0, 0};
-    check(syscall(SYS_mount_setattr, AT_FDCWD, path, recursive ? AT_RECURSIVE : 0, &attr, sizeof attr),
-          "mount_setattr ", path);
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &attr, sizeof attr) < 0)
+        fail_path(errno, "mount_setattr ", path);
 }
 
-/* Whether an optional target is there: only "no such file" skips it; any other
- * error fails the stage (a mask that cannot be checked is not silently dropped). */
-static int exists(const char *path) {
-    struct stat st;
-    if (stat(path, &st) == 0)
-        return 1;
-    if (errno != ENOENT)
-        fail(errno, "stat ", path);
-    return 0;
-}
-
-static void bind_mount(int source_fd, const char *source, const char *target, long long attrs, int optional) {
+/* mount(2) onto an fd, through its /proc/self/fd link (the host's /proc, before pivot_root). */
+static void mount_on(const char *source, int fd, const char *target, const char *fstype, unsigned long flags,
+                     const char *data) {
     char fd_path[64];
+    append_int(fd_path, append(fd_path, 0, sizeof fd_path, "/proc/self/fd/"), sizeof fd_path, fd);
+    if (mount(source, fd_path, fstype, flags, data) < 0)
+        fail_path(errno, "mount on ", target);
+}
+
+/* A copy of the source's tree (the fd opened by OPEN_SOURCE, else `source`), its
+ * attributes set before it is attached, moved onto the target. An optional bind
+ * onto a missing target is skipped. */
+static void bind_mount(int source_fd, const char *source, const char *target, long long attrs, int optional) {
     struct stat st;
-    if (optional && !exists(target))
+    int target_fd = optional ? open_optional("bind target ", target, O_PATH) : -1;
+    if (optional && target_fd < 0)
         return;
-    if (source_fd >= 0) {
-        size_t at = append(fd_path, 0, sizeof fd_path, "/proc/self/fd/");
-        append_int(fd_path, at, sizeof fd_path, source_fd);
-        source = fd_path;
-        check(fstat(source_fd, &st), "stat bind source for ", target);
-    } else {
-        check(stat(source, &st), "stat bind source ", source);
-    }
+    int own_source = source_fd < 0;
+    if (own_source)
+        source_fd = open_path("bind source ", source, O_PATH);
+    if (fstat(source_fd, &st) < 0)
+        fail_path(errno, "stat the bind source for ", target);
     if (!optional)
-        make_mount_point(target, S_ISDIR(st.st_mode));
-    check(mount(source, target, NULL, MS_BIND | MS_REC, NULL), "bind mount on ", target);
+        target_fd = open_mount_point(target, S_ISDIR(st.st_mode));
+    int tree = (int)syscall(SYS_open_tree, source_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
+    if (tree < 0)
+        fail_path(errno, "bind (open_tree) on ", target);
     if (attrs)
-        set_attrs(target, attrs, 1);
+        set_attrs(tree, target, attrs, 1);
+    if (syscall(SYS_move_mount, tree, "", target_fd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0)
+        fail_path(errno, "bind mount on ", target);
+    close(tree);
+    close(target_fd);
+    if (own_source)
+        close(source_fd);
 }
 
 static void write_file(const char *path, const char *content, Py_ssize_t len) {
-    int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-    check(fd, "create ", path);
+    char name[256];
+    int parent = open_parent(path, name, sizeof name, 0);
+    int fd = openat(parent, name, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0)
+        fail_path(errno, "create ", path);
+    close(parent);
     while (len > 0) {
         ssize_t n = write(fd, content, (size_t)len);
         if (n < 0 && errno == EINTR)
             continue;
-        check(n, "write ", path);
+        if (n < 0)
+            fail_path(errno, "write ", path);
         content += n;
         len -= n;
     }
     close(fd);
+}
+
+static void make_symlink(const char *link, const char *path) {
+    char name[256];
+    int parent = open_parent(path, name, sizeof name, 0);
+    if (symlinkat(link, parent, name) < 0)
+        fail_path(errno, "symlink ", path);
+    close(parent);
 }
 
 /* ------------------------------------------------------------------ process */
@@ -841,19 +962,24 @@ static void run_steps(launch_t *launch) {
             if (getppid() != init_pid)
                 fail(ESRCH, "the sandbox init exited", "");
             break;
-        case STEP_MOUNT:
-            if (n[5] && !exists(s(st, 1)))
-                break;
-            check(mount(s(st, 0), s(st, 1), s(st, 2), (unsigned long)n[3], s(st, 4)), "mount on ", s(st, 1));
+        case STEP_MOUNT: {
+            int fd = n[5] ? open_optional("mount on ", s(st, 1), O_PATH) : open_path("mount on ", s(st, 1), O_PATH);
+            if (fd >= 0) {
+                mount_on(s(st, 0), fd, s(st, 1), s(st, 2), (unsigned long)n[3], s(st, 4));
+                close(fd);
+            }
             break;
-        case STEP_SETATTR:
-            set_attrs(s(st, 0), n[1], (int)n[2]);
+        }
+        case STEP_SETATTR: {
+            int fd = open_path("mount_setattr ", s(st, 0), O_PATH);
+            set_attrs(fd, s(st, 0), n[1], (int)n[2]);
+            close(fd);
             break;
+        }
         case STEP_OPEN_SOURCE:
             if (n[0] < 0 || n[0] >= MAX_SLOTS)
                 fail(EINVAL, "bad slot", "");
-            slots[n[0]] = open(s(st, 1), O_PATH | O_CLOEXEC);
-            check(slots[n[0]], "bind source ", s(st, 1));
+            slots[n[0]] = open_path("bind source ", s(st, 1), O_PATH);
             break;
         case STEP_BIND:
             if (n[0] >= MAX_SLOTS)
@@ -865,10 +991,10 @@ static void run_steps(launch_t *launch) {
             }
             break;
         case STEP_MKDIR:
-            mkdirs(s(st, 0));
+            close(make_dirs(s(st, 0), 0));
             break;
         case STEP_SYMLINK:
-            check(symlink(s(st, 0), s(st, 1)), "symlink ", s(st, 1));
+            make_symlink(s(st, 0), s(st, 1));
             break;
         case STEP_WRITE_FILE:
             write_file(s(st, 0), s(st, 1), st->len[1]);

@@ -1,11 +1,16 @@
 """The sandbox's root file system.
 
 A tmpfs becomes the new root; system directories, the Python installation (when
-asked) and the user's binds are bind-mounted into it read-only (user `binds`
-read-write), /proc is mounted fresh with its kernel knobs read-only and its
-leaky files masked, /dev holds a handful of harmless nodes, /tmp is a private
-tmpfs with a size cap. Then the root is made read-only, pivot_root moves into it
-and the old root is detached.
+asked) and the user's binds are bind-mounted into it read-only (writable user
+binds nosuid,nodev), a parent always before what is below it, /proc is mounted
+fresh with its kernel knobs read-only and its leaky files masked, /dev holds a
+handful of harmless nodes, /tmp is a private tmpfs with a size cap. Then the
+root is made read-only, pivot_root moves into it and the old root is detached.
+
+No path is resolved through a symlink, on the host (bind sources: a user's
+source must be its real path) or in the new root (targets: a writable bind is
+ground the sandbox controls at the next launch); see _child.c. Directories made
+only to hold a bind's mount point are mode 0111: crossed, never listed.
 
 The plan is computed once per config in the parent (`plan_rootfs`) and turned
 into the child's steps (`rootfs_steps`), which the child only executes.
@@ -106,17 +111,18 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int, gid: int, hostname: str) 
             bound.append(path)
     for name in ETC_ENTRIES:
         path = "/etc/" + name
-        if os.path.islink(path) and not os.path.exists(path):
-            continue
-        if os.path.exists(path):
-            binds.append(Bind(path, path, True))
+        if os.path.exists(path):  # the host's own links (localtime, os-release) resolved here: the child follows none
+            binds.append(Bind(os.path.realpath(path), path, True))
     if config.python:
         for path in python_paths():
             if not covered(path, bound):
                 binds.append(Bind(path, path, True))
                 bound.append(path)
-    for bind in config.read_only_binds + config.binds:
-        binds.append(Bind(bind.source, bind.target, bind.read_only))
+    # A user's source is taken as written: the child refuses a symlink on its path.
+    binds += [Bind(bind.source, bind.target, bind.read_only) for bind in config.all_binds]
+    # A parent before anything below it (a read-only part of a writable tree stays read-only);
+    # otherwise in order, so that of two binds on one target the later one is on top.
+    binds.sort(key=lambda bind: _relative(bind.target).count("/"))
     user_line = f"sandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n" if uid not in (0, 65534) else ""
     group_line = f"sandbox:x:{gid}:\n" if gid not in (0, 65534) else ""
     files = (
@@ -144,34 +150,36 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
             None if fstype is None else _b(fstype), flags, None if data is None else _b(data), int(optional))
 
 
-def _proc_steps(root: str, devnull_slot: int) -> list[StepTuple]:
+def _relative(path: str) -> str:
+    """A path of the sandbox relative to its root (the child's working directory)."""
+    return os.path.normpath(path).lstrip("/")
+
+
+def _proc_steps(devnull_slot: int) -> list[StepTuple]:
     """A fresh /proc; its kernel knobs read-only, its leaky files masked (steps
     for entries this kernel lacks are skipped)."""
-    proc = root + "/proc"
-    steps: list[StepTuple] = [(Step.MKDIR, _b(proc)),
-                              _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)]
-    steps += [_bind(-1, f"{proc}/{name}", f"{proc}/{name}", _RO, optional=True) for name in PROC_READ_ONLY]
-    steps += [_bind(devnull_slot, "", f"{proc}/{name}", 0, optional=True, keep_open=True)
+    steps: list[StepTuple] = [(Step.MKDIR, b"proc"),
+                              _mount("proc", "proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)]
+    steps += [_bind(-1, f"proc/{name}", f"proc/{name}", _RO, optional=True) for name in PROC_READ_ONLY]
+    steps += [_bind(devnull_slot, "", f"proc/{name}", 0, optional=True, keep_open=True)
               for name in PROC_MASKED_FILES]
-    steps += [_mount("tmpfs", f"{proc}/{name}", "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, "size=0",
+    steps += [_mount("tmpfs", f"proc/{name}", "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV, "size=0",
                      optional=True) for name in PROC_MASKED_DIRS]
     return steps
 
 
-def _dev_steps(root: str) -> list[StepTuple]:
+def _dev_steps() -> list[StepTuple]:
     """A minimal /dev: harmless nodes, a private devpts and /dev/shm; read-only."""
-    dev = root + "/dev"
-    steps: list[StepTuple] = [(Step.MKDIR, _b(dev)),
-                              _mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,mode=0755")]
-    steps += [_bind(-1, "/dev/" + name, f"{dev}/{name}", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
+    steps: list[StepTuple] = [(Step.MKDIR, b"dev"),
+                              _mount("tmpfs", "dev", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,mode=0755")]
+    steps += [_bind(-1, "/dev/" + name, f"dev/{name}", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
               for name in DEV_NODES]
-    steps += [(Step.SYMLINK, _b(link), _b(f"{dev}/{name}")) for name, link in DEV_LINKS]
-    steps += [(Step.MKDIR, _b(dev + "/pts")),
-              _mount("devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-                     "newinstance,ptmxmode=0666,mode=0620"),
-              (Step.MKDIR, _b(dev + "/shm")),
-              _mount("tmpfs", dev + "/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64m,mode=1777"),
-              (Step.SETATTR, _b(dev), sc.MOUNT_ATTR_RDONLY, 0)]
+    steps += [(Step.SYMLINK, _b(link), _b(f"dev/{name}")) for name, link in DEV_LINKS]
+    steps += [(Step.MKDIR, b"dev/pts"),
+              _mount("devpts", "dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+              (Step.MKDIR, b"dev/shm"),
+              _mount("tmpfs", "dev/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64m,mode=1777"),
+              (Step.SETATTR, b"dev", sc.MOUNT_ATTR_RDONLY, 0)]
     return steps
 
 
@@ -179,22 +187,26 @@ def _dev_steps(root: str) -> list[StepTuple]:
 def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
     """The child's steps that build the root from the plan and pivot into it (in
     its new mount namespace). Every bind source is opened before the root tmpfs
-    hides it, so any host path can be bound."""
-    root = _STAGING
+    hides it, so any host path can be bound. Once the root tmpfs is the working
+    directory, every path is relative to it: _child.c resolves those beneath it and
+    never through a symlink (a writable bind is the sandbox's ground)."""
     devnull_slot = len(plan.binds)
     steps: list[StepTuple] = [_mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)]
     steps += [(Step.OPEN_SOURCE, slot, _b(bind.source)) for slot, bind in enumerate(plan.binds)]
     steps += [(Step.OPEN_SOURCE, devnull_slot, b"/dev/null"),
-              _mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755"),
-              (Step.MKDIR, _b(root + "/tmp")),
-              _mount("tmpfs", root + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                     f"size={plan.tmp_size_mb}m,mode=1777")]
-    steps += [_bind(slot, "", root + bind.target, _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
+              _mount("tmpfs", _STAGING, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755"),
+              (Step.CHDIR, _b(_STAGING)),
+              (Step.MKDIR, b"tmp"),
+              _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
+    # Directories of the synthesized files first: listable, unlike the ones made for a bind.
+    steps += [(Step.MKDIR, _b(_relative(directory)))
+              for directory in dict.fromkeys(os.path.dirname(path) for path, _ in plan.files)]
+    steps += [_bind(slot, "", _relative(bind.target),
+                    _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
               for slot, bind in enumerate(plan.binds)]
-    steps += [(Step.SYMLINK, _b(link), _b(root + path)) for path, link in plan.symlinks]
-    for path, content in plan.files:
-        steps += [(Step.MKDIR, _b(os.path.dirname(root + path))), (Step.WRITE_FILE, _b(root + path), content)]
-    steps += _proc_steps(root, devnull_slot)
-    steps += _dev_steps(root)
-    steps += [(Step.SETATTR, _b(root), _RO, 0), (Step.CHDIR, _b(root)), (Step.PIVOT_ROOT,)]
+    steps += [(Step.SYMLINK, _b(link), _b(_relative(path))) for path, link in plan.symlinks]
+    steps += [(Step.WRITE_FILE, _b(_relative(path)), content) for path, content in plan.files]
+    steps += _proc_steps(devnull_slot)
+    steps += _dev_steps()
+    steps += [(Step.SETATTR, b".", _RO, 0), (Step.PIVOT_ROOT,)]
     return tuple(steps)
