@@ -388,26 +388,27 @@ static int open_optional(const char *what, const char *path, int flags) {
     return fd;
 }
 
-/* mkdir -p, one component at a time; returns an O_PATH fd of the directory. With
- * `mount_point`, the directories made on the new root's own tmpfs (parents of a
- * bind's target, e.g. /root for an interpreter under /root/.pyenv) are mode 0111:
- * they can be crossed, not listed. */
-static int make_dirs(const char *path, int mount_point) {
+/* mkdir -p of the first `len` bytes of `path` (all of it, or its parent; none: the
+ * working directory), one component at a time; returns an O_PATH fd of that
+ * directory. Errors name all of `path`. With `mount_point`, the directories made on
+ * the new root's own tmpfs (parents of a bind's target, e.g. /root for an
+ * interpreter under /root/.pyenv) are mode 0111: they can be crossed, not listed. */
+static int make_dirs(const char *path, size_t len, int mount_point) {
     const char *what = mount_point ? "mount point " : "mkdir ";
-    int dir = open_no_symlinks(AT_FDCWD, path, O_PATH | O_DIRECTORY);
+    char buf[4096];
+    if (len >= sizeof buf)
+        fail_path(ENAMETOOLONG, what, path);
+    memcpy(buf, len ? path : ".", len ? len : 1);
+    buf[len ? len : 1] = '\0';
+    int dir = open_no_symlinks(AT_FDCWD, buf, O_PATH | O_DIRECTORY);
     if (dir >= 0 || errno != ENOENT) {
         if (dir < 0)
             fail_path(errno, what, path);
         return dir;
     }
-    char buf[4096];
-    size_t n = strlen(path);
-    if (n >= sizeof buf)
-        fail_path(ENAMETOOLONG, what, path);
-    memcpy(buf, path, n + 1);
     struct stat root, st;
     check(stat(".", &root), "stat the new root", "");
-    dir = open(path[0] == '/' ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    dir = open(buf[0] == '/' ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
     check(dir, what, path);
     for (char *name = buf, *next; *name; name = next) {
         for (next = name; *next && *next != '/'; next++)
@@ -438,22 +439,14 @@ static int open_parent(const char *path, char *name, size_t cap, int mount_point
     if (strlen(last) >= cap || *last == '\0')
         fail_path(EINVAL, "not a file path: ", path);
     strcpy(name, last);
-    if (!slash)
-        return open_path("directory ", ".", O_PATH | O_DIRECTORY);
-    char parent[4096];
-    size_t n = (size_t)(slash - path);
-    if (n >= sizeof parent)
-        fail_path(ENAMETOOLONG, "mkdir ", path);
-    memcpy(parent, path, n);
-    parent[n] = '\0';
-    return make_dirs(n ? parent : "/", mount_point);
+    return make_dirs(path, slash == path ? 1 : slash ? (size_t)(slash - path) : 0, mount_point);
 }
 
 /* The mount point of a bind target, made if missing (a directory, or an empty file
  * for a file source), as an O_PATH fd. */
 static int open_mount_point(const char *target, int is_dir) {
     if (is_dir)
-        return make_dirs(target, 1);
+        return make_dirs(target, strlen(target), 1);
     char name[256];
     int parent = open_parent(target, name, sizeof name, 1);
     int fd = openat(parent, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
@@ -991,7 +984,7 @@ static void run_steps(launch_t *launch) {
             }
             break;
         case STEP_MKDIR:
-            close(make_dirs(s(st, 0), 0));
+            close(make_dirs(s(st, 0), (size_t)st->len[0], 0));
             break;
         case STEP_SYMLINK:
             make_symlink(s(st, 0), s(st, 1));
