@@ -96,8 +96,8 @@ def test_a_symlink_planted_in_a_writable_bind_cannot_lead_a_nested_target_out(
 def test_api_a_symlink_planted_in_a_writable_bind_cannot_lead_a_nested_target_out(
         method: str, no_leaks: LeakTracker, host_dirs: HostDirs) -> None:
     work, aimed, nested = host_dirs("work"), host_dirs("aimed"), host_dirs("nested")
-    config = SandboxConfig(filesystem=FilesystemConfig(bind_mounts=(
-        BindMount(str(work), "/tmp/job", read_only=False), BindMount(str(nested), "/tmp/job/d/sub"))))
+    config = SandboxConfig(filesystem=FilesystemConfig(binds=(
+        BindMount(str(work), "/tmp/job", read_only=False), BindMount(str(nested), "/tmp/job/d/sub", read_only=False))))
 
     async def scenario() -> tuple[object, ...]:
         async with manager(method) as m:
@@ -193,8 +193,8 @@ def test_api_a_bind_source_swapped_for_a_symlink_is_refused_with_a_cached_plan(
     secret = f"other-{secrets.token_hex(8)}"
     (other / "marker").write_text(secret)
     (other / "marker").chmod(0o644)
-    config = SandboxConfig(filesystem=FilesystemConfig(bind_mounts=(
-        BindMount(str(work), "/tmp/job", read_only=False), BindMount(f"{work}/in", "/tmp/in"))))
+    config = SandboxConfig(filesystem=FilesystemConfig(read_only_binds=(BindMount(f"{work}/in", "/tmp/in"),),
+                                                       binds=(BindMount(str(work), "/tmp/job", read_only=False),)))
 
     async def scenario() -> tuple[object, ...]:
         async with manager(method) as m:
