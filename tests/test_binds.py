@@ -16,6 +16,7 @@ would resolve, during the set-up, into the root being built, not the host's /tmp
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -28,7 +29,9 @@ import pytest
 import api_helpers
 from api_helpers import LeakTracker, manager, needs_root, run
 from conftest import SandboxCaller
+from neural_doc_flow_security.sandbox.cli import build_parser, config_from_args
 from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, SandboxConfig
+from neural_doc_flow_security.sandbox.errors import ConfigError
 from neural_doc_flow_security.sandbox.linux.rootfs import plan_rootfs
 from neural_doc_flow_security.sandbox.result import Outcome
 
@@ -155,8 +158,9 @@ def test_api_a_read_only_bind_inside_a_writable_one_stays_read_only(
 
 
 def test_plan_mounts_a_parent_before_anything_below_it() -> None:
-    fs = FilesystemConfig(read_only_binds=(BindMount("/srv/job/config", "/job/config"), BindMount("/a", "/x")),
-                          binds=(BindMount("/srv/job", "/job", read_only=False), BindMount("/b", "/x", read_only=False)))
+    fs = FilesystemConfig(
+        read_only_binds=(BindMount("/srv/job/config", "/job/config"), BindMount("/a", "/x")),
+        binds=(BindMount("/srv/job", "/job", read_only=False), BindMount("/b", "/x", read_only=False)))
     targets = [(b.target, b.read_only) for b in plan_rootfs(fs, uid=65534, gid=65534, hostname="h").binds
                if b.target in ("/job", "/job/config", "/x")]
     # a parent first; of two binds on one target, the later (on top) keeps its place
@@ -246,12 +250,42 @@ def test_directories_made_for_a_mount_point_cannot_be_listed(sandbox_caller: San
     interpreter = host_dirs("interpreter")
     (interpreter / "marker").write_text("reachable\n")
     (interpreter / "marker").chmod(0o644)
-    result = sandbox_caller.run(["--ro-bind", f"{interpreter}:/root/.pyenv/versions/probe"],
-                                ["sh", "-c", "ls -A /root /root/.pyenv; echo ls=$?; stat -c %a /root /root/.pyenv; "
-                                             "cat /root/.pyenv/versions/probe/marker; ls -A /etc >/dev/null; echo etc=$?"])
+    script = ("ls -A /root /root/.pyenv; echo ls=$?; stat -c %a /root /root/.pyenv; "
+              "cat /root/.pyenv/versions/probe/marker; ls -A /etc >/dev/null; echo etc=$?")
+    result = sandbox_caller.run(["--ro-bind", f"{interpreter}:/root/.pyenv/versions/probe"], ["sh", "-c", script])
     out = result.stdout.decode()
     assert result.returncode == 0, describe(result)
     assert ".pyenv" not in out and "versions" not in out, describe(result)
     assert "ls=2" in out and b"Permission denied" in result.stderr, describe(result)
     assert "111\n111\n" in out  # crossed, never listed
     assert "reachable" in out and "etc=0" in out  # the bind itself and /etc are as usual
+
+
+# --- the config forms ----------------------------------------------------------------
+
+def test_profile_bind_mounts_keep_their_order_and_reject_unknown_keys() -> None:
+    config = SandboxConfig.from_dict({"filesystem": {
+        "binds": ["/srv/a:/a"],
+        "bind_mounts": [{"source": "/srv/x:y", "target": "/job", "read_only": False},
+                        {"source": "/srv/x:y/config", "target": "/job/config"}]}})
+    assert config.filesystem.all_binds == (BindMount("/srv/a", "/a", read_only=False),
+                                           BindMount("/srv/x:y", "/job", read_only=False),
+                                           BindMount("/srv/x:y/config", "/job/config"))
+    for bad, message in [
+        ({"bind_mounts": [{"source": "/a", "targt": "/b"}]}, "filesystem.bind_mounts: unknown key 'targt'"),
+        ({"binds": [{"source": "/a", "read_only": True}]}, "filesystem.binds: unknown key 'read_only'"),
+        ({"bind_mounts": [{"source": "/a", "read_only": "no"}]}, "filesystem.bind_mounts: read_only must be"),
+        ({"bind_mounts": ["/a:/b"]}, "filesystem.bind_mounts: entries must be a table"),
+        ({"bind_mounts": [{"source": "a"}]}, "filesystem.bind_mounts: source must be an absolute path"),
+        ({"read_only_binds": "/srv/models"}, "filesystem.read_only_binds: must be a list"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            SandboxConfig.from_dict({"filesystem": bad})
+
+
+def test_cli_binds_keep_the_command_line_order() -> None:
+    args = build_parser().parse_args(["run", "--bind", "/w:/job", "--ro-bind-to", "/w/c:d", "/job/c:d",
+                                      "--ro-bind", "/m", "--bind-to", "/o", "/out:put", "--", "true"])
+    assert config_from_args(args).filesystem.all_binds == (
+        BindMount("/w", "/job", read_only=False), BindMount("/w/c:d", "/job/c:d"), BindMount("/m"),
+        BindMount("/o", "/out:put", read_only=False))
