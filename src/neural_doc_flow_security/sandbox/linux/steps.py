@@ -28,6 +28,8 @@ class Step(IntEnum):
     WAIT_TOKEN = 5         # fd, token: read one byte, fail unless it is the token
     STILL_SUPERVISED = 6   # fd: re-arm the parent-death signal; a hang-up there means the parent died
     DIE_WITH_INIT = 7      # parent-death signal, and fail if init is already gone
+    # File-system steps (8-14): no path is resolved through a symlink, and a relative
+    # path is beneath the working directory (rootfs.py makes it the new root).
     MOUNT = 8              # source, target, fstype, flags, data, optional (skip a missing target)
     SETATTR = 9            # path, mount attributes to set, recursive
     OPEN_SOURCE = 10       # slot, path: open a bind source (O_PATH) while the host tree is visible
