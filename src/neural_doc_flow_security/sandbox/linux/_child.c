@@ -495,7 +495,8 @@ static void bind_mount(int source_fd, const char *source, const char *target, lo
         fail_path(errno, "stat the bind source for ", target);
     if (!optional)
         target_fd = open_mount_point(target, S_ISDIR(st.st_mode));
-    int tree = (int)syscall(SYS_open_tree, source_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
+    int tree = (int)syscall(SYS_open_tree, source_fd, "",
+                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
     if (tree < 0)
         fail_path(errno, "bind (open_tree) on ", target);
     if (attrs)
