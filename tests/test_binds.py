@@ -289,3 +289,13 @@ def test_cli_binds_keep_the_command_line_order() -> None:
     assert config_from_args(args).filesystem.all_binds == (
         BindMount("/w", "/job", read_only=False), BindMount("/w/c:d", "/job/c:d"), BindMount("/m"),
         BindMount("/o", "/out:put", read_only=False))
+
+
+def test_the_set_up_writes_nothing_into_a_file_bound_over_one_of_the_roots(sandbox_caller: SandboxCaller,
+                                                                          host_dirs: HostDirs) -> None:
+    # /etc/hosts is a file the set-up writes into the root; a writable bind on it is the user's.
+    hosts = _writable_file(host_dirs("hosts") / "hosts", "10.0.0.1 from-the-user\n")
+    result = sandbox_caller.run(["--bind", f"{hosts}:/etc/hosts"], ["cat", "/etc/hosts"])
+    assert result.returncode == 0, describe(result)
+    assert result.stdout == b"10.0.0.1 from-the-user\n", describe(result)
+    assert hosts.read_text() == "10.0.0.1 from-the-user\n"  # host-side: the host file kept its content

@@ -198,14 +198,16 @@ def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
               (Step.CHDIR, _b(_STAGING)),
               (Step.MKDIR, b"tmp"),
               _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
-    # Directories of the synthesized files first: listable, unlike the ones made for a bind.
+    # The root's own links and files before any bind: the set-up writes nothing into a
+    # bind but a missing mount point (a user's bind on /etc/hosts covers ours), and their
+    # directories are listable, unlike the ones made for a bind.
+    steps += [(Step.SYMLINK, _b(link), _b(_relative(path))) for path, link in plan.symlinks]
     steps += [(Step.MKDIR, _b(_relative(directory)))
               for directory in dict.fromkeys(os.path.dirname(path) for path, _ in plan.files)]
+    steps += [(Step.WRITE_FILE, _b(_relative(path)), content) for path, content in plan.files]
     steps += [_bind(slot, "", _relative(bind.target),
                     _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
               for slot, bind in enumerate(plan.binds)]
-    steps += [(Step.SYMLINK, _b(link), _b(_relative(path))) for path, link in plan.symlinks]
-    steps += [(Step.WRITE_FILE, _b(_relative(path)), content) for path, content in plan.files]
     steps += _proc_steps(devnull_slot)
     steps += _dev_steps()
     steps += [(Step.SETATTR, b".", _RO, 0), (Step.PIVOT_ROOT,)]
