@@ -24,7 +24,7 @@ from .errors import (
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 
 if TYPE_CHECKING:
-    from .api import Health, SandboxHandle, SandboxInfo, SandboxManager
+    from .api import Health, ManagerStats, SandboxHandle, SandboxInfo, SandboxManager
     from .executor import SandboxExecutor
     from .ipc.messages import ControlMessage, IpcMessage
     from .launch.python_worker import PluginContext
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # The asyncio API is imported on first use, so that `ndf-sandbox run` (which
 # does not need it) starts fast.
 _LAZY = {
-    "Health": ".api", "SandboxHandle": ".api", "SandboxInfo": ".api", "SandboxManager": ".api",
+    "Health": ".api", "ManagerStats": ".api", "SandboxHandle": ".api", "SandboxInfo": ".api", "SandboxManager": ".api",
     "SandboxExecutor": ".executor", "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages",
     "PluginContext": ".launch.python_worker",
 }
@@ -50,6 +50,7 @@ __all__ = [
     "ControlMessage",
     "Health",
     "IpcMessage",
+    "ManagerStats",
     "PluginContext",
     "SandboxExecutor",
     "SandboxHandle",

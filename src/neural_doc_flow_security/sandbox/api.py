@@ -15,6 +15,7 @@ sandbox tree before the cancellation completes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -25,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -33,7 +34,7 @@ from typing import Any, Literal
 import cloudpickle
 
 from .config import SandboxConfig
-from .errors import HostLimitError, ProtocolViolation, SandboxError
+from .errors import ConfigError, HostLimitError, ProtocolViolation, SandboxError
 from .ipc.channel import AsyncChannel, create_channel_pair
 from .ipc.limits import DecodeLimits
 from .ipc.memfd import seal_bytes, unmap
@@ -42,7 +43,7 @@ from .launch.counters import UsageCounters
 from .launch.launcher import LaunchRequest
 from .launch.payload import ExecPayload, Payload
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
-from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter
+from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter, ZygoteStats
 from .pool import WarmPool
 from .result import Outcome, ResourceUsage, SandboxResult
 
@@ -72,6 +73,31 @@ class SandboxInfo:
     health: Health
     kind: str
     age_seconds: float
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    """A manager's health, from stats(): what it runs on and what it has served.
+
+    `zygotes_alive`: zygotes taking launches; `zygotes_stalled`: alive but out of
+    rotation (they missed a deadline or a launch, until they answer again);
+    `zygotes_restarted`: replacements started for zygotes that died;
+    `zygotes_given_up`: slots whose zygote kept dying at start, not restarted (0
+    unless the host refuses zygotes). `sandboxes_alive`: sandboxes running now
+    (pooled ones included). `calls`: execute_sandboxed and execute_command calls
+    finished, by outcome ("raised": the call raised instead of returning a
+    result). `pool_idle` / `pool_size`: the warm pool's ready sandboxes and its
+    size. `uptime_seconds`: since start()."""
+
+    zygotes_alive: int
+    zygotes_stalled: int
+    zygotes_restarted: int
+    zygotes_given_up: int
+    sandboxes_alive: int
+    calls: dict[str, int]
+    pool_idle: int
+    pool_size: int
+    uptime_seconds: float
 
 
 @functools.cache
@@ -189,6 +215,8 @@ class SandboxHandle:
         self._last_seen = self._started
         self._counters: UsageCounters | None = None
         self._result: SandboxResult | None = None
+        # Taken before the launch: the start method forgets it once it is resolved.
+        self._exit: asyncio.Future[SandboxResult] = self._starter.exit_future(sandbox_id)
 
     # -- talking ------------------------------------------------------------
 
@@ -215,8 +243,9 @@ class SandboxHandle:
             message = self._take()
         else:
             # Everything the plugin sent is in the inbox once its channel reader is done.
-            ended: asyncio.Future[Any] = self._reader or self._starter.exit_future(self.sandbox_id)
+            ended: asyncio.Future[Any] = self._reader or self._exit
             if ended.done():
+                self._manager._release_name(self)
                 return None
             getter = asyncio.ensure_future(self._inbox.get())
             try:
@@ -270,7 +299,7 @@ class SandboxHandle:
         """Ask the plugin to stop (STOP message), then SIGTERM, then kill the tree."""
         if self.health is Health.PAUSED:
             await self.resume()
-        exit_future = self._starter.exit_future(self.sandbox_id)
+        exit_future = self._exit
         self._stopped_by_host = True
         if self._channel is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -288,7 +317,7 @@ class SandboxHandle:
     async def kill(self) -> SandboxResult:
         """Kill the whole tree now and return the result."""
         self._stopped_by_host = True
-        if not self._starter.exit_future(self.sandbox_id).done():
+        if not self._exit.done():
             await self._starter.control("kill", self.sandbox_id)
         return await self.wait()
 
@@ -299,7 +328,7 @@ class SandboxHandle:
         resources) with what the plugin sent (its return value or exception)."""
         if self._result is None:
             try:
-                ended = await asyncio.shield(self._starter.exit_future(self.sandbox_id))
+                ended = await asyncio.shield(self._exit)
             finally:
                 self.health = Health.EXITED
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -315,7 +344,7 @@ class SandboxHandle:
         then, and this returns once no process of it runs any more (the rest of the
         teardown happens in the background). `exit_code` is None in that case.
         Ends like wait() when the sandbox ends before answering."""
-        exit_future = self._starter.exit_future(self.sandbox_id)
+        exit_future = self._exit
         if self._hands_over and self._reader is not None:
             # A pooled sandbox taken before its heartbeat was read: its reader owns the
             # channel until then; take it over only once the reader has stopped.
@@ -395,7 +424,7 @@ class SandboxHandle:
                 counters = self._counters = UsageCounters(files)
             except OSError:
                 return None
-            self._starter.exit_future(self.sandbox_id).add_done_callback(lambda _: counters.close())
+            self._exit.add_done_callback(lambda _: counters.close())
         return self._counters
 
     def _read_counters(self) -> ResourceUsage | None:
@@ -413,7 +442,7 @@ class SandboxHandle:
         self._outputs = [_OutputCapture(stdout_fd, output_limit), _OutputCapture(stderr_fd, output_limit)]
         if channel is not None:
             self._hands_over = pooled
-            self._starter.exit_future(self.sandbox_id).add_done_callback(lambda _: self._room.set())
+            self._exit.add_done_callback(lambda _: self._room.set())
             self._reader = asyncio.create_task(self._read_channel(channel, until_prepared=pooled))
             self._tasks.append(self._reader)
         if status_interval and self._keep_messages:
@@ -456,7 +485,7 @@ class SandboxHandle:
         """Put a message in the inbox; while the inbox is full the channel is not read
         (the plugin's sends block), until the host reads or the sandbox ends."""
         blob = _holds_mapping(message)
-        ended = self._starter.exit_future(self.sandbox_id)
+        ended = self._exit
         while not ended.done() and (self._inbox.qsize() >= INBOX_MESSAGES
                                     or (blob and self._inbox_blobs >= INBOX_BLOBS)):
             self._room.clear()
@@ -471,7 +500,7 @@ class SandboxHandle:
         self._inbox.put_nowait(message)
 
     async def _sample_status(self, interval: float) -> None:
-        exit_future = self._starter.exit_future(self.sandbox_id)
+        exit_future = self._exit
         while not exit_future.done():
             with contextlib.suppress(TimeoutError, SandboxError):
                 await asyncio.wait_for(asyncio.shield(exit_future), interval)
@@ -568,6 +597,8 @@ class SandboxManager:
         self._pool: WarmPool | None = None
         self._started = False
         self._closed = False
+        self._started_at = 0.0
+        self._calls: collections.Counter[str] = collections.Counter()
 
     async def __aenter__(self) -> SandboxManager:
         await self.start()
@@ -590,6 +621,7 @@ class SandboxManager:
         self._slots = asyncio.Semaphore(self._max_concurrent)
         await self._starter.start()
         self._started = True
+        self._started_at = time.monotonic()
         if self._pool_size > 0:
             self._pool = WarmPool(self._pool_size, lambda: self._create(
                 "pool", PythonWorkerPayload(pooled=True), self.config, keep_messages=False,
@@ -619,12 +651,39 @@ class SandboxManager:
         with contextlib.suppress(OSError, SandboxError):
             remove_stale_cgroups()  # of a zygote that died (killed): its spare's, its sandboxes
 
+    def stats(self) -> ManagerStats:
+        """Its health now: zygotes alive and restarted, sandboxes alive, calls served
+        by outcome, the warm pool, uptime (see ManagerStats)."""
+        running = self._started and not self._closed
+        zygotes = (self._starter.zygote_stats() if running and isinstance(self._starter, ZygoteStarter)
+                   else ZygoteStats(alive=0, stalled=0, restarted=0, given_up=0))  # none: "fork", "posix"
+        return ManagerStats(
+            zygotes_alive=zygotes.alive, zygotes_stalled=zygotes.stalled,
+            zygotes_restarted=zygotes.restarted, zygotes_given_up=zygotes.given_up,
+            sandboxes_alive=sum(h.health is not Health.EXITED for h in self._handles.values()),
+            calls=dict(self._calls), pool_idle=self._pool.idle if self._pool is not None else 0,
+            pool_size=self._pool_size,
+            uptime_seconds=time.monotonic() - self._started_at if self._started else 0.0)
+
+    async def _count(self, call: Awaitable[SandboxResult]) -> SandboxResult:
+        try:
+            result = await call
+        except BaseException:
+            self._calls["raised"] += 1
+            raise
+        self._calls[result.outcome.value] += 1
+        return result
+
     # -- running ------------------------------------------------------------
 
     async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
                                 sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxResult:
         """Run `function(*args, **kwargs)` in a fresh sandbox; its return value is
         `result.output`. A callable whose first parameter is `ctx` gets a PluginContext."""
+        return await self._count(self._execute_sandboxed(plugin_id, function, args, kwargs, sandbox_config))
+
+    async def _execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], args: tuple[Any, ...],
+                                 kwargs: dict[str, Any], sandbox_config: SandboxConfig | None) -> SandboxResult:
         handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=False,
                                     call=(function, args, kwargs))
         try:
@@ -638,9 +697,12 @@ class SandboxManager:
                               sandbox_config: SandboxConfig | None = None) -> SandboxResult:
         """Run a program in a fresh sandbox; `stdin` bytes are its standard input,
         its stdout and stderr come back (bounded) in the result."""
-        handle = await self._launch(plugin_id, ExecPayload(tuple(argv), cwd), sandbox_config,
-                                    keep_messages=False, stdin=stdin)
-        return await self._finish(handle)
+        async def run() -> SandboxResult:
+            handle = await self._launch(plugin_id, ExecPayload(tuple(argv), cwd), sandbox_config,
+                                        keep_messages=False, stdin=stdin)
+            return await self._finish(handle)
+
+        return await self._count(run())
 
     async def spawn(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
                     sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxHandle:
@@ -681,6 +743,8 @@ class SandboxManager:
                       stdin: bytes | None = None) -> SandboxHandle:
         if not self._started or self._closed:
             raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
+        if config is not None and not isinstance(config, SandboxConfig):
+            raise ConfigError("sandbox_config", f"must be a SandboxConfig, got {config!r:.200}")
         assert self._slots is not None
         call_bytes = _pickle_call(call) if call is not None else None
         await self._slots.acquire()
@@ -698,7 +762,7 @@ class SandboxManager:
         except BaseException:
             self._slots.release()
             raise
-        self._starter.exit_future(handle.sandbox_id).add_done_callback(lambda _: self._slots.release())  # type: ignore[union-attr]
+        handle._exit.add_done_callback(lambda _: self._slots.release())  # type: ignore[union-attr]
         if pooled is not None:
             handle.plugin_id = plugin_id
             handle._armed_at = time.monotonic()
@@ -764,7 +828,7 @@ class SandboxManager:
             ours.pop_all()
         stdout_r, stderr_r = read_ends
         self._handles[sandbox_id] = handle
-        self._starter.exit_future(sandbox_id).add_done_callback(lambda _: self._forget(sandbox_id))
+        handle._exit.add_done_callback(lambda _: self._forget(sandbox_id))
         handle.health = Health.RUNNING
         handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval, pooled)
         if pooled:
@@ -776,6 +840,14 @@ class SandboxManager:
         if handle is not None:
             handle.health = Health.EXITED
             _resolve(handle._answered)
+            if handle._keep_messages:  # a spawned plugin: its fds are closed, its name released
+                self._reap_later(handle)
+
+    def _release_name(self, handle: SandboxHandle) -> None:
+        """Forget a spawned plugin's name once it has ended and everything it sent was
+        read (the handle that spawn() returned still has its result)."""
+        if self._by_plugin.get(handle.plugin_id) is handle and handle._exit.done() and handle._inbox.empty():
+            del self._by_plugin[handle.plugin_id]
 
     def _reap_later(self, handle: SandboxHandle) -> None:
         """Let a sandbox that has answered finish its teardown in the background."""
@@ -786,6 +858,7 @@ class SandboxManager:
     async def _wait_quietly(self, handle: SandboxHandle) -> None:
         with contextlib.suppress(SandboxError):
             await handle.wait()
+        self._release_name(handle)
 
     async def _finish(self, handle: SandboxHandle, *, early: bool = False) -> SandboxResult:
         try:

@@ -7,6 +7,7 @@ naming the field (as a dotted path), the value, and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -49,13 +50,37 @@ def _suggest(value: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# The largest value of each numeric field: what the kernel (cgroup files, rlimits,
+# pid_max) and the event loops (a timeout must fit a poll() of the zygote, the
+# launcher and asyncio) accept. A larger one would fail far from the config, inside
+# a zygote; each limit is generous for any real use.
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+MAX_VALUES: dict[str, int] = {
+    "memory_limit_mb": (2**63 - 1) >> 20,  # memory.max / memory.limit_in_bytes take an int64 of bytes
+    "cpu_quota_percent": 100 * 4096,  # 4,096 CPUs (the quota in microseconds per 100 ms period)
+    "max_processes": 4 * 1024 * 1024,  # PID_MAX_LIMIT
+    "max_open_files": 1 << 20,  # the default fs.nr_open
+    "io_read_bps": 2**63 - 1,
+    "io_write_bps": 2**63 - 1,
+    "io_read_iops": 2**63 - 1,
+    "io_write_iops": 2**63 - 1,
+    "filesystem.tmp_size_mb": (2**63 - 1) >> 20,
+}
+
+
 def _positive(field_name: str, value: float | None, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(field_name, f"must be a number > 0, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(field_name, f"must be a finite number > 0, got {value!r}")
     if value <= 0:
         raise ConfigError(field_name, f"must be > 0, got {value!r}")
+    highest = MAX_TIMEOUT_SECONDS if field_name == "timeout_seconds" else MAX_VALUES.get(field_name)
+    if highest is not None and value > highest:
+        days = " (7 days; none means no timeout)" if field_name == "timeout_seconds" else ""
+        raise ConfigError(field_name, f"must be at most {highest}{days}, got {value!r}")
 
 
 def _capability_names(field_name: str, names: tuple[str, ...]) -> None:

@@ -43,6 +43,13 @@ class WarmPool:
         """Begin filling."""
         self._kick()
 
+    @property
+    def idle(self) -> int:
+        """Sandboxes ready (or getting ready) for a call."""
+        from .api import Health
+
+        return sum(h.health is Health.RUNNING for h in self._idle)
+
     def take(self) -> SandboxHandle | None:
         """An idle, live sandbox, or None when the pool is empty (the caller then
         starts one cold): the oldest of those waiting for their call, else the

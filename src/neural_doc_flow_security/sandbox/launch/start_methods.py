@@ -15,10 +15,12 @@ from __future__ import annotations
 import abc
 import array
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from typing import Any
 import msgpack
 
 from ..errors import SandboxError, UnsupportedError
-from ..result import IsolationReport, SandboxResult
+from ..result import IsolationReport, Outcome, SandboxResult
 from .counters import counter_files
 from .launcher import Launcher, LaunchRequest
 from .spawn import SpawnedSandbox
@@ -43,17 +45,37 @@ class StartMethod(abc.ABC):
         self.counters: dict[int, tuple[str, ...]] = {}  # its usage counter files (launch/counters.py)
 
     def exit_future(self, sandbox_id: int) -> asyncio.Future[SandboxResult]:
-        """Resolves with the sandbox's result when it has ended and been reaped."""
-        if sandbox_id not in self._exits:
-            self._exits[sandbox_id] = asyncio.get_running_loop().create_future()
-        return self._exits[sandbox_id]
+        """Resolves with the sandbox's result when it has ended and been reaped (or
+        with the SandboxError that says why it cannot be known). Take it before
+        spawn(): once it is resolved the start method forgets it (nothing is kept
+        per sandbox), and asking again then makes a new one that never resolves."""
+        future = self._exits.get(sandbox_id)
+        if future is None:
+            future = self._exits[sandbox_id] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieved)
+        return future
+
+    def running(self, sandbox_id: int) -> bool:
+        """Whether the sandbox is being started or runs (its end is not known yet)."""
+        future = self._exits.get(sandbox_id)
+        return future is not None and not future.done()
 
     def _exited(self, sandbox_id: int, result: SandboxResult) -> None:
+        self._forget(sandbox_id)
+        future = self._exits.pop(sandbox_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def _failed(self, sandbox_id: int, error: BaseException) -> None:
+        """Its end cannot be known (its zygote died): its waiters get `error`."""
+        self._forget(sandbox_id)
+        future = self._exits.pop(sandbox_id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _forget(self, sandbox_id: int) -> None:
         self.isolation.pop(sandbox_id, None)
         self.counters.pop(sandbox_id, None)
-        future = self.exit_future(sandbox_id)
-        if not future.done():
-            future.set_result(result)
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -72,7 +94,7 @@ class StartMethod(abc.ABC):
         kill): requests are carried out in the order they were made. Raises
         SandboxError when it cannot be sent or, here, when it failed."""
         reply = await self.control(op, sandbox_id, **args)
-        if not reply.get("ok") and not self.exit_future(sandbox_id).done():
+        if not reply.get("ok") and self.running(sandbox_id):
             raise SandboxError(f"{op}: {reply.get('error')}")
 
     @abc.abstractmethod
@@ -158,6 +180,13 @@ class ForkStarter(StartMethod):
             self._deadline_timer.cancel()
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """An exit future failed while nobody awaited it (the sandbox's call had already
+    been answered) is no error worth a "never retrieved" line at exit."""
+    if not future.cancelled():
+        future.exception()
+
+
 class ZygoteGone(SandboxError):
     """A request could not be sent: the zygote has exited."""
 
@@ -169,6 +198,12 @@ def zygote_environment() -> dict[str, str]:
     must not be among them."""
     keep = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
     return {k: v for k, v in os.environ.items() if k in keep or k.startswith("PYTHON")}
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 class _Zygote:
@@ -184,6 +219,17 @@ class _Zygote:
         self.dead: str | None = None
         self.preparing = False  # making a spare ahead: a launch sent now would wait for it
         self.refusing = ""  # why it starts nothing more (its template died): it exits when idle
+        self.stalled = ""  # why it is out of rotation: it did not answer in time (until it does)
+        self.started_at = 0.0  # monotonic
+
+    @property
+    def name(self) -> str:
+        """How errors and logs name it."""
+        return f"zygote {self.process.pid}" if self.process is not None else "the zygote"
+
+    def serving(self) -> bool:
+        """Whether launches may be sent to it."""
+        return not self.dead and not self.refusing and not self.stalled
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -198,22 +244,42 @@ class _Zygote:
             )
         finally:
             theirs.close()
+        self.started_at = time.monotonic()
         self.sock = ours
         ours.sendall(pickle.dumps({"op": "hello", "sys_path": sys.path}))
         ours.setblocking(False)
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        assert self.sock is not None
+        self._read_one()
+
+    def drain(self) -> None:
+        """Read everything it has sent so far."""
+        while self._read_one():
+            pass
+
+    def _read_one(self) -> bool:
+        """Read and act on one message; False when there was none to read."""
+        if self.sock is None or self.dead:
+            return False
         try:
-            data = self.sock.recv(1 << 20)
+            data, ancdata, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(array.array("i").itemsize))
         except BlockingIOError:
-            return
+            return False
         except ConnectionResetError:
-            return  # it exited before reading all we sent: what it sent before is still queued
+            return True  # it exited before reading all we sent: what it sent before is still queued
+        fds = [fd for level, kind, payload in ancdata if level == socket.SOL_SOCKET
+               and kind == socket.SCM_RIGHTS for fd in array.array("i", payload)]
         if not data:
-            self.gone("the zygote exited")
-            return
+            self.gone(f"{self.name} exited")
+            return False
+        self._act_on(data, fds)
+        return True
+
+    def _act_on(self, data: bytes, fds: list[int]) -> None:
+        if self.stalled:
+            _log().warning("%s answers again: back in rotation", self.name)
+            self.stalled = ""
         message = msgpack.unpackb(data, raw=False)
         if message["op"] == "preparing":
             self.preparing = message["busy"]
@@ -226,21 +292,35 @@ class _Zygote:
             self.starter._exited(message["id"], SandboxResult.from_dict(message["result"]))
             return
         future = self.replies.pop(message["req"], None)
+        if message["op"] == "started":  # its pidfd came along: the manager's own way to kill it
+            self.running.add(message["id"])
+            if future is None or future.done():  # nobody waits for it (the launch was given up)
+                for fd in fds:
+                    os.close(fd)
+                self.starter._orphaned(self, message["id"])
+                return
+            message["pidfd"] = fds[0] if fds else -1
+        else:
+            for fd in fds:
+                os.close(fd)
         if future is not None and not future.done():
             future.set_result(message)
 
     def gone(self, why: str) -> None:
+        """It has exited (or was killed): what it ran fails with `why`."""
+        first = self.dead is None
         self.dead = why
         if self.sock is not None:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         for future in self.replies.values():
             if not future.done():
                 future.set_exception(SandboxError(why))
-        for sandbox_id in self.running:
-            exit_future = self.starter.exit_future(sandbox_id)
-            if not exit_future.done():
-                exit_future.set_exception(SandboxError(why))
         self.replies.clear()
+        for sandbox_id in list(self.running):
+            self.starter._failed(sandbox_id, SandboxError(f"{why}: the sandbox died with it"))
+        self.running.clear()
+        if first:
+            self.starter._zygote_gone(self)
 
     async def request(self, message: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Send a request and wait for its reply."""
@@ -249,12 +329,12 @@ class _Zygote:
         self.replies[message["req"]] = future
         try:
             await self.send(message, fds)
+            return await future
         except BaseException:
             self.replies.pop(message["req"], None)
             if future.done() and not future.cancelled():
                 future.exception()  # failed by gone() meanwhile: retrieved (this raises instead)
             raise
-        return await future
 
     async def send(self, message: dict[str, Any], fds: list[int]) -> None:
         """Send a request; one without a "req" number gets no reply. Raises ZygoteGone
@@ -267,7 +347,7 @@ class _Zygote:
             # What it sent before (answers, results) is still to be read: gone() follows
             # at the end of it (EOF).
             self.refusing = self.refusing or "the zygote takes no more requests"
-            raise ZygoteGone("the zygote exited") from None
+            raise ZygoteGone(f"{self.name} exited") from None
 
     async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -303,8 +383,32 @@ class _Zygote:
             self.sock.close()  # EOF: the zygote kills its sandboxes and exits
             self.sock = None
         if self.process is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
+            try:
+                await asyncio.wait_for(_reaped(self.process), CLOSE_WAIT)
+            except TimeoutError:  # stopped, or stuck: it must not outlive the manager
+                _log().error("%s did not exit within %ss of the shutdown: killed", self.name, CLOSE_WAIT)
+                self.process.kill()
+                await _reaped(self.process)
         self.gone(self.dead or "the manager was shut down")
+
+
+async def _reaped(process: subprocess.Popen[bytes]) -> int:
+    """Wait for a child to exit (through its pidfd: no thread) and reap it."""
+    if process.returncode is not None:
+        return process.returncode
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return process.wait()
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, _resolve_once, exited)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return process.wait()
 
 
 def _resolve_once(future: asyncio.Future[None]) -> None:
@@ -312,17 +416,63 @@ def _resolve_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+CLOSE_WAIT = 10.0  # seconds a zygote gets to end its sandboxes and exit at shutdown
+DEADLINE_GRACE = 1.0  # the manager kills a sandbox itself this long after its zygote should have
+LAUNCH_ANSWER_WAIT = 10.0  # a zygote that answers no launch within this (or its timeout, if longer) is stalled
+WAIT_FOR_ZYGOTE = 30.0  # a launch waits this long for a zygote to serve it (one restarting or stalled)
+STABLE_AFTER = 5.0  # a zygote that died sooner than this after its start died "at start"
+MAX_FAILED_STARTS = 5  # in a row, in one slot: then it is not restarted (reported)
+RESTART_BACKOFF = 0.1  # seconds before the second restart in a row; doubles each time
+MAX_RESTART_BACKOFF = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ZygoteStats:
+    """The zygotes of a manager."""
+
+    alive: int  # serving launches
+    stalled: int  # alive but out of rotation (did not answer in time)
+    restarted: int  # replacements started since the manager started
+    given_up: int  # slots whose zygote kept dying at start (not restarted)
+
+
 class ZygoteStarter(StartMethod):
     """Sandboxes are started by `count` zygote processes (default: one per CPU, at
     most 4), each over its own SOCK_SEQPACKET socket. A zygote spends much of a
     launch waiting on the kernel (cgroup migration, namespace set-up), so more
-    than one keeps the CPUs busy."""
+    than one keeps the CPUs busy.
+
+    Supervised: a zygote that exits (killed, crashed, its template died) is replaced
+    in the background, at once the first time, with a growing pause when one keeps
+    dying at start, and not any more after MAX_FAILED_STARTS such deaths in a row
+    (logged as an error; launches then go to the others, or fail saying why). A
+    sandbox's wall timeout is enforced here too, through the pidfd its zygote sent:
+    a zygote that misses a deadline (stopped, stuck) is out of rotation until it
+    answers again."""
 
     def __init__(self, count: int | None = None) -> None:
         super().__init__()
         self._zygotes = [_Zygote(self) for _ in range(count or min(4, os.cpu_count() or 1))]
         self._owner: dict[int, _Zygote] = {}
         self._requests = itertools.count(1)
+        self._pidfds: dict[int, int] = {}  # by sandbox id: its init, to kill it without the zygote
+        self._timeouts: dict[int, float] = {}  # by sandbox id: its wall timeout (seconds)
+        self._watchdogs: dict[int, asyncio.TimerHandle] = {}
+        self._failed_starts = [0] * len(self._zygotes)  # by slot, in a row
+        self._given_up: dict[int, str] = {}  # slot -> why it is not restarted
+        self._restarting: set[int] = set()  # slots whose replacement is pending
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._departed: list[_Zygote] = []  # exited, being reaped and replaced
+        self.restarted = 0
+        self._supervising = False
 
     @property
     def pid(self) -> int | None:
@@ -335,67 +485,236 @@ class ZygoteStarter(StartMethod):
         """Every zygote's pid."""
         return [z.process.pid for z in self._zygotes if z.process is not None]
 
+    def zygote_stats(self) -> ZygoteStats:
+        """How many zygotes serve, are stalled, were restarted or given up."""
+        return ZygoteStats(alive=sum(z.serving() for z in self._zygotes),
+                           stalled=sum(bool(not z.dead and z.stalled) for z in self._zygotes),
+                           restarted=self.restarted, given_up=len(self._given_up))
+
     async def start(self) -> None:
         for zygote in self._zygotes:
             zygote.start()
+        self._supervising = True
+
+    # -- supervision ----------------------------------------------------------
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _zygote_gone(self, zygote: _Zygote) -> None:
+        if not self._supervising or zygote not in self._zygotes:
+            return
+        slot = self._zygotes.index(zygote)
+        self._restarting.add(slot)
+        self._departed.append(zygote)
+        self._background(self._replace(slot, zygote))
+
+    async def _replace(self, slot: int, old: _Zygote) -> None:
+        try:
+            status = "gone"
+            if old.process is not None:
+                try:
+                    status = _describe_exit(await asyncio.wait_for(_reaped(old.process), CLOSE_WAIT))
+                except TimeoutError:  # it closed its socket but does not exit: end it
+                    old.process.kill()
+                    status = _describe_exit(await _reaped(old.process))
+            await old.close()
+            self._departed.remove(old)
+            at_start = time.monotonic() - old.started_at < STABLE_AFTER
+            self._failed_starts[slot] = self._failed_starts[slot] + 1 if at_start else 0
+            self._remove_leftovers()  # the dead zygote's cgroups (its sandboxes died with it)
+            if self._failed_starts[slot] >= MAX_FAILED_STARTS:
+                why = (f"{old.name} {status}: the zygotes of this slot died within {STABLE_AFTER}s of their start "
+                       f"{self._failed_starts[slot]} times in a row; not restarted")
+                self._given_up[slot] = why
+                _log().error("%s", why)
+                return
+            if self._failed_starts[slot] > 1:
+                await asyncio.sleep(min(MAX_RESTART_BACKOFF, RESTART_BACKOFF * 2 ** (self._failed_starts[slot] - 2)))
+            if not self._supervising:
+                return
+            new = _Zygote(self)
+            new.start()
+            self._zygotes[slot] = new
+            self.restarted += 1
+            _log().warning("%s %s (%s): replaced by %s (restart %d)", old.name, status, old.dead,
+                           new.name, self.restarted)
+        except Exception:
+            _log().exception("cannot replace %s", old.name)
+            self._given_up[slot] = f"{old.name} could not be replaced (see the log)"
+        finally:
+            self._restarting.discard(slot)
+
+    def _remove_leftovers(self) -> None:
+        from ..linux.cgroups import remove_stale_cgroups
+
+        try:
+            remove_stale_cgroups()
+        except (OSError, SandboxError) as e:
+            _log().info("cannot remove the cgroups of a dead zygote: %s", e)
+
+    def _why_none(self) -> str:
+        reasons = [*self._given_up.values()] + [z.dead or z.refusing or z.stalled for z in self._zygotes]
+        return "no zygote can start sandboxes: " + "; ".join(dict.fromkeys(r for r in reasons if r))
+
+    # -- launching ------------------------------------------------------------
 
     async def spawn(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
+        ended = self.exit_future(sandbox_id)
+        try:
+            zygote, reply = await self._launch(sandbox_id, request, fds)
+        except BaseException:
+            if not ended.done():
+                self._exits.pop(sandbox_id, None)
+            raise
+        pidfd = reply.get("pidfd", -1)
+        if ended.done() or sandbox_id not in zygote.running:  # it has ended already
+            if pidfd >= 0:
+                os.close(pidfd)
+            return int(reply["pid"])
+        self._owner[sandbox_id] = zygote
+        if pidfd >= 0:
+            self._pidfds[sandbox_id] = pidfd
+        self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
+        self.counters[sandbox_id] = tuple(reply["counters"])
+        timeout = request.config.timeout_seconds
+        if timeout is not None:
+            self._timeouts[sandbox_id] = timeout
+            if request.armed:
+                self._watch(sandbox_id, time.monotonic())
+        return int(reply["pid"])
+
+    async def _launch(self, sandbox_id: int, request: LaunchRequest,
+                      fds: dict[int, int]) -> tuple[_Zygote, dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + WAIT_FOR_ZYGOTE
+        answer_within = max(LAUNCH_ANSWER_WAIT, (request.config.timeout_seconds or 0) + DEADLINE_GRACE)
         while True:
-            alive = [z for z in self._zygotes if not z.dead and not z.refusing]
-            if not alive:
-                first = self._zygotes[0]
-                raise SandboxError(first.dead or first.refusing or "no zygote is running")
-            zygote = min(alive, key=lambda z: (len(z.running) + len(z.replies), z.preparing))
-            self._owner[sandbox_id] = zygote
-            zygote.running.add(sandbox_id)
+            serving = [z for z in self._zygotes if z.serving()]
+            if not serving:
+                # One is being replaced, or stalled: it may serve soon.
+                waiting = self._restarting or any(not z.dead and not z.refusing for z in self._zygotes)
+                if waiting and loop.time() < give_up_at and self._supervising:
+                    await asyncio.sleep(0.02)
+                    continue
+                raise SandboxError(self._why_none())
+            zygote = min(serving, key=lambda z: (len(z.running) + len(z.replies), z.preparing))
+            message = {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}
             try:
-                reply = await zygote.request(
-                    {"op": "spawn", "id": sandbox_id, "request": request, "targets": list(fds)}, list(fds.values()))
+                reply = await asyncio.wait_for(zygote.request(message, list(fds.values())), answer_within)
             except ZygoteGone as e:  # the request never left
                 reply = {"op": "failed", "elsewhere": True, "error": str(e)}
-            except BaseException:
-                self._drop_launch(zygote, sandbox_id)
-                raise
+            except TimeoutError:
+                why = f"{zygote.name} did not answer a launch within {answer_within:.1f}s"
+                self._stalled(zygote, why)
+                raise SandboxError(f"{why}: it is out of rotation until it answers") from None
             if reply["op"] == "started":
-                break
-            self._drop_launch(zygote, sandbox_id)
+                return zygote, reply
             if not reply.get("elsewhere"):
                 if reply.get("protection"):
                     raise UnsupportedError(reply["protection"], reply["reason"])
                 raise SandboxError(reply["error"])
             # Nothing was started (the zygote is gone, or its template): another zygote takes it.
             zygote.refusing = zygote.refusing or reply["error"]
-        self.exit_future(sandbox_id).add_done_callback(lambda _: self._owner.pop(sandbox_id, None))
-        self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
-        self.counters[sandbox_id] = tuple(reply["counters"])
-        return int(reply["pid"])
 
-    def _drop_launch(self, zygote: _Zygote, sandbox_id: int) -> None:
-        """Forget a launch that did not start, with the exit future that gone() may
-        have failed meanwhile (nobody awaits it)."""
-        zygote.running.discard(sandbox_id)
+    def _stalled(self, zygote: _Zygote, why: str) -> None:
+        if not zygote.stalled and not zygote.dead:
+            _log().error("%s: out of rotation until it answers", why)
+            zygote.stalled = why
+
+    def _orphaned(self, zygote: _Zygote, sandbox_id: int) -> None:
+        """A sandbox started for a launch that was given up: end it."""
+        async def kill() -> None:
+            with contextlib.suppress(SandboxError):
+                await zygote.send({"op": "kill", "id": sandbox_id}, [])
+
+        self._background(kill())
+
+    def _forget(self, sandbox_id: int) -> None:
+        super()._forget(sandbox_id)
         self._owner.pop(sandbox_id, None)
-        failed = self._exits.pop(sandbox_id, None)
-        if failed is not None and failed.done() and not failed.cancelled():
-            failed.exception()  # retrieved
+        self._timeouts.pop(sandbox_id, None)
+        watchdog = self._watchdogs.pop(sandbox_id, None)
+        if watchdog is not None:
+            watchdog.cancel()
+        pidfd = self._pidfds.pop(sandbox_id, None)
+        if pidfd is not None:
+            os.close(pidfd)
+
+    # -- the manager's own deadline -------------------------------------------
+
+    def _watch(self, sandbox_id: int, armed_at: float) -> None:
+        """Its zygote kills it at its deadline; this fires DEADLINE_GRACE later, in case it did not."""
+        timeout = self._timeouts.get(sandbox_id)
+        if timeout is None or not self.running(sandbox_id):
+            return
+        old = self._watchdogs.pop(sandbox_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, armed_at + timeout + DEADLINE_GRACE - time.monotonic())
+        self._watchdogs[sandbox_id] = loop.call_later(delay, self._overdue, sandbox_id)
+
+    def _overdue(self, sandbox_id: int) -> None:
+        self._watchdogs.pop(sandbox_id, None)
+        zygote = self._owner.get(sandbox_id)
+        if zygote is None or not self.running(sandbox_id):
+            return
+        zygote.drain()  # its result may be waiting in the socket
+        if not self.running(sandbox_id):
+            return
+        timeout = self._timeouts.get(sandbox_id)
+        self._kill_directly(sandbox_id)
+        why = f"{zygote.name} did not end sandbox {sandbox_id} at its wall timeout of {timeout}s"
+        self._stalled(zygote, why)
+        zygote.running.discard(sandbox_id)
+        self._exited(sandbox_id, SandboxResult(
+            Outcome.TIMEOUT, signal=signal.SIGKILL, isolation=self.isolation.get(sandbox_id) or IsolationReport(),
+            error=f"wall timeout of {timeout}s (enforced by the manager: {zygote.name} did not answer)"))
+
+    def _kill_directly(self, sandbox_id: int) -> None:
+        """SIGKILL the sandbox's init through its pidfd (its pid namespace goes with it)."""
+        pidfd = self._pidfds.get(sandbox_id)
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+    # -- control --------------------------------------------------------------
 
     async def control(self, op: str, sandbox_id: int, **args: Any) -> dict[str, Any]:
         zygote = self._owner.get(sandbox_id)
         if zygote is None:
             return {"ok": False, "error": "no such sandbox (it has exited)"}
+        if op == "kill":  # at once, whether or not its zygote answers; the zygote then ends the rest
+            self._kill_directly(sandbox_id)
+            with contextlib.suppress(ZygoteGone):
+                await zygote.send({"op": "kill", "id": sandbox_id}, [])
+            return {"ok": True}
         return await zygote.request({"op": op, "id": sandbox_id, **args}, [])
 
     async def notify(self, op: str, sandbox_id: int, **args: Any) -> None:
         zygote = self._owner.get(sandbox_id)
-        if zygote is not None:  # else it has exited
-            await zygote.send({"op": op, "id": sandbox_id, **args}, [])
+        if zygote is None:
+            return  # it has exited
+        if op == "arm":
+            self._watch(sandbox_id, args.get("at") or time.monotonic())
+        if op == "kill":
+            self._kill_directly(sandbox_id)
+        await zygote.send({"op": op, "id": sandbox_id, **args}, [])
 
     async def close(self) -> None:
         """Kill every running sandbox, wait (bounded) for their results, stop the zygotes."""
+        self._supervising = False
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         running = [(z, i) for z in self._zygotes if not z.dead for i in list(z.running)]
-        await asyncio.gather(*(z.request({"op": "kill", "id": i}, []) for z, i in running),
-                             return_exceptions=True)
-        exits = [self.exit_future(i) for _, i in running]
+        for _, sandbox_id in running:
+            self._kill_directly(sandbox_id)
+        await asyncio.gather(*(z.send({"op": "kill", "id": i}, []) for z, i in running), return_exceptions=True)
+        exits = [self._exits[i] for _, i in running if i in self._exits]
         if exits:
-            await asyncio.wait(exits, timeout=10.0)
-        await asyncio.gather(*(z.close() for z in self._zygotes))
+            await asyncio.wait(exits, timeout=CLOSE_WAIT)
+        await asyncio.gather(*(z.close() for z in self._zygotes + self._departed))

@@ -12,7 +12,8 @@ requests on a SOCK_SEQPACKET socket:
         every request but hello carries "req": N, echoed in its reply; a control
         request without one is carried out and not answered (arm, kill after use)
     zygote -> manager  msgpack
-        {"op": "started", "id", "pid", "isolation", "counters"} | {"op": "exited", "id", "result": {...}}
+        {"op": "started", "id", "pid", "isolation", "counters"} + the sandbox's pidfd
+        {"op": "exited", "id", "result": {...}}
         {"op": "reply", "id", "ok", ...} | {"op": "failed", "id", "error", ...}
         {"op": "failed", ..., "elsewhere": True}: the template is gone, nothing was
         started: the manager sends the launch to another zygote
@@ -55,6 +56,37 @@ if TYPE_CHECKING:
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 PREPARE_WHEN_IDLE_FOR = 0.0005  # seconds without a request or an exit
 MAX_FDS = 8
+MAX_WAIT = 3600.0  # seconds: the longest single poll (a later deadline is waited for in steps)
+
+# SIGTERM (the parent-death signal: the manager is gone) only sets this and wakes the
+# serving loop through the wake-up fd, which then returns: the shutdown that follows
+# (kill every sandbox, remove their cgroups) runs to its end, never interrupted.
+_terminating = False
+_wakeup_read = -1
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    global _terminating
+    _terminating = True
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+
+
+def _watch_sigterm() -> None:
+    global _wakeup_read
+    _wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -66,8 +98,12 @@ def _recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(msgpack.packb(message, use_bin_type=True))
+def _send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+    data = msgpack.packb(message, use_bin_type=True)
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
 
 
 def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
@@ -135,6 +171,8 @@ def serve(sock: socket.socket, launcher: Launcher) -> None:
 def _serve(sock: socket.socket, launcher: Launcher) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, None)
+    if _wakeup_read >= 0:
+        selector.register(_wakeup_read, selectors.EVENT_READ, "signal")
     if launcher.template is not None:
         selector.register(launcher.template, selectors.EVENT_READ, ("template", 0))
     reported: set[int] = set()  # sandboxes whose result went out with init's report, before init was reaped
@@ -151,13 +189,18 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
         if refusing and not launcher.running:
             return
         deadline = launcher.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = None if deadline is None else min(MAX_WAIT, max(0.0, deadline - time.monotonic()))
         for key, _ in selector.select(timeout):
             if key.data is None:
                 data, fds = _recv(sock)
                 if not data:
                     return
-                _answer(sock, launcher, pickle.loads(data), fds, selector)
+                _answer(sock, launcher, data, fds, selector)
+                continue
+            if key.data == "signal":  # SIGTERM: the manager is gone (parent-death signal)
+                _drain(key.fd)
+                if _terminating:
+                    return
                 continue
             if selector.get_map().get(key.fd) is not key:
                 continue  # unregistered by an earlier event of this batch (its sandbox was finished)
@@ -187,17 +230,32 @@ def _serve(sock: socket.socket, launcher: Launcher) -> None:
             _prepare_while_idle(sock, selector, launcher)
 
 
-def _answer(sock: socket.socket, launcher: Launcher, request: dict[str, Any], fds: list[int],
+def _answer(sock: socket.socket, launcher: Launcher, data: bytes, fds: list[int],
             selector: selectors.BaseSelector) -> None:
-    """Carry out a request, watch the sandbox it started, reply if it asks for one."""
-    reply = _handle(launcher, request, fds)
-    if reply is not None and reply["op"] == "started":
-        spawned = launcher.running[reply["id"]]
-        selector.register(spawned.status_read, selectors.EVENT_READ, ("report", reply["id"]))
-        selector.register(spawned.pidfd, selectors.EVENT_READ, ("exit", reply["id"]))
+    """Carry out a request, watch the sandbox it started, reply if it asks for one.
+    Whatever goes wrong while handling it fails this request only: the zygote, its
+    other sandboxes and the manager's later requests go on."""
+    request: dict[str, Any] = {}
+    try:
+        request = pickle.loads(data)
+        reply = _handle(launcher, request, fds)
+        if reply is not None and reply["op"] == "started":
+            spawned = launcher.running[reply["id"]]
+            selector.register(spawned.status_read, selectors.EVENT_READ, ("report", reply["id"]))
+            selector.register(spawned.pidfd, selectors.EVENT_READ, ("exit", reply["id"]))
+    except Exception as e:  # noqa: BLE001 - one bad request must not end the zygote (and its sandboxes)
+        _log().exception("request failed")
+        op = "failed" if request.get("op") == "spawn" else "reply"
+        reply = {"op": op, "id": request.get("id", 0), "ok": False, "error": f"the zygote failed it: {e!r}"}
+        if request.get("op") == "spawn" and request.get("id") in launcher.running:
+            with contextlib.suppress(Exception):  # started, but cannot be watched: it must not run unseen
+                launcher.kill(request["id"])
+                launcher.finish(request["id"])
     if reply is not None and "req" in request:
         reply["req"] = request["req"]
-        _send(sock, reply)
+        started = reply["op"] == "started" and reply["id"] in launcher.running
+        # A started sandbox's pidfd goes along: the manager can kill it without us.
+        _send(sock, reply, (launcher.running[reply["id"]].pidfd,) if started else ())
 
 
 def _refuse_the_rest(sock: socket.socket, launcher: Launcher) -> None:
@@ -213,7 +271,7 @@ def _refuse_the_rest(sock: socket.socket, launcher: Launcher) -> None:
             return
         if not data:
             return
-        _answer(sock, launcher, pickle.loads(data), fds, selector)
+        _answer(sock, launcher, data, fds, selector)
 
 
 def _prepare_while_idle(sock: socket.socket, selector: selectors.BaseSelector, launcher: Launcher) -> None:
@@ -288,7 +346,7 @@ def main(argv: list[str]) -> int:
     fd, parent_pid = int(argv[1]), int(argv[2])
 
     def terminate(_signum: int, _frame: object) -> None:
-        raise SystemExit(0)
+        raise SystemExit(0)  # nothing to clean up yet
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which decides
@@ -299,6 +357,7 @@ def main(argv: list[str]) -> int:
     from ..linux import syscalls as sc  # ctypes: not in the template's image
     from .launcher import Launcher
 
+    _watch_sigterm()  # only now: the template (and the payloads it clones) must not inherit the wake-up fd
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent_pid:  # the manager died before the signal was armed
         template.close()
