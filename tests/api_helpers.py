@@ -226,6 +226,14 @@ def no_leaks(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakTracker]:
         tracker.zygote_pids.update(pids if pids is not None else [self.pid] if self.pid else [])
 
     monkeypatch.setattr(start_methods.ZygoteStarter, "start", recording_start)
+    original_zygote_start = start_methods._Zygote.start
+
+    def recording_zygote_start(self: start_methods._Zygote) -> None:  # replacements too
+        original_zygote_start(self)
+        if self.process is not None:
+            tracker.zygote_pids.add(self.process.pid)
+
+    monkeypatch.setattr(start_methods._Zygote, "start", recording_zygote_start)
     baseline_children = {p.pid for p in psutil.Process().children(recursive=True)}
     fds_before = _fd_table()
     yield tracker

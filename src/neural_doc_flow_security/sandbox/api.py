@@ -48,6 +48,7 @@ from .pool import WarmPool
 from .result import Outcome, ResourceUsage, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
+ENDED_NAMES_KEPT = 64  # spawned plugins that have ended, still reachable by name
 MAX_CALL_WITH_LAUNCH = 1024 * 1024  # a larger pickled call goes on the sandbox's channel
 INBOX_MESSAGES = 1024  # unread messages of a spawned plugin before its channel is no longer read
 INBOX_BLOBS = 16  # of which holding a memfd mapping (each holds a host fd on Python < 3.13)
@@ -245,7 +246,6 @@ class SandboxHandle:
             # Everything the plugin sent is in the inbox once its channel reader is done.
             ended: asyncio.Future[Any] = self._reader or self._exit
             if ended.done():
-                self._manager._release_name(self)
                 return None
             getter = asyncio.ensure_future(self._inbox.get())
             try:
@@ -592,6 +592,7 @@ class SandboxManager:
         self._ids = itertools.count(1)
         self._handles: dict[int, SandboxHandle] = {}
         self._by_plugin: dict[str, SandboxHandle] = {}
+        self._ended: collections.deque[SandboxHandle] = collections.deque()  # in _by_plugin, ended
         self._background: set[asyncio.Task[Any]] = set()
         self._pool_size = pool_size
         self._pool: WarmPool | None = None
@@ -745,6 +746,8 @@ class SandboxManager:
             raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
         if config is not None and not isinstance(config, SandboxConfig):
             raise ConfigError("sandbox_config", f"must be a SandboxConfig, got {config!r:.200}")
+        if config is not None and config is not self.config:
+            dataclasses.replace(config)  # checked again: one changed after it was built raises ConfigError here
         assert self._slots is not None
         call_bytes = _pickle_call(call) if call is not None else None
         await self._slots.acquire()
@@ -844,10 +847,16 @@ class SandboxManager:
                 self._reap_later(handle)
 
     def _release_name(self, handle: SandboxHandle) -> None:
-        """Forget a spawned plugin's name once it has ended and everything it sent was
-        read (the handle that spawn() returned still has its result)."""
-        if self._by_plugin.get(handle.plugin_id) is handle and handle._exit.done() and handle._inbox.empty():
-            del self._by_plugin[handle.plugin_id]
+        """A spawned plugin has ended: its name stays reachable (get_handle, receive_message)
+        for the latest ENDED_NAMES_KEPT ended plugins only, so that spawning under ever
+        new names keeps nothing more (the handle that spawn() returned keeps its result)."""
+        if self._by_plugin.get(handle.plugin_id) is not handle or handle in self._ended:
+            return
+        self._ended.append(handle)
+        while len(self._ended) > ENDED_NAMES_KEPT:
+            oldest = self._ended.popleft()
+            if self._by_plugin.get(oldest.plugin_id) is oldest:
+                del self._by_plugin[oldest.plugin_id]
 
     def _reap_later(self, handle: SandboxHandle) -> None:
         """Let a sandbox that has answered finish its teardown in the background."""

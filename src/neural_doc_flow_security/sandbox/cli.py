@@ -2,6 +2,7 @@
 
     ndf-sandbox run [limits...] -- CMD ARGS...   run a program in a fresh sandbox
     ndf-sandbox check [--json]                   what this host can enforce
+    ndf-sandbox cleanup                          remove the leftovers of dead managers
     ndf-sandbox demo [--json]                    a document pipeline with hostile plugins
 
 Exit status of `run`: the program's own code; 128+N when it was killed by
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_run_parser(sub)
     check = sub.add_parser("check", help="report what this host can enforce")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("cleanup", help="remove what sandboxes of dead managers left behind (their cgroups)")
     demo = sub.add_parser("demo", help="run a document pipeline with good and hostile plugins")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
@@ -238,6 +240,22 @@ def _command_check(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _command_cleanup() -> int:
+    """Remove the sandbox cgroups of managers (and CLI runs) that are gone, killing
+    what still runs in them; those of live managers are left alone."""
+    from .linux.cgroups import remove_stale_cgroups
+
+    try:
+        removed = remove_stale_cgroups()
+    except (OSError, SandboxError) as e:
+        print(f"ndf-sandbox cleanup: {e}", file=sys.stderr)
+        return 1
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} leftover cgroup directories removed")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ndf-sandbox` console script."""
     args = build_parser().parse_args(argv)
@@ -245,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _command_run(args)
     if args.subcommand == "check":
         return _command_check(args)
+    if args.subcommand == "cleanup":
+        return _command_cleanup()
     from .demo import run_demo
 
     return run_demo(json_output=args.json, plain=args.plain)

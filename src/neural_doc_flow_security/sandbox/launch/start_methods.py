@@ -416,6 +416,14 @@ def _resolve_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _timeout_of(request: LaunchRequest) -> float | None:
+    """The launch's wall timeout, if it is one (the zygote refuses any other value)."""
+    timeout = request.config.timeout_seconds
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < float("inf"):
+        return float(timeout)
+    return None
+
+
 def _describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
@@ -579,7 +587,7 @@ class ZygoteStarter(StartMethod):
             self._pidfds[sandbox_id] = pidfd
         self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
         self.counters[sandbox_id] = tuple(reply["counters"])
-        timeout = request.config.timeout_seconds
+        timeout = _timeout_of(request)
         if timeout is not None:
             self._timeouts[sandbox_id] = timeout
             if request.armed:
@@ -590,7 +598,7 @@ class ZygoteStarter(StartMethod):
                       fds: dict[int, int]) -> tuple[_Zygote, dict[str, Any]]:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + WAIT_FOR_ZYGOTE
-        answer_within = max(LAUNCH_ANSWER_WAIT, (request.config.timeout_seconds or 0) + DEADLINE_GRACE)
+        answer_within = max(LAUNCH_ANSWER_WAIT, (_timeout_of(request) or 0.0) + DEADLINE_GRACE)
         while True:
             serving = [z for z in self._zygotes if z.serving()]
             if not serving:

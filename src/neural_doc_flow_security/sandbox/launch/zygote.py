@@ -116,7 +116,9 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
         launch: LaunchRequest = request["request"]
         try:
             fd_map = tuple(zip(request["targets"], fds, strict=True))
-            launch = dataclasses.replace(launch, fd_map=fd_map)
+            # Checked again here (a ConfigError fails this launch): no value may reach
+            # the launcher that its loop cannot take (a timeout too large for poll()).
+            launch = dataclasses.replace(launch, config=dataclasses.replace(launch.config), fd_map=fd_map)
             spawned = launcher.start(sandbox_id, launch)
             return {"op": "started", "id": sandbox_id, "pid": spawned.pid,
                     "isolation": spawned.isolation().to_dict(), "counters": counter_files(spawned.cgroup)}
