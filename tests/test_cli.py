@@ -178,13 +178,12 @@ def test_sigterm_ignoring_payload_is_killed_after_the_grace(root_caller: Sandbox
     (["--pids", "1"], "max_processes"),
     (["--timeout", "soon"], "timeout_seconds"),
     (["--timeout", "-1"], "timeout_seconds: must be > 0"),
-    (["--timeout", "0"], "timeout_seconds: must be > 0"),
     (["--timeout", "2592000"], "timeout_seconds: must be at most 604800"),  # 30 days: a zygote's poll overflowed
     (["--timeout", "1e12"], "timeout_seconds: must be at most 604800"),
     (["--timeout", "inf"], "timeout_seconds: must be a finite number"),
     (["--timeout", "nan"], "timeout_seconds: must be a finite number"),  # was: no timeout at all
     (["--timeout", "ten"], "timeout_seconds: must be a number of seconds"),
-    (["--memory", "99999999999T"], "memory_limit_mb: must be at most"),
+    (["--memory", "99999999999999G"], "memory_limit_mb: must be at most"),
     (["--pids", "99999999"], "max_processes: must be at most"),
     (["--nofile", "99999999"], "max_open_files: must be at most"),
     (["--tmpfs-size", "0"], "filesystem.tmp_size_mb"),

@@ -371,3 +371,28 @@ def test_a_sigkilled_manager_under_load_leaves_nothing(kill_zygotes_too: bool, n
             if stream is not None:
                 stream.close()
         api_helpers.remove_cgroup_dirs(sandbox_cgroups(owners))
+
+
+def test_a_sandbox_lost_with_its_zygote_and_never_awaited_leaves_no_unretrieved_error() -> None:
+    # "Future exception was never retrieved: SandboxError('the zygote exited')" at the
+    # end of a test run: the exit future of a sandbox whose zygote died, failed while
+    # nobody awaited it.
+    errors: list[str] = []
+
+    async def use_and_drop() -> None:
+        async with SandboxManager(status_interval=None) as m:
+            handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+            owner = m._starter._owner[handle.sandbox_id].process
+            assert owner is not None
+            del handle  # never awaited
+            os.kill(owner.pid, signal.SIGKILL)  # a zygote of this test's manager
+            await async_wait_until(lambda: not m.list_sandboxes(), timeout=60)
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context["message"]))
+        await use_and_drop()
+        gc.collect()  # the manager and everything it held
+        await asyncio.sleep(0.1)
+
+    run(scenario())
+    assert not [e for e in errors if "never retrieved" in e], errors
