@@ -17,20 +17,36 @@ Profiles
         kernel keyrings, ``bpf``, ``perf_event_open``, ``userfaultfd``,
         ``io_uring``, kernel modules, ``kexec``, ``reboot``, swap, accounting,
         clock setting, file handles, ``syslog``, port I/O, NUMA placement,
-        terminal input injection (``ioctl`` ``TIOCSTI``/``TIOCLINUX``) and
-        ``personality`` values outside Docker's safe set. ``clone3`` gets
-        ``ENOSYS`` so libc falls back to ``clone``, whose flags the filter can
-        see. Only the native architecture is in the filter: a call through a
-        foreign ABI (i386 ``int 0x80``, x32) kills the process.
+        ``memfd_secret``, ``statmount``/``listmount``, terminal input injection
+        and line disciplines (``ioctl`` ``TIOCSTI``/``TIOCLINUX``/``TIOCSETD``/
+        ``TIOCCONS``) and ``personality`` values outside Docker's safe set.
+        Set-user-ID and set-group-ID bits cannot be set or created (``chmod``
+        family, ``open``/``openat``/``creat`` with ``O_CREAT`` or ``O_TMPFILE``,
+        ``mkdir``, ``mknod``), nor device nodes made, so nothing set-id can be
+        planted on the host through a writable bind. Sockets: only ``AF_UNIX``,
+        ``AF_INET``, ``AF_INET6`` and ``AF_NETLINK`` with ``NETLINK_ROUTE``
+        (what libc's resolver and ``if_nameindex`` use); other families, which
+        network namespaces do not fence (``AF_VSOCK``) or which open kernel
+        surface (``AF_PACKET``, ``AF_ALG``, generic netlink...), fail with
+        ``EAFNOSUPPORT`` (other netlink protocols ``EPROTONOSUPPORT``),
+        ``socketpair`` is ``AF_UNIX`` only. ``clone3`` and ``openat2`` get
+        ``ENOSYS`` so libc falls back to ``clone`` and ``openat``, whose
+        arguments the filter can see. Only the native architecture is in the
+        filter: a call through a foreign ABI (i386 ``int 0x80``, x32) kills the
+        process.
     ``"off"``
         No filter: returns :data:`NO_FILTER`, which :func:`install_program`
         skips, so callers never need a ``None`` check.
     ``/absolute/path.toml`` or ``.json``
         A profile file, see :func:`load_profile_file`.
 
-Syscall names libseccomp does not know, or that do not exist on the native
-architecture, never break the default profile: they are skipped and listed in
-the program's description (which the isolation report shows).
+Syscalls newer than the system libseccomp (2.5.4 knows nothing after
+``fchmodat2``/``map_shadow_stack``) are denied by their number, from
+:data:`NEWER_SYSCALLS` (the numbers shared by every architecture with the
+generic syscall table since Linux 5.1). Names that are still unknown, or that
+do not exist on the native architecture, never break the default profile: they
+are skipped and listed in the program's description (which the isolation
+report shows).
 """
 
 from __future__ import annotations
@@ -67,11 +83,58 @@ CLONE_NAMESPACE_FLAGS: Final[dict[str, int]] = {
     # unshare accept it, and both are refused outright.
 }
 """clone() flags that the default profile refuses (any one of them makes clone fail with EPERM)."""
-_TTY_INJECTION_IOCTLS: Final = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C}
+_TTY_IOCTLS: Final = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C, "TIOCCONS": 0x541D, "TIOCSETD": 0x5423}
+"""ioctl requests the default profile refuses: input injection, console redirection and
+line-discipline changes (which load rarely used kernel code, N_GSM, N_HDLC...)."""
 _LOW32: Final = 0xFFFFFFFF
 
+NEWER_SYSCALLS: Final[dict[str, int]] = {
+    "statmount": 457,
+    "listmount": 458,
+    "lsm_get_self_attr": 459,
+    "lsm_set_self_attr": 460,
+    "lsm_list_modules": 461,
+    "mseal": 462,
+    "setxattrat": 463,
+    "getxattrat": 464,
+    "listxattrat": 465,
+    "removexattrat": 466,
+    "open_tree_attr": 467,
+    "file_getattr": 468,
+    "file_setattr": 469,
+}
+"""Syscalls after libseccomp 2.5.4's table, by their number in the generic table
+(x86_64 and the asm-generic architectures share numbers from 424 on)."""
+_UNIFIED_NUMBERS_ARCHES: Final = ("x86_64", "aarch64", "riscv64")
+
+S_ISUID: Final = 0o4000
+S_ISGID: Final = 0o2000
+_S_IFMT: Final = 0o170000
+_S_IFCHR: Final = 0o020000
+_S_IFBLK: Final = 0o060000
+_O_CREAT: Final = 0o100
+_O_TMPFILE_BIT: Final = 0o20000000  # __O_TMPFILE: O_TMPFILE is this | O_DIRECTORY
+_SETID_MODE_ARG: Final = {
+    "chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "creat": 1, "mkdir": 1, "mkdirat": 2,
+}
+"""Which argument carries the mode, for calls refused when it has a set-id bit."""
+_SETID_CREATE_ARGS: Final = {"open": (1, 2), "openat": (2, 3)}
+"""(flags, mode) arguments of the calls whose mode counts only with O_CREAT or O_TMPFILE."""
+_MKNOD_MODE_ARG: Final = {"mknod": 1, "mknodat": 2}
+
+AF_UNIX: Final = 1
+AF_INET: Final = 2
+AF_INET6: Final = 10
+AF_NETLINK: Final = 16
+NETLINK_ROUTE: Final = 0
+SOCKET_FAMILIES: Final = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+"""socket() families the default profile allows; AF_NETLINK only with NETLINK_ROUTE."""
+
 # How a denied syscall is matched.
-_Match = Literal["always", "clone_new_flags", "tty_injection", "unsafe_personality", "enosys"]
+_Match = Literal[
+    "always", "clone_new_flags", "tty_ioctls", "unsafe_personality", "enosys",
+    "setid_mode", "setid_create", "device_node", "socket_family", "socketpair_family",
+]
 
 _DEFAULT_DENY: Final[dict[str, _Match]] = {
     # filesystems and mounts
@@ -101,9 +164,20 @@ _DEFAULT_DENY: Final[dict[str, _Match]] = {
             "sysfs",
             "_sysctl",
             "lookup_dcookie",
+            "statmount",
+            "listmount",
+            "open_tree_attr",
         ),
         "always",
     ),
+    "openat2": "enosys",  # its mode and flags are in a struct the filter cannot read
+    # set-id files and device nodes (a writable bind reaches the host's file system)
+    **dict.fromkeys(_SETID_MODE_ARG, "setid_mode"),
+    **dict.fromkeys(_SETID_CREATE_ARGS, "setid_create"),
+    **dict.fromkeys(_MKNOD_MODE_ARG, "device_node"),
+    # socket families that network namespaces do not fence, or that open kernel surface
+    "socket": "socket_family",
+    "socketpair": "socketpair_family",
     # namespaces and other processes
     **dict.fromkeys(
         (
@@ -148,6 +222,7 @@ _DEFAULT_DENY: Final[dict[str, _Match]] = {
             "vm86",
             "vm86old",
             "lsm_set_self_attr",
+            "memfd_secret",
         ),
         "always",
     ),
@@ -161,7 +236,7 @@ _DEFAULT_DENY: Final[dict[str, _Match]] = {
         ("mbind", "set_mempolicy", "set_mempolicy_home_node", "migrate_pages", "move_pages"),
         "always",
     ),
-    "ioctl": "tty_injection",
+    "ioctl": "tty_ioctls",
     "personality": "unsafe_personality",
 }
 
@@ -240,8 +315,10 @@ class SeccompProfile:
     """A validated profile: which syscalls to deny and what a denied call gets.
 
     ``action`` is "errno" (the call fails with ``errno``) or "kill" (the whole
-    process is killed with SIGSYS). ``clone3`` keeps ``ENOSYS`` either way unless
-    a profile denies it explicitly, so libc falls back to ``clone``.
+    process is killed with SIGSYS). ``clone3`` and ``openat2`` keep ``ENOSYS``
+    either way unless a profile denies them explicitly, so libc falls back to
+    ``clone`` and ``openat``; refused socket families keep ``EAFNOSUPPORT``
+    (netlink protocols ``EPROTONOSUPPORT``), the answers of a kernel without them.
     """
 
     name: str
@@ -395,8 +472,9 @@ def build_program(profile: SeccompProfile) -> SeccompProgram:
         f"{os.path.basename(profile.name) if profile.name != 'default' else 'default'}: "
         f"allow by default, {len(denied)} syscalls denied ({what})",
     ]
-    if "clone3" in denied and profile.deny.get("clone3") == "enosys":
-        parts.append("clone3 -> ENOSYS")
+    enosys = [name for name in denied if profile.deny[name] == "enosys"]
+    if enosys:
+        parts.append("/".join(enosys) + " -> ENOSYS")
     conditional = [name for name in denied if profile.deny[name] not in ("always", "enosys")]
     if conditional:
         parts.append("argument checks on " + "/".join(conditional))
@@ -458,27 +536,15 @@ def _build_filter(profile: SeccompProfile) -> tuple[Any, list[str], list[str]]:
     unknown: list[str] = []
     foreign: list[str] = []
     for name, match in sorted(profile.deny.items()):
-        nr = scmp.resolve_syscall(scmp.Arch.NATIVE, name)
+        nr = syscall_number(name)
         if nr == _NR_UNKNOWN:
             unknown.append(name)
             continue
         if nr < 0:
             foreign.append(name)
             continue
-        if match == "always":
-            flt.add_rule(deny_action, nr)
-        elif match == "enosys":
-            flt.add_rule(scmp.ERRNO(errno_mod.ENOSYS), nr)
-        elif match == "clone_new_flags":
-            for flag in CLONE_NAMESPACE_FLAGS.values():
-                flt.add_rule(deny_action, nr, scmp.Arg(0, scmp.MASKED_EQ, flag, flag))
-        elif match == "tty_injection":
-            # The kernel's ioctl cmd is an unsigned int: compare only the low 32 bits,
-            # so setting high bits cannot slip past the filter.
-            for request in _TTY_INJECTION_IOCTLS.values():
-                flt.add_rule(deny_action, nr, scmp.Arg(1, scmp.MASKED_EQ, _LOW32, request))
-        elif match == "unsafe_personality":
-            pass  # a hand-written BPF prefix, see _personality_prefix
+        for action, args in _rules(scmp, name, match, deny_action):
+            flt.add_rule(action, nr, *args)
         denied.append(name)
     skipped: list[str] = []
     if unknown:
@@ -486,6 +552,82 @@ def _build_filter(profile: SeccompProfile) -> tuple[Any, list[str], list[str]]:
     if foreign:
         skipped.append(f"not syscalls on {os.uname().machine}: {', '.join(foreign)}")
     return flt, denied, skipped
+
+
+def _rules(scmp: Any, name: str, match: _Match, deny: int) -> list[tuple[int, tuple[Any, ...]]]:
+    """The libseccomp rules (action, argument comparisons) that deny ``name`` as ``match`` says.
+
+    Each rule is an AND of comparisons, the rules of a syscall an OR. Masked
+    comparisons look at the bits that matter only, so high bits set in a 32-bit
+    argument cannot slip past; a plain comparison (the socket family) refuses a
+    value with high bits set, as it is not one of the allowed ones.
+    """
+    def masked(arg: int, mask: int, value: int) -> Any:
+        return scmp.Arg(arg, scmp.MASKED_EQ, mask, value)
+
+    setid = (S_ISUID, S_ISGID)
+    if match == "always":
+        return [(deny, ())]
+    if match == "enosys":
+        return [(int(scmp.ERRNO(errno_mod.ENOSYS)), ())]
+    if match == "clone_new_flags":
+        return [(deny, (masked(0, flag, flag),)) for flag in CLONE_NAMESPACE_FLAGS.values()]
+    if match == "tty_ioctls":  # the kernel's ioctl cmd is an unsigned int: the low 32 bits
+        return [(deny, (masked(1, _LOW32, request),)) for request in _TTY_IOCTLS.values()]
+    if match == "setid_mode":
+        return [(deny, (masked(_SETID_MODE_ARG[name], bit, bit),)) for bit in setid]
+    if match == "setid_create":
+        flags, mode = _SETID_CREATE_ARGS[name]
+        return [(deny, (masked(flags, creating, creating), masked(mode, bit, bit)))
+                for creating in (_O_CREAT, _O_TMPFILE_BIT) for bit in setid]
+    if match == "device_node":
+        mode = _MKNOD_MODE_ARG[name]
+        kinds = [masked(mode, _S_IFMT, kind) for kind in (_S_IFCHR, _S_IFBLK)]
+        return [(deny, (comparison,)) for comparison in kinds + [masked(mode, bit, bit) for bit in setid]]
+    if match == "socket_family":
+        refused = int(scmp.ERRNO(errno_mod.EAFNOSUPPORT))
+        rules: list[tuple[int, tuple[Any, ...]]] = [
+            (refused, (masked(0, mask, value),)) for mask, value in _blocks_outside(SOCKET_FAMILIES)
+        ]
+        rules.append((refused, (scmp.Arg(0, scmp.GT, max(SOCKET_FAMILIES)),)))
+        rules.append((int(scmp.ERRNO(errno_mod.EPROTONOSUPPORT)),
+                      (scmp.Arg(0, scmp.EQ, AF_NETLINK), scmp.Arg(2, scmp.NE, NETLINK_ROUTE))))
+        return rules
+    if match == "socketpair_family":
+        return [(int(scmp.ERRNO(errno_mod.EAFNOSUPPORT)), (scmp.Arg(0, scmp.NE, AF_UNIX),))]
+    return []  # "unsafe_personality": a hand-written BPF prefix, see _personality_prefix
+
+
+def _blocks_outside(allowed: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(mask, value) pairs, each an aligned power-of-two block of 64-bit values, that
+    together cover exactly the values in [0, max(allowed)] not in ``allowed``.
+
+    libseccomp 2.5 allows one comparison per argument in a rule, so "not one of
+    these" is written as a few masked equalities (plus "greater than the largest").
+    """
+    blocks: list[tuple[int, int]] = []
+    value, top = 0, max(allowed)
+    while value <= top:
+        if value in allowed:
+            value += 1
+            continue
+        size = 1
+        while (value % (size * 2) == 0 and value + size * 2 - 1 <= top
+               and not any(value <= a < value + size * 2 for a in allowed)):
+            size *= 2
+        blocks.append(((~(size - 1)) & 0xFFFFFFFFFFFFFFFF, value))
+        value += size
+    return blocks
+
+
+def syscall_number(name: str) -> int:
+    """The native number of ``name``: libseccomp's, else NEWER_SYSCALLS' (on an
+    architecture with the generic numbers), else libseccomp's negative answer."""
+    scmp = _pyseccomp()
+    nr = int(scmp.resolve_syscall(scmp.Arch.NATIVE, name))
+    if nr == _NR_UNKNOWN and name in NEWER_SYSCALLS and os.uname().machine in _UNIFIED_NUMBERS_ARCHES:
+        return NEWER_SYSCALLS[name]
+    return nr
 
 
 def _deny_action(scmp: Any, profile: SeccompProfile) -> int:
@@ -537,6 +679,8 @@ def _native_syscall_names() -> tuple[str, ...]:
                 names.add(scmp.resolve_syscall(scmp.Arch.NATIVE, nr).decode())
             except ValueError:
                 continue
+        if os.uname().machine in _UNIFIED_NUMBERS_ARCHES:
+            names.update(NEWER_SYSCALLS)
         _native_names = tuple(sorted(names))
     return _native_names
 
@@ -563,13 +707,11 @@ def _read_profile_data(path: str) -> dict[str, Any]:
 
 
 def _syscall_list(data: Mapping[str, Any], key: str, fail: Any) -> list[str]:
-    scmp = _pyseccomp()
-
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise fail(f"{key} must be a list of syscall names")
     for name in value:
-        if scmp.resolve_syscall(scmp.Arch.NATIVE, name) == _NR_UNKNOWN:
+        if syscall_number(name) == _NR_UNKNOWN:
             raise fail(f"{key}: unknown syscall {name!r}{_did_you_mean(name, _native_syscall_names())}")
     return list(dict.fromkeys(value))
 
