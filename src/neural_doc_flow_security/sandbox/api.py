@@ -613,7 +613,10 @@ class SandboxManager:
         """Start the zygote and remove cgroups left behind by a dead manager."""
         if self._started:
             return
+        from .launch.stdio import ensure_std_fds
         from .linux.cgroups import remove_stale_cgroups
+
+        ensure_std_fds()  # a closed fd 0-2 would be taken by the zygote's socket or a sandbox's pipe
 
         with contextlib.suppress(OSError, SandboxError):
             remove_stale_cgroups()

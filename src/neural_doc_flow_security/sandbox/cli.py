@@ -258,6 +258,9 @@ def _command_cleanup() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ndf-sandbox` console script."""
+    from .launch.stdio import ensure_std_fds
+
+    ensure_std_fds()  # before any pipe or socket: none of ours may become a payload's fd 0-2
     args = build_parser().parse_args(argv)
     if args.subcommand == "run":
         return _command_run(args)

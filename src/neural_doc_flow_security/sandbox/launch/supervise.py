@@ -4,6 +4,8 @@ engine of `ndf-sandbox run`.
 Signals the caller receives (Ctrl-C, SIGTERM, SIGHUP) are forwarded to the
 sandbox; if it has not ended `grace_seconds` later, the whole tree is killed.
 The wall timeout kills the whole tree. Either way the tree is gone on return.
+A program gets this process's fds 0-2, except terminals, which it gets as pipes
+relayed from here (launch/stdio.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..result import SandboxResult
 from . import bootstrap
 from .launcher import Launcher, LaunchRequest
 from .spawn import STD_FDS, SpawnedSandbox, has_exited
+from .stdio import TerminalRelay, ensure_std_fds
 
 _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -38,16 +41,15 @@ def _forwarding_signals(spawned: SpawnedSandbox, received: list[float]) -> Itera
             signal.signal(sig, handler)
 
 
-def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: float) -> None:
-    """Block until the sandbox's init exits, enforcing the timeout and signal grace."""
+def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: float,
+                 relay: TerminalRelay | None = None) -> None:
+    """Block until the sandbox's init exits, enforcing the timeout and signal grace
+    (and copying between the terminal and the sandbox's pipes, given a relay)."""
     deadline = None if timeout is None else spawned.started + timeout
     received: list[float] = []
-    poller = select.poll()
-    poller.register(spawned.pidfd, select.POLLIN)
     # A signal must end the poll (Python would retry it with the old timeout):
     # the handler's wake-up byte lands on this pipe.
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    poller.register(wake_read, select.POLLIN)
     previous_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     try:
         with _forwarding_signals(spawned, received):
@@ -56,9 +58,20 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
                 now = time.monotonic()
                 limits = [t for t in (deadline, received[0] + grace_seconds if received else None) if t is not None]
                 wait_ms = None if not limits else max(0, int((min(limits) - now) * 1000) + 1)
-                ready = {fd for fd, _ in poller.poll(wait_ms)}
+                poller = select.poll()
+                poller.register(spawned.pidfd, select.POLLIN)
+                poller.register(wake_read, select.POLLIN)
+                if relay is not None:
+                    wanted, relay_ms = relay.poll_fds()
+                    for fd, events in wanted.items():
+                        poller.register(fd, events)
+                    if relay_ms is not None:
+                        wait_ms = relay_ms if wait_ms is None else min(wait_ms, relay_ms)
+                ready = dict(poller.poll(wait_ms))
                 if spawned.pidfd in ready:
                     return
+                if relay is not None:
+                    relay.on_ready(ready)
                 if wake_read in ready:
                     while _drain(wake_read):
                         pass
@@ -83,27 +96,42 @@ def _drain(fd: int) -> bool:
 
 def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: str = "run",
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS,
-                  grace_seconds: float = 5.0) -> SandboxResult:
-    """Run `payload` in a fresh sandbox and return its result."""
+                  grace_seconds: float = 5.0, relay: TerminalRelay | None = None) -> SandboxResult:
+    """Run `payload` in a fresh sandbox and return its result; `relay` (whose pipes
+    `fd_map` names) copies between them and the caller's terminal meanwhile."""
+    ensure_std_fds()
     launcher = Launcher()
     # A signal that arrives while the sandbox starts is held, then forwarded to it
     # (the child starts with an empty signal mask, see bootstrap's signal stage).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
     try:
         spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map, accounting_cgroup="never"))
+        if relay is not None:
+            relay.launched()
         try:
-            wait_sandbox(spawned, config.timeout_seconds, grace_seconds)
+            wait_sandbox(spawned, config.timeout_seconds, grace_seconds, relay)
         finally:
             if not _exited(spawned):
                 spawned.kill()
+        if relay is not None:
+            relay.finish()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return launcher.finish(0)
 
 
 def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd: str = "/") -> SandboxResult:
-    """Run a program in a fresh sandbox, with this process's stdin/stdout/stderr."""
-    return run_sandboxed(config, bootstrap.ExecPayload(tuple(argv), cwd))
+    """Run a program in a fresh sandbox, with this process's stdin/stdout/stderr; a
+    terminal among them is replaced by a pipe relayed from here (launch/stdio.py),
+    a closed one by /dev/null."""
+    ensure_std_fds()
+    relay = TerminalRelay.for_std_fds()
+    try:
+        return run_sandboxed(config, bootstrap.ExecPayload(tuple(argv), cwd),
+                             fd_map=relay.fd_map if relay is not None else STD_FDS, relay=relay)
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 def _exited(spawned: SpawnedSandbox) -> bool:
