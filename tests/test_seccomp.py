@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -251,6 +252,27 @@ def test_default_profile_refuses_socket_families(default_program: seccomp.Seccom
     status, result = run_in_child(lambda: raw_syscall(nr(name), *args), default_program)
     assert clean_exit(status), status
     assert result == [-1, expected], f"{probe}: {result}"
+
+
+def test_syscalls_newer_than_the_filter_get_enosys() -> None:
+    # The default guard starts above the newest syscall of this kernel (469, file_setattr):
+    # move it one lower to see it answer for a syscall that exists.
+    newest = seccomp.default_profile().newest_syscall
+    assert newest == max(seccomp.NEWER_SYSCALLS.values())
+    program = seccomp.build_program(dataclasses.replace(seccomp.default_profile(), newest_syscall=468))
+    assert "syscalls above 468 -> ENOSYS" in program.description
+
+    def body() -> dict[str, list[int]]:
+        return {"468": list(raw_syscall(468, -1, BAD, 0, 0, 0)), "469": list(raw_syscall(469, -1, BAD, 0, 0, 0)),
+                "getppid": [int(raw_syscall(nr("getppid"))[0] > 0)]}
+
+    control, without = run_in_child(body, None)
+    assert clean_exit(control) and without["469"][1] not in (0, errno.ENOSYS), without
+    status, result = run_in_child(body, program)
+    assert clean_exit(status)
+    assert result == {"468": without["468"], "469": [-1, errno.ENOSYS], "getppid": [1]}
+    x32, _ = run_in_child(lambda: list(raw_syscall(0x40000000 | 39)), program)
+    assert killed_by(x32) == signal.SIGSYS  # above the guard, the x32 ABI is still killed
 
 
 def test_openat2_gets_enosys_so_libc_falls_back(default_program: seccomp.SeccompProgram) -> None:

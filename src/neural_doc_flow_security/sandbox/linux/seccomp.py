@@ -43,7 +43,9 @@ Profiles
 Syscalls newer than the system libseccomp (2.5.4 knows nothing after
 ``fchmodat2``/``map_shadow_stack``) are denied by their number, from
 :data:`NEWER_SYSCALLS` (the numbers shared by every architecture with the
-generic syscall table since Linux 5.1). Names that are still unknown, or that
+generic syscall table since Linux 5.1), and every number above the newest of
+them gets ``ENOSYS``: a syscall added to the kernel later is not allowed
+unreviewed. Names that are still unknown, or that
 do not exist on the native architecture, never break the default profile: they
 are skipped and listed in the program's description (which the isolation
 report shows).
@@ -319,12 +321,16 @@ class SeccompProfile:
     either way unless a profile denies them explicitly, so libc falls back to
     ``clone`` and ``openat``; refused socket families keep ``EAFNOSUPPORT``
     (netlink protocols ``EPROTONOSUPPORT``), the answers of a kernel without them.
+    Syscall numbers above ``newest_syscall`` (when set) get ``ENOSYS`` too: calls
+    added to the kernel after this filter was written are not let through
+    unreviewed.
     """
 
     name: str
     deny: Mapping[str, _Match]
     action: Literal["errno", "kill"] = "errno"
     errno: int = errno_mod.EPERM
+    newest_syscall: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +400,13 @@ def compile_profile(spec: str) -> SeccompProgram:
 
 def default_profile() -> SeccompProfile:
     """The built-in deny-list profile (see the module docstring)."""
-    return SeccompProfile(name="default", deny=dict(_DEFAULT_DENY))
+    return SeccompProfile(name="default", deny=dict(_DEFAULT_DENY), newest_syscall=_newest_reviewed())
+
+
+def _newest_reviewed() -> int | None:
+    """The highest syscall number this module has reviewed, on an architecture with the
+    generic numbers (elsewhere None: no guard)."""
+    return max(NEWER_SYSCALLS.values()) if os.uname().machine in _UNIFIED_NUMBERS_ARCHES else None
 
 
 def load_profile_file(path: str) -> SeccompProfile:
@@ -441,7 +453,8 @@ def load_profile_file(path: str) -> SeccompProfile:
     if "errno" in data and action != "errno":
         raise fail("errno is only meaningful with action = 'errno'")
     err = _parse_errno(data.get("errno", "EPERM"), fail)
-    return SeccompProfile(name=path, deny=deny, action=action, errno=err)
+    newest = _newest_reviewed() if extends == "default" else None
+    return SeccompProfile(name=path, deny=deny, action=action, errno=err, newest_syscall=newest)
 
 
 def build_program(profile: SeccompProfile) -> SeccompProgram:
@@ -463,6 +476,8 @@ def build_program(profile: SeccompProfile) -> SeccompProgram:
         os.close(fd)
     if profile.deny.get("personality") == "unsafe_personality":
         bpf = _personality_prefix(pyseccomp, _deny_action(pyseccomp, profile)) + bpf
+    if profile.newest_syscall is not None:
+        bpf = _newer_syscalls_prefix(pyseccomp, profile.newest_syscall) + bpf
 
     instructions = len(bpf) // _SOCK_FILTER_SIZE
     what = f"{profile.action} {errno_mod.errorcode.get(profile.errno, profile.errno)}"
@@ -478,6 +493,8 @@ def build_program(profile: SeccompProfile) -> SeccompProgram:
     conditional = [name for name in denied if profile.deny[name] not in ("always", "enosys")]
     if conditional:
         parts.append("argument checks on " + "/".join(conditional))
+    if profile.newest_syscall is not None:
+        parts.append(f"syscalls above {profile.newest_syscall} -> ENOSYS")
     parts.append("foreign ABIs (i386, x32) kill the process")
     parts.append(f"{instructions} BPF instructions")
     if skipped:
@@ -662,6 +679,29 @@ def _personality_prefix(scmp: Any, deny_action: int) -> bytes:
         insns.append((jeq, length - pc - 1, 0, value))
     insns.append((ret, 0, 0, deny_action))
     assert len(insns) == length
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+
+
+_X32_SYSCALL_BIT: Final = 0x40000000
+
+
+def _newer_syscalls_prefix(scmp: Any, newest: int) -> bytes:
+    """BPF that answers ENOSYS to native syscall numbers above ``newest`` (and below
+    the x32 bit, whose numbers libseccomp's program kills). Every other call jumps
+    to the next instruction after the prefix. The kernel's per-syscall cache still
+    sees a constant answer for every number, so allowed calls never run the filter.
+    """
+    ld_abs, jeq, jge, jgt, ret = 0x20, 0x15, 0x35, 0x25, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JGT}|K, RET|K
+    enosys = int(scmp.ERRNO(errno_mod.ENOSYS))
+    # Layout: 0 ld arch, 1 jeq native, 2 ld nr, 3 jge x32 bit, 4 jgt newest, 5 ret ENOSYS; 6 = past the prefix.
+    insns = [
+        (ld_abs, 0, 0, 4),
+        (jeq, 0, 4, scmp.system_arch()),
+        (ld_abs, 0, 0, 0),
+        (jge, 2, 0, _X32_SYSCALL_BIT),
+        (jgt, 0, 1, newest),
+        (ret, 0, 0, enosys),
+    ]
     return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
 
 
