@@ -191,13 +191,45 @@ class ZygoteGone(SandboxError):
     """A request could not be sent: the zygote has exited."""
 
 
+# Kept by name: the locale decides how the zygote's Python decodes file names.
+_ZYGOTE_KEEPS = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")
+_ZYGOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ZYGOTE_MODULE = "neural_doc_flow_security.sandbox.launch.zygote"
+# `python -I -c BOOT MODULE PACKAGE_ROOT FD PARENT_PID`: isolated mode ignores every
+# PYTHON* variable, the user site and the working directory, so this package's root
+# is put on the path by hand (it may be an editable install or on PYTHONPATH).
+_ZYGOTE_BOOT = ("import importlib, sys; sys.path.insert(0, sys.argv[2]); "
+                "sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))")
+
+
 def zygote_environment() -> dict[str, str]:
-    """The zygote's environment: what Python needs to start as this one did, nothing
+    """The zygote's environment: the locale and time zone, a fixed PATH, nothing
     else. Every sandbox is a fork of the zygote, so its memory holds the zygote's
-    original environment strings: the host's secrets (tokens, keys in variables)
-    must not be among them."""
-    keep = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-    return {k: v for k, v in os.environ.items() if k in keep or k.startswith("PYTHON")}
+    original environment strings: the host's secrets (tokens, keys, PYTHON*
+    variables naming the application's paths) must not be among them. The zygote
+    runs Python in isolated mode (-I), which needs no PYTHON* variable."""
+    env = {k: v for k, v in os.environ.items() if k in _ZYGOTE_KEEPS}
+    env["PATH"] = _ZYGOTE_PATH
+    return env
+
+
+def zygote_sys_path() -> list[str]:
+    """The zygote's sys.path: this process's, less every directory a sandbox cannot
+    see (the script's directory, the working directory, the application's own
+    paths): only the Python installation and this package (linux/rootfs.python_paths).
+    A zygote that imported from the others would keep their file listings (the
+    import system's caches) in the memory of every sandbox."""
+    from ..linux.rootfs import covered, python_paths
+
+    return [p for p in sys.path if p and covered(os.path.realpath(p), python_paths())]
+
+
+def zygote_command(fd: int) -> list[str]:
+    """The zygote's command line (started with cwd "/" and zygote_environment())."""
+    import neural_doc_flow_security
+
+    package_root = os.path.dirname(os.path.dirname(os.path.realpath(neural_doc_flow_security.__file__)))
+    return [sys.executable, "-I", "-c", _ZYGOTE_BOOT, ZYGOTE_MODULE, package_root, str(fd), str(os.getpid())]
 
 
 def _log() -> Any:
@@ -237,16 +269,14 @@ class _Zygote:
             # Started from the event-loop thread: the zygote's parent-death signal
             # follows this thread (it is usually the main thread).
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "neural_doc_flow_security.sandbox.launch.zygote",
-                 str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
-                env=zygote_environment(),
+                zygote_command(theirs.fileno()), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                close_fds=True, cwd="/", env=zygote_environment(),
             )
         finally:
             theirs.close()
         self.started_at = time.monotonic()
         self.sock = ours
-        ours.sendall(pickle.dumps({"op": "hello", "sys_path": sys.path}))
+        ours.sendall(pickle.dumps({"op": "hello", "sys_path": zygote_sys_path()}))
         ours.setblocking(False)
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
 

@@ -1,8 +1,10 @@
 """The zygote: a small, single-threaded fork server that starts every sandbox.
 
-The manager starts it as a fresh interpreter (`python -m ...launch.zygote FD
-PARENT_PID`), so the host process, which may run threads and hold gigabytes,
-is never forked. The zygote imports what sandboxes need once, then serves
+The manager starts it as a fresh interpreter in isolated mode, from "/" and with
+a minimal environment (start_methods.zygote_command), so the host process, which
+may run threads and hold gigabytes, is never forked, and the memory every sandbox
+is forked from holds nothing of the host's environment, working directory or
+script directory. The zygote imports what sandboxes need once, then serves
 requests on a SOCK_SEQPACKET socket:
 
     manager -> zygote  pickle (both sides are the trusted host), fds by SCM_RIGHTS
@@ -305,11 +307,24 @@ def _make_template() -> Template:
     from .template import Template
 
     python_worker.prepare_in_zygote(environment_entries(SandboxConfig().environment))
+    _forget_hidden_directories()
     _drop_thread_reinit_at_fork()
     # Everything imported so far lives as long as the template: keep the collector
     # away from it, so payload processes do not copy those pages just to scan them.
     gc.freeze()
     return Template()
+
+
+def _forget_hidden_directories() -> None:
+    """Drop the import system's cached finders (with their directory listings) for
+    every directory outside sys.path, which the manager set to the Python
+    installation's directories only: the sandboxes see those anyway, and each
+    payload would otherwise list them again on its first import. The zygote never
+    imported from elsewhere (isolated mode, cwd "/"), so this is a safeguard."""
+    roots = tuple(path.rstrip("/") + "/" for path in sys.path if path)
+    for path in list(sys.path_importer_cache):
+        if path not in sys.path and not (path or ".").startswith(roots):
+            del sys.path_importer_cache[path]
 
 
 def _warm_up(launcher: Launcher) -> None:
@@ -344,7 +359,7 @@ def _drop_thread_reinit_at_fork() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: `python -m neural_doc_flow_security.sandbox.launch.zygote FD PARENT_PID`."""
+    """Entry point, `argv`: [_, FD, PARENT_PID] (see start_methods.zygote_command)."""
     fd, parent_pid = int(argv[1]), int(argv[2])
 
     def terminate(_signum: int, _frame: object) -> None:
@@ -353,7 +368,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which decides
     sock = socket.socket(fileno=fd)
-    hello = pickle.loads(sock.recv(MAX_REQUEST_BYTES))  # the manager's sys.path, for the payloads' imports
+    hello = pickle.loads(sock.recv(MAX_REQUEST_BYTES))  # the payloads' sys.path (the Python installation's)
     sys.path[:] = hello["sys_path"]
     template = _make_template()  # it dies with us (its own parent-death signal)
     from ..linux import syscalls as sc  # ctypes: not in the template's image
