@@ -143,3 +143,62 @@ def test_callable_memory_holds_no_host_file_names_or_python_variables(
     assert scanned > 1 << 20, report
     assert found["file"] == 0, f"the application's file name is in the callable's memory: {report}"
     assert found["env"] == 0, f"a PYTHON* variable of the host is in the callable's memory: {report}"
+
+
+def test_cli_command_line_and_environment_are_not_readable_from_init(sandbox_caller: SandboxCaller) -> None:
+    secret = _secret("customer-secret-")
+    result_file = Path(tempfile.gettempdir()) / f"{secret}.json"
+    env = ndf_host_env(NDF_TEST_SECRET=secret)
+    try:
+        result = sandbox_caller.run(
+            ["--json-result", str(result_file)],
+            ["sh", "-c", "cat /proc/1/cmdline; echo; echo CMDLINE-READ; cat /proc/1/environ; echo; "
+                         "cat /proc/self/environ; echo; echo DONE"], env=env)
+        output = result.stdout.decode(errors="replace")
+        assert "DONE" in output and "CMDLINE-READ" in output, result
+        assert secret not in output, f"the host's command line or environment is readable: {output!r}"
+        assert result_file.exists()  # the host side did get the name: the CLI wrote its result there
+    finally:
+        result_file.unlink(missing_ok=True)
+
+
+CMDLINE_APP = r'''
+import asyncio, json
+from neural_doc_flow_security.sandbox.api import SandboxManager
+
+
+def read():
+    out = {}
+    for path in ("/proc/1/cmdline", "/proc/self/cmdline", "/proc/1/environ", "/proc/self/environ"):
+        try:
+            with open(path, "rb") as f:
+                out[path] = f.read().strip(b"\0").decode(errors="replace")
+        except OSError as e:
+            out[path] = type(e).__name__
+    return out
+
+
+async def main():
+    async with SandboxManager() as manager:
+        result = await manager.execute_sandboxed("read", read)
+    print(json.dumps({"ok": result.ok, "output": result.output, "error": str(result.error)}))
+
+
+asyncio.run(main())
+'''
+
+
+def test_callable_sees_no_command_line_of_its_starters(sandbox_caller: SandboxCaller, app_dir: Path) -> None:
+    if sandbox_caller is ROOT_SPARE_CALLER:
+        pytest.skip("a manager's callable: started by root or by the unprivileged user")
+    script = app_dir / "app.py"
+    script.write_text(CMDLINE_APP)
+    result = subprocess.run([*sandbox_caller.prefix, sys.executable, str(script)], cwd=app_dir,
+                            env=ndf_host_env(), capture_output=True, timeout=CLI_TIMEOUT * 3, check=False)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    report = json.loads(result.stdout.decode().splitlines()[-1])
+    assert report["ok"], report
+    seen = report["output"]
+    assert seen["/proc/1/cmdline"] == "" and seen["/proc/self/cmdline"] == "", seen  # the zygote's argv
+    assert seen["/proc/1/environ"] in ("", "PermissionError"), seen
+    assert seen["/proc/self/environ"] in ("", "PermissionError"), seen

@@ -1138,10 +1138,60 @@ static long clone_child(unsigned long long clone_flags, int cgroup_fd, int *pidf
     return syscall(SYS_clone3, &cargs, sizeof cargs);
 }
 
+/* Where this process's argv and environment strings lie (/proc/self/stat fields 48-51,
+ * read at import). Every sandbox's init is a clone of the process that started it
+ * (the CLI, a manager, a zygote's template), and /proc/<pid>/cmdline shows that
+ * memory to anyone in the sandbox: the host's command line (file names) and its
+ * environment strings. Changing the range needs CAP_SYS_RESOURCE (PR_SET_MM_ARG_*),
+ * so the child zeroes the strings instead; the interpreter keeps its own copies. */
+static unsigned long arg_env_area[4]; /* arg_start, arg_end, env_start, env_end */
+
+static void find_arg_env_area(void) {
+    char buf[2048];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t got = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (got <= 0)
+        return;
+    buf[got] = 0;
+    char *at = strrchr(buf, ')'); /* the command name may hold spaces */
+    unsigned long found[4];
+    int field = 2;
+    if (!at)
+        return;
+    for (char *p = at + 1; *p && field < 51; p++)
+        if (*p == ' ') {
+            field++;
+            if (field >= 48)
+                found[field - 48] = strtoul(p + 1, NULL, 10);
+        }
+    if (field == 51 && found[0] <= found[1] && found[2] <= found[3])
+        memcpy(arg_env_area, found, sizeof found);
+}
+
+/* Zero [start, end) unless it is zero already (a write copies the page). */
+static void wipe(unsigned long start, unsigned long end) {
+    volatile char *p = (volatile char *)start;
+    size_t n = end - start;
+    size_t i = 0;
+    while (i < n && p[i] == 0)
+        i++;
+    if (i < n)
+        memset((char *)start, 0, n);
+}
+
+static void wipe_arg_env_area(void) {
+    wipe(arg_env_area[0], arg_env_area[1]);
+    wipe(arg_env_area[2], arg_env_area[3]);
+}
+
 /* In the child: run the steps; returns to Python only in a callable's payload process. */
 static PyObject *become_child(launch_t *launch, int err_fd, int trace) {
     error_fd = err_fd;
     trace_fd = trace;
+    wipe_arg_env_area();
     run_steps(launch); /* returns only in a callable's payload process */
     PyOS_AfterFork_Child();
     if (launch->python && launch->python_len > 0)
@@ -1310,6 +1360,7 @@ static PyObject *child_serve(PyObject *Py_UNUSED(self), PyObject *args) {
      * error). No Python runs in the server, so it takes them once, here, and stays
      * "before the fork" until its socket ends. */
     PyOS_BeforeFork();
+    wipe_arg_env_area(); /* once here: its clones share the zeroed page */
     for (;;) {
         request_t request;
         int fds[MAX_SERVED_FDS + 1], nfds;
@@ -1375,5 +1426,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__child(void) {
+    find_arg_env_area();
     return PyModule_Create(&module);
 }
