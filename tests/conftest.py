@@ -26,6 +26,10 @@ import psutil
 import pytest
 
 import _cgroup_helpers
+from neural_doc_flow_security.sandbox.config import DEFAULT_ID_RANGE
+
+# The host ids sandboxes started by root run as (each its own, linux/ids.py).
+SANDBOX_IDS = range(DEFAULT_ID_RANGE[0], DEFAULT_ID_RANGE[0] + DEFAULT_ID_RANGE[1])
 
 # ---------------------------------------------------------------------------
 # ndf-sandbox CLI: run it (as root or as an unprivileged user), find processes
@@ -62,6 +66,11 @@ class SandboxCaller:
     @property
     def is_root(self) -> bool:
         return self.uid == 0
+
+    def payload_uid_ok(self, uid: int) -> bool:
+        """Whether `uid` (seen from the host) is what a payload of this caller runs as:
+        a sandbox id of its own (root), or the caller's own uid (a user namespace)."""
+        return uid in SANDBOX_IDS if self.is_root else uid == self.uid
 
     def argv(self, options: Sequence[str], command: Sequence[str]) -> list[str]:
         """The full host command line for `ndf-sandbox run OPTIONS -- COMMAND`."""

@@ -37,6 +37,7 @@ from api_helpers import (
     run,
     tree_of,
 )
+from conftest import SANDBOX_IDS
 from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import (
     BindMount,
@@ -492,7 +493,7 @@ def test_resource_usage_and_isolation_are_reported(method: str) -> None:
     assert usage.memory_peak_bytes > 0
     assert usage.wall_seconds > 0
     isolation = result.isolation
-    assert isolation.uid == 65534 and isolation.gid == 65534
+    assert isolation.uid == isolation.gid and isolation.uid in SANDBOX_IDS
     assert {"pid", "net", "mnt"} <= set(isolation.namespaces)
     assert isolation.no_new_privs
     assert isolation.seccomp.startswith("default")
@@ -610,8 +611,10 @@ def test_payload_runs_unprivileged_with_seccomp_and_no_new_privs(method: str) ->
         assert int(fields[name], 16) == 0, (name, fields[name])
     assert fields["NoNewPrivs"] == "1"
     assert fields["Seccomp"] == "2"
-    assert fields["Uid"].split() == ["65534"] * 4
-    assert fields["Gid"].split() == ["65534"] * 4
+    uid = fields["Uid"].split()[0]
+    assert int(uid) in SANDBOX_IDS  # a sandbox id of its own
+    assert fields["Uid"].split() == [uid] * 4
+    assert fields["Gid"].split() == [uid] * 4
 
 
 # --- many at once ---------------------------------------------------------------------

@@ -31,7 +31,8 @@ def test_defaults_are_the_secure_profile() -> None:
     assert config.capabilities == CapabilityConfig(drop_all=True, allowed=(), ambient=())
     assert config.filesystem.binds == () and config.filesystem.read_only_binds == ()
     assert config.filesystem.python is False
-    assert config.uid == config.gid == NOBODY == 65534
+    assert config.uid is None and config.gid is None  # a sandbox id of its own (as root), else 65534
+    assert config.uid_or_nobody == config.gid_or_nobody == NOBODY == 65534
     assert config.seccomp == "default"
     assert config.no_new_privs is True
     assert config.environment == DEFAULT_ENVIRONMENT

@@ -402,9 +402,10 @@ def test_payload_is_not_real_root(sandbox_caller: SandboxCaller, sleep_marker: s
     try:
         assert wait_until(lambda: processes_with_argument(sleep_marker), timeout=30)
         (payload,) = processes_with_argument(sleep_marker)
-        expected = 65534 if sandbox_caller.is_root else sandbox_caller.uid
         uids = payload.uids()
         gids = payload.gids()
+        expected = uids.real
+        assert sandbox_caller.payload_uid_ok(expected)
         assert (uids.real, uids.effective, uids.saved) == (expected,) * 3
         assert (gids.real, gids.effective, gids.saved) == (expected,) * 3
         status = _status_fields(Path(f"/proc/{payload.pid}/status").read_text())

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from conftest import SANDBOX_IDS
 from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import NamespaceConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.errors import UnsupportedError
@@ -263,7 +264,8 @@ def test_init_of_a_callable_sandbox_runs_as_the_payload_uid_without_capabilities
 
     handle: Any = None
     fields, output = asyncio.run(scenario())
-    assert fields["Uid"].split() == ["65534"] * 4 and fields["Gid"].split() == ["65534"] * 4
+    uid = fields["Uid"].split()[0]
+    assert int(uid) in SANDBOX_IDS and fields["Uid"].split() == [uid] * 4 and fields["Gid"].split() == [uid] * 4
     assert int(fields["CapPrm"], 16) == 0 and int(fields["CapEff"], 16) == 0 and int(fields["CapAmb"], 16) == 0
     assert fields["NoNewPrivs"] == "1"
     assert output == "stopped"  # init still forwards the stop and reaps the payload

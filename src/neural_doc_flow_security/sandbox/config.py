@@ -33,6 +33,9 @@ CAPABILITIES: dict[str, int] = {
 }
 
 NOBODY = 65534
+# As root each live sandbox gets a host uid/gid of its own from this range (linux/ids.py):
+# high, below 2**31 (some tools take ids as signed), clear of systemd's container ranges.
+DEFAULT_ID_RANGE = (2_000_000_000, 2000)
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -213,6 +216,11 @@ class SandboxConfig:
     an unprivileged uid and a clean environment. Resource limits set here are
     required: if this host cannot enforce one, the sandbox refuses to start.
 
+    `uid`/`gid`: None (the default) gives each live sandbox, as root, a host id of
+    its own from `id_range` (first, count), so that per-uid kernel limits are not
+    shared between sandboxes; without root the sandbox runs in a user namespace as
+    uid/gid 65534 mapped to the caller's own. A number: that id, for every sandbox.
+
     `cpu_quota_percent`: 100 means one full CPU, 50 half of one, 200 two CPUs.
     """
 
@@ -229,8 +237,9 @@ class SandboxConfig:
     capabilities: CapabilityConfig = field(default_factory=CapabilityConfig)
     filesystem: FilesystemConfig = field(default_factory=FilesystemConfig)
     hostname: str = "sandbox"
-    uid: int = NOBODY
-    gid: int = NOBODY
+    uid: int | None = None
+    gid: int | None = None
+    id_range: tuple[int, int] = DEFAULT_ID_RANGE
     environment: tuple[tuple[str, str], ...] = DEFAULT_ENVIRONMENT
     seccomp: str = "default"
     no_new_privs: bool = True
@@ -258,8 +267,17 @@ class SandboxConfig:
             raise ConfigError("hostname", f"must be a DNS label (letters, digits, '-'), got {self.hostname!r}")
         for name in ("uid", "gid"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
-                raise ConfigError(name, f"must be a whole number from 0 to 4294967294, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < 2**32 - 1):
+                raise ConfigError(name, f"must be a whole number from 0 to 4294967294 or none, got {value!r}")
+        if isinstance(self.id_range, list):
+            object.__setattr__(self, "id_range", tuple(self.id_range))
+        if (not isinstance(self.id_range, tuple) or len(self.id_range) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.id_range)
+                or self.id_range[0] < 1 or not 1 <= self.id_range[1] <= 65536
+                or self.id_range[0] + self.id_range[1] > 2**32 - 1):
+            raise ConfigError("id_range", "must be (first id, count): first >= 1, 1 <= count <= 65536, "
+                              f"first + count <= 4294967295, got {self.id_range!r}")
         for pair in self.environment:
             if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
                 raise ConfigError("environment", f"entries must be (name, value) strings, got {pair!r}")
@@ -283,6 +301,16 @@ class SandboxConfig:
             for name in ("memory_limit_mb", "cpu_quota_percent", "max_processes", "io_read_bps",
                          "io_write_bps", "io_read_iops", "io_write_iops")
         )
+
+    @property
+    def uid_or_nobody(self) -> int:
+        """`uid`, or 65534 where no per-sandbox id is given (fallbacks, user namespaces)."""
+        return NOBODY if self.uid is None else self.uid
+
+    @property
+    def gid_or_nobody(self) -> int:
+        """`gid`, or 65534 where no per-sandbox id is given (fallbacks, user namespaces)."""
+        return NOBODY if self.gid is None else self.gid
 
     def replace(self, **changes: Any) -> SandboxConfig:
         """A copy with `changes` applied (validated again)."""

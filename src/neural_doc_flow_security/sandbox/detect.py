@@ -550,10 +550,10 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
             missing.append(f"namespaces.{name}: {_NAMESPACE_WORDS[name]} can only be created "
                            "together with a user namespace (this process lacks CAP_SYS_ADMIN), "
                            "but namespaces.user = false")
-    if config.uid != euid and euid != 0 and not (
+    if config.uid_or_nobody != euid and euid != 0 and not (
         user_wanted and user is not None and user.creatable
     ):
-        missing.append(f"uid: switching to uid {config.uid}/gid {config.gid} needs root or a "
+        missing.append(f"uid: switching to uid {config.uid_or_nobody}/gid {config.gid_or_nobody} needs root or a "
                        "user namespace, and neither is available")
     if config.seccomp != "off" and not features.seccomp:
         missing.append(f"seccomp: a seccomp filter ({config.seccomp!r}) is required, "

@@ -114,7 +114,7 @@ def _system() -> str:
 
 def _sandbox_ids(config: SandboxConfig, euid: int, egid: int) -> tuple[int, int]:
     """The uid/gid the payload really runs as: config's when we are root, else ours."""
-    return (config.uid, config.gid) if euid == 0 else (euid, egid)
+    return (config.uid_or_nobody, config.gid_or_nobody) if euid == 0 else (euid, egid)
 
 
 def unenforced_protections(
@@ -148,8 +148,9 @@ def unenforced_protections(
         gaps.append(("capabilities", f"no capability sets are managed: uid {uid} simply has none"
                      + (f" (asked to keep {', '.join(config.capabilities.allowed)})"
                         if config.capabilities.allowed else ""), False))
-    if euid != 0 and (config.uid, config.gid) != (euid, egid):
-        gaps.append(("uid", f"switching to uid {config.uid}/gid {config.gid} needs root; the payload "
+    if euid != 0 and (config.uid_or_nobody, config.gid_or_nobody) != (euid, egid):
+        gaps.append(("uid", f"switching to uid {config.uid_or_nobody}/gid {config.gid_or_nobody} needs root; "
+                     "the payload "
                      f"runs as uid {euid}", True))
     if config.memory_limit_mb is not None:
         how = ("approximated by RLIMIT_AS: address space per process, not resident memory, and not "
@@ -486,8 +487,8 @@ def _write_spec(fd: int, config: SandboxConfig, payload: Payload, fds: dict[int,
     spec = {
         "fd_map": tuple(fds.items()),
         "rlimits": plan_posix_rlimits(config),
-        "uid": config.uid,
-        "gid": config.gid,
+        "uid": config.uid_or_nobody,
+        "gid": config.gid_or_nobody,
         "no_new_privs": config.no_new_privs,
         "environment": tuple(f"{k}={v}".encode() for k, v in config.environment),
         "payload": payload,

@@ -283,8 +283,8 @@ def unenforced_protections(
         gaps.append((f"namespaces.{name}", reason, requested))
     gaps.append(("seccomp", "no system-call filter on Windows", config.seccomp != "off"))
     gaps.append(("no_new_privs", "no equivalent of no_new_privs on Windows", config.no_new_privs))
-    gaps.append(("uid", f"no uid/gid switch: runs as the calling user, not uid {config.uid}/gid {config.gid}",
-                 True))
+    gaps.append(("uid", "no uid/gid switch: runs as the calling user, not uid "
+                 f"{config.uid_or_nobody}/gid {config.gid_or_nobody}", True))
     gaps.append(("max_open_files", f"no per-process handle limit (asked for {config.max_open_files})", True))
     io_fields = [f for f in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
                  if getattr(config, f) is not None]

@@ -73,7 +73,7 @@ def _confine(plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...], keep_also: t
     keep = b"".join(fd.to_bytes(4, "little") for fd in keep_also)
     steps = _stage("file descriptors", (Step.ARRANGE_FDS, fd_pairs, keep))
     steps += _stage("rlimits", *((Step.SETRLIMIT, which, value) for which, value in plan.rlimits.limits))
-    steps += _stage("identity", (Step.IDENTITY, cfg.uid, cfg.gid, int(plan.namespaces.user)))
+    steps += _stage("identity", (Step.IDENTITY, *_ids(plan), int(plan.namespaces.user)))
     steps += _stage("parent-death signal", still_supervised)  # the uid change cleared it
     if not caps.keep_all:
         ambient = sum(1 << cap for cap in caps.ambient)
@@ -83,6 +83,12 @@ def _confine(plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...], keep_also: t
     if plan.seccomp.enabled:
         steps += _stage("seccomp", (Step.SECCOMP, plan.seccomp.bpf))
     return steps
+
+
+def _ids(plan: LaunchPlan) -> tuple[int, int]:
+    """The payload's uid and gid; -1: the launch's own (its sandbox id, packed with
+    the launch: the steps stay the same for every launch of a config)."""
+    return (-1 if plan.uid is None else plan.uid, -1 if plan.gid is None else plan.gid)
 
 
 def _init_start() -> list[StepTuple]:
@@ -126,8 +132,7 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
     # A Python callable (or no pid namespace): fork the payload, which confines
     # itself; init takes the payload's uid/gid with no capability (enough to signal it).
     # Init re-arms its parent-death signal after the uid change, checking the sync pipe.
-    cfg = plan.config
-    steps += _stage("fork the payload", (Step.FORK_PAYLOAD, pipes.status_write, cfg.uid, cfg.gid,
+    steps += _stage("fork the payload", (Step.FORK_PAYLOAD, pipes.status_write, *_ids(plan),
                                          int(plan.namespaces.user), pipes.sync_read))
     steps += _stage("parent-death signal", (Step.DIE_WITH_INIT,))
     steps += _confine(plan, fd_map, (), (Step.DIE_WITH_INIT,))

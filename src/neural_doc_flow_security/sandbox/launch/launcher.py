@@ -19,7 +19,7 @@ from typing import Any, Literal
 from .. import audit
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
-from ..linux import cgroups, network
+from ..linux import cgroups, ids, network
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.rootfs import RootfsPlan
 from ..result import Outcome, ResourceUsage, SandboxResult
@@ -107,9 +107,20 @@ class Launcher:
                                        "process tree (orphans, the timeout), and no cgroup can be created here")
             return made
 
-        spawned = self._launch_spare(request, config, plan)
-        if spawned is not None:
-            return self._started(sandbox_id, request, spawned)
+        lease = ids.acquire(config.id_range) if plan.needs_ids else None
+        try:
+            spawned = self._launch_spare(request, config, plan, lease)
+            if spawned is None:
+                spawned = self._launch_cold(request, config, plan, lease, make_cgroup)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        return self._started(sandbox_id, request, spawned)
+
+    def _launch_cold(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan,
+                     lease: ids.IdLease | None, make_cgroup: Callable[[], SandboxCgroup | None]) -> SpawnedSandbox:
+        """Clone a new child (no spare fits)."""
         # On cgroup v1 the cgroup is made after the clone, while the child sets up.
         early = cgroups.joined_at_clone()
         cgroup = make_cgroup() if early else None
@@ -120,7 +131,7 @@ class Launcher:
             try:
                 spawned = spawn_sandbox(plan, request.payload, cgroup=cgroup, fd_map=request.fd_map,
                                         make_cgroup=None if early else make_cgroup, netns_fd=netns_fd,
-                                        template=self.template)
+                                        template=self.template, ids=lease)
             except TemplateGone as e:
                 self.template_gone(str(e))
                 raise TemplateGone(self.template_lost) from None
@@ -133,7 +144,7 @@ class Launcher:
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
-        return self._started(sandbox_id, request, spawned)
+        return spawned
 
     def _started(self, sandbox_id: int, request: LaunchRequest, spawned: SpawnedSandbox) -> SpawnedSandbox:
         spawned.armed = request.armed
@@ -142,7 +153,8 @@ class Launcher:
         audit.sandbox_started(request.name, spawned.pid, spawned.isolation())
         return spawned
 
-    def _launch_spare(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan) -> SpawnedSandbox | None:
+    def _launch_spare(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan,
+                      lease: ids.IdLease | None) -> SpawnedSandbox | None:
         """Start the sandbox from a spare made ahead, if one fits; None: take the
         cold path (a spare that does not fit stays for later)."""
         fitting = [s for s in self._spares if spare_sandbox.matches(s, plan, request.fd_map)]
@@ -159,7 +171,7 @@ class Launcher:
         try:
             if spare.cgroup is not None:
                 resources.adopt_cgroup(spare.cgroup, config, request.name, plan)
-            return spare_sandbox.launch(spare, plan, request.payload, request.fd_map)
+            return spare_sandbox.launch(spare, plan, request.payload, request.fd_map, lease)
         except (SandboxError, OSError) as e:  # a limit it cannot take, or it died: the cold path decides
             _log().info("spare sandbox not used: %s", e)
             spare_sandbox.discard(spare)
@@ -223,6 +235,9 @@ class Launcher:
             _log().error("cannot collect sandbox %s: %s", sandbox_id, e)
             result = SandboxResult(Outcome.SANDBOX_ERROR, error=f"the launcher could not collect it: {e}",
                                    isolation=spawned.isolation())
+        finally:
+            if spawned.ids is not None:
+                spawned.ids.release()  # its tree is gone: the id is free for another sandbox
         if defer_cgroup and spawned.cgroup is not None:
             self._retired.append(spawned.cgroup)
         if spawned.reported is None:

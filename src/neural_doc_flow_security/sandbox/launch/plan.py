@@ -10,7 +10,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from ..config import SandboxConfig
+from ..config import NOBODY, SandboxConfig
 from ..linux import seccomp
 from ..linux.capabilities import CapabilityPlan, plan_capabilities
 from ..linux.namespaces import NamespacePlan, plan_namespaces
@@ -32,16 +32,26 @@ class LaunchPlan:
     seccomp: seccomp.SeccompProgram
     environment: tuple[bytes, ...]
     not_enforced: tuple[str, ...] = ()  # what this config, on this host, leaves open
+    # The payload's uid and gid; None: each launch's own, from the id range (linux/ids.py).
+    uid: int | None = NOBODY
+    gid: int | None = NOBODY
 
-    def isolation_report(self, cgroup: str = "", limits: tuple[str, ...] = ()) -> IsolationReport:
-        """What this plan enforces (the bootstrap fails closed, so planned == in force)."""
+    @property
+    def needs_ids(self) -> bool:
+        """Whether each launch takes a sandbox id of its own (linux/ids.py)."""
+        return self.uid is None or self.gid is None
+
+    def isolation_report(self, cgroup: str = "", limits: tuple[str, ...] = (),
+                         sandbox_id: int | None = None) -> IsolationReport:
+        """What this plan enforces (the bootstrap fails closed, so planned == in force);
+        `sandbox_id`: the launch's id, where the plan leaves the uid or gid to it."""
         cfg = self.config
         return IsolationReport(
             backend="linux",
             namespaces=self.namespaces.names,
             rootfs="read-only tmpfs root, private /tmp, fresh /proc, minimal /dev" if self.rootfs else "host",
-            uid=cfg.uid,
-            gid=cfg.gid,
+            uid=_or(self.uid, sandbox_id),
+            gid=_or(self.gid, sandbox_id),
             capabilities=self.capabilities.names,
             no_new_privs=cfg.no_new_privs,
             seccomp=self.seccomp.description,
@@ -49,6 +59,12 @@ class LaunchPlan:
             limits=self.rlimits.describe() + limits,
             not_enforced=self.not_enforced,
         )
+
+
+def _or(fixed: int | None, sandbox_id: int | None) -> int:
+    if fixed is not None:
+        return fixed
+    return sandbox_id if sandbox_id is not None else -1
 
 
 def plan_launch(config: SandboxConfig) -> LaunchPlan:
@@ -59,8 +75,14 @@ def plan_launch(config: SandboxConfig) -> LaunchPlan:
 
 @functools.lru_cache(maxsize=64)
 def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
-    ns = plan_namespaces(config.namespaces, config.uid, config.gid, euid, egid)
-    rootfs = (plan_rootfs(config.filesystem, uid=config.uid, gid=config.gid, hostname=config.hostname)
+    user_namespace = config.namespaces.user_enabled(euid)
+    # In a user namespace the sandbox's ids map to the caller's own (65534 inside by
+    # default): the kernel charges a namespace's per-uid counts to the caller's uid too.
+    uid = config.uid if config.uid is not None or not user_namespace else NOBODY
+    gid = config.gid if config.gid is not None or not user_namespace else NOBODY
+    ns = plan_namespaces(config.namespaces, NOBODY if uid is None else uid, NOBODY if gid is None else gid,
+                         euid, egid)
+    rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range)
               if config.namespaces.mnt else None)
     return LaunchPlan(
         config=config,
@@ -71,6 +93,8 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         seccomp=seccomp.compile_profile(config.seccomp),
         environment=environment_entries(config.environment),
         not_enforced=_left_open(config, ns, euid, egid),
+        uid=uid,
+        gid=gid,
     )
 
 
@@ -79,8 +103,8 @@ def _left_open(config: SandboxConfig, ns: NamespacePlan, euid: int, egid: int) -
     the isolation report must state (nothing here was required and refused)."""
     notes = []
     if "pid" not in ns.names:
-        notes.append(f"namespaces.pid: off, so processes of uid {config.uid} outside the sandbox (other "
-                     "sandboxes too) are visible and can be signalled")
+        notes.append("namespaces.pid: off, so host processes of the sandbox's uid (other sandboxes too, if "
+                     "they share a fixed uid) are visible and can be signalled")
     if "net" not in ns.names:
         notes.append("namespaces.net: off, the host's network is shared")
     if "mnt" not in ns.names:

@@ -36,6 +36,7 @@ from ..linux import network
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.cgroups.v1 import V1Cgroup
+from ..linux.ids import IdLease
 from ..linux.namespaces import NamespacePlan
 from ..linux.rootfs import RootfsPlan
 from . import bootstrap
@@ -156,7 +157,7 @@ def alive(spare: Spare) -> bool:
 
 
 def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
-           fd_map: tuple[tuple[int, int], ...]) -> SpawnedSandbox:
+           fd_map: tuple[tuple[int, int], ...], ids: IdLease | None = None) -> SpawnedSandbox:
     """Send the spare its launch; it runs the payload of `plan` like a cold child. The
     cgroup's name and limits must be in place (the caller's). Raises OSError if the
     spare is gone (the caller discards it)."""
@@ -164,7 +165,8 @@ def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
     staged = tuple((target, spare.staging + i) for i, (target, _) in enumerate(fd_map))
     launch_steps = bootstrap.launch_steps(plan, program, spare.pipes, staged, spare.loopback,
                                           mounted=spare.rootfs is not None)
-    memfd = seal_bytes(pack_with_payload(launch_steps, payload, plan.environment), "ndf-launch")
+    memfd = seal_bytes(pack_with_payload(launch_steps, payload, plan.environment, ids.id if ids else -1),
+                       "ndf-launch")
     try:
         fds = array.array("i", [memfd, *(source for _, source in fd_map)])
         started = time.monotonic()
@@ -173,7 +175,7 @@ def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
         os.close(memfd)
     spare.launch_socket.close()
     return SpawnedSandbox(plan, spare.pid, spare.pidfd, spare.error_read, spare.status_read, spare.cgroup,
-                          spare.sync_write, started=started)
+                          spare.sync_write, started=started, ids=ids)
 
 
 def discard(spare: Spare) -> None:

@@ -24,6 +24,7 @@ from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import steps
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import CgroupStats, SandboxCgroup
+from ..linux.ids import IdLease
 from ..linux.namespaces import write_id_maps
 from ..linux.steps import StepTuple
 from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult
@@ -60,6 +61,7 @@ class SpawnedSandbox:
     reported: SandboxResult | None = None  # its result, taken from init's report before init was reaped
     killed: bool = False
     status_report: bytes | None = None
+    ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
     @property
@@ -85,7 +87,8 @@ class SpawnedSandbox:
     def isolation(self) -> IsolationReport:
         """The protections in force for this sandbox (built once: audit, zygote reply, result)."""
         if self._isolation is None:
-            self._isolation = self.plan.isolation_report(cgroup=self.cgroup.description if self.cgroup else "")
+            self._isolation = self.plan.isolation_report(cgroup=self.cgroup.description if self.cgroup else "",
+                                                         sandbox_id=self.ids.id if self.ids else None)
         return self._isolation
 
     def kill(self) -> None:
@@ -123,26 +126,27 @@ def _payload_parts(payload: Payload | None, environment: tuple[bytes, ...]
 
 
 def pack_with_payload(child_steps: tuple[StepTuple, ...], payload: Payload | None,
-                      environment: tuple[bytes, ...]) -> bytes:
+                      environment: tuple[bytes, ...], sandbox_id: int = -1) -> bytes:
     """The packed launch (steps.pack_launch) for a child that is not a fork of this
     process (the template's, a spare's): a callable's payload travels pickled in it."""
     argv, cwd, python = _payload_parts(payload, environment)
-    return steps.pack_launch(child_steps, argv, environment, cwd, pickle.dumps(python) if python else b"")
+    return steps.pack_launch(child_steps, argv, environment, cwd, pickle.dumps(python) if python else b"",
+                             sandbox_id)
 
 
 def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | None, error_fd: int,
                 child_steps: tuple[StepTuple, ...], child_fds: tuple[int, ...], payload: Payload | None = None,
-                environment: tuple[bytes, ...] = ()) -> tuple[int, int]:
+                environment: tuple[bytes, ...] = (), sandbox_id: int = -1) -> tuple[int, int]:
     """clone3 a child that runs `child_steps` (then `payload`; a spare's payload
     comes with its launch): through the `template` (a zygote's), else from this
     process, which must be single-threaded. `child_fds`: the fds of this process
     the child uses. Returns (pid, pidfd); a payload process never returns."""
     if template is not None:
-        return template.clone(clone_flags, cgroup_fd, error_fd, pack_with_payload(child_steps, payload, environment),
-                              child_fds, trace_fd)
+        return template.clone(clone_flags, cgroup_fd, error_fd,
+                              pack_with_payload(child_steps, payload, environment, sandbox_id), child_fds, trace_fd)
     argv, cwd, python = _payload_parts(payload, environment)
     pid, pidfd, received = steps.spawn(clone_flags, cgroup_fd, error_fd, child_steps, argv, environment, cwd,
-                                       trace_fd)
+                                       trace_fd, sandbox_id)
     if pid == 0:  # a callable's payload process: every protection is in place
         try:
             run_payload(*(pickle.loads(received) if received is not None else python or ()))
@@ -155,7 +159,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
                   cgroup: SandboxCgroup | None = None,
                   make_cgroup: Callable[[], SandboxCgroup | None] | None = None,
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS, netns_fd: int | None = None,
-                  template: Template | None = None) -> SpawnedSandbox:
+                  template: Template | None = None, ids: IdLease | None = None) -> SpawnedSandbox:
     """Start a sandbox (through `template`, else cloned here: then the caller must
     be single-threaded). For a Python callable this returns in the parent only:
     the payload process leaves through payload.run() (which never returns).
@@ -163,7 +167,8 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
     `cgroup`: the sandbox's cgroup, made before (v2 joins it with the clone);
     `make_cgroup`: makes it after the clone, while the child sets up (v1).
     `netns_fd`: the sandbox's network namespace, made ahead (linux/network.py);
-    this takes it over."""
+    this takes it over. `ids`: the sandbox id of a plan that needs one (the caller's
+    to release)."""
     cgroup_fd = cgroup.clone_into_fd() if cgroup is not None else None
     sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
     error_read, error_write = os.pipe2(os.O_CLOEXEC)
@@ -176,7 +181,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
         ((netns_fd,) if netns_fd is not None else ())
     try:
         pid, pidfd = clone_child(template, clone_flags, cgroup_fd, error_write, child_steps, child_fds,
-                                 payload, plan.environment)
+                                 payload, plan.environment, ids.id if ids else -1)
     except Exception as e:
         for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd):
             if fd is not None:
@@ -190,7 +195,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
     for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd):
         if fd is not None:
             os.close(fd)
-    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write)
+    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write, ids=ids)
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)

@@ -156,6 +156,7 @@ typedef struct {
     const char *path_env; /* PATH of the sandbox's environment */
     const char *python;   /* for the payload's Python (a spare's launch), or NULL */
     Py_ssize_t python_len;
+    long long sandbox_id; /* the uid and gid of steps that leave them to the launch (-1), or -1 */
 } launch_t;
 
 /* ------------------------------------------------------------------ reporting */
@@ -226,7 +227,7 @@ static void trace(const char *name) {
 /* Little-endian: u32 magic, u32 step count, each step (i32 kind, u32 argument count,
  * each argument: u8 type 0 none / 1 i64 / 2 bytes (u32 length, the bytes, NUL)), then
  * argv and envp (u32 count, each u32 length, bytes, NUL), cwd (same), the Python part
- * (u32 length, bytes). Strings point into the buffer. */
+ * (u32 length, bytes), the sandbox id (i64, -1: none). Strings point into the buffer. */
 typedef struct {
     const char *at, *end;
     const char *error;
@@ -332,6 +333,10 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
     launch->envp = read_strings(&r, alloc);
     launch->cwd = read_string(&r);
     launch->python = read_bytes(&r, &launch->python_len, 0);
+    if (readable(&r, 8)) {
+        memcpy(&launch->sandbox_id, r.at, 8);
+        r.at += 8;
+    }
     if (r.error)
         return r.error;
     if (r.at != r.end)
@@ -910,6 +915,15 @@ static void await_launch(launch_t *launch, int sock, int staging) {
         fail(EINVAL, error, "");
 }
 
+/* A step's uid or gid: its own, or (-1) the launch's sandbox id. */
+static long long launch_id(const launch_t *launch, long long id) {
+    if (id >= 0)
+        return id;
+    if (launch->sandbox_id < 0)
+        fail(EINVAL, "the launch has no sandbox id for its uid/gid", "");
+    return launch->sandbox_id;
+}
+
 /* Run the steps. Returns only in a callable's payload process (STEP_RETURN). */
 static void run_steps(launch_t *launch) {
     static int slots[MAX_SLOTS];
@@ -1016,7 +1030,7 @@ static void run_steps(launch_t *launch) {
             break;
         }
         case STEP_IDENTITY:
-            set_identity((uid_t)n[0], (gid_t)n[1], (int)n[2]);
+            set_identity((uid_t)launch_id(launch, n[0]), (gid_t)launch_id(launch, n[1]), (int)n[2]);
             break;
         case STEP_CAPABILITIES:
             apply_capabilities((uint64_t)n[0], (uint64_t)n[1], (int)n[2]);
@@ -1029,11 +1043,12 @@ static void run_steps(launch_t *launch) {
             break;
         case STEP_FORK_PAYLOAD: {
             init_pid = (pid_t)syscall(SYS_getpid);
+            long long identity[4] = {launch_id(launch, n[1]), launch_id(launch, n[2]), n[3], n[4]};
             pid_t pid = (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
             check(pid, "fork the payload", "");
             if (pid > 0) {
                 close(error_fd);
-                run_init(pid, (int)n[0], &n[1]);
+                run_init(pid, (int)n[0], identity);
             }
             close((int)n[0]);
             close((int)n[4]);

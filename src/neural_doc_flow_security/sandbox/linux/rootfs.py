@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import FilesystemConfig
+from ..config import DEFAULT_ID_RANGE, NOBODY, FilesystemConfig
 from . import syscalls as sc
 from .steps import Step, StepTuple
 
@@ -98,8 +98,29 @@ def covered(path: str, parents: Iterable[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
-def plan_rootfs(config: FilesystemConfig, *, uid: int, gid: int, hostname: str) -> RootfsPlan:
-    """Decide the mounts for a sandbox with this file-system config."""
+# /etc/passwd and /etc/group list every id of a sandbox id range up to this many
+# (a launch's id is not known when the root is planned, or built ahead by a spare).
+MAX_LISTED_IDS = 4096
+
+
+def _identity_lines(uid: int | None, gid: int | None, id_range: tuple[int, int]) -> tuple[str, str]:
+    """The sandbox user's /etc/passwd and /etc/group lines: its fixed ids, or every id
+    of the range it takes one from."""
+    first, count = id_range
+    if uid is not None and gid is not None:
+        pairs = [(uid, gid)]
+    else:
+        listed = range(first, first + count) if count <= MAX_LISTED_IDS else range(0)
+        pairs = [(n if uid is None else uid, n if gid is None else gid) for n in listed]
+    users = "".join(f"sandbox:x:{u}:{g}:sandbox:/tmp:/bin/sh\n" for u, g in pairs if u not in (0, NOBODY))
+    groups = "".join(f"sandbox:x:{g}:\n" for g in dict.fromkeys(g for _, g in pairs) if g not in (0, NOBODY))
+    return users, groups
+
+
+def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, hostname: str,
+                id_range: tuple[int, int] = DEFAULT_ID_RANGE) -> RootfsPlan:
+    """Decide the mounts for a sandbox with this file-system config (`uid`/`gid`
+    None: each launch's own, from `id_range`)."""
     binds: list[Bind] = []
     symlinks: list[tuple[str, str]] = []
     bound: list[str] = []
@@ -123,8 +144,7 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int, gid: int, hostname: str) 
     # A parent before anything below it (a read-only part of a writable tree stays read-only);
     # otherwise in order, so that of two binds on one target the later one is on top.
     binds.sort(key=lambda bind: _relative(bind.target).count("/"))
-    user_line = f"sandbox:x:{uid}:{gid}:sandbox:/tmp:/bin/sh\n" if uid not in (0, 65534) else ""
-    group_line = f"sandbox:x:{gid}:\n" if gid not in (0, 65534) else ""
+    user_line, group_line = _identity_lines(uid, gid, id_range)
     files = (
         ("/etc/passwd", ("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:"
                          "/usr/sbin/nologin\n" + user_line).encode()),

@@ -43,11 +43,12 @@ class Step(IntEnum):
     LOOPBACK_UP = 18
     ARRANGE_FDS = 19       # map (int32 target/source pairs), keep (int32s): close all others
     SETRLIMIT = 20         # resource, value (soft = hard)
-    IDENTITY = 21          # uid, gid, in a user namespace
+    IDENTITY = 21          # uid, gid (-1: the launch's sandbox id), in a user namespace
     CAPABILITIES = 22      # allowed mask, ambient mask, last capability
     SECCOMP = 23           # BPF program
     CLOSE = 24             # fd
-    FORK_PAYLOAD = 25      # status fd, uid, gid, in a user namespace, sync fd: fork; this process becomes init
+    FORK_PAYLOAD = 25      # status fd, uid, gid (as IDENTITY), in a user namespace, sync fd: fork; this process
+                           # becomes init
     SPAWN_PROGRAM = 26     # status fd: posix_spawn the program; this process becomes its init
     EXEC_PROGRAM = 27
     RETURN = 28            # back to Python, in a callable's payload process
@@ -60,6 +61,7 @@ class Step(IntEnum):
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
 _U32 = struct.Struct("<I")
+_I64 = struct.Struct("<q")
 
 
 def _pack_bytes(value: bytes, nul: bool = True) -> bytes:
@@ -82,21 +84,23 @@ def _pack_steps(steps: tuple[StepTuple, ...]) -> bytes:
 
 
 def pack_launch(steps: tuple[StepTuple, ...], argv: tuple[bytes, ...] = (), envp: tuple[bytes, ...] = (),
-                cwd: bytes = b"/", python: bytes = b"") -> bytes:
+                cwd: bytes = b"/", python: bytes = b"", sandbox_id: int = -1) -> bytes:
     """The steps and what the program needs (argv, environment, working directory),
-    packed for _child.c; `python` travels to a spare's payload process."""
+    packed for _child.c; `python` travels to a spare's payload process; `sandbox_id`:
+    the uid and gid of the steps that leave them to the launch (-1: none)."""
     strings = [_U32.pack(len(argv)), *map(_pack_bytes, argv), _U32.pack(len(envp)), *map(_pack_bytes, envp)]
-    return b"".join([_pack_steps(steps), *strings, _pack_bytes(cwd), _pack_bytes(python, nul=False)])
+    return b"".join([_pack_steps(steps), *strings, _pack_bytes(cwd), _pack_bytes(python, nul=False),
+                     _I64.pack(sandbox_id)])
 
 
 def spawn(clone_flags: int, cgroup_fd: int | None, error_fd: int, steps: tuple[StepTuple, ...],
           argv: tuple[bytes, ...] = (), envp: tuple[bytes, ...] = (), cwd: bytes = b"/",
-          trace_fd: int = -1) -> tuple[int, int, bytes | None]:
+          trace_fd: int = -1, sandbox_id: int = -1) -> tuple[int, int, bytes | None]:
     """clone3 with `clone_flags` (into the v2 cgroup `cgroup_fd`) and run `steps` in
     the child. Returns (pid, pidfd, None) in the parent and (0, -1, python) in a
     callable's payload process once its steps passed (`python`: what a spare's
     launch carried for it, else None). With `trace_fd`, every stage writes
     "monotonic-ns pid name" to it. The caller must be single-threaded."""
     pid, pidfd, python = _child.spawn(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd,
-                                      pack_launch(steps, argv, envp, cwd), trace_fd)
+                                      pack_launch(steps, argv, envp, cwd, sandbox_id=sandbox_id), trace_fd)
     return int(pid), int(pidfd), python
