@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from ..errors import SandboxError
 
 ID_DIRECTORY = "/run/ndf-sandbox/ids"
+ACCOUNTS_DIRECTORY = "/run/ndf-sandbox/accounts"
 
 
 @dataclass
@@ -41,35 +43,64 @@ class IdLease:
             self.fd = -1
 
 
-def _directory() -> str:
+def _directory(path: str = ID_DIRECTORY) -> str:
     try:
-        os.makedirs(ID_DIRECTORY, mode=0o700, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
-        raise SandboxError(f"id_range: cannot create {ID_DIRECTORY} for the sandbox id locks: {e.strerror}") from None
-    return ID_DIRECTORY
+        raise SandboxError(f"id_range: cannot create {path} for the sandbox ids: {e.strerror}") from None
+    return path
+
+
+def account_files(contents: tuple[tuple[str, bytes], ...]) -> tuple[tuple[str, str], ...]:
+    """Host files with these contents ((name, content): /etc/passwd and /etc/group
+    listing every id of a range), made once and bound read-only into each sandbox:
+    tens of kilobytes that a launch would otherwise copy. Returns (name, host path)."""
+    digest = hashlib.sha256(repr(contents).encode()).hexdigest()[:20]
+    directory = _directory(os.path.join(ACCOUNTS_DIRECTORY, digest))
+    paths = []
+    for name, content in contents:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                current = f.read(len(content) + 1)
+        except FileNotFoundError:
+            current = None
+        if current != content:  # written whole, then renamed: a reader never sees a part
+            temporary = f"{path}.{os.getpid()}"
+            with open(temporary, "wb") as f:
+                f.write(content)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        paths.append((name, path))
+    return tuple(paths)
+
+
+def _open_lock(number: int) -> int:
+    path = f"{ID_DIRECTORY}/{number}"
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:  # the first sandbox since boot (/run is a tmpfs)
+        _directory()
+        return os.open(path, flags, 0o600)
 
 
 def acquire(id_range: tuple[int, int]) -> IdLease:
     """Take a free id of `id_range` (first, count). Raises SandboxError when every
     one is held (by live sandboxes of any process on this host)."""
     first, count = id_range
-    directory = _directory()
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        start = random.randrange(count)  # processes starting at once rarely try the same ids
-        for i in range(count):
-            number = first + (start + i) % count
-            fd = os.open(str(number), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    continue
-                raise SandboxError(f"id_range: cannot lock {directory}/{number}: {e.strerror}") from None
-            return IdLease(number, fd)
-    finally:
-        os.close(dir_fd)
+    start = random.randrange(count)  # processes starting at once rarely try the same ids
+    for i in range(count):
+        number = first + (start + i) % count
+        fd = _open_lock(number)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                continue
+            raise SandboxError(f"id_range: cannot lock {ID_DIRECTORY}/{number}: {e.strerror}") from None
+        return IdLease(number, fd)
     raise SandboxError(f"id_range: all {count} sandbox ids from {first} are in use by live sandboxes "
                        "(make the range larger, or wait for some to end)")
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import DEFAULT_ID_RANGE, NOBODY, FilesystemConfig
+from . import ids
 from . import syscalls as sc
 from .steps import Step, StepTuple
 
@@ -101,11 +102,13 @@ def covered(path: str, parents: Iterable[str]) -> bool:
 # /etc/passwd and /etc/group list every id of a sandbox id range up to this many
 # (a launch's id is not known when the root is planned, or built ahead by a spare).
 MAX_LISTED_IDS = 4096
+_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+_GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
 
-def _identity_lines(uid: int | None, gid: int | None, id_range: tuple[int, int]) -> tuple[str, str]:
-    """The sandbox user's /etc/passwd and /etc/group lines: its fixed ids, or every id
-    of the range it takes one from."""
+def _accounts(uid: int | None, gid: int | None, id_range: tuple[int, int]) -> tuple[bytes, bytes]:
+    """/etc/passwd and /etc/group: root, nobody and the sandbox user, with its fixed
+    ids or every id of the range it takes one from."""
     first, count = id_range
     if uid is not None and gid is not None:
         pairs = [(uid, gid)]
@@ -114,7 +117,7 @@ def _identity_lines(uid: int | None, gid: int | None, id_range: tuple[int, int])
         pairs = [(n if uid is None else uid, n if gid is None else gid) for n in listed]
     users = "".join(f"sandbox:x:{u}:{g}:sandbox:/tmp:/bin/sh\n" for u, g in pairs if u not in (0, NOBODY))
     groups = "".join(f"sandbox:x:{g}:\n" for g in dict.fromkeys(g for _, g in pairs) if g not in (0, NOBODY))
-    return users, groups
+    return (_PASSWD + users).encode(), (_GROUP + groups).encode()
 
 
 def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, hostname: str,
@@ -139,19 +142,21 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
             if not covered(path, bound):
                 binds.append(Bind(path, path, True))
                 bound.append(path)
+    passwd, group = _accounts(uid, gid, id_range)
+    files: tuple[tuple[str, bytes], ...] = (
+        ("/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n".encode()),
+        ("/etc/hostname", f"{hostname}\n".encode()),
+    )
+    if uid is None or gid is None:  # a whole range: one host file for all, bound (cheaper than a copy each)
+        binds += [Bind(os.path.realpath(path), "/etc/" + name, True)
+                  for name, path in ids.account_files((("passwd", passwd), ("group", group)))]
+    else:
+        files = (("/etc/passwd", passwd), ("/etc/group", group), *files)
     # A user's source is taken as written: the child refuses a symlink on its path.
     binds += [Bind(bind.source, bind.target, bind.read_only) for bind in config.all_binds]
     # A parent before anything below it (a read-only part of a writable tree stays read-only);
     # otherwise in order, so that of two binds on one target the later one is on top.
     binds.sort(key=lambda bind: _relative(bind.target).count("/"))
-    user_line, group_line = _identity_lines(uid, gid, id_range)
-    files = (
-        ("/etc/passwd", ("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:"
-                         "/usr/sbin/nologin\n" + user_line).encode()),
-        ("/etc/group", ("root:x:0:\nnogroup:x:65534:\n" + group_line).encode()),
-        ("/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n".encode()),
-        ("/etc/hostname", f"{hostname}\n".encode()),
-    )
     return RootfsPlan(tuple(binds), tuple(symlinks), files, config.tmp_size_mb)
 
 
