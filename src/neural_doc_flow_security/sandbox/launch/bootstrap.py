@@ -9,7 +9,7 @@ error pipe and the process exits: nothing half-protected ever runs the payload
     init stages                          confinement (_confine)
     1 new session                        10 file descriptors (map, close the rest)
     2 signals reset                      11 rlimits
-    3 parent-death signal                12 identity (unprivileged uid/gid)
+    3 parent-death signal                12 identity (the sandbox's own id, or uid/gid)
     4 wait for the id maps               13 parent-death signal, re-armed
     5 not dumpable                       14 capabilities
     6 mounts (new root, pivot_root)      15 no_new_privs
