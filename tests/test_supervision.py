@@ -212,8 +212,10 @@ def test_a_zygote_that_keeps_dying_at_start_is_given_up_not_restarted_in_a_loop(
     async def scenario() -> tuple[str, ManagerStats, int]:
         async with SandboxManager(status_interval=None) as m:
             assert (await m.execute_sandboxed("before", lambda: 1)).output == 1
-            # From now on a zygote's interpreter cannot start (no such PYTHONHOME).
-            monkeypatch.setattr(start_methods, "zygote_environment", lambda: {"PYTHONHOME": "/nonexistent"})
+            # From now on a zygote's interpreter exits at once (it runs in isolated mode:
+            # no variable of its environment can break it).
+            monkeypatch.setattr(start_methods, "zygote_command",
+                                lambda fd: [sys.executable, "-I", "-c", "raise SystemExit(1)", str(fd)])
             slots = len(m._starter._zygotes)
             for pid in m._starter.pids:
                 os.kill(pid, signal.SIGKILL)
