@@ -299,6 +299,27 @@ def test_check_runs_unprivileged() -> None:
     assert json.loads(result.stdout)["features"]["euid"] == 4242
 
 
+def test_check_names_a_missing_cap_net_admin_and_run_agrees() -> None:
+    """Root without CAP_NET_ADMIN (a container's default capability set) can unshare a
+    network namespace but not bring its loopback up: `check` must say so, since `run`
+    fails there (it said "fully enforced" while every run exited 126)."""
+    if os.geteuid() != 0:
+        pytest.skip("drops a capability from root")
+    drop = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"]
+    check = subprocess.run([*drop, NDF_SANDBOX, "check", "--json"], capture_output=True, cwd="/tmp",
+                           env=ndf_host_env(), timeout=60, check=False)
+    assert check.returncode == 1, describe(check)
+    missing = json.loads(check.stdout)["default_profile_missing"]
+    assert any(m.startswith("namespaces.net:") and "CAP_NET_ADMIN" in m for m in missing), missing
+    run = subprocess.run([*drop, NDF_SANDBOX, "run", "--", "/bin/true"], capture_output=True, cwd="/tmp",
+                         env=ndf_host_env(), timeout=60, check=False)
+    assert run.returncode == 126, describe(run)
+    # With the network namespace switched off, nothing else is missing and the run works.
+    run = subprocess.run([*drop, NDF_SANDBOX, "run", "--net", "--", "/bin/true"], capture_output=True,
+                         cwd="/tmp", env=ndf_host_env(), timeout=60, check=False)
+    assert run.returncode == 0, describe(run)
+
+
 # --- network -----------------------------------------------------------------------
 
 CONNECT = """

@@ -89,7 +89,9 @@ class NamespaceSupport:
 
     `creatable` is true when unshare(2) of that type worked, either alone or (for a
     non-root process) together with a new user namespace; `needs_user_ns` says it
-    only worked the second way. `reason` explains a failure.
+    only worked the second way, and `lacks` names the capability whose absence
+    made the first way fail. `reason` explains a failure. A network namespace
+    counts only if its loopback could be brought up too (as the sandbox does).
     """
 
     name: str
@@ -97,6 +99,7 @@ class NamespaceSupport:
     needs_user_ns: bool = False
     errno: int = 0
     reason: str = ""
+    lacks: str = "CAP_SYS_ADMIN"
 
 
 @dataclass(frozen=True)
@@ -319,18 +322,34 @@ def _namespace_probe_child(_: dict[str, Any]) -> dict[str, Any]:  # pragma: no c
     """Unshare each namespace type alone, then a user namespace, then retry the
     failures inside it (what a non-root sandbox would do)."""
     libc = _libc()
-    results: dict[str, list[Any]] = {}
+    results: dict[str, Any] = {}
     others = [n for n in NAMESPACE_FLAGS if n != "user"]
     for name in others:
         ok = libc.unshare(NAMESPACE_FLAGS[name]) == 0
-        results[name] = [ok, 0 if ok else ctypes.get_errno(), False]
+        err = 0 if ok else ctypes.get_errno()
+        if ok and name == "net":  # the sandbox brings lo up: that needs CAP_NET_ADMIN
+            err = _loopback_up_errno()
+            ok = err == 0
+            results["net_loopback_errno"] = err
+        results[name] = [ok, err, False]
     user_ok = libc.unshare(NAMESPACE_FLAGS["user"]) == 0
     results["user"] = [user_ok, 0 if user_ok else ctypes.get_errno(), False]
     if user_ok:
         for name in others:
-            if not results[name][0] and libc.unshare(NAMESPACE_FLAGS[name]) == 0:
+            if (not results[name][0] and libc.unshare(NAMESPACE_FLAGS[name]) == 0
+                    and (name != "net" or _loopback_up_errno() == 0)):
                 results[name] = [True, 0, True]
     return results
+
+
+def _loopback_up_errno() -> int:  # pragma: no cover - child
+    from .linux.network import _bring_up_loopback
+
+    try:
+        _bring_up_loopback()
+    except OSError as e:
+        return e.errno or errno_mod.EPERM
+    return 0
 
 
 def _unprivileged_userns_probe_child(_: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover
@@ -396,6 +415,15 @@ def _namespace_support(
             out.append(NamespaceSupport(name, False, reason=reason))
             continue
         ok, err, via_user = bool(entry[0]), int(entry[1]), bool(entry[2])
+        loopback_err = int(results.get("net_loopback_errno") or 0) if name == "net" else 0
+        if loopback_err:
+            lo = (f"bringing its loopback up failed ({_errno_text(loopback_err)}: this process lacks "
+                  "CAP_NET_ADMIN; a container needs --cap-add NET_ADMIN)")
+            reason = (f"only together with a new user namespace: without one, {lo}" if ok
+                      else f"unshare works, but {lo}")
+            out.append(NamespaceSupport(name, ok, needs_user_ns=via_user, errno=0 if ok else loopback_err,
+                                        reason=reason, lacks="CAP_NET_ADMIN"))
+            continue
         if ok:
             reason = "only together with a new user namespace" if via_user else ""
         elif name == "user":
@@ -548,7 +576,7 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
                            f"but this process cannot create one: {why}")
         elif ns.needs_user_ns and not user_wanted:
             missing.append(f"namespaces.{name}: {_NAMESPACE_WORDS[name]} can only be created "
-                           "together with a user namespace (this process lacks CAP_SYS_ADMIN), "
+                           f"together with a user namespace (this process lacks {ns.lacks}), "
                            "but namespaces.user = false")
     if config.uid_or_nobody != euid and euid != 0 and not (
         user_wanted and user is not None and user.creatable
