@@ -2,7 +2,7 @@
 # The test command: set up, lint, type-check, run the test suite on this host
 # (as root; the isolation tests also run as an unprivileged user), the API and
 # escape tests on the other supported Pythons, the release build (wheel) checked
-# and tested, then the cgroup v2 tests inside a small QEMU guest (this host's
+# and tested, the sandbox inside a Podman container, then the cgroup v2 tests inside a small QEMU guest (this host's
 # cgroups are v1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +14,6 @@ echo "== pytest (host, cgroup v1)"
 "$NDF_VENV/bin/python" -m pytest -q -m "not cgroup_v2" "$@"
 echo "== Python versions"; bash scripts/python-matrix.sh
 echo "== wheel"; bash scripts/wheel-check.sh
+echo "== in a container (Podman)"; bash scripts/container-check.sh
 echo "== pytest (cgroup v2, QEMU guest)"
 bash tests/vm/run-cgroup-v2-tests.sh

@@ -314,6 +314,7 @@ def test_check_names_a_missing_cap_net_admin_and_run_agrees() -> None:
     run = subprocess.run([*drop, NDF_SANDBOX, "run", "--", "/bin/true"], capture_output=True, cwd="/tmp",
                          env=ndf_host_env(), timeout=60, check=False)
     assert run.returncode == 126, describe(run)
+    assert b"CAP_NET_ADMIN" in run.stderr, describe(run)
     # With the network namespace switched off, nothing else is missing and the run works.
     run = subprocess.run([*drop, NDF_SANDBOX, "run", "--net", "--", "/bin/true"], capture_output=True,
                          cwd="/tmp", env=ndf_host_env(), timeout=60, check=False)

@@ -13,6 +13,7 @@ child brings lo up.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -58,8 +59,11 @@ class NetworkNamespaceMaker:
         self._thread.join()
         if self._error is not None:
             self.discard()
-            raise SetupError("network namespace", str(self._error),
-                             getattr(self._error, "errno", 0) or 0) from self._error
+            err = getattr(self._error, "errno", 0) or 0
+            hint = (" (a new network namespace with loopback up needs CAP_SYS_ADMIN and CAP_NET_ADMIN;"
+                    " a container needs --cap-add SYS_ADMIN,NET_ADMIN: see `ndf-sandbox check`)"
+                    if err == errno.EPERM else "")
+            raise SetupError("network namespace", f"{self._error}{hint}", err) from self._error
         return self._fd
 
     def discard(self) -> None:
