@@ -5,8 +5,10 @@
 Runs `--calls` execute_sandboxed calls, `--in-flight` at a time, of mixed outcomes
 (ok, error, timeout, oom, 1 MB of stdout and a 1 MB result) and prints, every
 `--every` calls, the manager's RSS and USS, its fds, gc-tracked objects and
-threads, and host leftovers (sandbox cgroups, processes of the manager's zygotes
-beyond zygotes and templates). At the end: growth per 1,000 calls between the
+threads, and what is on the host (cgroup directories named after the manager or
+its zygotes, and processes under the zygotes other than their templates: the
+spare sandboxes each idle zygote keeps made ahead, two each, are among them; more
+than that, or growing, is a leftover). At the end: growth per 1,000 calls between the
 first report and the last (the first `--every` calls warm caches up). Not run in CI:
 100,000 calls take ~20-40 min on the 2-core VM. Needs root (the oom calls need a
 memory cgroup).
@@ -121,7 +123,7 @@ async def soak(calls: int, every: int, in_flight: int) -> None:
             if result.outcome.value != expected:
                 wrong[f"{kind}->{result.outcome.value}"] += 1
 
-        print("calls   secs   rss MiB  uss MiB  fds  objects  threads  cgroups left  processes left", flush=True)
+        print("calls   secs   rss MiB  uss MiB  fds  objects  threads  cgroup dirs  sandbox processes", flush=True)
         for done in range(0, calls, every):
             await asyncio.gather(*(one(i) for i in range(done, min(calls, done + every))))
             await manager.wait_pool_ready()
@@ -130,7 +132,7 @@ async def soak(calls: int, every: int, in_flight: int) -> None:
             samples.append((min(calls, done + every), sample))
             print(f"{samples[-1][0]:>6} {time.monotonic() - started:>6.0f} {sample['rss_mib']:>9.1f} "
                   f"{sample['uss_mib']:>8.1f} {sample['fds']:>4.0f} {sample['objects']:>8.0f} "
-                  f"{sample['threads']:>8.0f} {sample['cgroups_left']:>13.0f} {sample['processes_left']:>15.0f}",
+                  f"{sample['threads']:>8.0f} {sample['cgroups_left']:>12.0f} {sample['processes_left']:>18.0f}",
                   flush=True)
         print(f"stats: {manager.stats()}")
     print(f"outcomes: {dict(outcomes)}; not as expected: {dict(wrong)}")

@@ -178,6 +178,7 @@ def test_spawned_plugins_with_new_names_are_not_kept_once_ended() -> None:
 
 def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="neural_doc_flow_security")
+    caplog.set_level(logging.INFO, logger="neural_doc_flow_security.audit")
 
     async def scenario() -> tuple[str, set[int], set[int], list[object], ManagerStats]:
         async with SandboxManager(status_interval=None) as m:
@@ -202,6 +203,9 @@ def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(caplog: py
     restarts = [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
     assert len(restarts) >= len(old), restarts
     assert "killed by signal 9" in restarts[0]
+    audited = [r.getMessage() for r in caplog.records if r.name == "neural_doc_flow_security.audit"
+               and r.getMessage().startswith("zygote replaced")]
+    assert len(audited) >= len(old), audited
 
 
 def test_a_zygote_that_keeps_dying_at_start_is_given_up_not_restarted_in_a_loop(
@@ -227,7 +231,10 @@ def test_a_zygote_that_keeps_dying_at_start_is_given_up_not_restarted_in_a_loop(
     error, stats, slots = run(scenario())
     assert "not restarted" in error, error
     assert stats.zygotes_given_up == slots and stats.zygotes_alive == 0
-    assert stats.zygotes_restarted == slots * (start_methods.MAX_FAILED_STARTS - 1)
+    # The killed zygotes count as dying at start unless the machine took more than
+    # STABLE_AFTER to get here: one restart more per slot then.
+    assert slots * (start_methods.MAX_FAILED_STARTS - 1) <= stats.zygotes_restarted \
+        <= slots * start_methods.MAX_FAILED_STARTS
     assert any("not restarted" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 
 

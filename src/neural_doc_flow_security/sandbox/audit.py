@@ -53,3 +53,23 @@ def sandbox_ended(name: str, result: SandboxResult) -> None:
         "wall_seconds": round(usage.wall_seconds, 6), "cpu_seconds": round(usage.cpu_user_seconds
                                                                            + usage.cpu_system_seconds, 6),
         "memory_peak_bytes": usage.memory_peak_bytes, "error": (result.error or "")[:500]}))
+
+
+
+def zygote_replaced(old_pid: int | None, how: str, new_pid: int | None, restarts: int) -> None:
+    """Record that a manager replaced a zygote that died (`how`: its exit status)."""
+    logger = _logger()
+    if logger is not None:
+        import json
+
+        logger.warning("zygote replaced %s", json.dumps({"old_pid": old_pid, "how": how, "new_pid": new_pid,
+                                                         "restarts": restarts}))
+
+
+def zygote_given_up(why: str) -> None:
+    """Record that a manager stopped restarting a zygote that keeps dying at start."""
+    logger = _logger()
+    if logger is not None:
+        import json
+
+        logger.error("zygote given up %s", json.dumps({"why": why}))

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from .. import audit
 from ..errors import SandboxError, UnsupportedError
 from ..result import IsolationReport, Outcome, SandboxResult
 from .counters import counter_files
@@ -465,6 +466,7 @@ def _describe_exit(returncode: int | None) -> str:
 CLOSE_WAIT = 10.0  # seconds a zygote gets to end its sandboxes and exit at shutdown
 DEADLINE_GRACE = 1.0  # the manager kills a sandbox itself this long after its zygote should have
 LAUNCH_ANSWER_WAIT = 10.0  # a zygote that answers no launch within this (or its timeout, if longer) is stalled
+STALLED_KILL_AFTER = 60.0  # seconds a stalled zygote has to answer again before it is killed and replaced
 WAIT_FOR_ZYGOTE = 30.0  # a launch waits this long for a zygote to serve it (one restarting or stalled)
 STABLE_AFTER = 5.0  # a zygote that died sooner than this after its start died "at start"
 MAX_FAILED_STARTS = 5  # in a row, in one slot: then it is not restarted (reported)
@@ -568,6 +570,7 @@ class ZygoteStarter(StartMethod):
                        f"{self._failed_starts[slot]} times in a row; not restarted")
                 self._given_up[slot] = why
                 _log().error("%s", why)
+                audit.zygote_given_up(why)
                 return
             if self._failed_starts[slot] > 1:
                 await asyncio.sleep(min(MAX_RESTART_BACKOFF, RESTART_BACKOFF * 2 ** (self._failed_starts[slot] - 2)))
@@ -579,6 +582,8 @@ class ZygoteStarter(StartMethod):
             self.restarted += 1
             _log().warning("%s %s (%s): replaced by %s (restart %d)", old.name, status, old.dead,
                            new.name, self.restarted)
+            audit.zygote_replaced(old.process.pid if old.process else None, status,
+                                  new.process.pid if new.process else None, self.restarted)
         except Exception:
             _log().exception("cannot replace %s", old.name)
             self._given_up[slot] = f"{old.name} could not be replaced (see the log)"
@@ -661,6 +666,13 @@ class ZygoteStarter(StartMethod):
         if not zygote.stalled and not zygote.dead:
             _log().error("%s: out of rotation until it answers", why)
             zygote.stalled = why
+            asyncio.get_running_loop().call_later(STALLED_KILL_AFTER, self._end_if_stalled, zygote, why)
+
+    def _end_if_stalled(self, zygote: _Zygote, why: str) -> None:
+        """Still no answer long after it stalled: it is killed (and replaced)."""
+        if zygote.stalled == why and not zygote.dead and zygote.process is not None and self._supervising:
+            _log().error("%s: no answer for %ss more: killed", why, STALLED_KILL_AFTER)
+            zygote.process.kill()
 
     def _orphaned(self, zygote: _Zygote, sandbox_id: int) -> None:
         """A sandbox started for a launch that was given up: end it."""
@@ -751,7 +763,9 @@ class ZygoteStarter(StartMethod):
         running = [(z, i) for z in self._zygotes if not z.dead for i in list(z.running)]
         for _, sandbox_id in running:
             self._kill_directly(sandbox_id)
-        await asyncio.gather(*(z.send({"op": "kill", "id": i}, []) for z, i in running), return_exceptions=True)
+        with contextlib.suppress(TimeoutError):  # a stopped zygote's full socket: its sandboxes are killed above
+            await asyncio.wait_for(asyncio.gather(*(z.send({"op": "kill", "id": i}, []) for z, i in running),
+                                                  return_exceptions=True), CLOSE_WAIT)
         exits = [self._exits[i] for _, i in running if i in self._exits]
         if exits:
             await asyncio.wait(exits, timeout=CLOSE_WAIT)
