@@ -4,7 +4,7 @@
 
 Runs `--calls` execute_sandboxed calls, `--in-flight` at a time, of mixed outcomes
 (ok, error, timeout, oom, 1 MB of stdout and a 1 MB result) and prints, every
-`--every` calls, the manager's RSS and USS, its fds, gc-tracked objects and
+`--every` calls, the manager's RSS and USS, its zygotes' RSS (summed), its fds, gc-tracked objects and
 threads, and what is on the host (cgroup directories named after the manager or
 its zygotes, and processes under the zygotes other than their templates: the
 spare sandboxes each idle zygote keeps made ahead, two each, are among them; more
@@ -97,7 +97,13 @@ def _sample(manager: SandboxManager) -> dict[str, float]:
     me = psutil.Process()
     memory = me.memory_full_info()
     cgroups, processes = _leftovers(manager)
-    return {"rss_mib": memory.rss / 2**20, "uss_mib": memory.uss / 2**20, "fds": me.num_fds(),
+    zygotes = 0.0
+    for pid in getattr(manager._starter, "pids", []):
+        try:
+            zygotes += psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.Error:
+            pass
+    return {"rss_mib": memory.rss / 2**20, "uss_mib": memory.uss / 2**20, "zygotes_mib": zygotes, "fds": me.num_fds(),
             "objects": len(gc.get_objects()), "threads": threading.active_count(),
             "cgroups_left": cgroups, "processes_left": processes}
 
@@ -123,7 +129,8 @@ async def soak(calls: int, every: int, in_flight: int) -> None:
             if result.outcome.value != expected:
                 wrong[f"{kind}->{result.outcome.value}"] += 1
 
-        print("calls   secs   rss MiB  uss MiB  fds  objects  threads  cgroup dirs  sandbox processes", flush=True)
+        print("calls   secs   rss MiB  uss MiB  zygotes MiB  fds  objects  threads  cgroup dirs  sandbox processes",
+              flush=True)
         for done in range(0, calls, every):
             await asyncio.gather(*(one(i) for i in range(done, min(calls, done + every))))
             await manager.wait_pool_ready()
@@ -131,7 +138,8 @@ async def soak(calls: int, every: int, in_flight: int) -> None:
             sample = _sample(manager)
             samples.append((min(calls, done + every), sample))
             print(f"{samples[-1][0]:>6} {time.monotonic() - started:>6.0f} {sample['rss_mib']:>9.1f} "
-                  f"{sample['uss_mib']:>8.1f} {sample['fds']:>4.0f} {sample['objects']:>8.0f} "
+                  f"{sample['uss_mib']:>8.1f} {sample['zygotes_mib']:>12.1f} {sample['fds']:>4.0f} "
+                  f"{sample['objects']:>8.0f} "
                   f"{sample['threads']:>8.0f} {sample['cgroups_left']:>12.0f} {sample['processes_left']:>18.0f}",
                   flush=True)
         print(f"stats: {manager.stats()}")

@@ -182,3 +182,9 @@ def test_judge_fails_a_hostile_plugin_that_got_out(tmp_path: Path) -> None:
     assert killed.status == "failed" and "expected oom" in killed.reason
     status, _ = demo.verdict([leak, wrote, phoned, killed], {"secret": {"leaked": True}})
     assert status == demo.EXIT_FAILED
+
+
+def test_the_report_shows_the_managers_health(root_report: tuple[int, dict[str, Any]]) -> None:
+    manager = root_report[1]["evidence"]["manager"]
+    assert manager["zygotes_alive"] >= 1 and manager["zygotes_restarted"] == 0 and manager["zygotes_given_up"] == 0
+    assert sum(manager["calls"].values()) == len([p for p in root_report[1]["plugins"] if p["status"] != "skipped"])

@@ -352,6 +352,7 @@ async def run_pipeline(on_update: Callable[[PluginRun], None] | None = None) -> 
                         on_update(run)
 
                 await asyncio.gather(*(one(run) for run in runs))
+                manager_stats = dataclasses.asdict(manager.stats())  # its health after the pipeline
             await asyncio.sleep(0.1)
         finally:
             server.close()
@@ -360,6 +361,7 @@ async def run_pipeline(on_update: Callable[[PluginRun], None] | None = None) -> 
             if run.result is not None:
                 judge(run, evidence)
         report = evidence.to_dict()
+        report["manager"] = manager_stats
         report["secret"]["leaked"] = any(evidence.secret in _everything_said(r.result)
                                          for r in runs if r.result is not None)
     report["marker"]["exists_after_cleanup"] = os.path.lexists(evidence.marker_path)
