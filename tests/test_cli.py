@@ -426,8 +426,10 @@ def test_ambient_cap_is_the_only_capability(root_caller: SandboxCaller) -> None:
 # --- leftovers of a killed ndf-sandbox -----------------------------------------------
 
 def test_a_run_without_limits_makes_no_cgroup(root_caller: SandboxCaller, tmp_path: Path) -> None:
+    # The default profile has limits (a cgroup); with every one switched off, none is made.
     out = tmp_path / "result.json"
-    assert root_caller.run(["--json-result", str(out)], ["true"]).returncode == 0
+    assert root_caller.run(["--json-result", str(out), "--memory", "none", "--pids", "none"],
+                           ["true"]).returncode == 0
     result = json.loads(out.read_text())
     assert result["isolation"]["cgroup"] == ""
     assert result["resource_usage"]["memory_peak_bytes"] > 0  # from the reaped tree's rusage

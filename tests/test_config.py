@@ -39,7 +39,11 @@ def test_defaults_are_the_secure_profile() -> None:
     assert {k for k, _ in config.environment} == {"PATH", "HOME", "LANG"}
     assert config.timeout_seconds is not None and config.timeout_seconds > 0
     assert config.max_open_files > 0
-    assert not config.cgroup_limits_requested
+    # Bounded by default (issue 23 item 13): room for a document parser, not for the machine.
+    assert (config.memory_limit_mb, config.max_processes, config.filesystem.tmp_size_mb,
+            config.timeout_seconds) == (512, 128, 64, 30.0)
+    assert config.cgroup_limits_requested
+    assert config.max_file_size_mb is None and config.rootless_limits == "cgroup"
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -49,6 +53,8 @@ def test_defaults_are_the_secure_profile() -> None:
     ({"memory_limit_mb": True}, "memory_limit_mb"),
     ({"cpu_quota_percent": -1}, "cpu_quota_percent: must be > 0, got -1"),
     ({"max_processes": 1}, "max_processes: must be >= 2"),
+    ({"max_file_size_mb": 0}, "max_file_size_mb: must be > 0, got 0"),
+    ({"rootless_limits": "ulimit"}, "rootless_limits: must be 'cgroup' or 'rlimit', got 'ulimit'"),
     ({"timeout_seconds": 0}, "timeout_seconds: must be > 0, got 0"),
     ({"timeout_seconds": -0.5}, "timeout_seconds: must be > 0, got -0.5"),
     ({"timeout_seconds": 2592000}, "timeout_seconds: must be at most 604800 (7 days"),

@@ -264,10 +264,25 @@ def test_cgroup_limits_need_usable_controllers() -> None:
 
 
 def test_cgroup_probe_unknown_fails_closed_for_limits_only() -> None:
-    features = fake_features(cgroups=None, cgroups_reason="cgroup support unknown: probe missing")
-    assert missing_for(SandboxConfig(), features) == []
-    missing = missing_for(SandboxConfig(io_write_bps=1 << 20), features)
-    assert missing == ["io_write_bps: a I/O limit is required, but cgroup support unknown: probe missing"]
+    # The default profile's memory limit falls back to RLIMIT_AS; its process limit
+    # needs a user namespace for RLIMIT_NPROC to count the sandbox alone: as root
+    # (none) it is missing, unprivileged (one) it is not. A limit the user set is
+    # missing unless rootless_limits = "rlimit" and an rlimit stands in for it.
+    why = "cgroup support unknown: probe missing"
+    as_root = fake_features(cgroups=None, cgroups_reason=why)
+    unprivileged = fake_features(cgroups=None, cgroups_reason=why, euid=1000, is_root=False)
+    assert missing_for(SandboxConfig(), unprivileged) == []
+    assert missing_for(SandboxConfig(max_processes=None), as_root) == []
+    assert missing_for(SandboxConfig(), as_root) == [
+        f"max_processes: required, but {why}, and RLIMIT_NPROC would count every process of the uid "
+        "on the host (no user namespace)"]
+    missing = missing_for(SandboxConfig(io_write_bps=1 << 20, memory_limit_mb=256), unprivileged)
+    assert [m.split(":")[0] for m in missing] == ["memory_limit_mb", "io_write_bps"]
+    assert all(why in m and 'rootless_limits = "rlimit"' in m for m in missing)
+    opted_in = SandboxConfig(memory_limit_mb=256, cpu_quota_percent=50, rootless_limits="rlimit")
+    assert missing_for(opted_in, unprivileged) == []
+    missing = missing_for(opted_in.replace(io_write_bps=1 << 20), unprivileged)
+    assert missing == [f"io_write_bps: required, but {why}, and no rlimit stands in for an I/O limit"]
 
 
 def test_seccomp_missing_is_named() -> None:

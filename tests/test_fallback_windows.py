@@ -77,10 +77,15 @@ def test_job_limits_from_config() -> None:
 
 
 def test_no_limits_means_no_limit_flags_but_still_kill_on_close() -> None:
-    limits = w.job_limits_for(SandboxConfig(), cpu_count=2)
+    limits = w.job_limits_for(SandboxConfig(memory_limit_mb=None, max_processes=None), cpu_count=2)
     assert limits.limit_flags == (w.JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
                                   | w.JOB_OBJECT_LIMIT_DIE_ON_UNHANDLED_EXCEPTION)
     assert limits.cpu_rate is None
+
+
+def test_the_default_profile_is_bounded_by_the_job() -> None:
+    limits = w.job_limits_for(SandboxConfig(), cpu_count=2)
+    assert (limits.job_memory_bytes, limits.active_processes) == (512 << 20, 128)
 
 
 def test_breakaway_is_never_built() -> None:

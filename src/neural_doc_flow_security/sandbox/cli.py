@@ -54,13 +54,24 @@ def _bind_from_option(option: str, value: str | list[str]) -> BindMount:
 
 def _build_run_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="run a program in a fresh sandbox",
-                         description="Run CMD in a fresh sandbox. Defaults are the secure profile.")
+                         description="Run CMD in a fresh sandbox. Defaults are the secure profile, bounded: "
+                                     "512M memory, 128 processes, a 64M /tmp, 30 s wall time (cgroups; "
+                                     "without one, as an unprivileged user, the default memory and process "
+                                     "limits are rlimits, see --rootless-limits).")
     run.add_argument("--profile", metavar="FILE", help="TOML profile to start from")
-    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M, 1G (or none)")
-    run.add_argument("--cpu", metavar="PERCENT", help="CPU quota; 100 = one full CPU (or none)")
-    run.add_argument("--pids", metavar="N", help="maximum number of processes (or none)")
-    run.add_argument("--timeout", metavar="SECONDS", help="wall-clock timeout (or none)")
-    run.add_argument("--nofile", metavar="N", type=int, help="maximum open files (RLIMIT_NOFILE)")
+    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M, 1G (default 512M; none: no limit)")
+    run.add_argument("--cpu", metavar="PERCENT", help="CPU quota; 100 = one full CPU (default none)")
+    run.add_argument("--pids", metavar="N", help="maximum number of processes (default 128; none: no limit)")
+    run.add_argument("--timeout", metavar="SECONDS", help="wall-clock timeout (default 30; none: no limit)")
+    run.add_argument("--nofile", metavar="N", type=int, help="maximum open files (RLIMIT_NOFILE, default 256)")
+    run.add_argument("--max-file-size", metavar="SIZE",
+                     help="largest file a process may write (RLIMIT_FSIZE), e.g. 100M; writable binds "
+                          "have no quota otherwise (default none)")
+    run.add_argument("--rootless-limits", choices=("cgroup", "rlimit"),
+                     help="without a usable cgroup (unprivileged, no delegated subtree): 'cgroup' "
+                          "(default) refuses a limit you set; 'rlimit' enforces it with a weaker rlimit "
+                          "(RLIMIT_AS per process for memory, RLIMIT_NPROC in the sandbox's user "
+                          "namespace for processes, RLIMIT_CPU for the CPU quota)")
     run.add_argument("--io-read-bps", metavar="RATE", help="disk read bandwidth, e.g. 10M")
     run.add_argument("--io-write-bps", metavar="RATE", help="disk write bandwidth, e.g. 10M")
     net = run.add_mutually_exclusive_group()
@@ -77,7 +88,7 @@ def _build_run_parser(sub: Any) -> None:
     run.add_argument("--bind-to", metavar=("SRC", "DST"), nargs=2, dest="bind_specs", action=_BindOption, default=[],
                      help="like --bind, for paths that contain ':'. Binds are mounted in the order given, "
                           "a parent before anything below it; SRC must be its real path (no symlink on it)")
-    run.add_argument("--tmpfs-size", metavar="SIZE", help="size of the private /tmp, e.g. 64M")
+    run.add_argument("--tmpfs-size", metavar="SIZE", help="size of the private /tmp (default 64M)")
     run.add_argument("--python", action="store_true", help="make the Python installation visible")
     run.add_argument("--cap", metavar="CAP", action="append", default=[],
                      help="keep this capability (e.g. CAP_NET_BIND_SERVICE)")
@@ -123,6 +134,11 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         changes["timeout_seconds"] = _optional(args.timeout, lambda v: _float(v, "timeout_seconds"))
     if args.nofile is not None:
         changes["max_open_files"] = args.nofile
+    if args.max_file_size is not None:
+        changes["max_file_size_mb"] = _optional(args.max_file_size,
+                                                lambda v: parse_size_mb(v, "max_file_size_mb"))
+    if args.rootless_limits is not None:
+        changes["rootless_limits"] = args.rootless_limits
     if args.io_read_bps is not None:
         changes["io_read_bps"] = _optional(args.io_read_bps, lambda v: parse_rate(v, "io_read_bps"))
     if args.io_write_bps is not None:

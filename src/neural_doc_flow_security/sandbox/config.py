@@ -36,6 +36,14 @@ NOBODY = 65534
 # As root each live sandbox gets a host uid/gid of its own from this range (linux/ids.py):
 # high, below 2**31 (some tools take ids as signed), clear of systemd's container ranges.
 DEFAULT_ID_RANGE = (2_000_000_000, 2000)
+# The default profile's limits: room for a document parser (a PDF or OCR engine),
+# not for exhausting the machine. Unprivileged without a cgroup, these (and only
+# these, unless rootless_limits = "rlimit") are enforced by rlimits instead.
+DEFAULT_MEMORY_LIMIT_MB = 512
+DEFAULT_MAX_PROCESSES = 128
+DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_TMP_SIZE_MB = 64
+ROOTLESS_LIMITS = ("cgroup", "rlimit")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -191,7 +199,7 @@ class FilesystemConfig:
 
     read_only_binds: tuple[BindMount, ...] = ()
     binds: tuple[BindMount, ...] = ()
-    tmp_size_mb: int = 64
+    tmp_size_mb: int = DEFAULT_TMP_SIZE_MB
     python: bool = False
     bind_mounts: tuple[BindMount, ...] = ()
 
@@ -213,8 +221,10 @@ class FilesystemConfig:
 class SandboxConfig:
     """Everything one sandbox enforces. The defaults are the secure profile: every
     namespace, no network, a read-only root, all capabilities dropped, seccomp on,
-    an unprivileged uid and a clean environment. Resource limits set here are
-    required: if this host cannot enforce one, the sandbox refuses to start.
+    an unprivileged uid, a clean environment, and bounded resources (512 MiB of
+    memory, 128 processes, a 64 MiB /tmp, 30 s wall time). Resource limits set here
+    are required: if this host cannot enforce one, the sandbox refuses to start,
+    naming the field.
 
     `uid`/`gid`: None (the default) gives each live sandbox, as root, a host id of
     its own from `id_range` (first, count), so that per-uid kernel limits are not
@@ -222,13 +232,23 @@ class SandboxConfig:
     uid/gid 65534 mapped to the caller's own. A number: that id, for every sandbox.
 
     `cpu_quota_percent`: 100 means one full CPU, 50 half of one, 200 two CPUs.
+    `max_file_size_mb`: the largest file a process may write (RLIMIT_FSIZE): writable
+    binds have no quota otherwise.
+    `rootless_limits`: how limits are enforced where no cgroup can be made (an
+    unprivileged user without a delegated cgroup subtree). "cgroup" (default): a limit
+    the user set is refused there; the default profile's memory and process limits
+    fall back to rlimits (weaker, and the result's isolation says so). "rlimit": every
+    limit falls back to an rlimit: memory to RLIMIT_AS (per process address space),
+    processes to RLIMIT_NPROC (counted in the sandbox's own user namespace), CPU quota
+    to RLIMIT_CPU (CPU seconds per process: the quota's share of the wall timeout).
     """
 
-    memory_limit_mb: int | None = None
+    memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB
     cpu_quota_percent: int | None = None
-    timeout_seconds: float | None = 30.0
-    max_processes: int | None = None
+    timeout_seconds: float | None = DEFAULT_TIMEOUT_SECONDS
+    max_processes: int | None = DEFAULT_MAX_PROCESSES
     max_open_files: int = 256
+    max_file_size_mb: int | None = None
     io_read_bps: int | None = None
     io_write_bps: int | None = None
     io_read_iops: int | None = None
@@ -243,6 +263,7 @@ class SandboxConfig:
     environment: tuple[tuple[str, str], ...] = DEFAULT_ENVIRONMENT
     seccomp: str = "default"
     no_new_privs: bool = True
+    rootless_limits: str = "cgroup"
 
     def __post_init__(self) -> None:
         if isinstance(self.environment, Mapping):
@@ -250,7 +271,7 @@ class SandboxConfig:
         else:
             object.__setattr__(self, "environment", tuple(tuple(kv) for kv in self.environment))
         for name in ("memory_limit_mb", "cpu_quota_percent", "max_processes", "io_read_bps",
-                     "io_write_bps", "io_read_iops", "io_write_iops"):
+                     "io_write_bps", "io_read_iops", "io_write_iops", "max_file_size_mb"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(name, f"must be a whole number > 0 or none, got {value!r}")
@@ -287,6 +308,8 @@ class SandboxConfig:
             self.seccomp in ("default", "off") or self.seccomp.startswith("/")
         ):
             raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
+        if self.rootless_limits not in ROOTLESS_LIMITS:
+            raise ConfigError("rootless_limits", f"must be 'cgroup' or 'rlimit', got {self.rootless_limits!r}")
         if self.max_processes is not None and self.max_processes < 2:
             raise ConfigError("max_processes",
                               f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")

@@ -588,34 +588,17 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
                        f"but {features.seccomp_reason or 'seccomp is unavailable'}")
     if config.no_new_privs and not features.no_new_privs:
         missing.append("no_new_privs: required, but prctl(PR_GET_NO_NEW_PRIVS) is not supported")
-    missing.extend(_missing_cgroup_limits(config, features))
+    missing.extend(_missing_limits(config, features, user_wanted))
     return missing
 
 
-def _missing_cgroup_limits(config: SandboxConfig, features: HostFeatures) -> list[str]:
-    missing = []
-    for fields, controllers, what in _LIMIT_CONTROLLERS:
-        requested = [f for f in fields if getattr(config, f) is not None]
-        if not requested:
-            continue
-        label = "/".join(requested)
-        if features.cgroups is None:
-            why = features.cgroups_reason or "cgroup support is unknown"
-            missing.append(f"{label}: a {what} is required, but {why}")
-            continue
-        found = [c for c in (features.cgroups.get(n) for n in controllers) if c is not None]
-        if any(c.usable for c in found):
-            continue
-        names = " or ".join(controllers)
-        if found:
-            reasons = "; ".join(f"{c.name} ({c.version or 'absent'}): {c.reason or 'not usable'}"
-                                for c in found)
-            missing.append(f"{label}: a {what} is required, but the {names} cgroup controller "
-                           f"is not usable: {reasons}")
-        else:
-            missing.append(f"{label}: a {what} is required, but no {names} cgroup controller "
-                           "is available on this host")
-    return missing
+def _missing_limits(config: SandboxConfig, features: HostFeatures, user_ns: bool) -> list[str]:
+    """The limits neither a cgroup nor (where allowed) an rlimit can enforce here."""
+    from .launch.limits import limit_problems
+
+    _, problems = limit_problems(config, features.cgroups, user_ns,
+                                 features.cgroups_reason or "cgroup support is unknown")
+    return [f"{field}: required, but {why}" for field, why in problems]
 
 
 def _missing_non_linux(config: SandboxConfig, features: HostFeatures) -> list[str]:

@@ -64,7 +64,7 @@ from typing import Any, NoReturn
 import psutil
 
 from .. import audit
-from ..config import SandboxConfig
+from ..config import DEFAULT_MEMORY_LIMIT_MB, SandboxConfig
 from ..errors import SandboxError, UnsupportedError
 from ..launch.launcher import LaunchRequest
 from ..launch.payload import Payload
@@ -156,7 +156,10 @@ def unenforced_protections(
         how = ("approximated by RLIMIT_AS: address space per process, not resident memory, and not "
                "a total for the tree" if platform == "linux"
                else f"{_system()} does not enforce RLIMIT_AS; no memory limit is applied")
-        gaps.append(("memory_limit_mb", f"no cgroup memory limit ({how})", True))
+        # The default profile's limit stands as an rlimit where one enforces it (as on
+        # Linux without a cgroup: launch/limits.py); one the user set is refused.
+        default_as_rlimit = platform == "linux" and config.memory_limit_mb == DEFAULT_MEMORY_LIMIT_MB
+        gaps.append(("memory_limit_mb", f"no cgroup memory limit ({how})", not default_as_rlimit))
     if config.max_processes is not None and uid == 0:
         gaps.append(("max_processes", "RLIMIT_NPROC does not apply to root", True))
     elif config.max_processes is not None:

@@ -99,7 +99,7 @@ class Launcher:
                                                                and not self._working())
 
         def make_cgroup() -> SandboxCgroup | None:
-            if not (accounting or config.cgroup_limits_requested or "pid" not in plan.namespaces.names):
+            if not (accounting or plan.cgroup_limits_requested or "pid" not in plan.namespaces.names):
                 return None
             made = resources.create_cgroup(config, request.name, plan)
             if made is None and "pid" not in plan.namespaces.names:
@@ -161,7 +161,7 @@ class Launcher:
         spare = min(fitting, key=lambda s: s.rootfs is None, default=None)  # one that built the root first
         if spare is None:
             return None
-        if spare.cgroup is None and (request.accounting_cgroup == "always" or config.cgroup_limits_requested):
+        if spare.cgroup is None and (request.accounting_cgroup == "always" or plan.cgroup_limits_requested):
             return None
         self._spares.remove(spare)
         if not spare_sandbox.alive(spare):

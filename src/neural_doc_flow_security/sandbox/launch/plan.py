@@ -11,12 +11,15 @@ import os
 from dataclasses import dataclass
 
 from ..config import NOBODY, SandboxConfig
+from ..errors import SandboxError
 from ..linux import seccomp
 from ..linux.capabilities import CapabilityPlan, plan_capabilities
+from ..linux.cgroups.base import CgroupSupport
 from ..linux.namespaces import NamespacePlan, plan_namespaces
 from ..linux.rlimits import RlimitPlan, plan_rlimits
 from ..linux.rootfs import RootfsPlan, plan_rootfs
 from ..result import IsolationReport
+from .limits import LimitPlan, plan_limits
 from .payload import environment_entries
 
 
@@ -31,6 +34,7 @@ class LaunchPlan:
     capabilities: CapabilityPlan
     seccomp: seccomp.SeccompProgram
     environment: tuple[bytes, ...]
+    limits: LimitPlan  # which limit the cgroup enforces, which an rlimit
     not_enforced: tuple[str, ...] = ()  # what this config, on this host, leaves open
     # The payload's uid and gid; None: each launch's own, from the id range (linux/ids.py).
     uid: int | None = NOBODY
@@ -40,6 +44,11 @@ class LaunchPlan:
     def needs_ids(self) -> bool:
         """Whether each launch takes a sandbox id of its own (linux/ids.py)."""
         return self.uid is None or self.gid is None
+
+    @property
+    def cgroup_limits_requested(self) -> bool:
+        """Whether the sandbox's cgroup must enforce a limit (it is then required)."""
+        return bool(self.limits.by_cgroup)
 
     def isolation_report(self, cgroup: str = "", limits: tuple[str, ...] = (),
                          sandbox_id: int | None = None) -> IsolationReport:
@@ -56,7 +65,7 @@ class LaunchPlan:
             no_new_privs=cfg.no_new_privs,
             seccomp=self.seccomp.description,
             cgroup=cgroup,
-            limits=self.rlimits.describe() + limits,
+            limits=self.limits.described + self.rlimits.describe() + limits,
             not_enforced=self.not_enforced,
         )
 
@@ -84,11 +93,13 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
                          euid, egid)
     rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range)
               if config.namespaces.mnt else None)
+    limits = plan_limits(config, _cgroup_support(), ns.user)
     return LaunchPlan(
         config=config,
         namespaces=ns,
         rootfs=rootfs,
-        rlimits=plan_rlimits(config.max_open_files),
+        rlimits=plan_rlimits(config.max_open_files, limits.rlimits),
+        limits=limits,
         capabilities=plan_capabilities(config.capabilities),
         seccomp=seccomp.compile_profile(config.seccomp),
         environment=environment_entries(config.environment),
@@ -96,6 +107,15 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         uid=uid,
         gid=gid,
     )
+
+
+def _cgroup_support() -> CgroupSupport | None:
+    from ..linux.cgroups import probe_cgroups
+
+    try:
+        return probe_cgroups()
+    except (OSError, SandboxError):
+        return None
 
 
 def _left_open(config: SandboxConfig, ns: NamespacePlan, euid: int, egid: int) -> tuple[str, ...]:

@@ -56,24 +56,36 @@ def block_devices(paths: list[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
+# The cgroup layer's names of its limits -> the config fields the user wrote.
+_CONFIG_FIELDS = {"memory_bytes": "memory_limit_mb", "memory_high_bytes": "memory_limit_mb",
+                  "swap_bytes": "memory_limit_mb", "io limits": "io_read_bps/io_write_bps/io_read_iops/io_write_iops"}
+
+
 def cgroup_limits(config: SandboxConfig, plan: LaunchPlan) -> CgroupLimits:
-    """The cgroup limits of a config; I/O limits apply to the disks behind its binds."""
+    """The limits the cgroup of a config enforces (others may be rlimits, see
+    launch/limits.py); I/O limits apply to the disks behind its binds."""
+    mine = plan.limits.by_cgroup
+
+    def value(field: str) -> int | None:
+        found: int | None = getattr(config, field) if field in mine else None
+        return found
+
     devices: tuple[str, ...] = ()
-    if any(v is not None for v in (config.io_read_bps, config.io_write_bps,
-                                   config.io_read_iops, config.io_write_iops)):
+    if any(value(f) is not None for f in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")):
         sources = [b.source for b in plan.rootfs.binds] if plan.rootfs else ["/"]
         devices = block_devices(sources + ["/tmp"])
         if not devices:
-            raise UnsupportedError("io limits", "no block device backs the sandbox's file system")
-    mb = 1024 * 1024
+            raise UnsupportedError("io_read_bps/io_write_bps/io_read_iops/io_write_iops",
+                                   "no block device backs the sandbox's file system")
+    memory = value("memory_limit_mb")
     return CgroupLimits(
-        memory_bytes=config.memory_limit_mb * mb if config.memory_limit_mb else None,
-        cpu_quota_percent=config.cpu_quota_percent,
-        max_processes=config.max_processes,
-        io_read_bps=config.io_read_bps,
-        io_write_bps=config.io_write_bps,
-        io_read_iops=config.io_read_iops,
-        io_write_iops=config.io_write_iops,
+        memory_bytes=memory * 1024 * 1024 if memory else None,
+        cpu_quota_percent=value("cpu_quota_percent"),
+        max_processes=value("max_processes"),
+        io_read_bps=value("io_read_bps"),
+        io_write_bps=value("io_write_bps"),
+        io_read_iops=value("io_read_iops"),
+        io_write_iops=value("io_write_iops"),
         io_devices=devices,
     )
 
@@ -86,8 +98,11 @@ def create_cgroup(config: SandboxConfig, name: str, plan: LaunchPlan) -> Sandbox
     spare = _take_spare(label, limits)
     if spare is not None:
         return spare
-    if config.cgroup_limits_requested:
-        return cgroups.create_sandbox_cgroup(label, limits)
+    if plan.cgroup_limits_requested:
+        try:
+            return cgroups.create_sandbox_cgroup(label, limits)
+        except UnsupportedError as e:
+            raise in_config_terms(e) from None
     try:
         return cgroups.create_sandbox_cgroup(label, limits)
     except (SandboxError, OSError):
@@ -170,7 +185,16 @@ def _adopt(cgroup: SandboxCgroup, label: str, limits: CgroupLimits) -> None:
 def adopt_cgroup(cgroup: SandboxCgroup, config: SandboxConfig, name: str, plan: LaunchPlan) -> None:
     """A cgroup made ahead (a spare sandbox's, launch/spare.py) becomes the sandbox's:
     its name (v1; v2 cannot rename) and its limits. Raises if a limit cannot be set."""
-    _adopt(cgroup, f"{name}-{next(_sequence)}", cgroup_limits(config, plan))
+    try:
+        _adopt(cgroup, f"{name}-{next(_sequence)}", cgroup_limits(config, plan))
+    except UnsupportedError as e:
+        raise in_config_terms(e) from None
+
+
+def in_config_terms(error: UnsupportedError) -> UnsupportedError:
+    """The cgroup layer's error, naming the config field the user wrote."""
+    field = _CONFIG_FIELDS.get(error.protection)
+    return error if field is None else UnsupportedError(field, error.reason)
 
 
 def cgroup_for_spare() -> SandboxCgroup | None:

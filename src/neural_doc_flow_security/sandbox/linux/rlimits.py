@@ -1,4 +1,5 @@
-"""Resource limits (setrlimit, the SETRLIMIT step) for the payload: open files, no core dumps."""
+"""Resource limits (setrlimit, the SETRLIMIT step) for the payload: open files, no core
+dumps, and those that stand in for a cgroup's (launch/limits.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class RlimitPlan:
         return tuple(f"rlimit {names.get(r, str(r))}={v}" for r, v in self.limits)
 
 
-def plan_rlimits(max_open_files: int) -> RlimitPlan:
-    """The rlimits every Linux sandbox gets."""
-    return RlimitPlan(((resource.RLIMIT_NOFILE, max_open_files), (resource.RLIMIT_CORE, 0)))
+def plan_rlimits(max_open_files: int, more: tuple[tuple[int, int], ...] = ()) -> RlimitPlan:
+    """The rlimits every Linux sandbox gets (open files, no core dumps), and `more`
+    (limits that stand in for a cgroup's, a file size cap: launch/limits.py)."""
+    return RlimitPlan(((resource.RLIMIT_NOFILE, max_open_files), (resource.RLIMIT_CORE, 0)) + more)
