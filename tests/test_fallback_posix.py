@@ -30,6 +30,7 @@ from neural_doc_flow_security.sandbox.fallback.posix import (
     POSIX_UNENFORCEABLE,
     PosixStarter,
     check_enforceable,
+    plan_posix_rlimits,
     unenforced_protections,
 )
 from neural_doc_flow_security.sandbox.ipc.messages import MessageKind
@@ -414,3 +415,18 @@ async def test_concurrent_sandboxes_are_independent(manager: SandboxManager) -> 
     assert all(r.outcome is Outcome.OK for r in results), [r.error for r in results]
     assert [r.output[0] for r in results] == [0, 1, 2, 3]
     assert len({r.output[1] for r in results}) == 4
+
+
+def test_default_memory_limit_stands_as_rlimit_as_and_a_set_one_is_refused() -> None:
+    # The default profile is bounded here too (RLIMIT_AS on Linux); a memory limit the
+    # user set is not a cgroup's, so it is refused unless allowed.
+    gaps = {name: requested for name, _, requested in unenforced_protections(SandboxConfig(), platform="linux")}
+    assert gaps["memory_limit_mb"] is False
+    gaps = {name: requested for name, _, requested in
+            unenforced_protections(SandboxConfig(memory_limit_mb=256), platform="linux")}
+    assert gaps["memory_limit_mb"] is True
+    assert ("RLIMIT_AS", 512 << 20, 512 << 20) in plan_posix_rlimits(SandboxConfig(), platform="linux")
+
+
+def test_max_file_size_is_rlimit_fsize() -> None:
+    assert ("RLIMIT_FSIZE", 2 << 20, 2 << 20) in plan_posix_rlimits(SandboxConfig(max_file_size_mb=2))

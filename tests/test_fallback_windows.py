@@ -428,3 +428,9 @@ def test_fake_without_restricted_token_fails_closed_or_uses_create_process() -> 
     result = run(fake)
     assert result.ok and "CreateProcessAsUserW" not in fake.names()
     assert any(line.startswith("capabilities:") for line in result.isolation.not_enforced)
+
+
+def test_a_file_size_limit_is_refused_by_job_objects() -> None:
+    with pytest.raises(UnsupportedError, match="max_file_size_mb"):
+        w.check_enforceable(SandboxConfig(max_file_size_mb=10),
+                            allow_unenforced=w.WINDOWS_UNENFORCEABLE - {"max_file_size_mb"})

@@ -74,15 +74,6 @@ _PR_GET_NO_NEW_PRIVS = 39
 _CAP_SYS_ADMIN = CAPABILITIES["CAP_SYS_ADMIN"]
 _PROBE_TIMEOUT_SECONDS = 10.0
 
-# Which cgroup controller enforces which SandboxConfig limit.
-_LIMIT_CONTROLLERS: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
-    (("memory_limit_mb",), ("memory",), "memory limit"),
-    (("cpu_quota_percent",), ("cpu",), "CPU quota"),
-    (("max_processes",), ("pids",), "process limit"),
-    (("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops"), ("io", "blkio"), "I/O limit"),
-)
-
-
 @dataclass(frozen=True)
 class NamespaceSupport:
     """Whether this process can create one namespace type.

@@ -204,6 +204,9 @@ def plan_posix_rlimits(config: SandboxConfig,
     limits = [("RLIMIT_NOFILE", config.max_open_files, config.max_open_files), ("RLIMIT_CORE", 0, 0)]
     if config.max_processes is not None:
         limits.append(("RLIMIT_NPROC", config.max_processes, config.max_processes))
+    if config.max_file_size_mb is not None:
+        size = config.max_file_size_mb * 1024 * 1024
+        limits.append(("RLIMIT_FSIZE", size, size))
     if config.memory_limit_mb is not None and platform == "linux":
         size = config.memory_limit_mb * 1024 * 1024
         limits.append(("RLIMIT_AS", size, size))

@@ -263,7 +263,7 @@ _NAMESPACE_GAPS = {
 
 WINDOWS_UNENFORCEABLE: frozenset[str] = frozenset(
     [f"namespaces.{n}" for n in _NAMESPACE_GAPS]
-    + ["seccomp", "no_new_privs", "uid", "max_open_files", "io_limits", "capabilities"]
+    + ["seccomp", "no_new_privs", "uid", "max_open_files", "io_limits", "capabilities", "max_file_size_mb"]
 )
 """Every protection name `allow_unenforced` may list. Passing all of them is the
 explicit choice to run with job-object limits only."""
@@ -290,6 +290,8 @@ def unenforced_protections(
                  if getattr(config, f) is not None]
     gaps.append(("io_limits", "I/O limits are not implemented for job objects"
                  + (f" (asked for {', '.join(io_fields)})" if io_fields else ""), bool(io_fields)))
+    if config.max_file_size_mb is not None:
+        gaps.append(("max_file_size_mb", "no file size limit for job objects", True))
     if not restricted_token:
         gaps.append(("capabilities", "no restricted token: the payload keeps the caller's privileges",
                      config.capabilities.drop_all))
