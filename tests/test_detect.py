@@ -265,17 +265,19 @@ def test_cgroup_limits_need_usable_controllers() -> None:
 
 def test_cgroup_probe_unknown_fails_closed_for_limits_only() -> None:
     # The default profile's memory limit falls back to RLIMIT_AS; its process limit
-    # needs a user namespace for RLIMIT_NPROC to count the sandbox alone: as root
-    # (none) it is missing, unprivileged (one) it is not. A limit the user set is
-    # missing unless rootless_limits = "rlimit" and an rlimit stands in for it.
+    # to RLIMIT_NPROC where that counts the sandbox alone: in its own user namespace
+    # (unprivileged) or for its own host uid (as root, by default), not for a uid
+    # named in the config (as root). A limit the user set is missing unless
+    # rootless_limits = "rlimit" and an rlimit stands in for it.
     why = "cgroup support unknown: probe missing"
     as_root = fake_features(cgroups=None, cgroups_reason=why)
     unprivileged = fake_features(cgroups=None, cgroups_reason=why, euid=1000, is_root=False)
     assert missing_for(SandboxConfig(), unprivileged) == []
-    assert missing_for(SandboxConfig(max_processes=None), as_root) == []
-    assert missing_for(SandboxConfig(), as_root) == [
-        f"max_processes: required, but {why}, and RLIMIT_NPROC would count every process of the uid "
-        "on the host (no user namespace)"]
+    assert missing_for(SandboxConfig(), as_root) == []
+    assert missing_for(SandboxConfig(uid=65534, gid=65534, max_processes=None), as_root) == []
+    assert missing_for(SandboxConfig(uid=65534, gid=65534), as_root) == [
+        f"max_processes: required, but {why}, and RLIMIT_NPROC would count every process of uid 65534 "
+        "on the host (no user namespace, and the uid is not the sandbox's own)"]
     missing = missing_for(SandboxConfig(io_write_bps=1 << 20, memory_limit_mb=256), unprivileged)
     assert [m.split(":")[0] for m in missing] == ["memory_limit_mb", "io_write_bps"]
     assert all(why in m and 'rootless_limits = "rlimit"' in m for m in missing)
