@@ -405,3 +405,30 @@ def test_a_sandbox_lost_with_its_zygote_and_never_awaited_leaves_no_unretrieved_
 
     run(scenario())
     assert not [e for e in errors if "never retrieved" in e], errors
+
+
+def test_a_control_request_to_a_stopped_zygote_fails_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(start_methods, "LAUNCH_ANSWER_WAIT", 1.0)
+
+    async def scenario() -> tuple[str, int, bool, str]:
+        async with SandboxManager(status_interval=None) as m:
+            handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+            zygote = m._starter._owner[handle.sandbox_id].process
+            assert zygote is not None
+            init = psutil.Process(handle.pid)
+            os.kill(zygote.pid, signal.SIGSTOP)  # the zygote of this test's manager
+            try:
+                with pytest.raises(SandboxError) as info:
+                    await asyncio.wait_for(handle.pause(), 60)
+                stalled = m.stats().zygotes_stalled
+                await asyncio.wait_for(m._starter.control("kill", handle.sandbox_id), 60)  # through the pidfd
+                killed = wait_until(lambda: not alive(init), timeout=60)
+            finally:
+                os.kill(zygote.pid, signal.SIGCONT)
+            outcome = (await asyncio.wait_for(handle.wait(), 60)).outcome.value
+            return str(info.value), stalled, killed, outcome
+
+    error, stalled, killed, outcome = run(scenario())
+    assert "did not answer 'freeze'" in error and stalled == 1
+    assert killed, "the sandbox's init outlived a kill sent while its zygote was stopped"
+    assert outcome == "killed"

@@ -465,7 +465,7 @@ def _describe_exit(returncode: int | None) -> str:
 
 CLOSE_WAIT = 10.0  # seconds a zygote gets to end its sandboxes and exit at shutdown
 DEADLINE_GRACE = 1.0  # the manager kills a sandbox itself this long after its zygote should have
-LAUNCH_ANSWER_WAIT = 10.0  # a zygote that answers no launch within this (or its timeout, if longer) is stalled
+LAUNCH_ANSWER_WAIT = 10.0  # a zygote that answers no request within this (a launch: or its timeout) is stalled
 STALLED_KILL_AFTER = 60.0  # seconds a stalled zygote has to answer again before it is killed and replaced
 WAIT_FOR_ZYGOTE = 30.0  # a launch waits this long for a zygote to serve it (one restarting or stalled)
 STABLE_AFTER = 5.0  # a zygote that died sooner than this after its start died "at start"
@@ -742,7 +742,13 @@ class ZygoteStarter(StartMethod):
             with contextlib.suppress(ZygoteGone):
                 await zygote.send({"op": "kill", "id": sandbox_id}, [])
             return {"ok": True}
-        return await zygote.request({"op": op, "id": sandbox_id, **args}, [])
+        try:
+            return await asyncio.wait_for(zygote.request({"op": op, "id": sandbox_id, **args}, []),
+                                          LAUNCH_ANSWER_WAIT)
+        except TimeoutError:
+            why = f"{zygote.name} did not answer {op!r} within {LAUNCH_ANSWER_WAIT}s"
+            self._stalled(zygote, why)
+            return {"ok": False, "error": why}
 
     async def notify(self, op: str, sandbox_id: int, **args: Any) -> None:
         zygote = self._owner.get(sandbox_id)
