@@ -415,13 +415,13 @@ async def scenario_api(nsj: str | None, n: int) -> list[Table]:
             "execute_sandboxed, start_method=zygote, back to back":
                 (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42)), 0.0),
             "execute_sandboxed, zygote, with cgroup limits (256 MiB, 64 pids), back to back":
-                (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42,
-                                                                          sandbox_config=limited)), 0.0),
+                (callables, lambda: _async_check(zygote.with_options(sandbox_config=limited)
+                                                 .execute_sandboxed("b", lambda: 42)), 0.0),
             f"execute_sandboxed, zygote, {spaced}":
                 (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42)), SPARE_PAUSE),
             f"execute_sandboxed, zygote, with cgroup limits, {spaced}":
-                (callables, lambda: _async_check(zygote.execute_sandboxed("b", lambda: 42,
-                                                                          sandbox_config=limited)), SPARE_PAUSE),
+                (callables, lambda: _async_check(zygote.with_options(sandbox_config=limited)
+                                                 .execute_sandboxed("b", lambda: 42)), SPARE_PAUSE),
             "execute_command, start_method=zygote, back to back":
                 (commands, lambda: _async_check(zygote.execute_command("t", ["/bin/true"])), 0.0),
             f"execute_command, zygote, {spaced}":
@@ -597,7 +597,7 @@ async def scenario_memory(sizes: tuple[int, ...], latency_calls: int) -> list[Ta
             try:
                 for batch in range(0, n, 50):
                     handles += await asyncio.gather(
-                        *(manager.spawn(f"p{i}", wait_for_stop, sandbox_config=config)
+                        *(manager.with_options(sandbox_config=config, context=True).spawn(f"p{i}", wait_for_stop)
                           for i in range(batch, min(n, batch + 50))))
             except Exception as e:  # noqa: BLE001 - report the largest N that works and why
                 row["error"] = f"{type(e).__name__}: {e}"[:200]

@@ -59,12 +59,12 @@ async def main() -> None:
             # hostile plugins: each stopped by a different protection
             "secrets": sandbox.execute_sandboxed("secrets", read_host_secrets, str(secret)),
             "phone-home": sandbox.execute_sandboxed("phone-home", phone_home, port),
-            "fork-bomb": sandbox.execute_sandboxed(
-                "fork-bomb", fork_bomb, sandbox_config=LIMITS.replace(max_processes=16)),
-            "memory-eater": sandbox.execute_sandboxed(
-                "memory-eater", eat_memory, sandbox_config=LIMITS.replace(memory_limit_mb=128)),
-            "never-returns": sandbox.execute_sandboxed(
-                "never-returns", never_return, sandbox_config=LIMITS.replace(timeout_seconds=2)),
+            "fork-bomb": sandbox.with_options(sandbox_config=LIMITS.replace(max_processes=16)).execute_sandboxed(
+                "fork-bomb", fork_bomb),
+            "memory-eater": sandbox.with_options(sandbox_config=LIMITS.replace(memory_limit_mb=128)).execute_sandboxed(
+                "memory-eater", eat_memory),
+            "never-returns": sandbox.with_options(sandbox_config=LIMITS.replace(timeout_seconds=2)).execute_sandboxed(
+                "never-returns", never_return),
         }
         results = await asyncio.gather(*runs.values(), return_exceptions=True)
 

@@ -671,7 +671,7 @@ def _use_executor(executor: Any, offset: int) -> None:
         assert [f.result(timeout=120) for f in futures] == [100, 101, 102, 103]
         assert executor.submit(module_level_double, 4).result(timeout=120) == 8
         failing = executor.submit(lambda: 1 / 0)
-        with pytest.raises(OutcomeError, match="ZeroDivisionError"):
+        with pytest.raises(ZeroDivisionError):  # the plugin's class, as ProcessPoolExecutor raises it
             failing.result(timeout=120)
         whole = executor.submit_for_result(lambda: "x").result(timeout=120)
         assert whole.outcome is Outcome.OK and whole.output == "x"

@@ -192,8 +192,9 @@ async def test_timeout_kills_the_whole_process_group() -> None:
         ctx.send(str(child.pid).encode())
         time.sleep(300)
 
-    async with posix_manager(CONFIG.replace(timeout_seconds=2.0)) as m:
-        handle = await m.spawn("sleeper", sleeper)
+    async with posix_manager(CONFIG) as m:
+        # A spawned plugin has no wall timeout unless its own config sets one.
+        handle = await m.with_options(sandbox_config=CONFIG.replace(timeout_seconds=2.0)).spawn("sleeper", sleeper)
         message = await handle.receive(timeout=30)
         assert message is not None and message.kind is MessageKind.DATA
         grandchild = int(bytes(message.content))

@@ -17,6 +17,7 @@ from .errors import (
     HostLimitError,
     OutcomeError,
     ProtocolViolation,
+    RemoteTraceback,
     SandboxError,
     SetupError,
     UnsupportedError,
@@ -24,16 +25,17 @@ from .errors import (
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 
 if TYPE_CHECKING:
-    from .api import Health, ManagerStats, SandboxHandle, SandboxInfo, SandboxManager
-    from .executor import SandboxExecutor
+    from .api import Health, ManagerStats, SandboxCalls, SandboxHandle, SandboxInfo, SandboxManager
+    from .executor import SandboxExecutor, SandboxFuture
     from .ipc.messages import ControlMessage, IpcMessage
     from .launch.python_worker import PluginContext
 
 # The asyncio API is imported on first use, so that `ndf-sandbox run` (which
 # does not need it) starts fast.
 _LAZY = {
-    "Health": ".api", "ManagerStats": ".api", "SandboxHandle": ".api", "SandboxInfo": ".api", "SandboxManager": ".api",
-    "SandboxExecutor": ".executor", "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages",
+    "Health": ".api", "ManagerStats": ".api", "SandboxHandle": ".api", "SandboxInfo": ".api",
+    "SandboxManager": ".api", "SandboxCalls": ".api", "SandboxExecutor": ".executor", "SandboxFuture": ".executor",
+    "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages",
     "PluginContext": ".launch.python_worker",
 }
 
@@ -52,7 +54,9 @@ __all__ = [
     "IpcMessage",
     "ManagerStats",
     "PluginContext",
+    "SandboxCalls",
     "SandboxExecutor",
+    "SandboxFuture",
     "SandboxHandle",
     "SandboxInfo",
     "SandboxManager",
@@ -66,6 +70,7 @@ __all__ = [
     "HostLimitError",
     "OutcomeError",
     "ProtocolViolation",
+    "RemoteTraceback",
     "ResourceUsage",
     "SandboxConfig",
     "SandboxError",

@@ -23,10 +23,12 @@ import errno
 import functools
 import itertools
 import os
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -42,7 +44,7 @@ from .ipc.messages import ControlMessage, IpcMessage, MessageKind
 from .launch.counters import UsageCounters
 from .launch.launcher import LaunchRequest
 from .launch.payload import ExecPayload, Payload
-from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload
+from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload, context_parameter
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter, ZygoteStats
 from .pool import WarmPool
 from .result import Outcome, ResourceUsage, SandboxResult
@@ -135,6 +137,7 @@ class _OutputCapture:
         self._limit = limit
         self._kept = bytearray()
         self._eof = False
+        self.truncated = False  # more than `limit` bytes were written
         self.task = asyncio.create_task(self._run())
 
     def _read_available(self) -> None:
@@ -146,8 +149,11 @@ class _OutputCapture:
             if not chunk:
                 self._eof = True
                 return
-            if len(self._kept) < self._limit:
-                self._kept += chunk[: self._limit - len(self._kept)]
+            room = self._limit - len(self._kept)
+            if len(chunk) > room:
+                self.truncated = True
+            if room > 0:
+                self._kept += chunk[:room]
 
     async def _run(self) -> bytes:
         loop = asyncio.get_running_loop()
@@ -223,6 +229,7 @@ class SandboxHandle:
 
     async def send(self, message: IpcMessage) -> None:
         """Send data to the plugin; control messages pause, resume or stop it."""
+        self._manager._check_loop()
         if message.kind is MessageKind.CONTROL:
             command = message.control_message
             if command is ControlMessage.PAUSE:
@@ -239,6 +246,7 @@ class SandboxHandle:
     async def receive(self, timeout: float | None = None) -> IpcMessage | None:
         """The next message from the plugin (data, progress, log) or a status sample;
         None on timeout or once the sandbox has ended and everything was read."""
+        self._manager._check_loop()
         await asyncio.sleep(0)  # let the channel reader run even when messages are waiting
         if not self._inbox.empty():
             message = self._take()
@@ -271,6 +279,7 @@ class SandboxHandle:
 
     async def status(self) -> IpcMessage:
         """Health, heartbeat age and live resource usage, read from the kernel now."""
+        self._manager._check_loop()
         usage: dict[str, float] = {}
         if self.health is not Health.EXITED:
             reply = await self._starter.control("stats", self.sandbox_id)
@@ -283,6 +292,7 @@ class SandboxHandle:
 
     async def pause(self) -> None:
         """Freeze the whole tree (cgroup freezer, else SIGSTOP): its CPU time stops."""
+        self._manager._check_loop()
         reply = await self._starter.control("freeze", self.sandbox_id)
         if not reply.get("ok"):
             raise SandboxError(f"{self.plugin_id}: cannot pause: {reply.get('error')}")
@@ -290,6 +300,7 @@ class SandboxHandle:
 
     async def resume(self) -> None:
         """Undo pause()."""
+        self._manager._check_loop()
         reply = await self._starter.control("thaw", self.sandbox_id)
         if not reply.get("ok"):
             raise SandboxError(f"{self.plugin_id}: cannot resume: {reply.get('error')}")
@@ -297,6 +308,7 @@ class SandboxHandle:
 
     async def stop(self, grace_seconds: float = 2.0) -> SandboxResult:
         """Ask the plugin to stop (STOP message), then SIGTERM, then kill the tree."""
+        self._manager._check_loop()
         if self.health is Health.PAUSED:
             await self.resume()
         exit_future = self._exit
@@ -316,6 +328,7 @@ class SandboxHandle:
 
     async def kill(self) -> SandboxResult:
         """Kill the whole tree now and return the result."""
+        self._manager._check_loop()
         self._stopped_by_host = True
         if not self._exit.done():
             await self._starter.control("kill", self.sandbox_id)
@@ -326,6 +339,7 @@ class SandboxHandle:
     async def wait(self) -> SandboxResult:
         """Wait for the sandbox to end; the result merges the kernel's view (exit,
         resources) with what the plugin sent (its return value or exception)."""
+        self._manager._check_loop()
         if self._result is None:
             try:
                 ended = await asyncio.shield(self._exit)
@@ -373,7 +387,9 @@ class SandboxHandle:
         reply = self._reply
         if reply is not None and reply.kind is MessageKind.RESULT:  # what _merge makes of it, built once
             result = SandboxResult(Outcome.OK, output=reply.value, stdout=stdout, stderr=stderr,
-                                   resource_usage=usage, isolation=isolation)
+                                   resource_usage=usage, isolation=isolation,
+                                   stdout_truncated=self._outputs[0].truncated,
+                                   stderr_truncated=self._outputs[1].truncated)
         else:
             result = self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
         # The call returns only once no process of the sandbox runs: a payload that
@@ -392,7 +408,9 @@ class SandboxHandle:
         return result
 
     def _merge(self, ended: SandboxResult, stdout: bytes, stderr: bytes) -> SandboxResult:
-        result = dataclasses.replace(ended, stdout=stdout, stderr=stderr)
+        truncated = [o.truncated for o in self._outputs] or [False, False]
+        result = dataclasses.replace(ended, stdout=stdout, stderr=stderr, stdout_truncated=truncated[0],
+                                     stderr_truncated=truncated[1])
         if self._violation is not None:
             return dataclasses.replace(result, outcome=Outcome.PROTOCOL_VIOLATION,
                                        error=f"protocol violation: {self._violation}")
@@ -405,7 +423,9 @@ class SandboxHandle:
             return result
         if reply is not None and reply.kind is MessageKind.ERROR:
             return dataclasses.replace(result, outcome=Outcome.ERROR,
-                                       error=f"{reply.error_type}: {reply.message}\n{reply.traceback}".rstrip())
+                                       error=f"{reply.error_type}: {reply.message}\n{reply.traceback}".rstrip(),
+                                       error_type=reply.error_type, error_message=reply.message,
+                                       traceback=reply.traceback)
         if reply is not None and result.outcome is Outcome.OK:
             return dataclasses.replace(result, output=reply.value)
         if result.outcome is Outcome.OK:
@@ -517,6 +537,52 @@ def _holds_mapping(message: IpcMessage) -> bool:
     return isinstance(message.content, memoryview) and message.content.nbytes > 0
 
 
+class SandboxCalls:
+    """Calls with per-call options (from SandboxManager.with_options()): every
+    positional and keyword argument after the callable goes to the callable."""
+
+    def __init__(self, manager: SandboxManager, sandbox_config: SandboxConfig | None,
+                 context: bool | None) -> None:
+        self.manager = manager
+        self.sandbox_config = sandbox_config
+        self.context = context
+
+    async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
+                                **kwargs: Any) -> SandboxResult:
+        """SandboxManager.execute_sandboxed with these options."""
+        context = self.manager._context_flag(function, self.context, stacklevel=2)
+        return await self.manager._execute(plugin_id, function, args, kwargs, self.sandbox_config, context)
+
+    async def spawn(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
+                    **kwargs: Any) -> SandboxHandle:
+        """SandboxManager.spawn with these options."""
+        context = self.manager._context_flag(function, self.context, stacklevel=2)
+        return await self.manager._spawn(plugin_id, function, args, kwargs, self.sandbox_config, context)
+
+
+class _Default:
+    """The type of a keyword's "not given" marker (None is a value there)."""
+
+
+_DEFAULT = _Default()
+
+
+def shlex_example(argv: str | bytes) -> str:
+    """How a command string would look as the list execute_command wants."""
+    text = argv.decode(errors="replace") if isinstance(argv, bytes) else argv
+    try:
+        return repr(shlex.split(text))
+    except ValueError:
+        return "['/bin/echo', 'hi']"
+
+
+def _warn_sandbox_config_kwarg(sandbox_config: SandboxConfig | None, method: str) -> None:
+    if sandbox_config is not None:
+        warnings.warn(
+            f"{method}(..., sandbox_config=...) is deprecated (the keyword cannot reach a callable that takes "
+            f"one): use manager.with_options(sandbox_config=...).{method}(...)", DeprecationWarning, stacklevel=3)
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -570,6 +636,15 @@ class SandboxManager:
     `status_interval`: seconds between status samples delivered to spawn() handles.
     `pool_size`: keep this many sandboxes of `config` set up in advance (each used
     once); execute_sandboxed calls with the manager's config take one from the pool.
+    `output_limit`: bytes of stdout and of stderr kept per sandbox (1 MiB); more
+    is read and dropped, and the result's `stdout_truncated`/`stderr_truncated` say so.
+    `spawn_timeout_seconds`: the wall timeout of spawn() plugins started without
+    their own config (default None: they run until stopped or the manager shuts
+    down; `config.timeout_seconds` applies to every other call).
+
+    A manager belongs to the event loop it was started in: calling it from
+    another loop raises SandboxError at once, and so does starting it again
+    after shutdown().
     """
 
     def __init__(self, config: SandboxConfig | None = None, *,
@@ -579,8 +654,11 @@ class SandboxManager:
                  pool_size: int = 0,
                  output_limit: int = DEFAULT_OUTPUT_LIMIT,
                  decode_limits: DecodeLimits | None = None,
-                 allow_unenforced: Iterable[str] = ()) -> None:
+                 allow_unenforced: Iterable[str] = (),
+                 spawn_timeout_seconds: float | None = None) -> None:
         self.config = config or SandboxConfig()
+        if spawn_timeout_seconds is not None:
+            SandboxConfig(timeout_seconds=spawn_timeout_seconds)  # the same checks as the config field's
         if allow_unenforced and start_method != "posix":
             raise ValueError("allow_unenforced: only the posix start method can run with missing protections")
         self._starter = _start_method(start_method, allow_unenforced)
@@ -596,6 +674,9 @@ class SandboxManager:
         self._background: set[asyncio.Task[Any]] = set()
         self._pool_size = pool_size
         self._pool: WarmPool | None = None
+        self._spawn_timeout = spawn_timeout_seconds
+        self._spawning: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
         self._started_at = 0.0
@@ -611,8 +692,12 @@ class SandboxManager:
 
     async def start(self) -> None:
         """Start the zygote and remove cgroups left behind by a dead manager."""
+        if self._closed:
+            raise SandboxError("this SandboxManager was shut down and cannot be started again; make a new one")
         if self._started:
+            self._check_loop()
             return
+        self._loop = asyncio.get_running_loop()
         from .launch.stdio import ensure_std_fds
         from .linux.cgroups import remove_stale_cgroups
 
@@ -635,6 +720,7 @@ class SandboxManager:
     async def wait_pool_ready(self) -> None:
         """Wait until the warm pool is full of sandboxes waiting for their call and the
         sandboxes of earlier calls are reaped (e.g. before timing a pooled call)."""
+        self._check_loop()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._pool is not None:
             await self._pool.wait_ready()
@@ -643,6 +729,7 @@ class SandboxManager:
         """Kill every sandbox still running and stop the zygote."""
         if self._closed or not self._started:
             return
+        self._check_loop()
         self._closed = True
         if self._pool is not None:
             await self._pool.close()
@@ -680,16 +767,39 @@ class SandboxManager:
 
     # -- running ------------------------------------------------------------
 
+    def with_options(self, *, sandbox_config: SandboxConfig | None = None,
+                     context: bool | None = None) -> SandboxCalls:
+        """Per-call options that cannot collide with the callable's own keyword
+        arguments: `manager.with_options(sandbox_config=cfg, context=True)
+        .execute_sandboxed("p", fn, *args, **kwargs)` passes every kwarg to fn.
+        `context`: True gives fn a PluginContext as its first argument, False never
+        (None: the deprecated detection by a first parameter named `ctx`)."""
+        return SandboxCalls(self, sandbox_config, context)
+
     async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
                                 sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxResult:
         """Run `function(*args, **kwargs)` in a fresh sandbox; its return value is
-        `result.output`. A callable whose first parameter is `ctx` gets a PluginContext."""
-        return await self._count(self._execute_sandboxed(plugin_id, function, args, kwargs, sandbox_config))
+        `result.output`, an exception it raises is `result.error_type`/`error_message`/
+        `traceback`. A first parameter annotated `PluginContext` gets the plugin's context.
+
+        Deprecated forms (they warn): `sandbox_config=` here (use with_options(); a
+        callable's own `sandbox_config` kwarg is taken by it), and a context given
+        to a first parameter only because it is named `ctx` (annotate it, or use
+        with_options(context=True))."""
+        _warn_sandbox_config_kwarg(sandbox_config, "execute_sandboxed")
+        context = self._context_flag(function, None, stacklevel=2)
+        return await self._execute(plugin_id, function, args, kwargs, sandbox_config, context)
+
+    async def _execute(self, plugin_id: str, function: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any], config: SandboxConfig | None, context: bool) -> SandboxResult:
+        """execute_sandboxed with its options decided (counted in stats())."""
+        return await self._count(self._execute_sandboxed(plugin_id, function, args, kwargs, config, context))
 
     async def _execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], args: tuple[Any, ...],
-                                 kwargs: dict[str, Any], sandbox_config: SandboxConfig | None) -> SandboxResult:
-        handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=False,
-                                    call=(function, args, kwargs))
+                                 kwargs: dict[str, Any], config: SandboxConfig | None,
+                                 context: bool) -> SandboxResult:
+        handle = await self._launch(plugin_id, PythonWorkerPayload(), config, keep_messages=False,
+                                    call=(function, args, kwargs, context))
         try:
             return await self._finish(handle, early=True)
         finally:
@@ -697,22 +807,68 @@ class SandboxManager:
                 self._pool.refill()
 
     async def execute_command(self, plugin_id: str, argv: list[str] | tuple[str, ...], *,
-                              stdin: bytes | None = None, cwd: str = "/",
-                              sandbox_config: SandboxConfig | None = None) -> SandboxResult:
-        """Run a program in a fresh sandbox; `stdin` bytes are its standard input,
-        its stdout and stderr come back (bounded) in the result."""
+                              stdin: bytes | str | None = None, cwd: str = "/",
+                              sandbox_config: SandboxConfig | None = None,
+                              timeout: float | None | _Default = _DEFAULT,
+                              env: Mapping[str, str] | None = None,
+                              check: bool = False, text: bool = False, encoding: str | None = None
+                              ) -> SandboxResult:
+        """Run a program in a fresh sandbox; `stdin` is its standard input, its
+        stdout and stderr come back (bounded) in the result. Like subprocess.run:
+        `argv` is a list (a str is a TypeError: there is no shell); `timeout` (seconds,
+        None for none) replaces the config's wall timeout for this call; `env`
+        replaces its environment; `check=True` raises OutcomeError (with `.result`)
+        unless the outcome is ok; `text=True` or an `encoding` makes a str `stdin`
+        acceptable and sets the result's `encoding` (`result.stdout_text`, `stderr_text`)."""
+        if isinstance(argv, (str, bytes)):
+            raise TypeError(f"execute_command: argv must be a list of strings (no shell parses it), got "
+                            f"{type(argv).__name__} {argv!r}; e.g. {shlex_example(argv)}")
+        config = sandbox_config or self.config
+        if not isinstance(timeout, _Default):
+            config = dataclasses.replace(config, timeout_seconds=timeout)
+        if env is not None:
+            config = dataclasses.replace(config, environment=tuple(env.items()))
+        if isinstance(stdin, str):
+            if not (text or encoding):
+                raise TypeError("execute_command: stdin is a str: pass bytes, or text=True / encoding=")
+            stdin = stdin.encode(encoding or "utf-8")
+        command_stdin = stdin
+
         async def run() -> SandboxResult:
-            handle = await self._launch(plugin_id, ExecPayload(tuple(argv), cwd), sandbox_config,
-                                        keep_messages=False, stdin=stdin)
+            handle = await self._launch(plugin_id, ExecPayload(tuple(argv), cwd), config,
+                                        keep_messages=False, stdin=command_stdin)
             return await self._finish(handle)
 
-        return await self._count(run())
+        result = await self._count(run())
+        if encoding:
+            result = dataclasses.replace(result, encoding=encoding)
+        return result.raise_for_outcome() if check else result
 
     async def spawn(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
                     sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxHandle:
-        """Start a long-running plugin and return its handle (also reachable by plugin_id)."""
-        handle = await self._launch(plugin_id, PythonWorkerPayload(), sandbox_config, keep_messages=True,
-                                    call=(function, args, kwargs))
+        """Start a long-running plugin and return its handle (also reachable by
+        plugin_id, which must not name a plugin that is still alive). Without its
+        own config it runs with the manager's config and `spawn_timeout_seconds`
+        (default: no wall timeout). `sandbox_config=` and a context found by the
+        name `ctx` are deprecated as in execute_sandboxed()."""
+        _warn_sandbox_config_kwarg(sandbox_config, "spawn")
+        context = self._context_flag(function, None, stacklevel=2)
+        return await self._spawn(plugin_id, function, args, kwargs, sandbox_config, context)
+
+    async def _spawn(self, plugin_id: str, function: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any], config: SandboxConfig | None, context: bool) -> SandboxHandle:
+        alive = self._by_plugin.get(plugin_id)
+        if plugin_id in self._spawning or (alive is not None and alive.health is not Health.EXITED):
+            raise SandboxError(f"spawn: a plugin named {plugin_id!r} is still running; stop it or use another "
+                               "plugin_id")
+        if config is None:
+            config = dataclasses.replace(self.config, timeout_seconds=self._spawn_timeout)
+        self._spawning.add(plugin_id)
+        try:
+            handle = await self._launch(plugin_id, PythonWorkerPayload(), config, keep_messages=True,
+                                        call=(function, args, kwargs, context))
+        finally:
+            self._spawning.discard(plugin_id)
         self._by_plugin[plugin_id] = handle
         return handle
 
@@ -736,6 +892,36 @@ class SandboxManager:
 
     # -- plumbing -----------------------------------------------------------
 
+    def _check_loop(self) -> None:
+        """Refuse a call made from an event loop other than the one the manager was
+        started in (it would wait for events that loop never delivers)."""
+        if self._loop is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise SandboxError(
+                "this SandboxManager was started in another event loop (each asyncio.run() or thread has "
+                "its own); start it and call it in one loop, e.g. `async with SandboxManager() as m:` "
+                "inside the coroutine that uses it")
+
+    def _context_flag(self, function: Callable[..., Any], context: bool | None, *, stacklevel: int) -> bool:
+        """Whether `function` gets a PluginContext: as asked, else by its first
+        parameter (annotated PluginContext, or named `ctx`: deprecated). `stacklevel`:
+        the frames from our caller up to the user's code (for the warning)."""
+        if context is not None:
+            return bool(context)
+        how = context_parameter(function)
+        if how == "name":
+            warnings.warn(
+                f"{getattr(function, '__qualname__', function)!r} gets a PluginContext only because its first "
+                "parameter is named `ctx`; this is deprecated: annotate it `ctx: PluginContext` or use "
+                "manager.with_options(context=True) (context=False passes your own first argument)",
+                DeprecationWarning, stacklevel=stacklevel + 1)
+        return how is not None
+
     def _handle(self, plugin_id: str) -> SandboxHandle:
         try:
             return self._by_plugin[plugin_id]
@@ -751,6 +937,7 @@ class SandboxManager:
             raise ConfigError("sandbox_config", f"must be a SandboxConfig, got {config!r:.200}")
         if config is not None and config is not self.config:
             dataclasses.replace(config)  # checked again: one changed after it was built raises ConfigError here
+        self._check_loop()
         assert self._slots is not None
         call_bytes = _pickle_call(call) if call is not None else None
         await self._slots.acquire()
@@ -772,19 +959,23 @@ class SandboxManager:
         if pooled is not None:
             handle.plugin_id = plugin_id
             handle._armed_at = time.monotonic()
-        if handle._channel is not None and call_bytes is not None:
-            try:
-                await handle._channel.send(IpcMessage.call(call_bytes))
-            except OSError:
-                pass  # it died before reading its work; wait() reports how
-        if pooled is not None:
-            # Its wall clock starts from the moment the call was sent; the launcher
-            # carries this out before any later request, no reply is awaited.
-            try:
-                await self._starter.notify("arm", handle.sandbox_id, at=handle._armed_at)
-            except SandboxError:
-                await self._kill_quietly(handle)  # no wall clock could be started: it must not run unbounded
-                raise SandboxError(f"{plugin_id}: the pooled sandbox could not be armed") from None
+        try:
+            if handle._channel is not None and call_bytes is not None:
+                try:
+                    await handle._channel.send(IpcMessage.call(call_bytes))
+                except OSError:
+                    pass  # it died before reading its work; wait() reports how
+            if pooled is not None:
+                # Its wall clock starts from the moment the call was sent; the launcher
+                # carries this out before any later request, no reply is awaited.
+                try:
+                    await self._starter.notify("arm", handle.sandbox_id, at=handle._armed_at)
+                except SandboxError:
+                    await self._kill_quietly(handle)  # no wall clock could be started: it must not run unbounded
+                    raise SandboxError(f"{plugin_id}: the pooled sandbox could not be armed") from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._kill_quietly(handle))  # gone before the cancellation completes
+            raise
         return handle
 
     async def _create(self, plugin_id: str, payload: Payload, config: SandboxConfig, *, keep_messages: bool,
@@ -826,7 +1017,7 @@ class SandboxManager:
                 accounting: Literal["always", "when idle", "never"] = (
                     "always" if keep_messages or pooled else "when idle" if with_channel else "never")
                 request = LaunchRequest(config, payload, plugin_id, armed=not pooled, accounting_cgroup=accounting)
-                handle.pid = await self._starter.spawn(sandbox_id, request, fds)
+                handle.pid = await self._start_sandbox(sandbox_id, request, fds)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise HostLimitError(_fd_limit_message(exc, len(self._handles))) from exc
@@ -840,6 +1031,35 @@ class SandboxManager:
         if pooled:
             handle._open_counters()
         return handle
+
+    async def _start_sandbox(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
+        """starter.spawn(); a cancellation that arrives meanwhile waits for the launch
+        and kills what it started before it completes (no orphan runs on). Only a
+        zygote's launch can be interrupted (it awaits the zygote's reply); the other
+        start methods start the sandbox before their first await."""
+        if not isinstance(self._starter, ZygoteStarter):
+            return await self._starter.spawn(sandbox_id, request, fds)
+        spawning = asyncio.ensure_future(self._starter.spawn(sandbox_id, request, fds))
+        try:
+            return await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._undo_launch(spawning, sandbox_id))
+            raise
+        finally:
+            # A failed launch's exception holds this frame: without the task in it, no
+            # cycle keeps the launch's frames (and fds) alive until the garbage collector runs.
+            del spawning
+
+    async def _undo_launch(self, spawning: asyncio.Future[int], sandbox_id: int) -> None:
+        try:
+            await spawning
+        except BaseException:  # noqa: BLE001 - it did not start: nothing to undo
+            return
+        exit_future = self._starter.exit_future(sandbox_id)
+        with contextlib.suppress(SandboxError):
+            await self._starter.control("kill", sandbox_id)
+        with contextlib.suppress(BaseException):
+            await exit_future
 
     def _forget(self, sandbox_id: int) -> None:
         handle = self._handles.pop(sandbox_id, None)

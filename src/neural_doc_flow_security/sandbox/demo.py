@@ -114,6 +114,8 @@ class PluginRun:
     def error_type(self) -> str:
         if self.result is None or not self.result.error:
             return ""
+        if self.result.error_type:
+            return self.result.error_type
         head = self.result.error.split(":", 1)[0]
         return head if head.isidentifier() else ""
 
@@ -301,7 +303,7 @@ async def _execute(manager: SandboxManager, run: PluginRun) -> SandboxResult:
         return await manager.execute_command(spec.name, list(spec.command), stdin=spec.args[0],
                                              sandbox_config=config)
     assert spec.function is not None
-    return await manager.execute_sandboxed(spec.name, spec.function, *spec.args, sandbox_config=config)
+    return await manager.with_options(sandbox_config=config).execute_sandboxed(spec.name, spec.function, *spec.args)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .result import SandboxResult
+
 
 class SandboxError(Exception):
     """Base class of every error raised by the sandbox."""
@@ -38,11 +43,30 @@ class SetupError(SandboxError):
 
 
 class OutcomeError(SandboxError):
-    """Raised by SandboxResult.raise_for_outcome() when a run did not end ok."""
+    """Raised by SandboxResult.raise_for_outcome() when a run did not end ok.
 
-    def __init__(self, outcome: str, message: str) -> None:
+    `outcome` says how it ended; `error_type` is the class name of the exception
+    the plugin raised (None when it did not raise: timeout, oom...); `result` is
+    the whole SandboxResult (stdout, stderr, resource usage)."""
+
+    def __init__(self, outcome: str, message: str, *, error_type: str | None = None,
+                 result: SandboxResult | None = None) -> None:
         super().__init__(f"sandbox outcome {outcome}: {message}")
         self.outcome = outcome
+        self.error_type = error_type
+        self.result = result
+
+
+class RemoteTraceback(Exception):  # noqa: N818 - named like concurrent.futures' own
+    """The traceback of an exception raised inside a sandbox, as text (the
+    `__cause__` of the exception re-raised on the host)."""
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'
 
 
 class ProtocolViolation(SandboxError):

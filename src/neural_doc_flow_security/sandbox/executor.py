@@ -3,7 +3,7 @@ synchronous code and frameworks that accept an executor.
 
     with SandboxExecutor(config) as executor:
         future = executor.submit(parse, document)   # runs in a fresh sandbox
-        text = future.result()                      # raises OutcomeError unless ok
+        text = future.result()                      # its value, or the exception it raised
 
 The manager runs on an event loop in a background thread owned by the executor.
 """
@@ -11,72 +11,239 @@ The manager runs on an event loop in a background thread owned by the executor.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import contextlib
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from .api import SandboxManager
 from .config import SandboxConfig
+from .remote_errors import plugin_exception
 from .result import SandboxResult
 
 T = TypeVar("T")
 
+_CANCEL_WAIT_SECONDS = 60.0  # a cancelled call's tree is killed in milliseconds; this only bounds a wedged loop
+
+
+class SandboxFuture(concurrent.futures.Future[T]):
+    """The future of one sandboxed call. Unlike a process pool's, a call that is
+    already running can be cancelled: cancel() kills its sandbox tree, waits until
+    it is gone and returns True (the standard Future returns False and lets it run).
+    `running()` is true from the moment the call got a sandbox slot."""
+
+    def __init__(self, executor: SandboxExecutor) -> None:
+        super().__init__()
+        self._executor = executor
+        self._started = False
+        self._stopped = threading.Event()  # set once nothing of the call runs any more
+        self._task: asyncio.Task[Any] | None = None
+
+    def running(self) -> bool:
+        """True while the call runs in its sandbox."""
+        return self._started and not self.done()
+
+    def cancel(self) -> bool:
+        """Cancel the call; a running one is killed (its whole tree) before this returns.
+        False only when it has already finished."""
+        if not super().cancel():
+            return False
+        self._executor._stop_call(self)
+        if threading.current_thread() is not self._executor._thread:
+            self._stopped.wait(_CANCEL_WAIT_SECONDS)
+        return True
+
 
 class SandboxExecutor(concurrent.futures.Executor):
-    """Each submit() runs the callable in its own fresh sandbox; the future's
-    value is the callable's return value (`submit_for_result` gives the whole
-    SandboxResult)."""
+    """Each submit() runs the callable in its own fresh sandbox; the future's value
+    is the callable's return value (`submit_for_result` gives the whole SandboxResult).
+
+    It keeps the `concurrent.futures.Executor` contract (tested against
+    ProcessPoolExecutor in tests/test_executor_contract.py): `with` and
+    shutdown(wait=True) wait for every submitted call, shutdown(wait=False) lets
+    them finish in the background, shutdown(cancel_futures=True) cancels those not
+    started, submit after shutdown raises RuntimeError, and result() re-raises the
+    callable's exception. Where a sandbox differs from a process pool:
+
+    - cancel() of a running call kills its sandbox and returns True (see
+      SandboxFuture); so `map(..., timeout=...)` leaves no sandbox running when it
+      raises TimeoutError.
+    - An exception is rebuilt on the host from its class name and message, never
+      unpickled: it has the original class when that class is already imported on
+      the host and takes a message (see remote_errors.plugin_exception), else it
+      is an OutcomeError with `error_type`; `__cause__` holds the sandbox's
+      traceback text and `sandbox_result` the whole result (stdout, stderr...).
+    - A run that did not end by returning or raising (timeout, out of memory,
+      killed, protocol violation, a protection that could not be applied) is an
+      OutcomeError whose `outcome` says which; a process pool would report a
+      BrokenProcessPool or never return.
+    - Return values must be msgpack types (see README), not anything picklable.
+    - `max_workers` bounds the sandboxes alive at once (default: CPUs x 4).
+    - `context`: whether the callable gets a PluginContext as first argument
+      (None: the deprecated detection by a first parameter named `ctx`).
+    """
 
     def __init__(self, config: SandboxConfig | None = None, *, max_workers: int | None = None,
-                 start_method: Literal["zygote", "fork", "posix"] = "zygote") -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ndf-sandbox-executor", daemon=True)
-        self._thread.start()
+                 start_method: Literal["zygote", "fork", "posix"] = "zygote",
+                 context: bool | None = None) -> None:
+        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
+                                        or max_workers <= 0):
+            raise ValueError(f"max_workers: must be a whole number > 0, got {max_workers!r}")
         self._manager = SandboxManager(config, start_method=start_method, max_concurrent=max_workers,
                                        status_interval=None)
-        self._shutdown = False
+        self._context = context
+        self._max_workers = self._manager._max_concurrent
         self._lock = threading.Lock()
-        asyncio.run_coroutine_threadsafe(self._manager.start(), self._loop).result()
+        self._shutdown = False
+        self._calls: dict[asyncio.Task[None], SandboxFuture[Any]] = {}  # used on the loop thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="ndf-sandbox-executor",
+                                        daemon=True)
+        self._thread.start()
+        ready.result()
+        _live_executors.add(self)
+
+    # -- submitting -----------------------------------------------------------
 
     def submit_for_result(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-                          ) -> concurrent.futures.Future[SandboxResult]:
-        """Run fn(*args, **kwargs) in a sandbox; the future holds the SandboxResult."""
+                          ) -> SandboxFuture[SandboxResult]:
+        """Run fn(*args, **kwargs) in a sandbox; the future holds the SandboxResult
+        (whatever the outcome)."""
+        return self._submit(fn, args, kwargs, unwrap=False)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> SandboxFuture[T]:
+        """Run fn(*args, **kwargs) in a sandbox; the future holds its return value or
+        raises its exception (an OutcomeError for a timeout, OOM, kill...)."""
+        return self._submit(fn, args, kwargs, unwrap=True)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                unwrap: bool) -> SandboxFuture[Any]:
+        context = self._manager._context_flag(fn, self._context, stacklevel=3)
+        future: SandboxFuture[Any] = SandboxFuture(self)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            name = getattr(fn, "__name__", "callable")
-            return asyncio.run_coroutine_threadsafe(
-                self._manager.execute_sandboxed(name, fn, *args, **kwargs), self._loop)
+            assert self._loop is not None
+            # Under the lock: every call is on the loop's queue before shutdown's closing step.
+            self._loop.call_soon_threadsafe(self._start_call, future, fn, args, kwargs, context, unwrap)
+        return future
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        """Run fn(*args, **kwargs) in a sandbox; the future holds its return value or
-        raises OutcomeError (error, timeout, oom, killed...)."""
-        inner = self.submit_for_result(fn, *args, **kwargs)
-        outer: concurrent.futures.Future[T] = concurrent.futures.Future()
+    def _start_call(self, future: SandboxFuture[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any], context: bool, unwrap: bool) -> None:
+        task = asyncio.ensure_future(self._run_call(future, fn, args, kwargs, context, unwrap))
+        future._task = task
+        self._calls[task] = future
+        task.add_done_callback(self._call_ended)
+        if future.cancelled():
+            task.cancel()
 
-        def unwrap(done: concurrent.futures.Future[SandboxResult]) -> None:
-            if done.cancelled():
-                outer.cancel()
+    async def _run_call(self, future: SandboxFuture[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+                        kwargs: dict[str, Any], context: bool, unwrap: bool) -> None:
+        assert self._slots is not None
+        async with self._slots:
+            if future.cancelled():
                 return
-            try:
-                outer.set_result(done.result().raise_for_outcome().output)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                outer.set_exception(exc)
+            future._started = True
+            name = getattr(fn, "__name__", "callable")
+            result = await self._manager._execute(name, fn, args, kwargs, None, context)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+            if not unwrap:
+                future.set_result(result)
+            elif result.ok:
+                future.set_result(result.output)
+            else:
+                future.set_exception(plugin_exception(result))
 
-        inner.add_done_callback(unwrap)
-        return outer
+    def _call_ended(self, task: asyncio.Task[Any]) -> None:
+        future = self._calls.pop(task)
+        if not task.cancelled() and task.exception() is not None:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(task.exception())  # e.g. SandboxError: the launch failed
+        if future.cancelled():
+            # Wakes wait() and as_completed() (Future.cancel() alone does not); called once.
+            future.set_running_or_notify_cancel()
+        elif not future.done():  # the task was cancelled by the loop's end, not by the caller
+            future.set_exception(RuntimeError("the executor stopped before the call ended"))
+        future._stopped.set()
+
+    def _stop_call(self, future: SandboxFuture[Any]) -> None:
+        """Future.cancel() succeeded: cancel the call's task, which kills its tree."""
+        def stop() -> None:
+            if future._task is not None:
+                future._task.cancel()
+            # else _start_call has not run yet, and will see the future cancelled
+
+        loop = self._loop
+        if threading.current_thread() is self._thread:
+            stop()
+            return
+        try:
+            assert loop is not None
+            loop.call_soon_threadsafe(stop)
+        except RuntimeError:  # the loop is closed: nothing of the call runs
+            future._stopped.set()
+
+    # -- the loop thread ------------------------------------------------------
+
+    def _run_loop(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except BaseException as exc:  # noqa: BLE001 - reported to __init__
+            if not ready.done():
+                ready.set_exception(exc)
+            else:
+                raise
+
+    async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._closing = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._max_workers)
+        await self._manager.start()
+        ready.set_result(None)
+        try:
+            await self._closing.wait()
+            while self._calls:
+                await asyncio.wait(list(self._calls))
+        finally:
+            await self._manager.shutdown()
+
+    def _cancel_not_started(self) -> None:
+        for future in list(self._calls.values()):
+            if not future._started:
+                future.cancel()
+
+    # -- shutting down --------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the manager (killing sandboxes still running) and the loop thread."""
+        """Refuse new calls; with `cancel_futures`, cancel the calls not started yet.
+        The others run to the end; then the manager and the loop thread stop.
+        `wait`: return only once all of that is done (else it happens in the background)."""
         with self._lock:
-            if self._shutdown:
-                return
+            first = not self._shutdown
             self._shutdown = True
-        future = asyncio.run_coroutine_threadsafe(self._manager.shutdown(), self._loop)
-        if wait:
-            future.result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if wait:
+            loop, closing = self._loop, self._closing
+            assert loop is not None and closing is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: everything has ended
+                if cancel_futures:
+                    loop.call_soon_threadsafe(self._cancel_not_started)
+                if first:
+                    loop.call_soon_threadsafe(closing.set)
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join()
-            self._loop.close()
+
+
+_live_executors: weakref.WeakSet[SandboxExecutor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """Like the standard executors: at interpreter exit, calls still running finish
+    (and the sandboxes and zygotes are cleaned up) before the process ends."""
+    for executor in list(_live_executors):
+        executor.shutdown(wait=True)

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import OutcomeError
+from .errors import OutcomeError, RemoteTraceback
 
 
 class Outcome(enum.StrEnum):
@@ -70,7 +70,16 @@ class IsolationReport:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """The result of one sandboxed run."""
+    """The result of one sandboxed run.
+
+    When a callable raised, `error_type` is its exception's class name as the
+    sandbox reported it ("ValueError", "pypdf.errors.PdfStreamError"),
+    `error_message` its text and `traceback` the sandbox's formatted traceback:
+    plain text, never an exception object. `stdout`/`stderr` hold at most the
+    manager's `output_limit` bytes each (1 MiB by default); `stdout_truncated`/
+    `stderr_truncated` say whether more was written and dropped; `stdout_text`/
+    `stderr_text` decode them with `encoding` (execute_command's `encoding=`).
+    """
 
     outcome: Outcome
     exit_code: int | None = None
@@ -81,18 +90,37 @@ class SandboxResult:
     stderr: bytes = b""
     resource_usage: ResourceUsage = field(default_factory=ResourceUsage)
     isolation: IsolationReport = field(default_factory=IsolationReport)
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    encoding: str = "utf-8"
+
+    @property
+    def stdout_text(self) -> str:
+        """stdout decoded with `encoding` (undecodable bytes replaced: it may be cut)."""
+        return self.stdout.decode(self.encoding, "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """stderr decoded with `encoding` (undecodable bytes replaced: it may be cut)."""
+        return self.stderr.decode(self.encoding, "replace")
 
     @property
     def ok(self) -> bool:
         return self.outcome is Outcome.OK
 
     def raise_for_outcome(self) -> SandboxResult:
-        """Return self when the outcome is ok, else raise OutcomeError."""
+        """Return self when the outcome is ok, else raise OutcomeError (with this
+        result as `.result`, the plugin's exception class name as `.error_type`
+        and, when the plugin raised, its traceback text as `__cause__`)."""
         if self.outcome is not Outcome.OK:
             detail = self.error or (
                 f"killed by signal {self.signal}" if self.signal else f"exit code {self.exit_code}"
             )
-            raise OutcomeError(self.outcome.value, detail)
+            error = OutcomeError(self.outcome.value, detail, error_type=self.error_type, result=self)
+            raise error from (RemoteTraceback(self.traceback) if self.traceback else None)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +130,8 @@ class SandboxResult:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "error": self.error,
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
             "resource_usage": dataclasses.asdict(self.resource_usage),
             "isolation": self.isolation.to_dict(),
         }

@@ -182,9 +182,10 @@ class IpcMessage:
     @classmethod
     def from_exception(cls, exc: BaseException) -> IpcMessage:
         """Sandbox -> host: an error message describing `exc`, with its formatted traceback."""
-        return cls.error(
-            type(exc).__qualname__, str(exc), "".join(traceback_module.format_exception(exc))
-        )
+        # "ValueError", "pypdf.errors.PdfStreamError": as Python's own tracebacks name it.
+        module = type(exc).__module__
+        name = type(exc).__qualname__ if module == "builtins" else f"{module}.{type(exc).__qualname__}"
+        return cls.error(name, str(exc), "".join(traceback_module.format_exception(exc)))
 
     @classmethod
     def heartbeat(cls, sequence: int = 0) -> IpcMessage:

@@ -18,7 +18,7 @@ import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from ..ipc.channel import SyncChannel
 from ..ipc.messages import ChannelRole, ControlMessage, IpcMessage, MessageKind
@@ -89,20 +89,32 @@ class PluginContext:
 
 def wants_context(function: Callable[..., Any]) -> bool:
     """Whether the callable's first parameter is the plugin context (`ctx`)."""
+    return context_parameter(function) is not None
+
+
+def context_parameter(function: Callable[..., Any]) -> Literal["annotation", "name"] | None:
+    """How the callable's first parameter asks for the plugin context: annotated
+    `PluginContext` ("annotation"), only named `ctx` ("name", deprecated), or not (None)."""
     if (isinstance(function, types.FunctionType) and not hasattr(function, "__wrapped__")
             and not hasattr(function, "__signature__")):
         # What inspect.signature() would say, read off the code object: this runs on every call.
         code = function.__code__
         if code.co_argcount:
             first = code.co_varnames[0]
-            return first == "ctx" or function.__annotations__.get(first) is PluginContext
+            return _how(first, function.__annotations__.get(first, inspect.Parameter.empty))
         if not code.co_kwonlyargcount and not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
-            return False  # no parameters
+            return None  # no parameters
     try:
         parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
-        return False
-    return bool(parameters) and (parameters[0].name == "ctx" or parameters[0].annotation is PluginContext)
+        return None
+    return _how(parameters[0].name, parameters[0].annotation) if parameters else None
+
+
+def _how(name: str, annotation: object) -> Literal["annotation", "name"] | None:
+    if annotation is PluginContext or annotation == "PluginContext":
+        return "annotation"
+    return "name" if name == "ctx" else None
 
 
 @dataclass(frozen=True)
@@ -207,8 +219,8 @@ def _run_call(payload: bytes, channel: SyncChannel) -> IpcMessage:
     try:
         import cloudpickle
 
-        function, args, kwargs = cloudpickle.loads(payload)
-        if wants_context(function):
+        function, args, kwargs, *flags = cloudpickle.loads(payload)
+        if flags[0] if flags else wants_context(function):  # the host decides (older hosts: by name)
             args = (PluginContext(channel), *args)
         value = function(*args, **kwargs)
         if inspect.isawaitable(value):
