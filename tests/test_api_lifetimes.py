@@ -160,8 +160,12 @@ def test_a_command_ends_with_its_tree_and_inits_report(method: str) -> None:
     from conftest import processes_with_argument, unique_marker
 
     marker = unique_marker()
-    # The shell itself only sleeps; the CPU is burnt by a background loop that it leaves behind.
-    script = f"sleep {marker} & (while :; do :; done) & sleep 0.3; exit 3"
+    # The shell itself only sleeps; the CPU is burnt by a background loop that it leaves
+    # behind, once the loop has used 0.2 s of CPU by its own /proc stat (utime, in ticks):
+    # however slow the machine, the CPU to be counted is there before the shell exits.
+    ticks = 2 * os.sysconf("SC_CLK_TCK") // 10
+    script = (f"sleep {marker} & (while :; do :; done) & loop=$!; "
+              f"while [ $(cut -d' ' -f14 /proc/$loop/stat) -lt {ticks} ]; do sleep 0.05; done; exit 3")
 
     async def scenario() -> tuple[SandboxResult, bool, bool]:
         async with manager(method) as m:
