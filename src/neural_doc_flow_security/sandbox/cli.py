@@ -100,6 +100,8 @@ def _build_run_parser(sub: Any) -> None:
     run.add_argument("--env", metavar="K=V", action="append", default=[],
                      help="set an environment variable (the environment is clean otherwise)")
     run.add_argument("--seccomp", metavar="default|off|FILE", help="seccomp profile")
+    run.add_argument("--landlock", choices=("auto", "required", "off"),
+                     help="a Landlock ruleset following the mounts (default: auto, where the kernel has it)")
     run.add_argument("--cwd", metavar="DIR", default="/", help="working directory inside the sandbox")
     run.add_argument("--json-result", metavar="FILE", help="write the full result as JSON to FILE")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -159,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         allowed = tuple(dict.fromkeys(caps.allowed + tuple(args.cap) + tuple(args.ambient_cap)))
         changes["capabilities"] = CapabilityConfig(
             drop_all=True, allowed=allowed, ambient=tuple(dict.fromkeys(caps.ambient + tuple(args.ambient_cap))))
-    for name in ("hostname", "uid", "gid", "seccomp"):
+    for name in ("hostname", "uid", "gid", "seccomp", "landlock"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.env:

@@ -241,6 +241,9 @@ class SandboxConfig:
     limit falls back to an rlimit: memory to RLIMIT_AS (per process address space),
     processes to RLIMIT_NPROC (counted in the sandbox's own user namespace), CPU quota
     to RLIMIT_CPU (CPU seconds per process: the quota's share of the wall timeout).
+    `landlock`: "auto" applies a Landlock ruleset derived from the mounts where the
+    kernel has Landlock (else the isolation report names it as not enforced),
+    "required" refuses to start without it, "off" does without.
     """
 
     memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB
@@ -264,6 +267,7 @@ class SandboxConfig:
     seccomp: str = "default"
     no_new_privs: bool = True
     rootless_limits: str = "cgroup"
+    landlock: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.environment, Mapping):
@@ -310,6 +314,11 @@ class SandboxConfig:
             raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
         if self.rootless_limits not in ROOTLESS_LIMITS:
             raise ConfigError("rootless_limits", f"must be 'cgroup' or 'rlimit', got {self.rootless_limits!r}")
+        if self.landlock not in ("auto", "required", "off"):
+            raise ConfigError("landlock", f"must be 'auto', 'required' or 'off', got {self.landlock!r}")
+        if self.landlock == "required" and not (self.namespaces.mnt and self.no_new_privs):
+            raise ConfigError("landlock", "'required' needs namespaces.mnt = true (the rules follow the mounts) "
+                              "and no_new_privs = true")
         if self.max_processes is not None and self.max_processes < 2:
             raise ConfigError("max_processes",
                               f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")

@@ -577,6 +577,8 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
     if config.seccomp != "off" and not features.seccomp:
         missing.append(f"seccomp: a seccomp filter ({config.seccomp!r}) is required, "
                        f"but {features.seccomp_reason or 'seccomp is unavailable'}")
+    if config.landlock == "required" and not features.landlock_abi:
+        missing.append(f"landlock: a Landlock ruleset is required, but {features.landlock_reason}")
     if config.no_new_privs and not features.no_new_privs:
         missing.append("no_new_privs: required, but prctl(PR_GET_NO_NEW_PRIVS) is not supported")
     missing.extend(_missing_limits(config, features, user_wanted))

@@ -54,6 +54,7 @@ class IsolationReport:
     capabilities: tuple[str, ...] = ()
     no_new_privs: bool = False
     seccomp: str = "off"
+    landlock: str = "off"  # "ABI 7" when a Landlock ruleset was in force
     cgroup: str = ""
     limits: tuple[str, ...] = ()
     not_enforced: tuple[str, ...] = ()

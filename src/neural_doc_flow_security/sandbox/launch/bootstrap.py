@@ -13,11 +13,11 @@ error pipe and the process exits: nothing half-protected ever runs the payload
     4 wait for the id maps               13 parent-death signal, re-armed
     5 not dumpable                       14 capabilities
     6 mounts (new root, pivot_root)      15 no_new_privs
-    7 hostname, loopback                 16 seccomp (last)
-    8 wait for the cgroup                17 exec / run the callable (the error
-    9 a program: init confines itself       pipe is closed first: nothing
-      and posix_spawns it; a callable:      untrusted ever holds it)
-      init forks, the child confines
+    7 hostname, loopback                 16 landlock (linux/landlock.py)
+    8 wait for the cgroup                17 seccomp (last)
+    9 a program: init confines itself    18 exec / run the callable (the error
+      and posix_spawns it; a callable:      pipe is closed first: nothing
+      init forks, the child confines        untrusted ever holds it)
       itself and returns to Python to
       run it; init drops to the same
       uid, reaps and forwards signals
@@ -43,6 +43,7 @@ import signal
 from dataclasses import dataclass
 
 from ..linux import syscalls as sc
+from ..linux.landlock import landlock_steps
 from ..linux.rootfs import RootfsPlan, rootfs_steps
 from ..linux.steps import Step, StepTuple
 from .payload import ExecPayload, Payload
@@ -80,6 +81,8 @@ def _confine(plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...], keep_also: t
         steps += _stage("capabilities", (Step.CAPABILITIES, caps.allowed_mask, ambient, caps.last_cap))
     if cfg.no_new_privs:
         steps += _stage("no_new_privs", (Step.PRCTL, sc.PR_SET_NO_NEW_PRIVS, 1))
+    if plan.landlock is not None:
+        steps += _stage("landlock", *landlock_steps(plan.landlock))
     if plan.seccomp.enabled:
         steps += _stage("seccomp", (Step.SECCOMP, plan.seccomp.bpf))
     return steps

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 
 from ..config import NOBODY, SandboxConfig
-from ..errors import SandboxError
-from ..linux import seccomp
+from ..errors import SandboxError, UnsupportedError
+from ..linux import landlock, seccomp
 from ..linux.capabilities import CapabilityPlan, plan_capabilities
 from ..linux.cgroups.base import CgroupSupport
 from ..linux.namespaces import NamespacePlan, plan_namespaces
@@ -35,6 +35,7 @@ class LaunchPlan:
     seccomp: seccomp.SeccompProgram
     environment: tuple[bytes, ...]
     limits: LimitPlan  # which limit the cgroup enforces, which an rlimit
+    landlock: landlock.LandlockPlan | None = None
     not_enforced: tuple[str, ...] = ()  # what this config, on this host, leaves open
     # The payload's uid and gid; None: each launch's own, from the id range (linux/ids.py).
     uid: int | None = NOBODY
@@ -64,6 +65,7 @@ class LaunchPlan:
             capabilities=self.capabilities.names,
             no_new_privs=cfg.no_new_privs,
             seccomp=self.seccomp.description,
+            landlock=self.landlock.description if self.landlock else "off",
             cgroup=cgroup,
             limits=self.limits.described + self.rlimits.describe() + limits,
             not_enforced=self.not_enforced,
@@ -94,6 +96,7 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
     rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range)
               if config.namespaces.mnt else None)
     limits = plan_limits(config, _cgroup_support(), ns.user)
+    ruleset, landlock_note = _plan_landlock_rules(config, rootfs)
     return LaunchPlan(
         config=config,
         namespaces=ns,
@@ -103,7 +106,8 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         capabilities=plan_capabilities(config.capabilities),
         seccomp=seccomp.compile_profile(config.seccomp),
         environment=environment_entries(config.environment),
-        not_enforced=_left_open(config, ns, euid, egid),
+        landlock=ruleset,
+        not_enforced=_left_open(config, ns, euid, egid) + landlock_note,
         uid=uid,
         gid=gid,
     )
@@ -116,6 +120,27 @@ def _cgroup_support() -> CgroupSupport | None:
         return probe_cgroups()
     except (OSError, SandboxError):
         return None
+
+
+def _plan_landlock_rules(config: SandboxConfig,
+                         rootfs: RootfsPlan | None) -> tuple[landlock.LandlockPlan | None, tuple[str, ...]]:
+    """The Landlock ruleset and what it leaves open, or why there is none (fail closed
+    when it is required: the config refuses "required" without mounts or no_new_privs)."""
+    kernel_abi, kernel_reason = landlock.abi() if config.landlock != "off" else (0, "")
+    why = landlock.unavailable_reason(config, kernel_abi, kernel_reason)
+    if why or rootfs is None:
+        if config.landlock == "required":
+            raise UnsupportedError("landlock", kernel_reason or why)
+        return None, (why,) if why else ()
+    ruleset = landlock.plan_landlock(config, rootfs, kernel_abi)
+    notes: list[str] = []
+    if kernel_abi < 4:
+        notes.append(f"landlock: ABI {kernel_abi} cannot restrict TCP")
+    elif not ruleset.handled_net:
+        notes.append("landlock: TCP bind/connect unrestricted (namespaces.net is off: the host's network is shared)")
+    if kernel_abi < 6:
+        notes.append(f"landlock: ABI {kernel_abi} cannot scope signals and abstract unix sockets")
+    return ruleset, tuple(notes)
 
 
 def _left_open(config: SandboxConfig, ns: NamespacePlan, euid: int, egid: int) -> tuple[str, ...]:

@@ -96,6 +96,11 @@
 #ifndef AT_RECURSIVE
 #define AT_RECURSIVE 0x8000
 #endif
+#ifndef SYS_landlock_create_ruleset
+#define SYS_landlock_create_ruleset 444
+#define SYS_landlock_add_rule 445
+#define SYS_landlock_restrict_self 446
+#endif
 #ifndef PR_CAP_AMBIENT
 #define PR_CAP_AMBIENT 47
 #define PR_CAP_AMBIENT_RAISE 2
@@ -138,6 +143,9 @@ enum {
     STEP_SETNS = 30,         /* fd, namespace type: join a namespace made ahead (then close the fd) */
     STEP_JOIN_CGROUP = 31,   /* int32 fds of cgroup.procs files: write "0" (this process) to each, close */
     STEP_AWAIT_LAUNCH = 32,  /* socket fd, staging fd: receive the rest of the steps, then run them */
+    STEP_LANDLOCK_RULESET = 33, /* handled fs rights, handled net rights, scopes */
+    STEP_LANDLOCK_PATH = 34,    /* path, rights (a file gets only its file rights) */
+    STEP_LANDLOCK_RESTRICT = 35,
 };
 
 typedef struct {
@@ -673,6 +681,52 @@ static void install_seccomp(const char *bpf, Py_ssize_t len) {
     }
 }
 
+/* ------------------------------------------------------------------ Landlock */
+
+/* The structs of include/uapi/linux/landlock.h, ABI 6 (the build host's header may be older).
+ * A kernel of a lower ABI accepts the larger ruleset struct as long as the fields it does
+ * not know are zero, which linux/landlock.py ensures by masking them for its ABI. */
+struct landlock_ruleset_v6 {
+    uint64_t handled_access_fs, handled_access_net, scoped;
+};
+
+struct landlock_path_beneath_v1 {
+    uint64_t allowed_access;
+    int32_t parent_fd;
+} __attribute__((packed));
+
+#define LANDLOCK_RULE_PATH_BENEATH_ 1
+/* Execute, write, read, truncate, ioctl on devices: the rights a rule on a file may hold. */
+#define LANDLOCK_FILE_RIGHTS ((1ULL << 0) | (1ULL << 1) | (1ULL << 2) | (1ULL << 14) | (1ULL << 15))
+
+static int landlock_fd = -1;
+
+static void landlock_ruleset(uint64_t fs, uint64_t net, uint64_t scoped) {
+    struct landlock_ruleset_v6 attr = {fs, net, scoped};
+    landlock_fd = (int)syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+    check(landlock_fd, "landlock_create_ruleset", "");
+}
+
+/* Allow `access` beneath `path` (absolute, in the new root; no symlink followed). */
+static void landlock_path(const char *path, uint64_t access) {
+    struct stat st;
+    int fd = open_path("landlock rule on ", path, O_PATH);
+    if (fstat(fd, &st) < 0)
+        fail_path(errno, "stat for a landlock rule ", path);
+    if (!S_ISDIR(st.st_mode))
+        access &= LANDLOCK_FILE_RIGHTS;
+    struct landlock_path_beneath_v1 rule = {access, fd};
+    if (access && syscall(SYS_landlock_add_rule, landlock_fd, LANDLOCK_RULE_PATH_BENEATH_, &rule, 0) < 0)
+        fail_path(errno, "landlock_add_rule ", path);
+    close(fd);
+}
+
+static void landlock_restrict(void) {
+    check(syscall(SYS_landlock_restrict_self, landlock_fd, 0), "landlock_restrict_self", "");
+    close(landlock_fd);
+    landlock_fd = -1;
+}
+
 /* ------------------------------------------------------------------ init */
 
 static volatile pid_t payload_pid = -1;
@@ -1037,6 +1091,15 @@ static void run_steps(launch_t *launch) {
             break;
         case STEP_SECCOMP:
             install_seccomp(s(st, 0), st->len[0]);
+            break;
+        case STEP_LANDLOCK_RULESET:
+            landlock_ruleset((uint64_t)n[0], (uint64_t)n[1], (uint64_t)n[2]);
+            break;
+        case STEP_LANDLOCK_PATH:
+            landlock_path(s(st, 0), (uint64_t)n[1]);
+            break;
+        case STEP_LANDLOCK_RESTRICT:
+            landlock_restrict();
             break;
         case STEP_CLOSE:
             close((int)n[0]);

@@ -57,6 +57,9 @@ class Step(IntEnum):
     JOIN_CGROUP = 31       # int32s: fds of cgroup.procs files to write this process into (then closed)
     AWAIT_LAUNCH = 32      # socket fd, staging fd: a spare receives the rest of its steps (pack_launch)
                            # in a memfd, with the payload's fds, placed from the staging fd on
+    LANDLOCK_RULESET = 33  # handled fs rights, handled net rights, scopes: create the ruleset (linux/landlock.py)
+    LANDLOCK_PATH = 34     # path, rights: allow them beneath path (O_PATH, no symlink followed)
+    LANDLOCK_RESTRICT = 35  # enforce the ruleset on this process (and what it starts)
 
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
