@@ -67,8 +67,6 @@ _NAMESPACE_WORDS = {
 # Generic syscall numbers (the same on every architecture but alpha).
 _SYS_PIDFD_OPEN = 434
 _SYS_CLONE3 = 435
-_SYS_LANDLOCK_CREATE_RULESET = 444
-_LANDLOCK_CREATE_RULESET_VERSION = 1
 _PR_GET_SECCOMP = 21
 _PR_GET_NO_NEW_PRIVS = 39
 _CAP_SYS_ADMIN = CAPABILITIES["CAP_SYS_ADMIN"]
@@ -229,7 +227,7 @@ def _probe_linux() -> HostFeatures:
         if not unpriv:
             unpriv_reason = _user_namespace_reason(int(result.get("errno", 0)), knobs, unprivileged=True)
     seccomp, seccomp_mode, actions, seccomp_reason = _probe_seccomp(libc)
-    landlock_abi, landlock_reason = _probe_landlock(libc)
+    landlock_abi, landlock_reason = _probe_landlock()
     cap_bnd, cap_eff = _capabilities()
     cgroups, cgroups_reason = _probe_cgroups()
     in_container, hints = _container_hints()
@@ -446,17 +444,10 @@ def _probe_seccomp(libc: ctypes.CDLL) -> tuple[bool, int | None, tuple[str, ...]
     return True, mode, actions, reason
 
 
-def _probe_landlock(libc: ctypes.CDLL) -> tuple[int, str]:
-    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.c_void_p(None), ctypes.c_size_t(0),
-                       ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
-    if abi > 0:
-        return int(abi), ""
-    err = ctypes.get_errno()
-    if err == errno_mod.ENOSYS:
-        return 0, "the kernel has no Landlock syscalls (ENOSYS)"
-    if err == errno_mod.EOPNOTSUPP:
-        return 0, "Landlock is built in but disabled at boot (not in the lsm= list)"
-    return 0, f"landlock_create_ruleset failed: {_errno_text(err)}"
+def _probe_landlock() -> tuple[int, str]:
+    from .linux import landlock  # the one probe, shared with the launch plan
+
+    return landlock.abi()
 
 
 def _capabilities() -> tuple[int, int]:

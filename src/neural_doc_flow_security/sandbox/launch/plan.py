@@ -136,8 +136,11 @@ def _plan_landlock_rules(config: SandboxConfig,
     notes: list[str] = []
     if kernel_abi < 4:
         notes.append(f"landlock: ABI {kernel_abi} cannot restrict TCP")
-    elif not ruleset.handled_net:
+    elif not config.namespaces.net:
         notes.append("landlock: TCP bind/connect unrestricted (namespaces.net is off: the host's network is shared)")
+    elif not ruleset.handled_net:
+        notes.append("landlock: TCP bind/connect left to the sandbox's network namespace (the payload may serve: "
+                     "CAP_NET_BIND_SERVICE)")
     if kernel_abi < 6:
         notes.append(f"landlock: ABI {kernel_abi} cannot scope signals and abstract unix sockets")
     return ruleset, tuple(notes)

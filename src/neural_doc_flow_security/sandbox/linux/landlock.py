@@ -14,6 +14,8 @@ On ABI >= 4, TCP bind and connect are denied when the sandbox has its own
 network namespace (it holds only loopback); with the host's network shared
 (`namespaces.net = false`) TCP is left to the host: the config names no
 allowed ports, so any rule would be a guess (the isolation report says so).
+A config that grants CAP_NET_BIND_SERVICE (or keeps every capability) means
+the payload to serve in its namespace: TCP is left to the namespace too.
 On ABI >= 6 the payload can neither connect to an abstract unix socket nor
 signal a process outside its own Landlock domain. Access rights a kernel's
 ABI does not know are masked off, so the best ABI the kernel offers is used.
@@ -137,10 +139,17 @@ def unavailable_reason(config: SandboxConfig, kernel_abi: int, kernel_reason: st
     return ""
 
 
+def tcp_denied(config: SandboxConfig) -> bool:
+    """Whether the ruleset denies TCP bind/connect (given ABI >= 4): in the sandbox's
+    own network namespace, unless the config lets the payload serve."""
+    caps = config.capabilities
+    return config.namespaces.net and caps.drop_all and "CAP_NET_BIND_SERVICE" not in caps.allowed
+
+
 def plan_landlock(config: SandboxConfig, rootfs: RootfsPlan, kernel_abi: int) -> LandlockPlan:
     """The ruleset for a sandbox with these mounts, masked to what `kernel_abi` knows."""
     handled_fs = _FS_BY_ABI.get(kernel_abi, _FS_LATEST)
-    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if kernel_abi >= 4 and config.namespaces.net else 0
+    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if kernel_abi >= 4 and tcp_denied(config) else 0
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if kernel_abi >= 6 else 0
     rules: list[tuple[str, int]] = [(bind.target, READ_EXECUTE if bind.read_only else READ_WRITE)
                                     for bind in rootfs.binds if bind.target not in _UNRULED_FOR_TESTS]
