@@ -187,9 +187,11 @@ def build_pipeline(evidence: HostEvidence) -> list[PluginSpec]:
                    host_check=_no_leak),
         PluginSpec("phone-home", "hostile", "-", GOOD_CONFIG,
                    function=plugins.phone_home, args=(evidence.port,),
-                   threat="phones home (host loopback)", protection="empty network namespace",
+                   threat="phones home (host loopback)", protection="empty network namespace, Landlock: no TCP",
                    expected_outcomes=contained,
-                   expected_errors=frozenset({"ConnectionRefusedError", "OSError", "TimeoutError"}),
+                   # PermissionError: Landlock (ABI >= 4) refuses the connect before any route is tried.
+                   expected_errors=frozenset({"ConnectionRefusedError", "OSError", "TimeoutError",
+                                              "PermissionError"}),
                    host_check=_no_connection),
         PluginSpec("host-writer", "hostile", "-", GOOD_CONFIG,
                    function=plugins.write_outside, args=(evidence.marker_path,),
