@@ -31,7 +31,7 @@ GOOD_TEXT = {  # document -> a phrase its text must contain
 }
 HOSTILE = {  # plugin -> (accepted outcomes, accepted error types for outcome "error")
     "secret-reader": ({"error"}, {"FileNotFoundError", "PermissionError"}),
-    "phone-home": ({"error"}, {"ConnectionRefusedError", "OSError", "TimeoutError"}),
+    "phone-home": ({"error"}, {"ConnectionRefusedError", "OSError", "TimeoutError", "PermissionError"}),
     "host-writer": ({"error"}, {"FileNotFoundError", "PermissionError", "OSError"}),
     "fork-bomb": ({"error", "killed"}, {"BlockingIOError"}),
     "memory-eater": ({"oom"}, set()),

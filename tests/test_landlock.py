@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import api_helpers
 from conftest import (
     ROOT_CALLER,
     UNPRIVILEGED_CALLER,
@@ -35,6 +36,7 @@ from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import ConfigError, UnsupportedError
 from neural_doc_flow_security.sandbox.launch import plan
 from neural_doc_flow_security.sandbox.linux import landlock
+from neural_doc_flow_security.sandbox.result import SandboxResult
 
 RUNNER = str(Path(__file__).with_name("landlock_runner.py"))
 ABI, WHY_NOT = landlock.abi()
@@ -203,6 +205,35 @@ def test_tcp_is_denied_in_the_sandboxs_network_namespace(root_caller: SandboxCal
     assert done.stdout == b"bind denied\n"
 
 
+# --------------------------------------------------------------------------- a Python callable
+
+
+def list_the_root() -> str:
+    try:
+        return ",".join(sorted(os.listdir("/")))
+    except PermissionError as e:
+        return f"refused: {e.strerror}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the API tests run as root)")
+@pytest.mark.parametrize("method", api_helpers.START_METHODS)
+def test_a_callable_runs_under_landlock(method: str) -> None:
+    """Both start methods: the root's directory (the mounts allow listing it) is not in
+    the rules, so only Landlock refuses to list it; with Landlock off it lists."""
+    async def go() -> tuple[SandboxResult, SandboxResult]:
+        async with api_helpers.manager(method) as m:
+            on = await m.execute_sandboxed("landlock", list_the_root)
+            off = await m.execute_sandboxed("landlock", list_the_root, sandbox_config=SandboxConfig(landlock="off"))
+            return on, off
+
+    on, off = api_helpers.run(go())
+    assert on.ok and off.ok, (api_helpers.describe(on), api_helpers.describe(off))
+    assert on.output == "refused: Permission denied"
+    assert on.isolation.landlock == f"ABI {ABI}"
+    assert "tmp" in off.output.split(",")
+    assert off.isolation.landlock == "off" and "landlock: off" in off.isolation.not_enforced
+
+
 # --------------------------------------------------------------------------- config and plan
 
 
@@ -244,3 +275,13 @@ def test_rights_are_masked_to_the_kernels_abi(kernel_abi: int) -> None:
     assert ruleset.handled_net == (3 if kernel_abi >= 4 else 0)
     assert ruleset.scoped == (3 if kernel_abi >= 6 else 0)
     assert ("/tmp", landlock.READ_WRITE & known) in ruleset.rules
+
+
+def test_the_fallback_backends_refuse_required_landlock() -> None:
+    """Neither the posix nor the Windows backend has Landlock: "required" fails closed there."""
+    from neural_doc_flow_security.sandbox.fallback import posix, windows
+
+    required = SandboxConfig(landlock="required")
+    assert ("landlock", "no Landlock ruleset in the posix backend", True) in posix.unenforced_protections(required)
+    assert ("landlock", "no Landlock on Windows", True) in windows.unenforced_protections(required)
+    assert ("landlock", "no Landlock on Windows", False) in windows.unenforced_protections(SandboxConfig())

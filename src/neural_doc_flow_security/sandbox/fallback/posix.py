@@ -95,7 +95,7 @@ _NAMESPACE_GAPS = {
 
 POSIX_UNENFORCEABLE: frozenset[str] = frozenset(
     [f"namespaces.{n}" for n in _NAMESPACE_GAPS]
-    + ["filesystem", "seccomp", "no_new_privs", "capabilities", "uid", "memory_limit_mb",
+    + ["filesystem", "seccomp", "landlock", "no_new_privs", "capabilities", "uid", "memory_limit_mb",
        "max_processes", "cpu_quota_percent", "io_limits"]
 )
 """Every protection name `allow_unenforced` may list (or "all"). Listing one is
@@ -138,6 +138,7 @@ def unenforced_protections(
                  "visible with the payload uid's rights",
                  config.namespaces.mnt or bool(fs.all_binds)))
     gaps.append(("seccomp", "no system-call filter in the posix backend", config.seccomp != "off"))
+    gaps.append(("landlock", "no Landlock ruleset in the posix backend", config.landlock == "required"))
     if platform != "linux":
         gaps.append(("no_new_privs", f"no_new_privs is a Linux prctl ({_system()}): setuid programs "
                      "can still gain privileges", config.no_new_privs))

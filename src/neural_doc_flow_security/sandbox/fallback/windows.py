@@ -263,7 +263,8 @@ _NAMESPACE_GAPS = {
 
 WINDOWS_UNENFORCEABLE: frozenset[str] = frozenset(
     [f"namespaces.{n}" for n in _NAMESPACE_GAPS]
-    + ["seccomp", "no_new_privs", "uid", "max_open_files", "io_limits", "capabilities", "max_file_size_mb"]
+    + ["seccomp", "landlock", "no_new_privs", "uid", "max_open_files", "io_limits", "capabilities",
+       "max_file_size_mb"]
 )
 """Every protection name `allow_unenforced` may list. Passing all of them is the
 explicit choice to run with job-object limits only."""
@@ -282,6 +283,7 @@ def unenforced_protections(
         requested = wanted is not False
         gaps.append((f"namespaces.{name}", reason, requested))
     gaps.append(("seccomp", "no system-call filter on Windows", config.seccomp != "off"))
+    gaps.append(("landlock", "no Landlock on Windows", config.landlock == "required"))
     gaps.append(("no_new_privs", "no equivalent of no_new_privs on Windows", config.no_new_privs))
     gaps.append(("uid", "no uid/gid switch: runs as the calling user, not uid "
                  f"{config.uid_or_nobody}/gid {config.gid_or_nobody}", True))
