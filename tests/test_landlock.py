@@ -120,10 +120,10 @@ def test_write_outside_the_rules_is_denied_though_mounted_writable(caller: Sandb
 
 def test_ruled_paths_work(caller: SandboxCaller, decoy_dir: Path) -> None:
     """What the mounts grant, the rules grant too: system files, the writable bind,
-    /tmp, /dev/shm, /dev/null; the root itself is not listable."""
+    /tmp, /dev/shm, /dev/null, listing the root and /etc."""
     probe = ["sh", "-c", "cat /etc/passwd >/dev/null && cat /mnt/ro/secret && echo x > /mnt/rw/made && "
              "echo y > /tmp/t && cat /tmp/t && echo z > /dev/shm/s && rm /dev/shm/s && "
-             "echo w > /dev/null && ! ls / 2>/dev/null && echo done"]
+             "echo w > /dev/null && ls / /etc >/dev/null && echo done"]
     done = caller.run(["--ro-bind", f"{decoy_dir}:/mnt/ro", "--bind", f"{decoy_dir}:/mnt/rw"], probe)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{SECRET}y\ndone\n".encode()
@@ -208,29 +208,40 @@ def test_tcp_is_denied_in_the_sandboxs_network_namespace(root_caller: SandboxCal
 # --------------------------------------------------------------------------- a Python callable
 
 
-def list_the_root() -> str:
+def connect_abstract(name: str) -> str:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        return ",".join(sorted(os.listdir("/")))
-    except PermissionError as e:
+        sock.connect("\0" + name)
+    except OSError as e:
         return f"refused: {e.strerror}"
+    finally:
+        sock.close()
+    return "connected"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the API tests run as root)")
+@pytest.mark.skipif(os.geteuid() != 0 or ABI < 6, reason="needs root (the API tests run as root) and ABI 6")
 @pytest.mark.parametrize("method", api_helpers.START_METHODS)
-def test_a_callable_runs_under_landlock(method: str) -> None:
-    """Both start methods: the root's directory (the mounts allow listing it) is not in
-    the rules, so only Landlock refuses to list it; with Landlock off it lists."""
+def test_a_callable_runs_under_landlock(method: str, abstract_unix_listener: tuple[socket.socket, str]) -> None:
+    """Both start methods: with the host's network shared, only Landlock's scope keeps
+    a callable from the host's abstract unix socket; with Landlock off it connects."""
+    listener, name = abstract_unix_listener
+    host_net = SandboxConfig().namespaces.__class__(net=False)
+
     async def go() -> tuple[SandboxResult, SandboxResult]:
         async with api_helpers.manager(method) as m:
-            on = await m.execute_sandboxed("landlock", list_the_root)
-            off = await m.execute_sandboxed("landlock", list_the_root, sandbox_config=SandboxConfig(landlock="off"))
+            on = await m.execute_sandboxed("landlock", connect_abstract, name,
+                                           sandbox_config=SandboxConfig(namespaces=host_net))
+            assert accepted_connections(listener) == 0
+            off = await m.execute_sandboxed("landlock", connect_abstract, name,
+                                            sandbox_config=SandboxConfig(namespaces=host_net, landlock="off"))
             return on, off
 
     on, off = api_helpers.run(go())
     assert on.ok and off.ok, (api_helpers.describe(on), api_helpers.describe(off))
-    assert on.output == "refused: Permission denied"
+    assert on.output == "refused: Operation not permitted"
     assert on.isolation.landlock == f"ABI {ABI}"
-    assert "tmp" in off.output.split(",")
+    assert off.output == "connected"
+    assert accepted_connections(listener) == 1
     assert off.isolation.landlock == "off" and "landlock: off" in off.isolation.not_enforced
 
 

@@ -7,7 +7,8 @@ execute beneath the read-only binds (system directories, the Python
 installation, the user's read-only binds), read beneath /proc and the few
 files the set-up writes (/etc/passwd ...), read/write on the /dev nodes,
 read/write beneath /tmp, /dev/shm and the writable binds, and no other file
-access. A mount made too wide by mistake (a bind of the host's /etc) is still
+access (directories list, as without Landlock: their names, never a file's
+content or a write). A mount made too wide by mistake (a bind of the host's /etc) is still
 closed by the rules; a hole in Landlock is still closed by the mounts.
 
 On ABI >= 4, TCP bind and connect are denied when the sandbox has its own
@@ -154,7 +155,9 @@ def plan_landlock(config: SandboxConfig, rootfs: RootfsPlan, kernel_abi: int) ->
     rules: list[tuple[str, int]] = [(bind.target, READ_EXECUTE if bind.read_only else READ_WRITE)
                                     for bind in rootfs.binds if bind.target not in _UNRULED_FOR_TESTS]
     rules += [(path, READ_FILE) for path, _ in rootfs.files]
-    rules += [("/proc", READ), ("/dev", READ_DIR), ("/dev/pts", DEVICE | READ_DIR)]
+    # The root's own directories (/, /etc, made by the set-up) stay listable, as without
+    # Landlock; READ_DIR is inherited, so any directory lists, but no file beneath is read.
+    rules += [("/", READ_DIR), ("/proc", READ), ("/dev/pts", DEVICE | READ_DIR)]
     rules += [("/dev/" + name, DEVICE) for name in DEV_NODES]
     rules += [("/tmp", READ_WRITE), ("/dev/shm", READ_WRITE)]
     return LandlockPlan(abi=kernel_abi, handled_fs=handled_fs, handled_net=handled_net, scoped=scoped,
