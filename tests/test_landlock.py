@@ -136,9 +136,9 @@ def test_ruled_paths_work(caller: SandboxCaller, decoy_dir: Path) -> None:
 
 @pytest.fixture
 def sentinel_as(caller: SandboxCaller) -> Iterator[subprocess.Popen[bytes]]:
-    """A host `sleep` of the sandbox payload's host uid (nobody as root, 4242 through
-    its user namespace): without a pid namespace and without Landlock, the payload may
-    signal it."""
+    """A host `sleep` of the sandbox payload's host uid (nobody as root, with --uid
+    65534; 4242 through its user namespace): without a pid namespace and without
+    Landlock, the payload may signal it."""
     uid = 65534 if caller.is_root else caller.uid
     proc = subprocess.Popen(["sleep", unique_marker()], user=uid, group=uid, extra_groups=[],
                             start_new_session=True)
@@ -157,14 +157,16 @@ def test_signal_outside_the_domain_is_refused(caller: SandboxCaller, sentinel_as
     profile.write_text("[namespaces]\npid = false\n")
     profile.chmod(0o644)
     probe = ["sh", "-c", f"kill -TERM {sentinel_as.pid}"]
-    denied = caller.run(["--profile", str(profile)], probe)
+    # As root, the payload takes the sentinel's uid (else it would get its own, from id_range).
+    options = ["--profile", str(profile), *(["--uid", "65534", "--gid", "65534"] if caller.is_root else [])]
+    denied = caller.run(options, probe)
     if b"namespaces.pid: cannot be enforced" in denied.stderr:
         pytest.skip("no pid namespace needs a cgroup, which this caller cannot create here")
     assert denied.returncode != 0
     assert b"Operation not permitted" in denied.stderr
     assert sentinel_as.poll() is None  # host-side: the sentinel lives
 
-    allowed = caller.run(["--profile", str(profile), "--landlock", "off"], probe)
+    allowed = caller.run([*options, "--landlock", "off"], probe)
     assert allowed.returncode == 0, allowed.stderr
     assert wait_until(lambda: sentinel_as.poll() is not None)
 
