@@ -24,6 +24,7 @@ import pytest
 
 import api_helpers
 from conftest import (
+    NDF_SANDBOX,
     ROOT_CALLER,
     UNPRIVILEGED_CALLER,
     SandboxCaller,
@@ -298,3 +299,11 @@ def test_the_fallback_backends_refuse_required_landlock() -> None:
     assert ("landlock", "no Landlock ruleset in the posix backend", True) in posix.unenforced_protections(required)
     assert ("landlock", "no Landlock on Windows", True) in windows.unenforced_protections(required)
     assert ("landlock", "no Landlock on Windows", False) in windows.unenforced_protections(SandboxConfig())
+
+
+def test_check_reports_the_abi() -> None:
+    """`ndf-sandbox check` names the ABI the sandboxes use."""
+    done = subprocess.run([NDF_SANDBOX, "check", "--json"], capture_output=True, timeout=60, check=False)
+    assert json.loads(done.stdout)["features"]["landlock_abi"] == ABI, done.stderr
+    table = subprocess.run([NDF_SANDBOX, "check"], capture_output=True, timeout=60, check=False).stdout
+    assert any(line.split()[:3] == [b"landlock", b"ABI", str(ABI).encode()] for line in table.splitlines())

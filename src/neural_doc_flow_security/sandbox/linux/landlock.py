@@ -82,8 +82,6 @@ DEVICE = READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV
 # Everything beneath /tmp and the writable binds but making device nodes (nodev anyway).
 READ_WRITE = _FS_LATEST & ~(MAKE_CHAR | MAKE_BLOCK)
 
-CHOICES = ("auto", "required", "off")
-
 # Test-only (tests/landlock_runner.py): bind targets left out of the rules although
 # mounted, to show that Landlock holds where the mounts alone would allow. The
 # package never sets it; no config field or environment variable reaches it.
