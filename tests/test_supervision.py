@@ -191,6 +191,9 @@ def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(caplog: py
                 error = "no error"
             except SandboxError as e:
                 error = str(e)
+            # Once both deaths are known (a launch sent in the moment between a zygote's
+            # death and its EOF fails like the calls that were running in it).
+            await async_wait_until(lambda: m.stats().zygotes_restarted >= len(old), timeout=60)
             outputs = [(await m.execute_sandboxed("after", lambda i=i: i)).output for i in range(4)]
             await async_wait_until(lambda: len(m._starter.pids) == len(old)
                                    and m.stats().zygotes_alive == len(old), timeout=60)
