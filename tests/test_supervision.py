@@ -435,3 +435,36 @@ def test_a_control_request_to_a_stopped_zygote_fails_instead_of_hanging(monkeypa
     assert "did not answer 'freeze'" in error and stalled == 1
     assert killed, "the sandbox's init outlived a kill sent while its zygote was stopped"
     assert outcome == "killed"
+
+
+MANAGER_WITH_A_FULL_TMPDIR = textwrap.dedent("""
+    import asyncio
+    from neural_doc_flow_security.sandbox.api import SandboxManager
+
+    async def main():
+        async with SandboxManager(status_interval=None) as m:
+            call = await m.execute_sandboxed("call", lambda: b"x" * (1 << 20))
+            command = await m.execute_command("command", ["sh", "-c", "echo ok"])
+            assert call.output == b"x" * (1 << 20), call
+            assert command.stdout == b"ok\\n", command
+        print("served", flush=True)
+
+    asyncio.run(main())
+""")
+
+
+def test_a_manager_with_tmpdir_on_a_full_file_system_keeps_serving(no_leaks: LeakTracker) -> None:
+    # TMPDIR on a full file system (a 16 KiB tmpfs, filled), in a mount namespace of
+    # the test's own: the manager's temporary files (if any) must not be where it fails.
+    directory = make_host_dir(no_leaks)
+    script = directory / "manager.py"
+    script.write_text(MANAGER_WITH_A_FULL_TMPDIR)
+    full = directory / "full"
+    full.mkdir()
+    shell = (f"mount -t tmpfs -o size=16k tmpfs {full} && "
+             f"(head -c 1M /dev/zero > {full}/filler 2>/dev/null; true) && "
+             f"! (echo more > {full}/more) 2>/dev/null && "
+             f"TMPDIR={full} exec {sys.executable} {script}")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell],
+                          capture_output=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout == b"served\n", done
