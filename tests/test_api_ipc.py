@@ -8,6 +8,7 @@ Every test runs under both start methods and ends with the `no_leaks` check.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import time
@@ -28,7 +29,7 @@ from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import SandboxError
 from neural_doc_flow_security.sandbox.ipc.limits import DecodeLimits
 from neural_doc_flow_security.sandbox.ipc.messages import ControlMessage, IpcMessage, MessageKind
-from neural_doc_flow_security.sandbox.result import Outcome, SandboxResult
+from neural_doc_flow_security.sandbox.result import Outcome, ResourceUsage, SandboxResult
 
 no_leaks = api_helpers.no_leaks  # the fixtures, used by every test below
 method = api_helpers.method
@@ -147,7 +148,8 @@ def test_status_messages_carry_health_heartbeat_and_usage(method: str) -> None:
     async def scenario() -> tuple[IpcMessage, IpcMessage, list[Any], SandboxResult]:
         async with manager(method, status_interval=0.2) as m:
             handle = await m.spawn("busy", busy_until_stopped)
-            sampled = await next_of_kind(handle, MessageKind.STATUS)
+            sampled = await handle.next_status(timeout=60)
+            assert sampled is not None, "no status sample arrived"
             direct = await handle.status()
             listed = m.list_sandboxes()
             result = await handle.stop()
@@ -157,11 +159,79 @@ def test_status_messages_carry_health_heartbeat_and_usage(method: str) -> None:
     for status in (sampled, direct):
         assert status.health == "running"
         assert status.heartbeat_age >= 0
-        assert {"cpu_seconds", "memory_bytes", "wall_seconds"} <= set(status.usage)
-        assert status.usage["memory_bytes"] > 0
+        # One vocabulary: the names of ResourceUsage, plus the live values.
+        assert {f.name for f in dataclasses.fields(ResourceUsage)} <= set(status.usage)
+        assert {"memory_current_bytes", "processes_current", "frozen"} <= set(status.usage)
+        assert status.usage["memory_current_bytes"] > 0 and status.usage["processes_current"] >= 1
+        assert status.usage["frozen"] == 0.0
+        with pytest.warns(DeprecationWarning, match="cpu_seconds"):
+            assert status.usage["cpu_seconds"] == (status.usage["cpu_user_seconds"]
+                                                   + status.usage["cpu_system_seconds"])
     assert [(i.plugin_id, i.health, i.kind) for i in listed] == [("busy", Health.RUNNING, "callable")]
     assert listed[0].pid > 0
     assert result.outcome is Outcome.OK, describe(result)
+
+
+def sends_then_spins(ctx: Any) -> int:
+    for i in range(3):
+        ctx.send(b"chunk %d" % i, tag="data")
+    return busy_until_stopped(ctx)
+
+
+def test_status_samples_are_apart_from_data_and_never_stale_after_resume(method: str) -> None:
+    """Samples have their own latest-value slot: receive() yields only what the plugin
+    sent, and a sample taken while paused is not delivered once resumed."""
+    async def drain(handle: SandboxHandle) -> list[IpcMessage]:
+        received = []
+        while (message := await handle.receive(timeout=1.0)) is not None:
+            received.append(message)
+        return received
+
+    async def scenario() -> tuple[list[IpcMessage], IpcMessage | None, list[IpcMessage],
+                                  IpcMessage | None, SandboxResult]:
+        async with manager(method, status_interval=0.05) as m:
+            handle = await m.spawn("busy", sends_then_spins)
+            before = await drain(handle)
+            await handle.pause()
+            while_paused = await handle.next_status(timeout=60)
+            await asyncio.sleep(0.5)  # more samples are taken while it is paused
+            await handle.resume()
+            after = await drain(handle)
+            after_resume = await handle.next_status(timeout=60)
+            return before, while_paused, after, after_resume, await handle.stop()
+
+    before, while_paused, after, after_resume, result = run(scenario())
+    assert [(m.kind, bytes(m.content)) for m in before] == [
+        (MessageKind.DATA, b"chunk %d" % i) for i in range(3)]
+    assert after == [], [m.kind for m in after]
+    assert while_paused is not None and while_paused.health == "paused"
+    assert while_paused.usage["frozen"] == 1.0
+    assert after_resume is not None and after_resume.health == "running"
+    assert result.outcome is Outcome.OK, describe(result)
+
+
+def test_health_is_exited_once_receive_returned_none(method: str) -> None:
+    async def scenario() -> tuple[list[Health], IpcMessage | None, SandboxResult]:
+        healths = []
+        async with manager(method, status_interval=0.05) as m:
+            for i in range(5):  # the channel closes just before the exit is seen: race it
+                handle = await m.with_options(context=True).spawn(f"quick{i}", lambda ctx: "bye")
+                while await handle.receive(timeout=60) is not None:
+                    pass
+                healths.append(handle.health)
+            status = await handle.next_status(timeout=5)
+            return healths, status, await handle.wait()
+
+    healths, status, result = run(scenario())
+    assert healths == [Health.EXITED] * 5
+    assert status is None
+    assert result.output == "bye", describe(result)
+
+
+def test_message_kind_is_exported() -> None:
+    import neural_doc_flow_security.sandbox as sandbox
+
+    assert sandbox.MessageKind is MessageKind and "MessageKind" in sandbox.__all__
 
 
 def test_manager_level_messaging_and_unknown_plugin(method: str) -> None:
@@ -188,7 +258,8 @@ def test_manager_level_messaging_and_unknown_plugin(method: str) -> None:
 
 def test_pause_stops_cpu_time_and_resume_restarts_it(method: str) -> None:
     async def cpu(handle: SandboxHandle) -> float:
-        return float((await handle.status()).usage["cpu_seconds"])
+        usage = (await handle.status()).usage
+        return float(usage["cpu_user_seconds"] + usage["cpu_system_seconds"])
 
     async def scenario() -> tuple[float, float, float, SandboxResult, str]:
         async with manager(method) as m:

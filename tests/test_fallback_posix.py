@@ -333,7 +333,8 @@ async def test_pause_stops_cpu_time_and_resume_restarts_it(manager: SandboxManag
     handle = await manager.spawn("spin", spin)
 
     async def cpu() -> float:
-        return (await handle.status()).usage["cpu_seconds"]
+        usage = (await handle.status()).usage
+        return usage["cpu_user_seconds"] + usage["cpu_system_seconds"]
 
     while await cpu() < 0.2:
         await asyncio.sleep(0.05)

@@ -27,7 +27,7 @@ from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 if TYPE_CHECKING:
     from .api import Health, ManagerStats, SandboxCalls, SandboxHandle, SandboxInfo, SandboxManager
     from .executor import SandboxExecutor, SandboxFuture
-    from .ipc.messages import ControlMessage, IpcMessage
+    from .ipc.messages import ControlMessage, IpcMessage, MessageKind, StatusUsage
     from .launch.python_worker import PluginContext
 
 # The asyncio API is imported on first use, so that `ndf-sandbox run` (which
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "Health": ".api", "ManagerStats": ".api", "SandboxHandle": ".api", "SandboxInfo": ".api",
     "SandboxManager": ".api", "SandboxCalls": ".api", "SandboxExecutor": ".executor", "SandboxFuture": ".executor",
-    "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages",
+    "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages", "MessageKind": ".ipc.messages",
+    "StatusUsage": ".ipc.messages",
     "PluginContext": ".launch.python_worker",
 }
 
@@ -53,6 +54,7 @@ __all__ = [
     "Health",
     "IpcMessage",
     "ManagerStats",
+    "MessageKind",
     "PluginContext",
     "SandboxCalls",
     "SandboxExecutor",
@@ -76,5 +78,6 @@ __all__ = [
     "SandboxError",
     "SandboxResult",
     "SetupError",
+    "StatusUsage",
     "UnsupportedError",
 ]

@@ -203,7 +203,11 @@ class SandboxHandle:
         self._inbox_blobs = 0
         self._room = asyncio.Event()  # set when the inbox shrank or the sandbox ended
         self.dropped_blobs = 0
-        self._status_pending = False
+        # The latest status sample not yet taken by next_status(); pause() and resume()
+        # empty it, and a sample taken across one of them is dropped (its health is stale).
+        self._status: IpcMessage | None = None
+        self._status_ready = asyncio.Event()
+        self._health_changes = 0
         self._channel: AsyncChannel | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -224,6 +228,11 @@ class SandboxHandle:
         self._result: SandboxResult | None = None
         # Taken before the launch: the start method forgets it once it is resolved.
         self._exit: asyncio.Future[SandboxResult] = self._starter.exit_future(sandbox_id)
+        self._exit.add_done_callback(self._ended)
+
+    def _ended(self, _: object) -> None:
+        self.health = Health.EXITED
+        self._status_ready.set()  # wakes next_status(), which then returns None
 
     # -- talking ------------------------------------------------------------
 
@@ -244,41 +253,68 @@ class SandboxHandle:
         await self._channel.send(message)
 
     async def receive(self, timeout: float | None = None) -> IpcMessage | None:
-        """The next message from the plugin (data, progress, log) or a status sample;
-        None on timeout or once the sandbox has ended and everything was read."""
+        """The next message from the plugin (data, progress, log); None on timeout or
+        once the sandbox has ended and everything was read (then `health` is EXITED).
+        Status samples are not messages: see next_status()."""
         self._manager._check_loop()
         await asyncio.sleep(0)  # let the channel reader run even when messages are waiting
         if not self._inbox.empty():
-            message = self._take()
-        else:
-            # Everything the plugin sent is in the inbox once its channel reader is done.
-            ended: asyncio.Future[Any] = self._reader or self._exit
-            if ended.done():
-                return None
+            return self._take()
+        # Everything the plugin sent is in the inbox once its channel reader is done.
+        ended: asyncio.Future[Any] = self._reader or self._exit
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not ended.done():
             getter = asyncio.ensure_future(self._inbox.get())
             try:
                 await asyncio.wait([getter, ended], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not getter.done():
                     getter.cancel()
-            if not getter.done() or getter.cancelled():
-                return self._take() if not self._inbox.empty() else None
-            message = self._took(getter.result())
-        return message
+            if getter.done() and not getter.cancelled():
+                return self._took(getter.result())
+            if not self._inbox.empty():
+                return self._take()
+            if not ended.done():
+                return None  # timed out
+        # Its channel is closed: the sandbox is ending. Say None once it has ended, so
+        # that `health` agrees (within `timeout`: a plugin may close fd 3 and go on).
+        if not self._exit.done():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exit), left)
+        return None
 
     def _take(self) -> IpcMessage:
         return self._took(self._inbox.get_nowait())
 
     def _took(self, message: IpcMessage) -> IpcMessage:
-        if message.kind is MessageKind.STATUS:
-            self._status_pending = False
         if _holds_mapping(message):
             self._inbox_blobs -= 1
         self._room.set()
         return message
 
+    async def next_status(self, timeout: float | None = None) -> IpcMessage | None:
+        """The latest status sample (taken every `status_interval` seconds) not taken
+        yet, waiting for one if there is none; None on timeout or once the sandbox has
+        ended. Only the latest sample is kept, and none taken before the last pause()
+        or resume(): a sample never reports a health that is no longer true."""
+        self._manager._check_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._status is None and not self._exit.done():
+            self._status_ready.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_ready.wait(), left)
+        sample, self._status = self._status, None
+        return None if self._exit.done() else sample
+
     async def status(self) -> IpcMessage:
-        """Health, heartbeat age and live resource usage, read from the kernel now."""
+        """Health, heartbeat age and live resource usage, read from the kernel now.
+
+        `usage` is named as ResourceUsage (see StatusUsage), plus the live values
+        `memory_current_bytes`, `processes_current` and `frozen`."""
         self._manager._check_loop()
         usage: dict[str, float] = {}
         if self.health is not Health.EXITED:
@@ -296,7 +332,7 @@ class SandboxHandle:
         reply = await self._starter.control("freeze", self.sandbox_id)
         if not reply.get("ok"):
             raise SandboxError(f"{self.plugin_id}: cannot pause: {reply.get('error')}")
-        self.health = Health.PAUSED
+        self._health_changed(Health.PAUSED)
 
     async def resume(self) -> None:
         """Undo pause()."""
@@ -304,7 +340,13 @@ class SandboxHandle:
         reply = await self._starter.control("thaw", self.sandbox_id)
         if not reply.get("ok"):
             raise SandboxError(f"{self.plugin_id}: cannot resume: {reply.get('error')}")
-        self.health = Health.RUNNING
+        self._health_changed(Health.RUNNING)
+
+    def _health_changed(self, health: Health) -> None:
+        if self.health is not Health.EXITED:
+            self.health = health
+        self._health_changes += 1
+        self._status = None  # taken before the change: its health is no longer true
 
     async def stop(self, grace_seconds: float = 2.0) -> SandboxResult:
         """Ask the plugin to stop (STOP message), then SIGTERM, then kill the tree."""
@@ -526,10 +568,12 @@ class SandboxHandle:
                 await asyncio.wait_for(asyncio.shield(exit_future), interval)
             if exit_future.done():
                 return
-            if not self._status_pending and self._inbox.qsize() < INBOX_MESSAGES:
-                with contextlib.suppress(SandboxError):
-                    self._inbox.put_nowait(await self.status())
-                    self._status_pending = True
+            changes = self._health_changes
+            with contextlib.suppress(SandboxError):
+                sample = await self.status()
+                if changes == self._health_changes and not exit_future.done():
+                    self._status = sample
+                    self._status_ready.set()
 
 
 def _holds_mapping(message: IpcMessage) -> bool:

@@ -409,21 +409,24 @@ class PosixStarter(StartMethod):
             self._kill_group(sandbox)
 
     def _sample(self, sandbox: _Sandbox) -> dict[str, Any]:
+        """Live usage of the tree, named as in ResourceUsage (plus current values)."""
         tree = _tree(sandbox)
-        cpu = 0.0
+        user = system = 0.0
         rss = 0
         for process in tree:
             with contextlib.suppress(psutil.Error):
                 times = process.cpu_times()
-                cpu += times.user + times.system
+                user += times.user
+                system += times.system
                 rss += process.memory_info().rss
                 if process.pid != sandbox.pid:
                     sandbox.seen.setdefault(process.pid, process)
         sandbox.memory_peak = max(sandbox.memory_peak, rss)
         sandbox.processes_peak = max(sandbox.processes_peak, len(tree))
-        return {"wall_seconds": time.monotonic() - sandbox.started, "cpu_seconds": cpu,
-                "memory_bytes": rss, "memory_peak_bytes": sandbox.memory_peak,
-                "processes": len(tree), "frozen": sandbox.frozen}
+        return {"wall_seconds": time.monotonic() - sandbox.started, "cpu_user_seconds": user,
+                "cpu_system_seconds": system, "memory_peak_bytes": sandbox.memory_peak,
+                "processes_peak": sandbox.processes_peak, "memory_current_bytes": rss,
+                "processes_current": len(tree), "frozen": float(sandbox.frozen)}
 
     def _sample_periodically(self, sandbox_id: int) -> None:
         sandbox = self._running.get(sandbox_id)

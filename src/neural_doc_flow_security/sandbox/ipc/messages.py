@@ -15,7 +15,8 @@ from __future__ import annotations
 import enum
 import math
 import traceback as traceback_module
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -90,7 +91,55 @@ _FIELDS: Mapping[MessageKind, frozenset[str]] = MappingProxyType(
     }
 )
 
-_EMPTY_USAGE: Mapping[str, float] = MappingProxyType({})
+_DEPRECATED_USAGE_KEYS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "cpu_seconds": ("cpu_user_seconds", "cpu_system_seconds"),
+        "memory_bytes": ("memory_current_bytes",),
+        "processes": ("processes_current",),
+    }
+)
+
+
+class StatusUsage(Mapping[str, float]):
+    """The `usage` of a status message: read-only, named as in ResourceUsage
+    (`wall_seconds`, `cpu_user_seconds`, `cpu_system_seconds`, `memory_peak_bytes`,
+    `processes_peak`, `io_read_bytes`, `io_write_bytes`) plus the live values
+    `memory_current_bytes`, `processes_current` and `frozen`.
+
+    The names of earlier releases (`cpu_seconds`, `memory_bytes`, `processes`)
+    still read, with a DeprecationWarning; they are not listed by iteration.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, float] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._values and key in _DEPRECATED_USAGE_KEYS:
+            parts = _DEPRECATED_USAGE_KEYS[key]
+            warnings.warn(f"status usage key {key!r} is deprecated: use {' + '.join(parts)}",
+                          DeprecationWarning, stacklevel=2)
+            return sum(self._values[part] for part in parts)
+        return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._values:
+            return True
+        parts = _DEPRECATED_USAGE_KEYS.get(key) if isinstance(key, str) else None
+        return parts is not None and all(part in self._values for part in parts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"StatusUsage({self._values!r})"
+
+
+_EMPTY_USAGE: Mapping[str, float] = StatusUsage()
 
 
 @dataclass(frozen=True)
@@ -150,7 +199,7 @@ class IpcMessage:
             MessageKind.STATUS,
             health=health,
             heartbeat_age=float(heartbeat_age),
-            usage=MappingProxyType(dict(usage or {})),
+            usage=StatusUsage(usage),
         )
 
     @classmethod

@@ -298,25 +298,28 @@ class Launcher:
             pass  # a frozen tree is killed anyway (SIGKILL reaches frozen tasks)
 
     def stats(self, sandbox_id: int) -> dict[str, Any]:
-        """Live usage from the kernel: the cgroup's counters, else /proc of the tree."""
+        """Live usage from the kernel (cgroup, else /proc of the tree), named as in
+        ResourceUsage, plus the current values `memory_current_bytes`,
+        `processes_current` and `frozen` (1.0 or 0.0)."""
         spawned = self.running[sandbox_id]
-        wall = time.monotonic() - spawned.started
         if spawned.cgroup is not None:
-            stats = spawned.cgroup.stats()
-            return {"wall_seconds": wall, "cpu_seconds": stats.cpu_usage_usec / 1e6,
-                    "memory_bytes": stats.memory_current_bytes, "memory_peak_bytes": stats.memory_peak_bytes,
-                    "processes": stats.pids_current, "frozen": stats.frozen}
+            now = spawned.cgroup.stats()
+            stats = dataclasses.asdict(usage_from_cgroup(now, time.monotonic() - spawned.started))
+            stats.update(memory_current_bytes=now.memory_current_bytes, processes_current=now.pids_current,
+                         frozen=float(now.frozen))
+            return stats
+        stats = dataclasses.asdict(self.usage(sandbox_id))
         import psutil  # no cgroup: read the tree from /proc
 
         try:
             tree = [psutil.Process(spawned.pid)]
             tree += tree[0].children(recursive=True)
-            cpu = sum(sum(p.cpu_times()[:2]) for p in tree)
             rss = sum(p.memory_info().rss for p in tree)
         except psutil.Error:
-            cpu, rss, tree = 0.0, 0, []
-        return {"wall_seconds": wall, "cpu_seconds": cpu, "memory_bytes": rss,
-                "processes": len(tree), "frozen": sandbox_id in self._paused_by_signal}
+            rss, tree = 0, []
+        stats.update(memory_current_bytes=rss, processes_current=len(tree),
+                     frozen=float(sandbox_id in self._paused_by_signal))
+        return stats
 
     def usage(self, sandbox_id: int) -> ResourceUsage:
         """What the sandbox has used so far, from the kernel (cgroup, else /proc)."""
