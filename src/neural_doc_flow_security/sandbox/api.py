@@ -193,7 +193,7 @@ class SandboxHandle:
         self.kind = kind
         self.config = config
         self.pid = 0
-        self.health = Health.STARTING
+        self._health = Health.STARTING
         self._manager = manager
         self._starter = manager._starter
         self._keep_messages = keep_messages
@@ -231,8 +231,16 @@ class SandboxHandle:
         self._exit.add_done_callback(self._ended)
 
     def _ended(self, _: object) -> None:
-        self.health = Health.EXITED
         self._status_ready.set()  # wakes next_status(), which then returns None
+
+    @property
+    def health(self) -> Health:
+        """Where the sandbox is in its life; `exited` as soon as its end is known."""
+        return Health.EXITED if self._exit.done() else self._health
+
+    @health.setter
+    def health(self, health: Health) -> None:
+        self._health = health
 
     # -- talking ------------------------------------------------------------
 
