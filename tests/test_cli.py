@@ -74,11 +74,18 @@ def test_missing_bind_source_exits_126_naming_the_path(sandbox_caller: SandboxCa
 
 
 @pytest.mark.parametrize("program", ["/no/such/program-{token}", "no-such-command-{token}"])
-def test_unknown_command_exits_126(sandbox_caller: SandboxCaller, program: str) -> None:
+def test_unknown_command_exits_127_like_a_shell(sandbox_caller: SandboxCaller, program: str) -> None:
     program = program.format(token=secrets.token_hex(4))
     result = sandbox_caller.run([], [program])
-    assert result.returncode == 126, describe(result)
+    assert result.returncode == 127, describe(result)  # was 126, which means a protection failed
     assert program.encode() in result.stderr
+
+
+def test_a_file_that_cannot_be_executed_exits_126(sandbox_caller: SandboxCaller) -> None:
+    result = sandbox_caller.run([], ["/etc/hostname"])  # exists, not executable: the shell's 126 too
+    assert result.returncode == 126, describe(result)
+    result = sandbox_caller.run(["--cwd", f"/no/such/dir-{secrets.token_hex(4)}"], ["true"])
+    assert result.returncode == 126, describe(result)  # a missing --cwd is a set-up failure, not 127
 
 
 def test_json_result_reports_outcome_usage_and_isolation(sandbox_caller: SandboxCaller,

@@ -175,7 +175,8 @@ def test_from_dict_with_nested_tables() -> None:
         "memory_limit_mb": 256,
         "timeout_seconds": "none",
         "hostname": "worker",
-        "namespaces": {"net": False, "user": True},
+        "network": "host",
+        "namespaces": {"user": True},
         "capabilities": {"allowed": ["CAP_NET_BIND_SERVICE"], "ambient": ["CAP_NET_BIND_SERVICE"]},
         "filesystem": {"read_only_binds": ["/opt/models", {"source": "/srv/in", "target": "/in"}],
                        "binds": ["/srv/out:/out"], "tmp_size_mb": 16, "python": True},
@@ -217,8 +218,7 @@ def test_from_dict_unknown_field_without_a_close_match_has_no_suggestion() -> No
 def test_from_toml(tmp_path: Path) -> None:
     profile = tmp_path / "p.toml"
     profile.write_text(
-        'memory_limit_mb = 512\ncpu_quota_percent = 50\nseccomp = "default"\n'
-        '[namespaces]\nnet = false\n'
+        'memory_limit_mb = 512\ncpu_quota_percent = 50\nseccomp = "default"\nnetwork = "host"\n'
         '[capabilities]\nallowed = ["CAP_NET_BIND_SERVICE"]\n'
         '[filesystem]\nread_only_binds = ["/usr/share/dict:/dict"]\ntmp_size_mb = 8\n'
         '[environment]\nPATH = "/usr/bin"\n'

@@ -6,14 +6,16 @@
     ndf-sandbox demo [--json]                    a document pipeline with hostile plugins
 
 Exit status of `run`: the program's own code; 128+N when it was killed by
-signal N; 124 on timeout; 125 when the kernel OOM-killed it; 126 when the
-sandbox could not be set up (a protection could not be applied); 123 on a
-protocol violation; 2 for a bad command line or profile.
+signal N; 124 on timeout; 125 when the kernel OOM-killed it; 127 when the
+program does not exist (as in a shell); 126 when the sandbox could not be set
+up (a protection could not be applied, or the program cannot be executed);
+123 on a protocol violation; 2 for a bad command line or profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,10 +32,31 @@ from .errors import ConfigError, SandboxError
 from .result import EXIT_SANDBOX_ERROR
 
 EXIT_USAGE = 2
+EXIT_NOT_FOUND = 127  # like a shell's "command not found"
+NO_LIMIT = ("none", "unlimited")
+_ZERO = re.compile(r"^0+(\.0*)?\s*([kKmMgG]?i?[bB]?)$")
+
+RUN_EXAMPLES = """examples:
+  ndf-sandbox run -- /bin/echo hello
+  ndf-sandbox run --memory 1G --timeout 120 --ro-bind /srv/in:/in --bind /srv/out:/out \\
+      -- pdftotext /in/a.pdf /out/a.txt
+  ndf-sandbox run --net --timeout none -- curl -sI https://example.org
+  ndf-sandbox run --profile parser.toml --json-result /tmp/result.json -- ./parse doc.pdf
+
+Limits take "none" (or "unlimited") for no limit; 0 is refused, as in the Python API.
+Exit status: the program's own; 128+N killed by signal N; 124 timeout; 125 OOM-killed;
+127 program not found; 126 set-up failed (a protection could not be applied, or the
+program cannot be executed); 123 protocol violation; 2 bad command line or profile."""
 
 
-def _optional(value: str, parse: Any) -> Any:
-    return None if value.lower() in ("none", "0", "unlimited") else parse(value)
+def _optional(value: str, field: str, parse: Any) -> Any:
+    """`value` parsed, or None for "none"/"unlimited". 0 is refused: the API takes no
+    0-means-unlimited either, and a limit of 0 read as "no limit" would surprise."""
+    if value.strip().lower() in NO_LIMIT:
+        return None
+    if _ZERO.match(value.strip()):
+        raise ConfigError(field, f"must be > 0, got {value!r} (write none for no limit)")
+    return parse(value)
 
 
 class _BindOption(argparse.Action):
@@ -57,12 +80,18 @@ def _build_run_parser(sub: Any) -> None:
                          description="Run CMD in a fresh sandbox. Defaults are the secure profile, bounded: "
                                      "512M memory, 128 processes, a 64M /tmp, 30 s wall time (cgroups; "
                                      "without one, as an unprivileged user, the default memory and process "
-                                     "limits are rlimits, see --rootless-limits).")
+                                     "limits are rlimits, see --rootless-limits). Options override the "
+                                     "--profile, which overrides the defaults.",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--profile", metavar="FILE", help="TOML profile to start from")
-    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 256M, 1G (default 512M; none: no limit)")
-    run.add_argument("--cpu", metavar="PERCENT", help="CPU quota; 100 = one full CPU (default none)")
+    run.add_argument("--memory", metavar="SIZE",
+                     help="memory limit, e.g. 256M, 1G (default 512M; none: no limit; 0 is refused)")
+    run.add_argument("--cpu", metavar="PERCENT",
+                     help="CPU quota; 100 = one full CPU, 50 half of one (default none: no quota)")
     run.add_argument("--pids", metavar="N", help="maximum number of processes (default 128; none: no limit)")
-    run.add_argument("--timeout", metavar="SECONDS", help="wall-clock timeout (default 30; none: no limit)")
+    run.add_argument("--timeout", metavar="SECONDS",
+                     help="wall-clock timeout in seconds, at most 604800 (default 30; none: no limit; "
+                          "0 is refused)")
     run.add_argument("--nofile", metavar="N", type=int, help="maximum open files (RLIMIT_NOFILE, default 256)")
     run.add_argument("--max-file-size", metavar="SIZE",
                      help="largest file a process may write (RLIMIT_FSIZE), e.g. 100M; writable binds "
@@ -94,23 +123,40 @@ def _build_run_parser(sub: Any) -> None:
                      help="keep this capability (e.g. CAP_NET_BIND_SERVICE)")
     run.add_argument("--ambient-cap", metavar="CAP", action="append", default=[],
                      help="keep this capability across exec for a non-root uid")
-    run.add_argument("--hostname", metavar="NAME")
-    run.add_argument("--uid", metavar="N", type=int)
-    run.add_argument("--gid", metavar="N", type=int)
+    run.add_argument("--hostname", metavar="NAME", help="host name inside the sandbox (default sandbox)")
+    run.add_argument("--uid", metavar="N", type=int,
+                     help="uid of the program (default: as root, a host uid of the sandbox's own from "
+                          "id_range; unprivileged, 65534 in a user namespace)")
+    run.add_argument("--gid", metavar="N", type=int, help="gid of the program (default: like --uid)")
     run.add_argument("--env", metavar="K=V", action="append", default=[],
                      help="set an environment variable (the environment is clean otherwise)")
-    run.add_argument("--seccomp", metavar="default|off|FILE", help="seccomp profile")
+    run.add_argument("--seccomp", metavar="default|off|FILE",
+                     help="system call filter: the built-in deny list (default), none, or an absolute "
+                          "path to a .toml/.json profile (see the README)")
     run.add_argument("--landlock", choices=("auto", "required", "off"),
                      help="a Landlock ruleset following the mounts (default: auto, where the kernel has it)")
-    run.add_argument("--cwd", metavar="DIR", default="/", help="working directory inside the sandbox")
-    run.add_argument("--json-result", metavar="FILE", help="write the full result as JSON to FILE")
+    run.add_argument("--cwd", metavar="DIR", default="/",
+                     help="working directory inside the sandbox, an absolute path (default /)")
+    run.add_argument("--json-result", metavar="FILE",
+                     help="write the result as JSON to FILE (outcome, exit code, signal, argv, resource "
+                          "usage, isolation); FILE is opened before CMD runs")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("neural-doc-flow-security")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `ndf-sandbox`."""
     parser = argparse.ArgumentParser(prog="ndf-sandbox", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="subcommand", required=True)
     _build_run_parser(sub)
     check = sub.add_parser("check", help="report what this host can enforce")
@@ -127,24 +173,25 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     config = SandboxConfig.from_toml(args.profile) if args.profile else SandboxConfig()
     changes: dict[str, Any] = {}
     if args.memory is not None:
-        changes["memory_limit_mb"] = _optional(args.memory, lambda v: parse_size_mb(v, "memory_limit_mb"))
+        changes["memory_limit_mb"] = _optional(args.memory, "memory_limit_mb",
+                                               lambda v: parse_size_mb(v, "memory_limit_mb"))
     if args.cpu is not None:
-        changes["cpu_quota_percent"] = _optional(args.cpu, lambda v: _int(v, "cpu_quota_percent"))
+        changes["cpu_quota_percent"] = _optional(args.cpu, "cpu_quota_percent", lambda v: _int(v, "cpu_quota_percent"))
     if args.pids is not None:
-        changes["max_processes"] = _optional(args.pids, lambda v: _int(v, "max_processes"))
+        changes["max_processes"] = _optional(args.pids, "max_processes", lambda v: _int(v, "max_processes"))
     if args.timeout is not None:
-        changes["timeout_seconds"] = _optional(args.timeout, lambda v: _float(v, "timeout_seconds"))
+        changes["timeout_seconds"] = _optional(args.timeout, "timeout_seconds", lambda v: _float(v, "timeout_seconds"))
     if args.nofile is not None:
         changes["max_open_files"] = args.nofile
     if args.max_file_size is not None:
-        changes["max_file_size_mb"] = _optional(args.max_file_size,
+        changes["max_file_size_mb"] = _optional(args.max_file_size, "max_file_size_mb",
                                                 lambda v: parse_size_mb(v, "max_file_size_mb"))
     if args.rootless_limits is not None:
         changes["rootless_limits"] = args.rootless_limits
     if args.io_read_bps is not None:
-        changes["io_read_bps"] = _optional(args.io_read_bps, lambda v: parse_rate(v, "io_read_bps"))
+        changes["io_read_bps"] = _optional(args.io_read_bps, "io_read_bps", lambda v: parse_rate(v, "io_read_bps"))
     if args.io_write_bps is not None:
-        changes["io_write_bps"] = _optional(args.io_write_bps, lambda v: parse_rate(v, "io_write_bps"))
+        changes["io_write_bps"] = _optional(args.io_write_bps, "io_write_bps", lambda v: parse_rate(v, "io_write_bps"))
     if args.net is not None:
         changes["namespaces"] = replace(config.namespaces, net=not args.net)
     if args.bind_specs or args.tmpfs_size or args.python:
@@ -199,6 +246,15 @@ def _command_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.cwd.startswith("/") or "\0" in args.cwd:
+        print(f"ndf-sandbox: invalid --cwd: must be an absolute path, got {args.cwd!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json_result:
+        try:  # before the program runs: a run whose result cannot be written is not started
+            args.json_file = open(args.json_result, "w")  # noqa: SIM115 - closed by _run
+        except OSError as e:
+            print(f"ndf-sandbox: cannot write --json-result {args.json_result!r}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
     if sys.platform != "linux":
         return _run(args, config, command)
     from .launch import resources
@@ -216,22 +272,57 @@ def _command_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str]) -> int:
+    json_file = getattr(args, "json_file", None)
+    try:
+        return _run_and_report(args, config, command, json_file)
+    finally:
+        if json_file is not None:
+            json_file.close()
+
+
+def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: list[str], json_file: Any) -> int:
     from .launch.supervise import run_program
 
     _remove_stale_cgroups()
     try:
         result = run_program(config, command, cwd=args.cwd)
+    except ConfigError as e:  # found while planning (e.g. a --seccomp file): still the command line
+        print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except SandboxError as e:
         print(f"ndf-sandbox: {e}", file=sys.stderr)
         return EXIT_SANDBOX_ERROR
     if result.outcome.value == "sandbox_error" or result.outcome.value in ("timeout", "oom"):
         print(f"ndf-sandbox: {result.outcome.value}: {result.error}", file=sys.stderr)
-    if args.json_result:
+    status = EXIT_NOT_FOUND if _program_not_found(result.error) else result.cli_exit_status()
+    if json_file is not None:
         import json
 
-        with open(args.json_result, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-    return result.cli_exit_status()
+        json.dump(_json_result(result, command, status), json_file, indent=2)
+    return status
+
+
+def _program_not_found(error: str | None) -> bool:
+    """Whether the exec stage failed because the program does not exist (ENOENT on
+    the program itself, not on --cwd): the shell's 127, not a set-up failure."""
+    prefix = "sandbox setup failed at stage 'exec': "
+    if not error or not error.startswith(prefix):
+        return False
+    message = error[len(prefix):]
+    return message.startswith("command not found: ") or (
+        message.startswith("cannot execute ") and "(errno 2:" in message)
+
+
+def _json_result(result: Any, command: list[str], status: int) -> dict[str, Any]:
+    """--json-result: the result's dict plus the argv run and the exit status. The
+    program's stdout/stderr are its own streams here (not captured): included, as
+    text bounded like the API's output, only when a backend did capture them."""
+    data: dict[str, Any] = {"argv": command, "exit_status": status, **result.to_dict()}
+    for name in ("stdout", "stderr"):
+        captured: bytes = getattr(result, name)
+        if captured:
+            data[name] = captured.decode(errors="replace")
+    return data
 
 
 def _remove_stale_cgroups() -> None:

@@ -96,16 +96,67 @@ def _positive(field_name: str, value: float | None, *, allow_none: bool = True) 
 
 def _capability_names(field_name: str, names: tuple[str, ...]) -> None:
     for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(field_name, f"entries must be capability names, got {name!r}")
         if name not in CAPABILITIES:
-            raise ConfigError(
-                field_name, f"unknown capability {name}{_suggest(str(name), CAPABILITIES)}"
-            )
+            spelled = name.upper() if name.upper().startswith("CAP_") else f"CAP_{name.upper()}"
+            hint = f" (did you mean {spelled}?)" if spelled in CAPABILITIES else _suggest(spelled, CAPABILITIES)
+            raise ConfigError(field_name, f"unknown capability {name}{hint}")
+
+
+def _sequence(field_name: str, value: Any, what: str) -> tuple[Any, ...]:
+    """`value` as a tuple; a string (which would be read one character at a time),
+    a mapping or a scalar is refused."""
+    if isinstance(value, (str, bytes)):
+        raise ConfigError(field_name, f"must be a list of {what}, got the string {value!r} "
+                                      f"(write [{value!r}] for a list of one)")
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(field_name, f"must be a list of {what}, got {value!r}")
+    return tuple(value)
+
+
+class _KnownFields:
+    """Refuses unknown keyword arguments with a ConfigError naming them (with a
+    suggestion), instead of the dataclass __init__'s bare TypeError."""
+
+    _prefix = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        for key in kwargs:
+            if key not in names:
+                raise ConfigError(f"{cls._prefix}{key}", f"unknown field of {cls.__name__}{_suggest(key, names)}")
+        if len(args) > len(names):
+            raise ConfigError(cls.__name__, f"takes at most {len(names)} values, got {len(args)}")
+        return super().__new__(cls)
+
+
+def _environment(value: Any) -> tuple[tuple[str, str], ...]:
+    """`environment` as (name, value) pairs: from a mapping, (name, value) pairs or
+    "NAME=value" strings; anything else is refused, naming the entry."""
+    if isinstance(value, Mapping):
+        value = tuple(value.items())
+    pairs = []
+    for entry in _sequence("environment", value, "(name, value) pairs or 'NAME=value' strings"):
+        if isinstance(entry, str) and "=" in entry:
+            entry = tuple(entry.split("=", 1))
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and all(isinstance(s, str) for s in entry)):
+            raise ConfigError("environment", f"entries must be (name, value) strings or 'NAME=value', got {entry!r}")
+        name, text = entry
+        if not _ENV_NAME.match(name):
+            raise ConfigError("environment", f"invalid variable {name!r}")
+        if "\0" in text:
+            raise ConfigError("environment", f"the value of {name} must not contain a NUL byte")
+        pairs.append((name, text))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
-class NamespaceConfig:
+class NamespaceConfig(_KnownFields):
     """Which Linux namespaces the sandbox gets. `net=True` means a new, empty network
     namespace (only loopback). `user=None` means: on when not running as root."""
+
+    _prefix = "namespaces."
 
     pid: bool = True
     net: bool = True
@@ -127,17 +178,19 @@ class NamespaceConfig:
 
 
 @dataclass(frozen=True)
-class CapabilityConfig:
+class CapabilityConfig(_KnownFields):
     """Capabilities of the payload. `allowed` stay in the bounding, permitted and
     effective sets; `ambient` ones also survive exec for a non-root uid."""
+
+    _prefix = "capabilities."
 
     drop_all: bool = True
     allowed: tuple[str, ...] = ()
     ambient: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "allowed", tuple(self.allowed))
-        object.__setattr__(self, "ambient", tuple(self.ambient))
+        object.__setattr__(self, "allowed", _sequence("capabilities.allowed", self.allowed, "capability names"))
+        object.__setattr__(self, "ambient", _sequence("capabilities.ambient", self.ambient, "capability names"))
         if not isinstance(self.drop_all, bool):
             raise ConfigError("capabilities.drop_all", f"must be true or false, got {self.drop_all!r}")
         _capability_names("capabilities.allowed", self.allowed)
@@ -156,7 +209,7 @@ class CapabilityConfig:
 
 
 @dataclass(frozen=True)
-class BindMount:
+class BindMount(_KnownFields):
     """A host path made visible inside the sandbox at `target` (default: same path)."""
 
     source: str
@@ -164,9 +217,11 @@ class BindMount:
     read_only: bool = True
 
     def __post_init__(self) -> None:
-        if not self.target:
+        kind = "read_only_binds" if self.read_only is True else "binds"
+        if not isinstance(self.read_only, bool):
+            raise ConfigError(f"filesystem.{kind}", f"read_only must be true or false, got {self.read_only!r}")
+        if self.target == "":
             object.__setattr__(self, "target", self.source)
-        kind = "read_only_binds" if self.read_only else "binds"
         for name in ("source", "target"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.startswith("/"):
@@ -186,7 +241,7 @@ class BindMount:
 
 
 @dataclass(frozen=True)
-class FilesystemConfig:
+class FilesystemConfig(_KnownFields):
     """The sandbox's file system: a read-only root built from system directories,
     plus these binds, a private /tmp of `tmp_size_mb`, and the Python
     installation when `python` is true (needed to run Python callables).
@@ -197,6 +252,8 @@ class FilesystemConfig:
     below it, whatever the order; of two binds on one target, the later is on top.
     A bind's source must be its real path: no component may be a symlink."""
 
+    _prefix = "filesystem."
+
     read_only_binds: tuple[BindMount, ...] = ()
     binds: tuple[BindMount, ...] = ()
     tmp_size_mb: int = DEFAULT_TMP_SIZE_MB
@@ -205,10 +262,16 @@ class FilesystemConfig:
 
     def __post_init__(self) -> None:
         for name in ("read_only_binds", "binds", "bind_mounts"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-            for bind in getattr(self, name):
+            binds = _sequence(f"filesystem.{name}", getattr(self, name), "BindMount")
+            object.__setattr__(self, name, binds)
+            for bind in binds:
                 if not isinstance(bind, BindMount):
-                    raise ConfigError(f"filesystem.{name}", f"must be BindMount, got {bind!r}")
+                    raise ConfigError(f"filesystem.{name}", f"entries must be BindMount, got {bind!r}")
+        if isinstance(self.tmp_size_mb, float) or not isinstance(self.python, bool):
+            name, value = ("tmp_size_mb", self.tmp_size_mb) if isinstance(self.tmp_size_mb, float) \
+                else ("python", self.python)
+            kind = "a whole number > 0" if name == "tmp_size_mb" else "true or false"
+            raise ConfigError(f"filesystem.{name}", f"must be {kind}, got {value!r}")
         _positive("filesystem.tmp_size_mb", self.tmp_size_mb, allow_none=False)
 
     @property
@@ -218,7 +281,7 @@ class FilesystemConfig:
 
 
 @dataclass(frozen=True)
-class SandboxConfig:
+class SandboxConfig(_KnownFields):
     """Everything one sandbox enforces. The defaults are the secure profile: every
     namespace, no network, a read-only root, all capabilities dropped, seccomp on,
     an unprivileged uid, a clean environment, and bounded resources (512 MiB of
@@ -270,10 +333,7 @@ class SandboxConfig:
     landlock: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.environment, Mapping):
-            object.__setattr__(self, "environment", tuple(self.environment.items()))
-        else:
-            object.__setattr__(self, "environment", tuple(tuple(kv) for kv in self.environment))
+        object.__setattr__(self, "environment", _environment(self.environment))
         for name in ("memory_limit_mb", "cpu_quota_percent", "max_processes", "io_read_bps",
                      "io_write_bps", "io_read_iops", "io_write_iops", "max_file_size_mb"):
             value = getattr(self, name)
@@ -282,7 +342,7 @@ class SandboxConfig:
             _positive(name, value)
         _positive("timeout_seconds", self.timeout_seconds)
         _positive("max_open_files", self.max_open_files, allow_none=False)
-        if not isinstance(self.max_open_files, int) or self.max_open_files < 3:
+        if isinstance(self.max_open_files, float) or self.max_open_files < 3:
             raise ConfigError("max_open_files", f"must be a whole number >= 3, got {self.max_open_files!r}")
         for name, cls in (("namespaces", NamespaceConfig), ("capabilities", CapabilityConfig),
                           ("filesystem", FilesystemConfig)):
@@ -303,16 +363,16 @@ class SandboxConfig:
                 or self.id_range[0] + self.id_range[1] > 2**32 - 1):
             raise ConfigError("id_range", "must be (first id, count): first >= 1, 1 <= count <= 65536, "
                               f"first + count <= 4294967295, got {self.id_range!r}")
-        for pair in self.environment:
-            if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
-                raise ConfigError("environment", f"entries must be (name, value) strings, got {pair!r}")
-            if not _ENV_NAME.match(pair[0]) or "\0" in pair[1]:
-                raise ConfigError("environment", f"invalid variable {pair[0]!r}")
         if not isinstance(self.seccomp, str) or "\0" in self.seccomp or not (
             self.seccomp in ("default", "off") or self.seccomp.startswith("/")
         ):
             raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
-        if self.rootless_limits not in ROOTLESS_LIMITS:
+        if not isinstance(self.no_new_privs, bool):
+            raise ConfigError("no_new_privs", f"must be true or false, got {self.no_new_privs!r}")
+        if not self.no_new_privs and self.seccomp != "off":
+            raise ConfigError("no_new_privs", "false needs seccomp = 'off': the kernel installs a seccomp "
+                              "filter only for a process with no_new_privs (the sandbox drops CAP_SYS_ADMIN first)")
+        if not isinstance(self.rootless_limits, str) or self.rootless_limits not in ROOTLESS_LIMITS:
             raise ConfigError("rootless_limits", f"must be 'cgroup' or 'rlimit', got {self.rootless_limits!r}")
         if self.landlock not in ("auto", "required", "off"):
             raise ConfigError("landlock", f"must be 'auto', 'required' or 'off', got {self.landlock!r}")
@@ -369,9 +429,40 @@ class SandboxConfig:
         return cls.from_dict(data)
 
 
+NETWORK_CHOICES = ("none", "host")
+
+
+def _network_key(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A profile's `network = "none" | "host"` (the word --net/--no-net use) turned into
+    namespaces.net; the older `namespaces.net` (true meant *no* network) still works,
+    with a FutureWarning."""
+    data = dict(data)
+    namespaces = data.get("namespaces")
+    old = isinstance(namespaces, Mapping) and "net" in namespaces
+    if old:
+        import warnings
+
+        warnings.warn("profile key namespaces.net is deprecated: write network = \"none\" (a new, empty "
+                      "network namespace) or network = \"host\" (the host's network)", FutureWarning,
+                      stacklevel=4)
+    if "network" not in data:
+        return data
+    network = data.pop("network")
+    if not isinstance(network, str) or network not in NETWORK_CHOICES:
+        raise ConfigError("network", f"must be \"none\" or \"host\", got {network!r}")
+    if old:
+        raise ConfigError("network", "give network or the deprecated namespaces.net, not both")
+    if namespaces is not None and not isinstance(namespaces, Mapping):
+        return data  # refused below, naming `namespaces`
+    data["namespaces"] = {**(namespaces or {}), "net": network == "none"}
+    return data
+
+
 def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(prefix.rstrip(".") or "profile", f"must be a table, got {data!r}")
+    if cls is SandboxConfig:
+        data = _network_key(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     import typing
 
@@ -387,10 +478,6 @@ def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{prefix}{key}", f"must be a list, got {value!r}")
             value = tuple(_bind_from_profile(v, key) for v in value)
-        elif key == "environment" and isinstance(value, Mapping):
-            value = tuple((str(k), str(v)) for k, v in value.items())
-        elif key in ("allowed", "ambient") and isinstance(value, list):
-            value = tuple(value)
         elif value == "none" and type(None) in typing.get_args(hint):
             value = None
         kwargs[key] = value
