@@ -369,9 +369,6 @@ class SandboxConfig(_KnownFields):
             raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
         if not isinstance(self.no_new_privs, bool):
             raise ConfigError("no_new_privs", f"must be true or false, got {self.no_new_privs!r}")
-        if not self.no_new_privs and self.seccomp != "off":
-            raise ConfigError("no_new_privs", "false needs seccomp = 'off': the kernel installs a seccomp "
-                              "filter only for a process with no_new_privs (the sandbox drops CAP_SYS_ADMIN first)")
         if not isinstance(self.rootless_limits, str) or self.rootless_limits not in ROOTLESS_LIMITS:
             raise ConfigError("rootless_limits", f"must be 'cgroup' or 'rlimit', got {self.rootless_limits!r}")
         if self.landlock not in ("auto", "required", "off"):
@@ -384,6 +381,9 @@ class SandboxConfig(_KnownFields):
                               f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
         if not self.namespaces.mnt and self.filesystem.all_binds:
             raise ConfigError("filesystem", "binds need namespaces.mnt = true")
+        if not self.no_new_privs and self.seccomp != "off":
+            raise ConfigError("no_new_privs", "false needs seccomp = 'off': the kernel installs a seccomp "
+                              "filter only for a process with no_new_privs (the sandbox drops CAP_SYS_ADMIN first)")
 
     @property
     def cgroup_limits_requested(self) -> bool:
