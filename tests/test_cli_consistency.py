@@ -138,3 +138,15 @@ def test_profile_network_host_and_none(tmp_path: Path) -> None:
     profile.write_text('network = "host"\n[namespaces]\nnet = true\n')
     with pytest.warns(FutureWarning), pytest.raises(Exception, match="not both"):
         SandboxConfig.from_toml(profile)
+
+
+def test_errors_name_the_option_or_the_profile_the_user_wrote(tmp_path: Path) -> None:
+    result = ndf("run", "--timeout", "-1", "--", "true")
+    assert result.returncode == 2, describe(result)
+    assert "invalid configuration in --timeout: timeout_seconds: must be > 0" in result.stderr.decode()
+    profile = tmp_path / "p.toml"
+    profile.write_text("[capabilities]\nallowed = \"CAP_CHOWN\"\n")
+    result = ndf("run", "--profile", str(profile), "--cap", "CAP_KILL", "--", "true")
+    assert result.returncode == 2, describe(result)
+    assert (f"invalid profile {profile}: capabilities.allowed: must be a list of capability names, "
+            "got the string 'CAP_CHOWN'") in result.stderr.decode(), describe(result)

@@ -168,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> SandboxConfig:
-    """Apply the command-line options on top of the profile (or the defaults)."""
-    config = SandboxConfig.from_toml(args.profile) if args.profile else SandboxConfig()
+def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = None) -> SandboxConfig:
+    """Apply the command-line options on top of the profile (`profile`, else loaded
+    from --profile, else the defaults)."""
+    config = profile or (SandboxConfig.from_toml(args.profile) if args.profile else SandboxConfig())
     changes: dict[str, Any] = {}
     if args.memory is not None:
         changes["memory_limit_mb"] = _optional(args.memory, "memory_limit_mb",
@@ -222,6 +223,26 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
     return replace(config, **changes) if changes else config
 
 
+# The option that sets each config field, to name it in an error as the user wrote it.
+_OPTIONS = {
+    "memory_limit_mb": "memory", "cpu_quota_percent": "cpu", "max_processes": "pids",
+    "timeout_seconds": "timeout", "max_open_files": "nofile", "max_file_size_mb": "max_file_size",
+    "rootless_limits": "rootless_limits", "io_read_bps": "io_read_bps", "io_write_bps": "io_write_bps",
+    "filesystem.tmp_size_mb": "tmpfs_size", "hostname": "hostname", "uid": "uid", "gid": "gid",
+    "seccomp": "seccomp", "landlock": "landlock", "environment": "env", "capabilities.allowed": "cap",
+    "capabilities.ambient": "ambient_cap", "filesystem.read_only_binds": "bind_specs",
+    "filesystem.binds": "bind_specs",
+}
+
+
+def _origin(args: argparse.Namespace, field: str) -> str:
+    """' in --memory' when the option that sets `field` was given, else nothing."""
+    dest = _OPTIONS.get(field)
+    if dest is None or not getattr(args, dest, None):
+        return ""
+    return " in " + ("--ro-bind/--bind" if dest == "bind_specs" else "--" + dest.replace("_", "-"))
+
+
 def _int(text: str, field: str) -> int:
     try:
         return int(text)
@@ -242,9 +263,14 @@ def _command_run(args: argparse.Namespace) -> int:
         print("ndf-sandbox run: missing command (ndf-sandbox run [options] -- CMD ARGS...)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        config = config_from_args(args)
+        profile = SandboxConfig.from_toml(args.profile) if args.profile else None
     except ConfigError as e:
-        print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
+        print(f"ndf-sandbox: invalid profile {args.profile}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = config_from_args(args, profile)
+    except ConfigError as e:
+        print(f"ndf-sandbox: invalid configuration{_origin(args, e.field)}: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not args.cwd.startswith("/") or "\0" in args.cwd:
         print(f"ndf-sandbox: invalid --cwd: must be an absolute path, got {args.cwd!r}", file=sys.stderr)
