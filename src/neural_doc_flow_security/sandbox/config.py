@@ -154,7 +154,9 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
 @dataclass(frozen=True)
 class NamespaceConfig(_KnownFields):
     """Which Linux namespaces the sandbox gets. `net=True` means a new, empty network
-    namespace (only loopback). `user=None` means: on when not running as root."""
+    namespace (only loopback). `user=None` means: on when not running as root.
+    A profile says `network = "none" | "host"` instead of `[namespaces] net` (the
+    CLI's word: "host" is net=False); the old key still loads, with a FutureWarning."""
 
     _prefix = "namespaces."
 
@@ -295,6 +297,10 @@ class SandboxConfig(_KnownFields):
     uid/gid 65534 mapped to the caller's own. A number: that id, for every sandbox.
 
     `cpu_quota_percent`: 100 means one full CPU, 50 half of one, 200 two CPUs.
+    `no_new_privs`: False needs `seccomp="off"` (the kernel takes a seccomp filter
+    from a process without CAP_SYS_ADMIN only under no_new_privs).
+    Every field is checked for its type and range; an unknown keyword is a
+    ConfigError naming it, with a suggestion.
     `max_file_size_mb`: the largest file a process may write (RLIMIT_FSIZE): writable
     binds have no quota otherwise.
     `rootless_limits`: how limits are enforced where no cgroup can be made (an
