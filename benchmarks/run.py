@@ -1,7 +1,7 @@
 """One command that measures the sandbox against bwrap, nsjail and no isolation, in one run.
 
     /opt/ndf-venv/bin/python benchmarks/run.py [--quick] [--json out.json] [--markdown out.md]
-                                               [--only cli,api,throughput,memory,stages]
+                                               [--only cli,api,throughput,memory,stages,hostile]
 
 Prints markdown tables: median and p90 in ms over many repetitions, and the ratio
 to the baseline named in each table, all measured in this same run (the machine
@@ -749,13 +749,20 @@ def floors_table(tables: list[Table]) -> Table:
     return table
 
 
+def hostile_scenarios(quick: bool) -> list[Table]:
+    """Scenario 7 (benchmarks/hostile.py): decode cost of hostile frames, hostile neighbours."""
+    import hostile
+
+    return hostile.run_all(quick, arun)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes)")
     parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
-    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages",
+    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages,hostile",
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--max-sandboxes", type=int, default=1000, help="largest N for the memory scenario")
     args = parser.parse_args(argv)
@@ -789,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(n for n in (1, 10, 100, 1000) if n <= args.max_sandboxes and (not quick or n <= 100))
     section("memory", lambda: arun(scenario_memory(sizes, 10 if quick else 30)))
     section("stages", lambda: scenario_stages(15 if quick else 100))
+    section("hostile", lambda: hostile_scenarios(quick))
 
     floors = floors_table(tables)
     if floors.rows:

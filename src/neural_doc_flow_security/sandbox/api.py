@@ -1073,7 +1073,7 @@ class SandboxManager:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise HostLimitError(_fd_limit_message(exc, len(self._handles))) from exc
-                raise SandboxError(f"{plugin_id}: cannot set up the sandbox's pipes: {exc}") from exc
+                raise SandboxError(f"{plugin_id}: cannot start the sandbox: {exc}") from exc
             ours.pop_all()
         stdout_r, stderr_r = read_ends
         self._handles[sandbox_id] = handle

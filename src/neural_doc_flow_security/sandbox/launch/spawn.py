@@ -9,6 +9,8 @@ what it reports when it ends.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 import re
@@ -44,6 +46,60 @@ _INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init coul
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
+@functools.cache
+def _oom_kill_file() -> str | None:
+    from ..linux.cgroups import own_oom_kill_file
+
+    return own_oom_kill_file()
+
+
+def _oom_kills_here() -> int | None:
+    """OOM kills counted so far in this process's memory cgroup, or None."""
+    path = _oom_kill_file()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path else -1
+    except OSError:
+        return None
+    if fd < 0:
+        return None
+    try:
+        data = os.pread(fd, 4096, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    for line in data.splitlines():
+        if line.startswith(b"oom_kill "):
+            return int(line.split()[1])
+    return None
+
+
+class _OomKills:
+    """OOM kills in this process's memory cgroup that no sandbox has claimed yet.
+
+    A sandbox without a cgroup of its own is charged to ours, so that is where the
+    kernel counts its OOM kill, whichever limit above it (or the machine) ran out.
+    The count is read once (about 100 µs on cgroup v1) and then only when a
+    cgroup-less sandbox died of a SIGKILL the host did not send.
+    """
+
+    seen: int | None = None
+
+    @classmethod
+    def start_counting(cls) -> None:
+        if cls.seen is None:
+            cls.seen = _oom_kills_here()
+
+    @classmethod
+    def claim(cls) -> bool:
+        """True if a kill was counted since the last claim (this sandbox's, most likely)."""
+        now = _oom_kills_here()
+        claimed = cls.seen is not None and now is not None and now > cls.seen
+        if now is not None:
+            cls.seen = min(now, cls.seen + 1) if claimed and cls.seen is not None else now
+        return claimed
+
+
 @dataclass
 class SpawnedSandbox:
     """A running sandbox as its parent sees it. `pid` is the sandbox's init."""
@@ -63,6 +119,10 @@ class SpawnedSandbox:
     status_report: bytes | None = None
     ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
     _isolation: IsolationReport | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.cgroup is None:
+            _OomKills.start_counting()
 
     @property
     def deadline(self) -> float | None:
@@ -142,8 +202,11 @@ def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | No
     process, which must be single-threaded. `child_fds`: the fds of this process
     the child uses. Returns (pid, pidfd); a payload process never returns."""
     if template is not None:
-        return template.clone(clone_flags, cgroup_fd, error_fd,
-                              pack_with_payload(child_steps, payload, environment, sandbox_id), child_fds, trace_fd)
+        pid, pidfd = template.clone(clone_flags, cgroup_fd, error_fd,
+                                    pack_with_payload(child_steps, payload, environment, sandbox_id), child_fds,
+                                    trace_fd)
+        _raise_oom_score(pid)
+        return pid, pidfd
     argv, cwd, python = _payload_parts(payload, environment)
     pid, pidfd, received = steps.spawn(clone_flags, cgroup_fd, error_fd, child_steps, argv, environment, cwd,
                                        trace_fd, sandbox_id)
@@ -152,7 +215,26 @@ def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | No
             run_payload(*(pickle.loads(received) if received is not None else python or ()))
         finally:
             os._exit(EXIT_SANDBOX_ERROR)  # never unwind into the parent's code
+    _raise_oom_score(pid)
     return pid, pidfd
+
+
+SANDBOX_OOM_SCORE_ADJ = 1000
+"""Every sandbox process: the kernel's OOM killer picks sandboxes before anything else
+(zygotes have zygote.HELPER_OOM_SCORE_ADJ; the manager keeps its own)."""
+
+
+def _raise_oom_score(pid: int) -> None:
+    # From here, not as a child step: the child cannot name its own /proc entry
+    # without a symlink (/proc/self), and child steps never follow one. Raising the
+    # score needs no privilege. The child forks its payload (which inherits it) only
+    # after a token from this process, or, a spare, after its launch.
+    with contextlib.suppress(OSError):  # it died already, or (a spare, unprivileged) is not dumpable any more
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"%d" % SANDBOX_OOM_SCORE_ADJ)
+        finally:
+            os.close(fd)
 
 
 def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
@@ -351,6 +433,11 @@ def _result(spawned: SpawnedSandbox, wait_status: int | None, rusage: resource.s
         return replace(base, outcome=Outcome.OOM,
                        error=f"out of memory: the kernel OOM-killed {stats.oom_kills} process(es) "
                              f"at memory_limit_mb={config.memory_limit_mb}")
+    if sig == signal.SIGKILL and not spawned.killed and spawned.cgroup is None and _OomKills.claim():
+        # No cgroup of its own: it was charged to ours, where the kernel counts the kill.
+        return replace(base, outcome=Outcome.OOM,
+                       error="out of memory: the kernel's OOM killer killed it (a memory limit above "
+                             "the sandbox, or the machine's memory, ran out)")
     if sig is not None:
         return replace(base, outcome=Outcome.KILLED, error=f"killed by signal {sig}")
     if exit_code == 0:

@@ -358,6 +358,11 @@ def _drop_thread_reinit_at_fork() -> None:
             referrer[:] = [hook for hook in referrer if hook not in dropped]
 
 
+HELPER_OOM_SCORE_ADJ = 500
+"""Zygotes and their templates: the OOM killer takes them after every sandbox
+(spawn.SANDBOX_OOM_SCORE_ADJ) and before the manager."""
+
+
 def main(argv: list[str]) -> int:
     """Entry point, `argv`: [_, FD, PARENT_PID] (see start_methods.zygote_command)."""
     fd, parent_pid = int(argv[1]), int(argv[2])
@@ -367,6 +372,9 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the manager, which decides
+    # The OOM killer takes sandboxes first, then helpers; the template inherits it.
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as oom_score:
+        oom_score.write(str(HELPER_OOM_SCORE_ADJ))
     sock = socket.socket(fileno=fd)
     hello = pickle.loads(sock.recv(MAX_REQUEST_BYTES))  # the payloads' sys.path (the Python installation's)
     sys.path[:] = hello["sys_path"]

@@ -98,6 +98,25 @@ def _own_dir(mount: _Mount, own_path: str) -> str | None:
     return os.path.join(mount.mountpoint, own_path[len(root):].lstrip("/")).rstrip("/")
 
 
+def own_oom_kill_file() -> str | None:
+    """The file counting OOM kills in this process's memory cgroup (v1 memory.oom_control,
+    v2 memory.events), or None. A sandbox without a cgroup of its own is charged
+    there: the kernel counts it there when it OOM-kills it, whichever limit ran out."""
+    try:
+        own, mounts = _own_cgroups(), _cgroup_mounts()
+    except (OSError, ValueError):
+        return None
+    for mount in mounts:
+        v1 = mount.fstype == "cgroup" and "memory" in mount.options and "memory" in own
+        v2 = mount.fstype == "cgroup2" and "" in own
+        own_dir = _own_dir(mount, own["memory" if v1 else ""]) if v1 or v2 else None
+        if own_dir is not None:
+            path = os.path.join(own_dir, "memory.oom_control" if v1 else "memory.events")
+            if os.path.exists(path):
+                return path
+    return None
+
+
 def _may_create_below(own_dir: str, parent: str) -> str:
     """"" if this process may create cgroups in `parent`, else the reason."""
     target = parent if os.path.isdir(parent) else own_dir
