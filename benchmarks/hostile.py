@@ -24,6 +24,8 @@ from typing import Any
 
 from run import Table, _async_check, _timed_calls, summary
 
+from neural_doc_flow_security.sandbox import PluginContext
+
 AMPLIFYING_FRAME = (b"\xdd" + struct.pack(">I", 100_000)) * 1000  # issue 22's 5 KB frame
 _SEND_RECORD = """
 import array, os, socket, time
@@ -85,7 +87,7 @@ def scenario_decode_cost(megabytes: float) -> list[Table]:
 
 # -- the flooders (run inside sandboxes) --------------------------------------------------
 
-def paced_logs(ctx: Any) -> None:
+def paced_logs(ctx: PluginContext) -> None:
     """Valid messages, as fast as the rate limit allows (~1,000/s), until stopped."""
     import time
 
@@ -102,11 +104,11 @@ _INVALID = _SEND_RECORD + "send_record(b'\\xff' * 4096)\ntime.sleep(600)\n"
 _AMPLIFYING = _SEND_RECORD + f"send_record(b'\\x01' + {AMPLIFYING_FRAME!r})\ntime.sleep(600)\n"
 
 
-async def _flood(manager: Any, kind: str, stop: asyncio.Event, config: Any) -> int:
+async def _flood(manager: Any, kind: str, stop: asyncio.Event, config: Any, index: int) -> int:
     """One flooding neighbour until `stop`; returns how many sandboxes it used."""
     used = 0
     if kind == "valid":
-        handle = await manager.spawn(f"flood-valid-{id(stop)}", paced_logs, sandbox_config=config)
+        handle = await manager.with_options(sandbox_config=config).spawn(f"flood-valid-{index}", paced_logs)
         used = 1
         while not stop.is_set():
             await handle.receive(timeout=0.05)
@@ -117,7 +119,8 @@ async def _flood(manager: Any, kind: str, stop: asyncio.Event, config: Any) -> i
             await manager.execute_sandboxed("busy", int)
         else:
             source = _INVALID if kind == "invalid" else _AMPLIFYING
-            await manager.execute_sandboxed(f"flood-{kind}", raw_then_sleep, source, sandbox_config=config)
+            await manager.with_options(sandbox_config=config).execute_sandboxed(f"flood-{kind}", raw_then_sleep,
+                                                                                source)
         used += 1
     return used
 
@@ -148,8 +151,8 @@ async def scenario_hostile(flooders: int, calls: int) -> list[Table]:
             await manager.wait_pool_ready()
             fds_before, maps_before = len(os.listdir("/proc/self/fd")), _memfd_mappings()
             stop = asyncio.Event()
-            tasks = [asyncio.ensure_future(_flood(manager, kind, stop, config))
-                     for _ in range(flooders if kind != "no flood" else 0)]
+            tasks = [asyncio.ensure_future(_flood(manager, kind, stop, config, i))
+                     for i in range(flooders if kind != "no flood" else 0)]
             await asyncio.sleep(1.0 if tasks else 0)  # the flood is under way
             cpu, wall = time.process_time(), time.perf_counter()
             stats = summary(await _timed_calls(trivial, calls, warmup=1))

@@ -23,6 +23,7 @@ from neural_doc_flow_security.sandbox.errors import ProtocolViolation
 from neural_doc_flow_security.sandbox.ipc import framing
 from neural_doc_flow_security.sandbox.ipc.limits import DecodeLimits
 from neural_doc_flow_security.sandbox.ipc.messages import MessageKind
+from neural_doc_flow_security.sandbox.launch.python_worker import PluginContext
 from neural_doc_flow_security.sandbox.result import Outcome, SandboxResult
 from test_api_ipc import RAW_PRELUDE
 
@@ -114,8 +115,8 @@ time.sleep(600)
 def test_sparse_memfd_is_refused_and_never_mapped_by_the_host(method: str) -> None:
     async def scenario() -> tuple[Any, int, SandboxResult]:
         async with manager(method) as m:
-            handle = await m.spawn("sparse", hostile, RAW_PRELUDE + SPARSE_MEMFD,
-                                   sandbox_config=SandboxConfig(memory_limit_mb=64, timeout_seconds=120))
+            calls = m.with_options(sandbox_config=SandboxConfig(memory_limit_mb=64, timeout_seconds=120))
+            handle = await calls.spawn("sparse", hostile, RAW_PRELUDE + SPARSE_MEMFD)
             message = await handle.receive(timeout=60)
             mapped = mapped_memfd_bytes()
             result = await asyncio.wait_for(handle.kill(), 60)
@@ -151,8 +152,8 @@ time.sleep(600)
 def test_a_refused_memfd_is_unmapped_and_its_fd_closed_at_once(method: str) -> None:
     async def scenario() -> tuple[SandboxResult, int, list[str]]:
         async with manager(method) as m:
-            handle = await m.spawn("refused", hostile, RAW_PRELUDE + REFUSED_AFTER_MAPPING,
-                                   sandbox_config=SandboxConfig(timeout_seconds=120))
+            calls = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=120))
+            handle = await calls.spawn("refused", hostile, RAW_PRELUDE + REFUSED_AFTER_MAPPING)
             result = await asyncio.wait_for(handle.wait(), 120)
             # The manager and the handle (with its violation) are still alive here.
             fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
@@ -169,7 +170,7 @@ def test_a_refused_memfd_is_unmapped_and_its_fd_closed_at_once(method: str) -> N
 
 # --- back-pressure never blocks ending a sandbox (#22.3), fds per queued blob (#22.4) --
 
-def chatty_then_return(ctx: Any, count: int) -> int:
+def chatty_then_return(ctx: PluginContext, count: int) -> int:
     for i in range(count):
         ctx.log(f"line {i}")
     return 42
@@ -197,7 +198,7 @@ def test_wait_returns_when_a_plugin_ended_with_more_unread_messages_than_the_inb
     assert logs == count
 
 
-def endless_logs(ctx: Any) -> None:
+def endless_logs(ctx: PluginContext) -> None:
     import time
 
     while True:
@@ -213,7 +214,8 @@ def test_kill_and_shutdown_complete_while_the_inbox_is_full(method: str) -> None
         m = manager(method, status_interval=None)
         await m.start()
         try:
-            handle = await m.spawn("endless", endless_logs, sandbox_config=SandboxConfig(timeout_seconds=300))
+            calls = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=300))
+            handle = await calls.spawn("endless", endless_logs)
             assert await api_helpers.async_wait_until(lambda: handle._inbox.qsize() >= INBOX_MESSAGES,
                                                       timeout=120)
             queued = handle._inbox.qsize()
@@ -227,7 +229,7 @@ def test_kill_and_shutdown_complete_while_the_inbox_is_full(method: str) -> None
     assert queued == INBOX_MESSAGES  # the reader stopped at the bound
 
 
-def blobs_then_sleep(ctx: Any, count: int) -> None:
+def blobs_then_sleep(ctx: PluginContext, count: int) -> None:
     import time
 
     for i in range(count):
@@ -253,8 +255,8 @@ def test_queued_memfd_messages_hold_a_bounded_number_of_host_fds(method: str) ->
 
     async def scenario() -> tuple[int, int, list[int], int]:
         async with manager(method, status_interval=None) as m:
-            handle = await m.spawn("blobs", blobs_then_sleep, count,
-                                   sandbox_config=SandboxConfig(timeout_seconds=300))
+            calls = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=300))
+            handle = await calls.spawn("blobs", blobs_then_sleep, count)
             assert await api_helpers.async_wait_until(lambda: handle._inbox.qsize() >= INBOX_BLOBS, timeout=120)
             await asyncio.sleep(1.0)  # a reader that did not stop would take more now
             held = memfd_fds()
@@ -372,11 +374,11 @@ def test_trivial_calls_are_served_while_neighbours_flood_amplifying_frames(metho
             await m.execute_sandboxed("warm", lambda: 0)
             stop = asyncio.Event()
             floods: list[SandboxResult] = []
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=60))
 
             async def flooder() -> None:
                 while not stop.is_set():
-                    floods.append(await m.execute_sandboxed("flood", hostile, RAW_PRELUDE + AMPLIFYING,
-                                                            sandbox_config=SandboxConfig(timeout_seconds=60)))
+                    floods.append(await bounded.execute_sandboxed("flood", hostile, RAW_PRELUDE + AMPLIFYING))
 
             tracemalloc.start()
             try:
@@ -400,7 +402,7 @@ def test_trivial_calls_are_served_while_neighbours_flood_amplifying_frames(metho
 
 # --- memory pressure: sandboxes are the OOM killer's first choice (#22.7) ---------------
 
-def sleeper(ctx: Any) -> None:
+def sleeper(ctx: PluginContext) -> None:
     ctx.wait_for_stop()
 
 
@@ -442,10 +444,11 @@ OOM_SCRIPT = r"""
 import asyncio, json, os, sys
 with open(sys.argv[1], "w") as procs:  # into the limited cgroup before anything starts
     procs.write(str(os.getpid()))
-from neural_doc_flow_security.sandbox import SandboxManager
+from neural_doc_flow_security.sandbox import SandboxConfig, SandboxManager
 
 async def main():
-    async with SandboxManager(start_method=sys.argv[2]) as m:  # no limits: no cgroup of its own
+    config = SandboxConfig(memory_limit_mb=None, max_processes=None)  # no limits: no cgroup of its own
+    async with SandboxManager(config, start_method=sys.argv[2]) as m:
         result = await m.execute_command("hog", ["tail", "-n", "1", "/dev/zero"])  # grows until killed
         print(json.dumps({"outcome": result.outcome.value, "error": result.error, "signal": result.signal}))
 
