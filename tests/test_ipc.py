@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
+import datetime
+import decimal
+import enum
 import fcntl
+import functools
 import gc
 import os
 import pickle
@@ -18,7 +23,7 @@ import msgpack
 import pytest
 
 from neural_doc_flow_security.sandbox.errors import ConfigError, ProtocolViolation
-from neural_doc_flow_security.sandbox.ipc import framing
+from neural_doc_flow_security.sandbox.ipc import framing, values
 from neural_doc_flow_security.sandbox.ipc.channel import (
     RECORD_INLINE,
     RECORD_SPILLED,
@@ -346,21 +351,84 @@ def test_wide_payloads_are_rejected() -> None:
         framing.decode(framing.encode(many_small), DecodeLimits(max_objects=10_000))
 
 
-def test_ext_types_are_rejected() -> None:
+def test_ext_types_outside_the_table_are_rejected() -> None:
     limits = DecodeLimits()
-    with pytest.raises(ProtocolViolation, match="ext"):
-        framing.decode(msgpack.packb(msgpack.ExtType(5, b"x")), limits)
+    with pytest.raises(ProtocolViolation, match="ext type 42"):
+        framing.decode(msgpack.packb(msgpack.ExtType(42, b"x")), limits)
     timestamp = msgpack.packb(msgpack.Timestamp(1, 0))  # msgpack decodes ext -1 without ext_hook
-    with pytest.raises(ProtocolViolation):
+    with pytest.raises(ProtocolViolation, match="ext type -1"):
         framing.decode(timestamp, limits)
     assert assert_violation(lambda sock: send_raw(sock, bytes((RECORD_INLINE,)) + timestamp))
 
 
-def test_non_string_map_keys_are_rejected() -> None:
-    with pytest.raises(ProtocolViolation):
-        framing.decode(msgpack.packb({1: "a"}), DecodeLimits())
-    with pytest.raises(ProtocolViolation):
-        framing.decode(msgpack.packb({b"k": "a"}, use_bin_type=True), DecodeLimits())
+def test_common_value_types_round_trip() -> None:
+    @dataclasses.dataclass
+    class Page:
+        number: int
+        words: tuple[str, ...]
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    value = {
+        1: "int key", -2**63: "min", 2**64 - 1: "max", None: "nil key", False: "bool key", b"raw": "bytes key",
+        "tuple": (1, ("a", b"b"), [2.5, None]), "set": {1, "a", b"b", None}, "frozenset": frozenset({3}),
+        "when": datetime.datetime(2026, 12, 4, 15, 30, 1, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+        "naive": datetime.datetime(2026, 1, 2), "day": datetime.date(2026, 12, 4),
+        "at": datetime.time(23, 59, 58, 999), "price": decimal.Decimal("-12.3400"),
+        "deep": functools.reduce(lambda inner, _: [inner], range(100), []),
+        "page": Page(3, ("a", "b")), "colour": Colour.RED, "empty": ((), set(), frozenset()),
+    }
+    decoded = framing.decode(framing.encode(value), DecodeLimits())
+    assert decoded == {**value, "page": {"number": 3, "words": ("a", "b")}, "colour": 1}
+    assert type(decoded["tuple"]) is tuple and type(decoded["tuple"][1]) is tuple
+    assert type(decoded["set"]) is set and type(decoded["frozenset"]) is frozenset
+    assert decoded["when"].utcoffset() == datetime.timedelta(hours=2)
+    assert str(decoded["price"]) == "-12.3400"
+
+
+@pytest.mark.parametrize("value, reason", [
+    (object(), "builtins.object cannot be sent"),
+    ({(1, 2)}, "set holding a tuple"),
+    ({1.5}, "set holding a float"),
+])
+def test_values_outside_the_table_cannot_be_sent(value: object, reason: str) -> None:
+    with pytest.raises(TypeError, match=reason):
+        framing.encode(value)
+
+
+@pytest.mark.parametrize("frame, reason", [
+    # keys whose hashes a peer could make collide (quadratic dict building) or unhashable ones
+    (msgpack.packb({1.5: 0}), "map key"),
+    (b"\x81" + msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, msgpack.packb([1]))) + b"\x00", "map key"),
+    (b"\x81\x91\x01\x00", "map key"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_SET, msgpack.packb([1.5]))), "set item"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_SET, msgpack.packb([[1]]))), "set item"),
+    # an ext container whose array does not fill it, or is no array
+    (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, msgpack.packb([1]) + b"\x00")), "does not fill"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, b"\x01")), "must hold one array"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, b"\x92\x01")), "remaining bytes"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_DECIMAL, b"1" * 5000)), "too long"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_DATE, b"yesterday")), "undecodable"),
+])
+def test_hostile_ext_and_key_frames_are_refused(frame: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolViolation, match=reason):
+        framing.decode(frame, DecodeLimits())
+
+
+def test_hostile_nested_tuples_are_refused_by_the_prescan_alone() -> None:
+    """Tuples inside tuples, 10,000 deep (one item each, or announcing 65,535): the
+    walk over the headers refuses the frame before msgpack allocates or recurses."""
+    for header, reason in ((b"\x91", "max_depth"), (b"\xdc\xff\xff", "max_objects")):
+        frame = b"\x00"
+        for _ in range(10_000):
+            body = header + frame
+            frame = b"\xc9" + len(body).to_bytes(4, "big") + bytes((values.EXT_TUPLE,)) + body
+        with pytest.raises(ProtocolViolation, match=reason):
+            framing.prescan(frame, DecodeLimits())
+    wide = msgpack.packb(msgpack.ExtType(values.EXT_SET, b"\xdd\x7f\xff\xff\xff"))
+    with pytest.raises(ProtocolViolation, match="max_container_len"):
+        framing.prescan(wide, DecodeLimits())
 
 
 @pytest.mark.parametrize(

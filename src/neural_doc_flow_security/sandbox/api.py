@@ -991,7 +991,9 @@ class SandboxManager:
             dataclasses.replace(config)  # checked again: one changed after it was built raises ConfigError here
         self._check_loop()
         assert self._slots is not None
-        call_bytes = _pickle_call(call) if call is not None else None
+        # The sandbox is told the limits its messages are decoded with (a result over them fails there).
+        call_bytes = (_pickle_call((*call, dataclasses.asdict(self._decode_limits))) if call is not None
+                      else None)
         await self._slots.acquire()
         try:
             pooled = self._pool.take() if self._pool is not None and config in (None, self.config) \

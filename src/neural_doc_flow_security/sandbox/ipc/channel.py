@@ -89,6 +89,7 @@ class _RecordCodec:
         self.rate = MessageRateLimiter(limits.max_messages_per_second, limits.burst_messages)
         self.total_bytes = 0
         self.violation: ProtocolViolation | None = None
+        self.peer_limits: DecodeLimits | None = None  # what the peer enforces, when known
         self.ancbufsize = socket.CMSG_SPACE(limits.max_fds_per_message * _FD_SIZE)
 
     # -- sending ------------------------------------------------------------
@@ -100,10 +101,15 @@ class _RecordCodec:
         limits = self.limits
         wire, blobs = message.to_wire(inline_limit=limits.max_inline_bytes // 2)
         frame = framing.encode(wire)
-        if len(frame) > limits.max_frame_bytes:
-            raise ValueError(
-                f"message of {len(frame)} bytes exceeds max_frame_bytes={limits.max_frame_bytes}"
-            )
+        peer = self.peer_limits
+        cap = (peer or limits).max_frame_bytes
+        if len(frame) > cap:
+            raise ValueError(f"message of {len(frame)} bytes exceeds max_frame_bytes={cap}")
+        if peer is not None:
+            try:
+                framing.prescan(frame, peer)
+            except ProtocolViolation as exc:
+                raise ValueError(f"the host would refuse it: {exc}") from None
         fds: list[int] = []
         try:
             if 1 + len(frame) <= limits.max_inline_bytes:
@@ -393,6 +399,12 @@ class SyncChannel:
     def fileno(self) -> int:
         """The socket's fd (for select/poll)."""
         return self._sock.fileno()
+
+    def expect_peer_limits(self, limits: DecodeLimits) -> None:
+        """Check what this end sends against the limits the peer decodes with (its
+        max_frame_bytes replaces this end's own): a message the peer would refuse
+        as a protocol violation raises ValueError here instead."""
+        self._codec.peer_limits = limits
 
     def send(self, message: IpcMessage) -> None:
         """Send one message, blocking while the socket buffer is full."""

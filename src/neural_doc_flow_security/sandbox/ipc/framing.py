@@ -1,15 +1,18 @@
 """msgpack frames with hard limits; the only decoder the host runs on sandbox bytes.
 
 A frame is one msgpack value built from None, bool, int, float, str, bytes,
-list and str-keyed dict. Decoding never unpickles and never accepts ext types;
-it bounds sizes, element counts and nesting depth, and turns every failure
+list and dict, plus the ext types of the fixed table in `values` (tuple, set,
+frozenset, datetime, date, time, Decimal); map keys and set items are str,
+bytes, int, bool or None. Decoding never unpickles and accepts no other ext
+type; it bounds sizes, element counts and nesting depth, and turns every failure
 (garbage, truncation, bad UTF-8, too deep, too wide) into ProtocolViolation.
-
 msgpack allocates each array and map at its announced length when it reads the
 header, so a frame must first prove that it holds what it announces: a skip pass
-(msgpack's own, in C, which builds nothing) must consume exactly the frame. Then
-every announced element is backed by at least one byte, and what the decoder
-allocates, and the work it does, is linear in the frame's size.
+(msgpack's own, in C, which builds nothing) must consume exactly the frame. A
+linear walk over the headers (`prescan`) then enforces depth, widths, the ext
+table and what may be a key, ext payloads included. Every announced element is
+backed by at least one byte, and what the decoder allocates, and the work it
+does, is linear in the frame's size.
 
 On SOCK_SEQPACKET the kernel keeps frame boundaries; `encode_length_prefixed`
 and `parse_length_prefix` serve byte streams (pipes, SOCK_STREAM), where a
@@ -19,6 +22,8 @@ refused before any of the body is read.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import struct
 from collections.abc import Iterable
 from typing import Any, NoReturn
@@ -26,11 +31,15 @@ from typing import Any, NoReturn
 import msgpack
 
 from ..errors import ProtocolViolation
+from . import values
 from .limits import DecodeLimits
 
 LENGTH_PREFIX = struct.Struct(">I")
 
-_SCALARS = (type(None), bool, int, float, str, bytes)
+_SCALARS = (type(None), bool, int, float, str, bytes, datetime.datetime, datetime.date, datetime.time,
+            decimal.Decimal)
+_KEYS = (str, bytes, int, type(None))  # bool is an int
+_CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 class _TooManyObjects(Exception):
@@ -38,13 +47,56 @@ class _TooManyObjects(Exception):
 
 
 def encode(value: object) -> bytes:
-    """Encode a frame. Raises TypeError for values msgpack cannot represent."""
-    packed: bytes = msgpack.packb(value, use_bin_type=True, datetime=False)
-    return packed
+    """Encode a frame. Raises TypeError for values it cannot represent (see `values`)."""
+    return values.pack(value)
 
 
-def _refuse_ext(code: int, data: bytes) -> NoReturn:
-    raise ProtocolViolation(f"msgpack ext type {code} is not accepted")
+def _refuse(reason: str) -> NoReturn:
+    raise ProtocolViolation(reason)
+
+
+_U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
+_LENGTH_FIELD = {1: _U8, 2: _U16, 4: _U32}
+
+# What each lead byte is: (kind, n). kind SKIP: n more bytes follow; BYTES: an n-byte
+# length of a str/bin follows; ARRAY/MAP: n is the count, or -width of a count field.
+_SKIP, _BYTES, _ARRAY, _MAP, _EXT, _BAD = range(6)
+
+
+def _lead_bytes() -> tuple[tuple[int, int], ...]:
+    table = [(_BAD, 0)] * 256
+    for b in range(0x00, 0x80):
+        table[b] = (_SKIP, 0)
+    for b in range(0xE0, 0x100):
+        table[b] = (_SKIP, 0)
+    for b in range(0x80, 0x90):
+        table[b] = (_MAP, b & 0x0F)
+    for b in range(0x90, 0xA0):
+        table[b] = (_ARRAY, b & 0x0F)
+    for b in range(0xA0, 0xC0):
+        table[b] = (_SKIP, b & 0x1F)
+    table[0xC0] = table[0xC2] = table[0xC3] = (_SKIP, 0)
+    table[0xC4], table[0xC5], table[0xC6] = (_BYTES, 1), (_BYTES, 2), (_BYTES, 4)
+    table[0xC7], table[0xC8], table[0xC9] = (_EXT, -1), (_EXT, -2), (_EXT, -4)  # ext 8/16/32: length field
+    for b, size in zip(range(0xD4, 0xD9), (1, 2, 4, 8, 16), strict=True):
+        table[b] = (_EXT, size)  # fixext: the payload size
+    table[0xCA], table[0xCB] = (_SKIP, 4), (_SKIP, 8)
+    for b, width in zip(range(0xCC, 0xD0), (1, 2, 4, 8), strict=True):
+        table[b] = table[b + 4] = (_SKIP, width)  # uint8..64, int8..64
+    table[0xD9], table[0xDA], table[0xDB] = (_BYTES, 1), (_BYTES, 2), (_BYTES, 4)
+    table[0xDC], table[0xDD] = (_ARRAY, -2), (_ARRAY, -4)
+    table[0xDE], table[0xDF] = (_MAP, -2), (_MAP, -4)
+    return tuple(table)
+
+
+_LEAD = _lead_bytes()
+# What may be a map key or a set item: nil, bool, ints, str and bin (see `values`).
+_KEY_LEADS = frozenset(
+    (*range(0x00, 0x80), *range(0xE0, 0x100), *range(0xA0, 0xC0), 0xC0, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6,
+     *range(0xCC, 0xD4), 0xD9, 0xDA, 0xDB)
+)
+_ARRAY_LEADS = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))
+_PLAIN, _KEYED, _HASHED = 0, 1, 2  # containers: an array, a map (keys), a set's array (every item)
 
 
 def check_well_formed(data: bytes | bytearray | memoryview) -> None:
@@ -68,12 +120,114 @@ def check_well_formed(data: bytes | bytearray | memoryview) -> None:
         raise ProtocolViolation(f"undecodable frame: {size - unpacker.tell()} bytes of trailing data")
 
 
+def prescan(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> None:
+    """Walk the headers of one frame and enforce depth, widths, the object count,
+    the ext table and what may be a key before msgpack allocates anything.
+
+    msgpack allocates each array and map at its declared length as soon as it
+    reads the header. Here every declared count must fit in the bytes that are
+    left (an element takes at least one), so what the decoder allocates next is
+    bounded by the frame's size; the walk itself keeps two ints per open container
+    and its work is linear in the number of values, bounded by max_objects. An ext
+    container (tuple, set) is walked as the array it holds, which must end exactly
+    where its ext ends; a text ext (datetime, Decimal) is bounded and skipped.
+    """
+    view = memoryview(data).cast("B")
+    end = len(view)
+    max_depth, max_width, max_objects = limits.max_depth, limits.max_container_len, limits.max_objects
+    lead = _LEAD
+    pending = [1]  # values still to read in each open container; the frame is one value
+    shapes = [_PLAIN]  # per open container: _PLAIN, _KEYED (a map) or _HASHED (a set's items)
+    ends = [-1]  # per open container: where it must end (an ext's array), else -1
+    objects = 0
+    pos = 0
+    while pending:
+        if not pending[-1]:
+            pending.pop()
+            shapes.pop()
+            if ends.pop() not in (-1, pos):
+                raise ProtocolViolation("undecodable frame: an ext's array does not fill the ext")
+            continue
+        shape = shapes[-1]
+        key = shape == _HASHED or (shape == _KEYED and not pending[-1] % 2)
+        pending[-1] -= 1
+        if pos >= end:
+            raise ProtocolViolation("undecodable frame: truncated")
+        byte = view[pos]
+        if key and byte not in _KEY_LEADS:
+            raise ProtocolViolation(f"a map key or set item must be str, bytes, int, bool or nil (byte {byte:#04x})")
+        kind, n = lead[byte]
+        pos += 1
+        if kind == _SKIP:
+            pos += n
+            continue
+        if kind == _BYTES:
+            if pos + n > end:
+                raise ProtocolViolation("undecodable frame: truncated")
+            pos += n + _LENGTH_FIELD[n].unpack_from(view, pos)[0]
+            continue
+        ext_end = -1
+        if kind == _EXT:
+            if n < 0:
+                if pos - n > end:
+                    raise ProtocolViolation("undecodable frame: truncated")
+                size = _LENGTH_FIELD[-n].unpack_from(view, pos)[0]
+                pos -= n
+            else:
+                size = n
+            if pos >= end:
+                raise ProtocolViolation("undecodable frame: truncated")
+            code = view[pos] - 256 if view[pos] > 127 else view[pos]
+            pos += 1
+            if code in values.CONTAINER_EXTS:
+                ext_end = pos + size
+                if ext_end > end or pos >= end or view[pos] not in _ARRAY_LEADS:
+                    raise ProtocolViolation(f"undecodable frame: ext type {code} must hold one array")
+                kind, n = lead[view[pos]]
+                pos += 1
+                shape = _HASHED if code in values.HASHED_EXTS else _PLAIN
+            elif code in values.SCALAR_EXT_MAX_BYTES:
+                if size > values.SCALAR_EXT_MAX_BYTES[code]:
+                    raise ProtocolViolation(f"ext type {code} of {size} bytes is too long")
+                pos += size
+                continue
+            else:
+                raise ProtocolViolation(f"msgpack ext type {code} is not accepted")
+        elif kind == _BAD:
+            raise ProtocolViolation(f"undecodable frame: invalid msgpack byte {view[pos - 1]:#04x}")
+        else:
+            shape = _KEYED if kind == _MAP else _PLAIN
+        if n < 0:
+            if pos - n > end:
+                raise ProtocolViolation("undecodable frame: truncated")
+            width = -n
+            n = _LENGTH_FIELD[width].unpack_from(view, pos)[0]
+            pos += width
+        if n > max_width:
+            raise ProtocolViolation(f"container of {n} elements exceeds max_container_len={max_width}")
+        count = 2 * n if kind == _MAP else n
+        if count > end - pos:
+            raise ProtocolViolation(f"undecodable frame: {n} elements announced, {end - pos} remaining bytes")
+        objects += n
+        if objects > max_objects:
+            raise ProtocolViolation(f"frame holds more than max_objects={max_objects} elements")
+        if len(pending) > max_depth:
+            raise ProtocolViolation(f"frame nesting is too deep: exceeds max_depth={max_depth}")
+        pending.append(count)
+        shapes.append(shape)
+        ends.append(ext_end)
+    if pos != end:
+        problem = "truncated" if pos > end else f"{end - pos} bytes of trailing data"
+        raise ProtocolViolation(f"undecodable frame: {problem}")
+
+
 def decode(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> object:
     """Decode one untrusted frame under `limits`; raise ProtocolViolation on any fault."""
     size = memoryview(data).nbytes
     if size > limits.max_frame_bytes:
         raise ProtocolViolation(f"frame of {size} bytes exceeds max_frame_bytes={limits.max_frame_bytes}")
     check_well_formed(data)
+    prescan(data, limits)  # depth, widths, the ext table and what may be a key, before anything is built
     objects = 0
 
     # The hooks see every container as soon as it is built, so an amplifying
@@ -92,21 +246,24 @@ def decode(data: bytes | bytearray | memoryview, limits: DecodeLimits) -> object
             raise _TooManyObjects
         return mapping
 
-    try:
-        value: object = msgpack.unpackb(
-            data,
+    def unpack(payload: bytes | bytearray | memoryview) -> object:
+        return msgpack.unpackb(
+            payload,
             raw=False,
             use_list=True,
-            strict_map_key=True,
-            ext_hook=_refuse_ext,
+            strict_map_key=False,  # the keys prescan let through: str, bytes, int, bool, nil
+            ext_hook=lambda code, ext: values.from_ext(code, ext, unpack),
             list_hook=count_list,
             object_hook=count_map,
             max_bin_len=size,
             max_str_len=size,
             max_array_len=min(size, limits.max_container_len),
             max_map_len=min(size, limits.max_container_len),
-            max_ext_len=0,
+            max_ext_len=size,
         )
+
+    try:
+        value = unpack(data)
     except ProtocolViolation:
         raise
     except _TooManyObjects:
@@ -129,24 +286,26 @@ def check_shape(value: object, max_depth: int) -> None:
     Iterative, so no input can exhaust the Python stack; only containers are
     stacked, so it costs no memory per scalar.
     """
-    if not isinstance(value, list | dict):
+    if not isinstance(value, _CONTAINERS):
         if not isinstance(value, _SCALARS):
             raise ProtocolViolation(f"value of type {type(value).__name__} is not accepted")
         return
-    stack: list[tuple[list[Any] | dict[Any, Any], int]] = [(value, 1)]
+    stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > max_depth:
             raise ProtocolViolation(f"frame nesting exceeds max_depth={max_depth}")
-        if isinstance(item, dict):
+        if isinstance(item, dict | set | frozenset):
             for key in item:
-                if not isinstance(key, str):
-                    raise ProtocolViolation(f"map key of type {type(key).__name__} is not accepted")
+                if not isinstance(key, _KEYS):
+                    raise ProtocolViolation(f"map key or set item of type {type(key).__name__} is not accepted")
+            if not isinstance(item, dict):
+                continue
             children: Iterable[object] = item.values()
         else:
             children = item
         for child in children:
-            if isinstance(child, list | dict):
+            if isinstance(child, _CONTAINERS):
                 stack.append((child, depth + 1))
             elif not isinstance(child, _SCALARS):
                 raise ProtocolViolation(f"value of type {type(child).__name__} is not accepted")

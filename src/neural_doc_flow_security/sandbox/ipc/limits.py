@@ -24,8 +24,10 @@ class DecodeLimits:
     Attributes:
         max_inline_bytes: largest socket record accepted (one SOCK_SEQPACKET
             message). Senders spill bigger frames and blobs into sealed memfds.
-        max_frame_bytes: largest msgpack frame decoded, inline or from a memfd.
-        max_depth: deepest container nesting in a frame (the message map is depth 1).
+        max_frame_bytes: largest msgpack frame decoded, inline or from a memfd
+            (a callable's result is one frame; the sandbox is told this limit).
+        max_depth: deepest container nesting in a frame (the message map is depth 1,
+            a callable's result starts at depth 2; a tuple or set is one level).
         max_container_len: most elements in one array or map.
         max_objects: most container elements in one frame, summed over all
             containers (bounds the Python objects one frame can allocate).
@@ -39,7 +41,7 @@ class DecodeLimits:
 
     max_inline_bytes: int = 64 * KiB
     max_frame_bytes: int = 16 * MiB
-    max_depth: int = 32
+    max_depth: int = 256
     max_container_len: int = 100_000
     max_objects: int = 1_000_000
     max_total_bytes: int = 1 * GiB

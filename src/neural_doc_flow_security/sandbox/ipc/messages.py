@@ -82,7 +82,7 @@ _FIELDS: Mapping[MessageKind, frozenset[str]] = MappingProxyType(
         MessageKind.CONTROL: frozenset({"kind", "control"}),
         MessageKind.STATUS: frozenset({"kind", "health", "heartbeat_age", "usage"}),
         MessageKind.DATA: frozenset({"kind", "tag", "data"}),
-        MessageKind.PROGRESS: frozenset({"kind", "fraction", "note"}),
+        MessageKind.PROGRESS: frozenset({"kind", "fraction", "note", "reports"}),
         MessageKind.LOG: frozenset({"kind", "level", "text"}),
         MessageKind.RESULT: frozenset({"kind", "value"}),
         MessageKind.ERROR: frozenset({"kind", "type", "message", "traceback"}),
@@ -161,6 +161,7 @@ class IpcMessage:
     tag: str = ""
     fraction: float = 0.0
     note: str = ""
+    reports: int = 0
     level: str = ""
     text: str = ""
     value: Any = None
@@ -209,9 +210,10 @@ class IpcMessage:
         return cls(MessageKind.DATA, content=blob, tag=tag)
 
     @classmethod
-    def progress(cls, fraction: float, note: str = "") -> IpcMessage:
-        """Sandbox -> host: how far along the work is, 0.0 to 1.0."""
-        return cls(MessageKind.PROGRESS, fraction=float(fraction), note=note)
+    def progress(cls, fraction: float, note: str = "", *, reports: int = 1) -> IpcMessage:
+        """Sandbox -> host: how far along the work is, 0.0 to 1.0. `reports`: how many
+        report_progress() calls it stands for (the latest wins; the rest were coalesced)."""
+        return cls(MessageKind.PROGRESS, fraction=float(fraction), note=note, reports=reports)
 
     @classmethod
     def log(cls, level: str, text: str) -> IpcMessage:
@@ -275,7 +277,7 @@ class IpcMessage:
         elif kind is MessageKind.DATA:
             wire.update(tag=self.tag, data=blob(self.content))
         elif kind is MessageKind.PROGRESS:
-            wire.update(fraction=self.fraction, note=self.note)
+            wire.update(fraction=self.fraction, note=self.note, reports=self.reports)
         elif kind is MessageKind.LOG:
             wire.update(level=self.level, text=self.text)
         elif kind is MessageKind.RESULT:
@@ -331,7 +333,10 @@ class IpcMessage:
             fraction = _number(obj, "fraction", "progress.fraction")
             if not 0.0 <= fraction <= 1.0:
                 raise ProtocolViolation("progress.fraction must be within 0..1")
-            return cls.progress(fraction, _str(obj, "note"))
+            reports = obj["reports"]
+            if isinstance(reports, bool) or not isinstance(reports, int) or reports < 1:
+                raise ProtocolViolation("progress.reports must be a positive integer")
+            return cls.progress(fraction, _str(obj, "note"), reports=reports)
         if kind is MessageKind.LOG:
             level = _str(obj, "level")
             if level not in LOG_LEVELS:

@@ -14,6 +14,7 @@ import inspect
 import io
 import os
 import sys
+import time
 import types
 from collections import deque
 from collections.abc import Callable
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
 from ..ipc.channel import SyncChannel
+from ..ipc.limits import DecodeLimits
 from ..ipc.messages import ChannelRole, ControlMessage, IpcMessage, MessageKind
 from .payload import Payload
 
 CHANNEL_FD = 3
+PROGRESS_INTERVAL = 0.02  # seconds between progress messages (50/s, far below the host's rate limit)
 
 
 class PluginContext:
@@ -38,17 +41,36 @@ class PluginContext:
         self._channel = channel
         self._inbox: deque[IpcMessage] = deque()
         self._stop = False
+        self._progress: IpcMessage | None = None  # reported, not sent yet
+        self._progress_sent_at = -PROGRESS_INTERVAL
 
     def send(self, data: bytes | bytearray | memoryview, *, tag: str = "") -> None:
         """Send bytes to the host (large ones travel as a sealed memfd)."""
+        self.flush_progress()
         self._channel.send(IpcMessage.data(data, tag=tag))
 
     def report_progress(self, fraction: float, note: str = "") -> None:
-        """Tell the host how far along the work is (0.0 to 1.0)."""
-        self._channel.send(IpcMessage.progress(fraction, note))
+        """Tell the host how far along the work is (0.0 to 1.0).
+
+        Call it as often as you like: at most one progress message goes out per
+        PROGRESS_INTERVAL seconds, carrying the latest report and how many it stands
+        for (`reports`); one still pending goes before any other message and the result.
+        """
+        pending = self._progress.reports if self._progress is not None else 0
+        self._progress = IpcMessage.progress(fraction, note, reports=pending + 1)
+        if time.monotonic() - self._progress_sent_at >= PROGRESS_INTERVAL:
+            self.flush_progress()
+
+    def flush_progress(self) -> None:
+        """Send the progress reported and not sent yet, if any."""
+        message, self._progress = self._progress, None
+        if message is not None:
+            self._progress_sent_at = time.monotonic()
+            self._channel.send(message)
 
     def log(self, text: str, level: str = "info") -> None:
         """Send a log line to the host."""
+        self.flush_progress()
         self._channel.send(IpcMessage.log(level, text))
 
     def _pump(self, timeout: float | None) -> bool:
@@ -147,11 +169,12 @@ class PythonWorkerPayload(Payload):
             sys.stderr.flush()
             try:
                 channel.send(reply)
-            except (TypeError, ValueError) as exc:  # msgpack cannot carry the value
+            except (TypeError, ValueError) as exc:  # no wire type for it, or over the host's limits
                 channel.send(IpcMessage.error(
-                    "TypeError", f"the result cannot be sent to the host: {exc} "
-                                 "(results must be msgpack types: None, bool, int, float, str, "
-                                 "bytes, list, dict)"))
+                    type(exc).__name__, f"the result cannot be sent to the host: {exc} "
+                    "(results may hold None, bool, int, float, str, bytes, list, dict, tuple, set, "
+                    "frozenset, datetime, date, time, Decimal and dataclass instances (as dicts); "
+                    "dict keys and set items: str, bytes, int, bool or None)"))
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -220,13 +243,19 @@ def _run_call(payload: bytes, channel: SyncChannel) -> IpcMessage:
         import cloudpickle
 
         function, args, kwargs, *flags = cloudpickle.loads(payload)
+        if len(flags) > 1:  # the host's DecodeLimits: a message it would refuse is refused here
+            channel.expect_peer_limits(DecodeLimits(**flags[1]))
+        context = None
         if flags[0] if flags else wants_context(function):  # the host decides (older hosts: by name)
-            args = (PluginContext(channel), *args)
+            context = PluginContext(channel)
+            args = (context, *args)
         value = function(*args, **kwargs)
         if inspect.isawaitable(value):
             import asyncio  # only here: asyncio (and ssl) stay out of the template and its payloads
 
             value = asyncio.run(_await(value))
+        if context is not None:
+            context.flush_progress()
         return IpcMessage.result(value)
     except BaseException as exc:  # noqa: BLE001 - the plugin's failure is its result
         return IpcMessage.from_exception(exc)
