@@ -417,7 +417,7 @@ def test_flooding_plugin_is_a_protocol_violation(method: str) -> None:
 def test_flooding_spawned_plugin_is_a_protocol_violation(method: str) -> None:
     def flood(ctx: Any) -> None:
         while True:
-            ctx.report_progress(0.5)
+            ctx.log("again")  # (progress reports would be coalesced)
 
     limits = DecodeLimits(max_messages_per_second=200.0, burst_messages=400)
 
@@ -457,8 +457,8 @@ RAW_ATTACKS = {
         "send_record(b'\\x02', [fd])", "seals"),
     "not_a_memfd": ("send_record(b'\\x02', [0])", "memfd"),
     "bad_message_shape": ("send_record(b'\\x01' + msgpack.packb({'kind': 'progress', 'fraction': 7.0, "
-                          "'note': ''}))", "fraction"),
-    "ext_type": ("send_record(b'\\x01' + msgpack.packb(msgpack.ExtType(1, b'x')))", "ext"),
+                          "'note': '', 'reports': 1}))", "fraction"),
+    "ext_type": ("send_record(b'\\x01' + msgpack.packb(msgpack.ExtType(42, b'x')))", "ext type 42"),
 }
 SECOND_RESULT = ("send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 1}))\n"
                  "send_record(b'\\x01' + msgpack.packb({'kind': 'result', 'value': 2}))\n")

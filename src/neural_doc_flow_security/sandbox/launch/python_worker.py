@@ -169,7 +169,7 @@ class PythonWorkerPayload(Payload):
             sys.stderr.flush()
             try:
                 channel.send(reply)
-            except (TypeError, ValueError) as exc:  # no wire type for it, or over the host's limits
+            except (TypeError, ValueError, OverflowError) as exc:  # no wire type, an int over 64 bits, a limit
                 channel.send(IpcMessage.error(
                     type(exc).__name__, f"the result cannot be sent to the host: {exc} "
                     "(results may hold None, bool, int, float, str, bytes, list, dict, tuple, set, "
