@@ -297,6 +297,8 @@ class IpcMessage:
         """Validate a decoded frame and build the message; ProtocolViolation on any wrong shape."""
         if not isinstance(obj, dict):
             raise ProtocolViolation(f"message must be a map, got {type(obj).__name__}")
+        if not all(isinstance(key, str) for key in obj):  # values may have other keys; messages not
+            raise ProtocolViolation("message fields must be named by strings")
         raw_kind = obj.get("kind")
         try:
             if not isinstance(raw_kind, str):
@@ -320,8 +322,8 @@ class IpcMessage:
                 raise ProtocolViolation(f"unknown control command {_short(command)}") from None
         if kind is MessageKind.STATUS:
             usage = obj["usage"]
-            if not isinstance(usage, dict):
-                raise ProtocolViolation("status.usage must be a map")
+            if not isinstance(usage, dict) or not all(isinstance(name, str) for name in usage):
+                raise ProtocolViolation("status.usage must be a map with string keys")
             checked = {name: _number(usage, name, f"status.usage.{name}") for name in usage}
             age = _number(obj, "heartbeat_age", "status.heartbeat_age")
             if age < 0:
