@@ -340,29 +340,33 @@ def test_deeply_nested_result_is_refused_and_host_survives(method: str) -> None:
     assert after.outcome is Outcome.OK and after.output == "still fine"
 
 
-def test_nested_result_beyond_host_depth_limit_is_protocol_violation(method: str) -> None:
-    # msgpack can pack 100 levels; the host's max_depth (32) refuses it.
+@pytest.mark.parametrize("levels", [100, 300])
+def test_nested_result_beyond_host_depth_limit_is_the_plugins_error(method: str, levels: int) -> None:
+    # 100 levels are harmless and come back; beyond the host's max_depth (256) the
+    # sandbox refuses to send it (an error naming the limit, not a protocol violation).
     def nested() -> list[Any]:
         value: list[Any] = []
-        for _ in range(100):
+        for _ in range(levels):
             value = [value]
         return value
 
     result = run(one(method, nested))
-    assert result.outcome is Outcome.PROTOCOL_VIOLATION, describe(result)
-    assert "max_depth" in (result.error or "")
+    if levels == 100:
+        assert result.outcome is Outcome.OK, describe(result)
+        return
+    assert result.outcome is Outcome.ERROR, describe(result)
+    assert "max_depth=256" in (result.error or "")
 
 
-@pytest.mark.parametrize("kind", ["set", "object"])
-def test_result_msgpack_cannot_carry_is_an_error_saying_so(method: str, kind: str) -> None:
+def test_result_msgpack_cannot_carry_is_an_error_saying_so(method: str) -> None:
     class Custom:
         pass
 
-    value: object = {1, 2, 3} if kind == "set" else Custom()
+    value = Custom()
     result = run(one(method, lambda: value))
     assert result.outcome is Outcome.ERROR, describe(result)
     assert "cannot be sent to the host" in (result.error or "")
-    assert ("set" if kind == "set" else "Custom") in (result.error or "")
+    assert "Custom" in (result.error or "")
 
 
 class _CreatesMarkerWhenUnpickled:
