@@ -178,7 +178,7 @@ def test_the_old_forms_still_work_and_warn() -> None:
         async with manager("zygote") as m:
             with pytest.warns(DeprecationWarning, match="named `ctx`") as named:
                 old = await m.execute_sandboxed("legacy", legacy, 1)
-            assert old.output == ["PluginContext", 1], describe(old)
+            assert old.output == ("PluginContext", 1), describe(old)  # a tuple comes back as one
             with pytest.warns(DeprecationWarning, match="with_options") as keyword:
                 configured = await m.execute_sandboxed("cfg", lambda: 2, sandbox_config=SandboxConfig())
             assert configured.output == 2
@@ -186,7 +186,7 @@ def test_the_old_forms_still_work_and_warn() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 new = await m.execute_sandboxed("annotated", annotated, 3)
-            assert new.output == ["PluginContext", 3], describe(new)
+            assert new.output == ("PluginContext", 3), describe(new)
 
     run(scenario())
 
