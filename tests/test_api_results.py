@@ -184,3 +184,30 @@ def test_default_output_limit_is_one_mebibyte_per_stream(no_leaks: LeakTracker) 
     assert len(result.stdout) == 1024 * 1024 and result.stdout_truncated
     assert not result.stderr_truncated
 
+
+
+def test_only_plain_builtin_exception_classes_are_rebuilt_from_sandbox_text() -> None:
+    # A sandbox names the class; rebuilding it must run no code of the host's on its text,
+    # and must not raise what steers the caller's control flow.
+    import concurrent.futures
+    import functools
+
+    from neural_doc_flow_security.sandbox.remote_errors import _rebuildable
+
+    class Meta(type):
+        def __call__(cls, *args: object) -> object:
+            raise AssertionError("ran on the sandbox's text")
+
+    class WithMeta(Exception, metaclass=Meta):
+        pass
+
+    class CachedInit(ValueError):
+        __init__ = functools.lru_cache(maxsize=None)(ValueError.__init__)  # type: ignore[assignment]
+
+    class Plain(ValueError):
+        pass
+
+    assert _rebuildable(ValueError) and _rebuildable(OSError) and _rebuildable(Plain)
+    for cls in (StopIteration, StopAsyncIteration, TimeoutError, concurrent.futures.CancelledError,
+                WithMeta, CachedInit, SandboxError):
+        assert not _rebuildable(cls), cls

@@ -618,3 +618,22 @@ def test_report_install_cost_vs_building_in_child(default_program: seccomp.Secco
         f"\nseccomp install in child: median {fast[runs // 2] * 1e6:.0f} us (install_program, "
         f"{default_program.instructions} insns) vs {slow[runs // 2] * 1e6:.0f} us (libseccomp build+load)"
     )
+
+
+def test_fchmodat2_keeps_its_set_id_rule_with_a_libseccomp_that_does_not_know_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Upstream libseccomp before 2.5.5 knows no syscall from 451 (cachestat) to 456: the
+    # default profile must still name fchmodat2 (452) by number, not skip its rule.
+    if os.uname().machine not in seccomp._UNIFIED_NUMBERS_ARCHES:
+        pytest.skip("the generic syscall numbers are for x86_64, aarch64 and riscv64")
+    scmp = seccomp._pyseccomp()
+    real = scmp.resolve_syscall
+
+    def older_libseccomp(arch: object, name: str) -> int:
+        return seccomp._NR_UNKNOWN if name in ("fchmodat2", "cachestat", "futex_wait") else int(real(arch, name))
+
+    monkeypatch.setattr(scmp, "resolve_syscall", older_libseccomp)
+    assert seccomp.syscall_number("fchmodat2") == 452
+    program = seccomp.build_program(seccomp.default_profile())
+    assert "fchmodat2" in program.denied, program.description
+    assert not any("unknown to libseccomp" in s for s in program.skipped), program.skipped

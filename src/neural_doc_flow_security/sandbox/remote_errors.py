@@ -20,6 +20,7 @@ the whole SandboxResult is its `sandbox_result` attribute.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import inspect
 import sys
@@ -64,15 +65,27 @@ _MODULE_DICT: Any = vars(types.ModuleType)["__dict__"]
 _TYPE_DICT: Any = vars(type)["__dict__"]
 
 
+# Exceptions that steer the caller's control flow (a host loop calling .result() in
+# __next__, a caller waiting with a timeout): a sandbox must not be able to raise them.
+_CONTROL_FLOW: tuple[type[BaseException], ...] = (
+    StopIteration, StopAsyncIteration, TimeoutError, concurrent.futures.CancelledError)
+# What a built-in (C) slot looks like; anything else (a Python function, a Cython
+# cyfunction, a caching wrapper) may run code of the host's on the sandbox's text.
+_BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.WrapperDescriptorType, types.BuiltinMethodType,
+                      types.MethodWrapperType)
+
+
 def _rebuildable(cls: type) -> bool:
-    if not issubclass(cls, Exception) or issubclass(cls, SandboxError):
+    if not issubclass(cls, Exception) or issubclass(cls, (SandboxError, *_CONTROL_FLOW)):
         return False
+    if type(cls) is not type:
+        return False  # a metaclass's __call__ would run on the sandbox's text
     for hook in ("__new__", "__init__", "__setattr__"):
         implementation = inspect.getattr_static(cls, hook)
         if isinstance(implementation, (staticmethod, classmethod)):
             implementation = implementation.__func__
-        if isinstance(implementation, types.FunctionType):
-            return False  # written in Python: it would run on the sandbox's text
+        if not isinstance(implementation, _BUILTIN_CALLABLES):
+            return False  # not a built-in slot: it would run on the sandbox's text
     return True
 
 

@@ -341,10 +341,10 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
     launch->envp = read_strings(&r, alloc);
     launch->cwd = read_string(&r);
     launch->python = read_bytes(&r, &launch->python_len, 0);
-    if (readable(&r, 8)) {
-        memcpy(&launch->sandbox_id, r.at, 8);
-        r.at += 8;
-    }
+    if (!readable(&r, 8)) /* always packed (-1: none): a launch without it is truncated */
+        return "a launch without its sandbox id";
+    memcpy(&launch->sandbox_id, r.at, 8);
+    r.at += 8;
     if (r.error)
         return r.error;
     if (r.at != r.end)
@@ -1505,5 +1505,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__child(void) {
     find_arg_env_area();
+    if (arg_env_area[1] == 0) { /* fail closed: every sandbox would show the host's argv */
+        PyErr_SetString(PyExc_ImportError,
+                        "cannot find this process's argv and environment area in /proc/self/stat "
+                        "(a sandbox's init must wipe it)");
+        return NULL;
+    }
     return PyModule_Create(&module);
 }

@@ -91,6 +91,14 @@ line-discipline changes (which load rarely used kernel code, N_GSM, N_HDLC...)."
 _LOW32: Final = 0xFFFFFFFF
 
 NEWER_SYSCALLS: Final[dict[str, int]] = {
+    # Debian's 2.5.4 knows 451-456, upstream releases before 2.5.5 do not: without them
+    # fchmodat2 (452) could not be named, and its set-id rule would be skipped.
+    "cachestat": 451,
+    "fchmodat2": 452,
+    "map_shadow_stack": 453,
+    "futex_wake": 454,
+    "futex_wait": 455,
+    "futex_requeue": 456,
     "statmount": 457,
     "listmount": 458,
     "lsm_get_self_attr": 459,
@@ -105,8 +113,8 @@ NEWER_SYSCALLS: Final[dict[str, int]] = {
     "file_getattr": 468,
     "file_setattr": 469,
 }
-"""Syscalls after libseccomp 2.5.4's table, by their number in the generic table
-(x86_64 and the asm-generic architectures share numbers from 424 on)."""
+"""Syscalls that a libseccomp may not know (after upstream 2.5.4's table), by their number in the
+generic table (x86_64 and the asm-generic architectures share numbers from 424 on)."""
 _UNIFIED_NUMBERS_ARCHES: Final = ("x86_64", "aarch64", "riscv64")
 
 S_ISUID: Final = 0o4000
