@@ -341,12 +341,12 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
     launch->envp = read_strings(&r, alloc);
     launch->cwd = read_string(&r);
     launch->python = read_bytes(&r, &launch->python_len, 0);
+    if (r.error)
+        return r.error;
     if (!readable(&r, 8)) /* always packed (-1: none): a launch without it is truncated */
         return "a launch without its sandbox id";
     memcpy(&launch->sandbox_id, r.at, 8);
     r.at += 8;
-    if (r.error)
-        return r.error;
     if (r.at != r.end)
         return "trailing bytes after a launch";
     for (char **env = launch->envp; *env; env++)
