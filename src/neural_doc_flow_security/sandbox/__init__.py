@@ -22,7 +22,7 @@ from .errors import (
     SetupError,
     UnsupportedError,
 )
-from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
+from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult, SecurityEvent
 
 if TYPE_CHECKING:
     from .api import Health, ManagerStats, SandboxCalls, SandboxHandle, SandboxInfo, SandboxManager
@@ -77,6 +77,7 @@ __all__ = [
     "SandboxConfig",
     "SandboxError",
     "SandboxResult",
+    "SecurityEvent",
     "SetupError",
     "StatusUsage",
     "UnsupportedError",

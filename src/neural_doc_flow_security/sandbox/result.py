@@ -70,6 +70,22 @@ class IsolationReport:
 
 
 @dataclass(frozen=True)
+class SecurityEvent:
+    """Something the sandbox tried that a protection stopped, counted per target:
+    `kind` "denied_syscall" (`target` the syscall's name) or "denied_connection"
+    (`target` like "10.0.3.2:443/tcp"); `first_seen` is the host's time.time() of
+    the first attempt. Produced by the host's own observers, never by the sandbox."""
+
+    kind: str
+    target: str
+    count: int = 1
+    first_seen: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class SandboxResult:
     """The result of one sandboxed run.
 
@@ -97,6 +113,7 @@ class SandboxResult:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     encoding: str = "utf-8"
+    security_events: tuple[SecurityEvent, ...] = ()
 
     @property
     def stdout_text(self) -> str:
@@ -135,6 +152,7 @@ class SandboxResult:
             "stderr_truncated": self.stderr_truncated,
             "resource_usage": dataclasses.asdict(self.resource_usage),
             "isolation": self.isolation.to_dict(),
+            "security_events": [event.to_dict() for event in self.security_events],
         }
 
     @classmethod
@@ -147,6 +165,7 @@ class SandboxResult:
             error=data["error"],
             resource_usage=ResourceUsage(**data["resource_usage"]),
             isolation=IsolationReport.from_dict(data["isolation"]),
+            security_events=tuple(SecurityEvent(**event) for event in data.get("security_events", ())),
         )
 
     def cli_exit_status(self) -> int:
