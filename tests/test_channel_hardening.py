@@ -400,6 +400,82 @@ def test_trivial_calls_are_served_while_neighbours_flood_amplifying_frames(metho
     assert peak < 32 * MiB, f"the manager's traced peak was {peak / MiB:.0f} MiB during the flood"
 
 
+# --- a plugin whose sandboxes violate the protocol waits before its next launch (#22 floor) ---
+
+GARBAGE = "os.write(3, b'\\xff' * 64)\ntime.sleep(600)\n"
+
+
+class FrozenClock:
+    """The back-off's clock, moved only by the test: a throttled plugin stays throttled
+    until the test says so, however slow the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@linux_only
+@needs_root
+@pytest.mark.usefixtures("no_leaks")
+def test_a_plugin_that_violated_the_protocol_waits_and_its_neighbours_do_not(method: str) -> None:
+    from neural_doc_flow_security.sandbox.backoff import RelaunchBackoff
+
+    clock = FrozenClock()
+
+    async def scenario() -> tuple[SandboxResult, int, SandboxResult, list[str], bool, SandboxResult, int]:
+        async with manager(method, status_interval=None, violation_backoff_seconds=5) as m:
+            m._backoff = RelaunchBackoff(5, clock=clock)
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=60))
+            violation = await bounded.execute_sandboxed("hostile", hostile, RAW_PRELUDE + GARBAGE)
+            throttled = m.stats().plugins_throttled
+            again = asyncio.ensure_future(m.execute_sandboxed("hostile", lambda: "second"))
+            neighbour = await asyncio.wait_for(m.execute_sandboxed("neighbour", lambda: 1), 120)
+            await asyncio.sleep(0.3)
+            # Host-side: no sandbox of the throttled plugin was started while it waited.
+            running = [info.plugin_id for info in m.list_sandboxes()]
+            waited = not again.done()
+            clock.now += 0.1  # its turn (0.1 s after a first violation)
+            second = await asyncio.wait_for(again, 120)
+            return violation, throttled, neighbour, running, waited, second, m.stats().plugins_throttled
+
+    violation, throttled, neighbour, running, waited, second, throttled_after = run(scenario())
+    assert violation.outcome is Outcome.PROTOCOL_VIOLATION, describe(violation)
+    assert throttled == 1
+    assert neighbour.outcome is Outcome.OK and neighbour.output == 1, describe(neighbour)
+    assert waited and "hostile" not in running, running
+    assert second.outcome is Outcome.OK and second.output == "second", describe(second)
+    assert throttled_after == 0
+
+
+def test_the_backoff_doubles_up_to_its_cap_and_forgets_after_a_quiet_minute() -> None:
+    from neural_doc_flow_security.sandbox.backoff import FORGET_AFTER_SECONDS, RelaunchBackoff
+
+    clock = FrozenClock()
+    backoff = RelaunchBackoff(1.0, clock=clock)
+    waits = []
+    for _ in range(6):
+        backoff.violated("p")
+        waits.append(round(backoff.delay("p"), 6))
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert backoff.delay("other") == 0.0 and backoff.throttled() == 1
+    clock.now += FORGET_AFTER_SECONDS + 1
+    backoff.violated("p")
+    assert round(backoff.delay("p"), 6) == 0.1  # a new streak
+    disabled = RelaunchBackoff(None, clock=clock)
+    disabled.violated("p")
+    assert disabled.delay("p") == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), 3601, "5", True])
+def test_violation_backoff_seconds_is_validated(bad: Any) -> None:
+    from neural_doc_flow_security.sandbox import ConfigError, SandboxManager
+
+    with pytest.raises(ConfigError, match="violation_backoff_seconds"):
+        SandboxManager(violation_backoff_seconds=bad)
+
+
 # --- memory pressure: sandboxes are the OOM killer's first choice (#22.7) ---------------
 
 def sleeper(ctx: PluginContext) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import cloudpickle
 
+from .backoff import RelaunchBackoff
 from .config import SandboxConfig
 from .errors import ConfigError, HostLimitError, ProtocolViolation, SandboxError
 from .ipc.channel import AsyncChannel, create_channel_pair
@@ -50,6 +51,7 @@ from .pool import WarmPool
 from .result import Outcome, ResourceUsage, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
+DEFAULT_VIOLATION_BACKOFF = 5.0
 ENDED_NAMES_KEPT = 64  # spawned plugins that have ended, still reachable by name
 MAX_CALL_WITH_LAUNCH = 1024 * 1024  # a larger pickled call goes on the sandbox's channel
 INBOX_MESSAGES = 1024  # unread messages of a spawned plugin before its channel is no longer read
@@ -90,7 +92,9 @@ class ManagerStats:
     (pooled ones included). `calls`: execute_sandboxed and execute_command calls
     finished, by outcome ("raised": the call raised instead of returning a
     result). `pool_idle` / `pool_size`: the warm pool's ready sandboxes and its
-    size. `uptime_seconds`: since start()."""
+    size. `uptime_seconds`: since start(). `plugins_throttled`: plugin ids whose
+    next launch waits because their sandboxes violated the protocol (see
+    `violation_backoff_seconds`)."""
 
     zygotes_alive: int
     zygotes_stalled: int
@@ -101,6 +105,7 @@ class ManagerStats:
     pool_idle: int
     pool_size: int
     uptime_seconds: float
+    plugins_throttled: int = 0
 
 
 @functools.cache
@@ -544,6 +549,7 @@ class SandboxHandle:
                     await self._queue(message)
         except ProtocolViolation as violation:
             self._violation = violation.with_traceback(None)  # its frames held what it refused
+            self._manager._backoff.violated(self.plugin_id)
             with contextlib.suppress(SandboxError):
                 await self._starter.control("kill", self.sandbox_id)
         except (OSError, SandboxError):
@@ -693,6 +699,12 @@ class SandboxManager:
     `spawn_timeout_seconds`: the wall timeout of spawn() plugins started without
     their own config (default None: they run until stopped or the manager shuts
     down; `config.timeout_seconds` applies to every other call).
+    `violation_backoff_seconds`: after a sandbox of a plugin id violates the
+    channel protocol, the next launch of that plugin id waits 0.1 s, doubling with
+    each further violation up to this many seconds (default 5; None or 0: no
+    wait), until it has gone 60 s without one. A refused frame kills its sandbox,
+    so a hostile plugin's "flood" is a stream of launches; this keeps it from
+    taking the host's CPU from other plugins, which are never delayed.
 
     A manager belongs to the event loop it was started in: calling it from
     another loop raises SandboxError at once, and so does starting it again
@@ -707,10 +719,17 @@ class SandboxManager:
                  output_limit: int = DEFAULT_OUTPUT_LIMIT,
                  decode_limits: DecodeLimits | None = None,
                  allow_unenforced: Iterable[str] = (),
-                 spawn_timeout_seconds: float | None = None) -> None:
+                 spawn_timeout_seconds: float | None = None,
+                 violation_backoff_seconds: float | None = DEFAULT_VIOLATION_BACKOFF) -> None:
         self.config = config or SandboxConfig()
         if spawn_timeout_seconds is not None:
             SandboxConfig(timeout_seconds=spawn_timeout_seconds)  # the same checks as the config field's
+        if violation_backoff_seconds is not None and not (
+                isinstance(violation_backoff_seconds, (int, float)) and not isinstance(violation_backoff_seconds, bool)
+                and 0 <= violation_backoff_seconds <= 3600):
+            raise ConfigError("violation_backoff_seconds", f"must be None or a number of seconds from 0 to 3600, "
+                                                           f"got {violation_backoff_seconds!r}")
+        self._backoff = RelaunchBackoff(violation_backoff_seconds)
         if allow_unenforced and start_method != "posix":
             raise ValueError("allow_unenforced: only the posix start method can run with missing protections")
         self._starter = _start_method(start_method, allow_unenforced)
@@ -806,7 +825,8 @@ class SandboxManager:
             sandboxes_alive=sum(h.health is not Health.EXITED for h in self._handles.values()),
             calls=dict(self._calls), pool_idle=self._pool.idle if self._pool is not None else 0,
             pool_size=self._pool_size,
-            uptime_seconds=time.monotonic() - self._started_at if self._started else 0.0)
+            uptime_seconds=time.monotonic() - self._started_at if self._started else 0.0,
+            plugins_throttled=self._backoff.throttled())
 
     async def _count(self, call: Awaitable[SandboxResult]) -> SandboxResult:
         try:
@@ -991,6 +1011,7 @@ class SandboxManager:
             dataclasses.replace(config)  # checked again: one changed after it was built raises ConfigError here
         self._check_loop()
         assert self._slots is not None
+        await self._backoff.wait_turn(plugin_id)  # its sandboxes sent garbage: not before its turn
         # The sandbox is told the limits its messages are decoded with (a result over them fails there).
         call_bytes = (_pickle_call((*call, dataclasses.asdict(self._decode_limits))) if call is not None
                       else None)
