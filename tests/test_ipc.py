@@ -407,7 +407,7 @@ def test_values_outside_the_table_cannot_be_sent(value: object, reason: str) -> 
     # an ext container whose array does not fill it, or is no array
     (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, msgpack.packb([1]) + b"\x00")), "does not fill"),
     (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, b"\x01")), "must hold one array"),
-    (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, b"\x92\x01")), "remaining bytes"),
+    (msgpack.packb(msgpack.ExtType(values.EXT_TUPLE, b"\x92\x01")), "bytes left"),
     (msgpack.packb(msgpack.ExtType(values.EXT_DECIMAL, b"1" * 5000)), "too long"),
     (msgpack.packb(msgpack.ExtType(values.EXT_DATE, b"yesterday")), "undecodable"),
 ])
