@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pickle
 import re
 import resource
 import select
@@ -189,6 +188,8 @@ def pack_with_payload(child_steps: tuple[StepTuple, ...], payload: Payload | Non
                       environment: tuple[bytes, ...], sandbox_id: int = -1) -> bytes:
     """The packed launch (steps.pack_launch) for a child that is not a fork of this
     process (the template's, a spare's): a callable's payload travels pickled in it."""
+    import pickle  # a callable's launch only: `ndf-sandbox run` does without
+
     argv, cwd, python = _payload_parts(payload, environment)
     return steps.pack_launch(child_steps, argv, environment, cwd, pickle.dumps(python) if python else b"",
                              sandbox_id)
@@ -208,6 +209,8 @@ def clone_child(template: Template | None, clone_flags: int, cgroup_fd: int | No
         _raise_oom_score(pid)
         return pid, pidfd
     argv, cwd, python = _payload_parts(payload, environment)
+    if not isinstance(payload, ExecPayload):
+        import pickle  # here, not in the payload process, which may no longer see the module
     pid, pidfd, received = steps.spawn(clone_flags, cgroup_fd, error_fd, child_steps, argv, environment, cwd,
                                        trace_fd, sandbox_id)
     if pid == 0:  # a callable's payload process: every protection is in place

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno as errno_mod
 import os
 import struct
@@ -377,7 +376,8 @@ def compile_profile(spec: str) -> SeccompProgram:
     """Compile ``spec`` ("default", "off" or an absolute profile path) to a SeccompProgram.
 
     Results are cached by the spec and, for files, their inode, mtime and size:
-    compiling the same unchanged spec again returns the same object. Call this in
+    compiling the same unchanged spec again returns the same object. The default
+    program is also kept on disk between processes (linux/seccomp_cache.py). Call this in
     the parent or zygote; the child only installs ``program.bpf``.
 
     Raises ConfigError("seccomp", ...) for an invalid spec or profile file.
@@ -400,8 +400,12 @@ def compile_profile(spec: str) -> SeccompProgram:
         cached = _cache.get(key)
         if cached is not None:
             return cached
-        profile = default_profile() if spec == "default" else load_profile_file(spec)
-        program = build_program(profile)
+        if spec == "default":  # unchanged from the last run's compile, read back from disk
+            from .seccomp_cache import load_or_compile
+
+            program = load_or_compile(lambda: build_program(default_profile()))
+        else:
+            program = build_program(load_profile_file(spec))
         _cache[key] = program
         return program
 

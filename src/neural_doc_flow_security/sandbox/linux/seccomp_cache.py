@@ -1,0 +1,174 @@
+"""The compiled default seccomp program, kept on disk between runs.
+
+Compiling the default profile means importing pyseccomp (which loads libseccomp
+through ctypes.util) and building the filter: several milliseconds, paid by every
+`ndf-sandbox run`, for a program that only changes when its inputs do. The first
+compile writes it to ``$XDG_CACHE_HOME/neural-doc-flow-security/`` (else
+``~/.cache/...``); later runs read it back when every input of the compile is
+unchanged:
+
+- the machine architecture and the kernel release (libseccomp probes the kernel's
+  seccomp API level),
+- the libseccomp this process would load (its file's device, inode, size and
+  mtime, found by loading it by its soname, as pyseccomp does),
+- the modules that define the profile (seccomp.py and this file: an upgrade or a
+  reinstall changes their stat).
+
+Only the "default" spec is cached; profile files are compiled each time (their
+own in-memory cache aside). The file is trusted only if it, and its directory,
+belong to this process's effective uid and are writable by nobody else; otherwise,
+or if anything does not parse, the program is compiled fresh. Nothing here fails a
+launch: a cache that cannot be read or written is no cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .seccomp import SeccompProgram
+
+FORMAT = "ndf-seccomp-program 1"
+LIBSECCOMP_SONAME = "libseccomp.so.2"
+_DIR_NAME = "neural-doc-flow-security"
+
+
+def cache_dir() -> str | None:
+    """Where this user's cache lives, or None (no home to put it in)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative value is ignored
+        home = os.environ.get("HOME", "")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".cache")
+    return os.path.join(base, _DIR_NAME)
+
+
+def cache_file() -> str | None:
+    """The cache file of the default program of this installation on this architecture, or None."""
+    directory = cache_dir()
+    if directory is None:
+        return None
+    # One file per installation (venvs side by side do not overwrite each other's).
+    installation = zlib.crc32(os.fsencode(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(directory, f"seccomp-default-{os.uname().machine}-{installation:08x}")
+
+
+def _libseccomp_file() -> str:
+    """The path of the libseccomp the dynamic loader gives this process."""
+    ctypes.CDLL(LIBSECCOMP_SONAME)  # as pyseccomp loads it; a no-op once loaded
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[-1].strip()
+            if os.path.basename(path).startswith(b"libseccomp.so"):
+                return os.fsdecode(path)
+    raise OSError(f"{LIBSECCOMP_SONAME} is not mapped after loading it")
+
+
+def _stamp(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def cache_key() -> str:
+    """Every input of the default program's compile that can change on this host."""
+    from . import seccomp
+
+    uname = os.uname()
+    return "|".join((uname.machine, uname.release, _stamp(_libseccomp_file()),
+                     _stamp(seccomp.__file__), _stamp(__file__)))
+
+
+def load(key: str) -> SeccompProgram | None:
+    """The cached default program compiled for `key`, or None."""
+    path = cache_file()
+    if path is None:
+        return None
+    try:
+        data = _read_trusted(path)
+    except OSError:
+        return None
+    return None if data is None else _parse(data, key)
+
+
+def store(key: str, program: SeccompProgram) -> None:
+    """Keep `program` (the default, compiled for `key`) for later runs; best effort."""
+    path = cache_file()
+    fields = [FORMAT, key, program.name, program.description, " ".join(program.denied),
+              "\x1f".join(program.skipped), str(program.instructions), program.bpf.hex()]
+    if path is None or any("\n" in f for f in fields):
+        return
+    directory = os.path.dirname(path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _owned_by_us(os.lstat(directory), directory=True):
+            return
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, ("\n".join(fields) + "\n").encode())
+        finally:
+            os.close(fd)
+        os.rename(temporary, path)  # whole or not at all, for a run reading meanwhile
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+
+
+def load_or_compile(compile_default: Callable[[], SeccompProgram]) -> SeccompProgram:
+    """The default program: from the cache if its inputs are unchanged, else
+    `compile_default()`, which is then cached."""
+    try:
+        key = cache_key()
+    except OSError:  # no libseccomp to identify: compiling says what is wrong
+        return compile_default()
+    program = load(key)
+    if program is None:
+        program = compile_default()
+        store(key, program)
+    return program
+
+
+def _owned_by_us(st: os.stat_result, *, directory: bool) -> bool:
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    return kind_ok and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _read_trusted(path: str) -> bytes | None:
+    """The file's content if it and its directory are ours alone, else None."""
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not _owned_by_us(os.fstat(dir_fd), directory=True):
+            return None
+        fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not _owned_by_us(st, directory=False) or st.st_size > 1 << 20:
+            return None
+        return os.read(fd, st.st_size + 1)
+    finally:
+        os.close(fd)
+
+
+def _parse(data: bytes, key: str) -> SeccompProgram | None:
+    from .seccomp import SeccompProgram
+
+    try:
+        lines = data.decode().split("\n")
+        if len(lines) != 9 or lines[0] != FORMAT or lines[1] != key or lines[8]:
+            return None
+        name, description, denied, skipped, instructions, bpf = lines[2:8]
+        return SeccompProgram(name=name, description=description, bpf=bytes.fromhex(bpf),
+                              instructions=int(instructions), denied=tuple(denied.split()),
+                              skipped=tuple(skipped.split("\x1f")) if skipped else ())
+    except ValueError:  # not UTF-8, not hex, a size that does not match
+        return None

@@ -1,0 +1,142 @@
+"""The default seccomp program kept on disk between runs (linux/seccomp_cache.py).
+
+What is read back must be exactly what libseccomp compiles now for the same
+inputs; anything else (changed inputs, a file others could have written, a
+damaged file, a profile file instead of "default") is compiled fresh.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyseccomp")
+
+from neural_doc_flow_security.sandbox.linux import seccomp, seccomp_cache  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="seccomp is Linux only")
+
+
+def fields(program: seccomp.SeccompProgram) -> tuple[object, ...]:
+    return (program.name, program.description, program.bpf, program.instructions, program.denied, program.skipped)
+
+
+@pytest.fixture
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache of our own, and no program compiled yet in this process."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(seccomp, "_cache", {})
+    return tmp_path
+
+
+@pytest.fixture
+def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every compile with libseccomp (the names of the profiles compiled)."""
+    calls: list[str] = []
+
+    def counting(profile: seccomp.SeccompProfile) -> seccomp.SeccompProgram:
+        calls.append(profile.name)
+        return _BUILD(profile)
+
+    monkeypatch.setattr(seccomp, "build_program", counting)
+    return calls
+
+
+_BUILD = seccomp.build_program
+
+
+def fresh_default() -> seccomp.SeccompProgram:
+    """The default program as libseccomp compiles it now (never counted, never cached)."""
+    return _BUILD(seccomp.default_profile())
+
+
+def test_cached_default_program_is_exactly_a_fresh_compile(cache_home: Path, compiles: list[str]) -> None:
+    expected = fresh_default()
+    first = seccomp.compile_profile("default")
+    assert compiles == ["default"]
+    path = seccomp_cache.cache_file()
+    assert path is not None and path.startswith(str(cache_home))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    seccomp._cache.clear()  # as a new process would start
+    loaded = seccomp.compile_profile("default")
+    assert compiles == ["default"], "the second process compiled again"
+    assert loaded is not first
+    assert fields(loaded) == fields(first) == fields(expected)
+
+
+def test_changed_inputs_compile_again(cache_home: Path, compiles: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    seccomp.compile_profile("default")
+    seccomp._cache.clear()
+    key = seccomp_cache.cache_key()
+    monkeypatch.setattr(seccomp_cache, "cache_key", lambda: key.replace(os.uname().release, "another-kernel"))
+    assert fields(seccomp.compile_profile("default")) == fields(fresh_default())
+    assert compiles == ["default", "default"]
+
+
+@pytest.mark.parametrize("damage", ["group-writable", "not-ours", "garbage", "short", "symlink"])
+def test_a_cache_file_that_is_not_ours_alone_or_damaged_is_not_used(
+        cache_home: Path, compiles: list[str], damage: str) -> None:
+    seccomp.compile_profile("default")
+    seccomp._cache.clear()
+    path = Path(str(seccomp_cache.cache_file()))
+    if damage == "group-writable":
+        path.chmod(0o620)
+    elif damage == "not-ours":
+        os.chown(path, 4242, 4242) if os.geteuid() == 0 else pytest.skip("chown needs root")
+    elif damage == "garbage":
+        path.write_bytes(b"\xff" * 100)
+    elif damage == "short":  # a BPF program cut off: its size no longer matches
+        lines = path.read_text().split("\n")
+        lines[7] = lines[7][:-16]
+        path.write_text("\n".join(lines))
+    else:
+        elsewhere = cache_home / "elsewhere"
+        path.rename(elsewhere)
+        path.symlink_to(elsewhere)
+    assert fields(seccomp.compile_profile("default")) == fields(fresh_default())
+    assert compiles == ["default", "default"]
+
+
+def test_profile_files_are_compiled_fresh_and_not_cached(cache_home: Path, compiles: list[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cache(*_args: object) -> None:
+        raise AssertionError("a profile file must not go through the default program's cache")
+
+    monkeypatch.setattr(seccomp_cache, "load_or_compile", no_cache)
+    path = cache_home / "same-as-default.toml"
+    path.write_text('extends = "default"\n')
+    program = seccomp.compile_profile(str(path))
+    assert compiles == [str(path)]
+    assert program.name == str(path) and program.bpf == fresh_default().bpf
+    assert not (cache_home / "neural-doc-flow-security").exists()
+
+
+def test_no_home_no_cache(monkeypatch: pytest.MonkeyPatch, compiles: list[str]) -> None:
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(seccomp, "_cache", {})
+    assert seccomp_cache.cache_file() is None
+    assert fields(seccomp.compile_profile("default")) == fields(fresh_default())
+
+
+RUN_AND_LIST_IMPORTS = """
+import sys
+from neural_doc_flow_security.sandbox.cli import main
+status = main(["run", "--", "/bin/sh", "-c", "grep -q '^Seccomp:[[:space:]]*2' /proc/self/status"])
+print(status, *sorted(m for m in ("pyseccomp", "ctypes.util", "subprocess", "importlib.metadata", "asyncio",
+                                  "tomllib", "json", "logging") if m in sys.modules))
+"""
+
+
+def test_cli_run_with_the_cached_filter_imports_no_libseccomp_binding(tmp_path: Path) -> None:
+    """`ndf-sandbox run` reads the cached program (no pyseccomp, ctypes.util, subprocess),
+    and its payload runs under a seccomp filter all the same."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", RUN_AND_LIST_IMPORTS], capture_output=True, text=True,
+                           cwd="/", env=env, timeout=60, check=True).stdout.split() for _ in range(2)]
+    assert runs[0][0] == "0" and "pyseccomp" in runs[0], runs[0]  # compiled, and cached
+    assert runs[1] == ["0"], f"the second run imported {runs[1][1:]}"
