@@ -34,6 +34,7 @@ from .config import CAPABILITIES, NOBODY, SandboxConfig
 
 if TYPE_CHECKING:
     from .linux.cgroups.base import CgroupSupport
+    from .linux.cgroups.delegation import Delegation
 
 __all__ = [
     "HostFeatures",
@@ -127,6 +128,8 @@ class HostFeatures:
     caps_not_in_bounding: tuple[str, ...] = ()
     cgroups: CgroupSupport | None = None
     cgroups_reason: str = ""
+    # A cgroup v2 subtree delegated to this process (systemd Delegate=yes), and what it offers.
+    cgroup_delegation: Delegation | None = None
     pidfd_open: bool = False
     clone3: bool = False
     overlayfs: bool = False
@@ -231,6 +234,7 @@ def _probe_linux() -> HostFeatures:
     cap_bnd, cap_eff = _capabilities()
     cgroups, cgroups_reason = _probe_cgroups()
     in_container, hints = _container_hints()
+    delegation = _probe_delegation()
     return HostFeatures(
         os="linux",
         platform=platform.platform(),
@@ -257,6 +261,7 @@ def _probe_linux() -> HostFeatures:
         caps_not_in_bounding=_caps_missing(cap_bnd),
         cgroups=cgroups,
         cgroups_reason=cgroups_reason,
+        cgroup_delegation=delegation,
         pidfd_open=_probe_pidfd_open(),
         clone3=_probe_clone3(libc),
         overlayfs=_probe_overlayfs(),
@@ -479,6 +484,15 @@ def _probe_cgroups() -> tuple[CgroupSupport | None, str]:
     return support, ""
 
 
+def _probe_delegation() -> Delegation | None:
+    try:
+        from .linux.cgroups.delegation import detect_delegation
+
+        return detect_delegation()
+    except (ImportError, OSError, ValueError):  # no cgroup module, no /proc: nothing to tell
+        return None
+
+
 def _probe_pidfd_open() -> bool:
     pidfd_open = getattr(os, "pidfd_open", None)
     if pidfd_open is None:
@@ -639,10 +653,19 @@ def _report_rows(f: HostFeatures) -> list[tuple[str, str, str]]:
         for c in f.cgroups.controllers:
             detail = f"{c.version} {c.parent}".strip() if c.usable else (c.reason or "not usable")
             rows.append((f"cgroup {c.name}", _yes(c.usable), detail))
+    rows.append(("delegated cgroup v2", *_delegation_row(f.cgroup_delegation)))
     rows.append(("pidfd_open", _yes(f.pidfd_open), ""))
     rows.append(("clone3", _yes(f.clone3), ""))
     rows.append(("overlayfs", _yes(f.overlayfs), "" if f.overlayfs else "not in /proc/filesystems"))
     return rows
+
+
+def _delegation_row(delegation: Delegation | None) -> tuple[str, str]:
+    if delegation is None:
+        return "no", "no cgroup v2 hierarchy holds this process (or it could not be read)"
+    from .linux.cgroups.delegation import describe
+
+    return describe(delegation)
 
 
 def format_report(features: HostFeatures) -> str:
