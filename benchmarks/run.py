@@ -217,7 +217,42 @@ def scenario_cli(nsj: str | None, rounds: int) -> list[Table]:
             table.add(name, summary(samples[name]))
         elif name.startswith("nsjail"):
             table.rows.append({"name": name, "missing": True, "why": "nsjail binary not available"})
-    return [table, time_to_payload(nsj, max(10, rounds // 2)), import_cost()]
+    return [table, time_to_payload(nsj, max(10, rounds // 2)), import_cost(), whole_command(nsj, rounds)]
+
+
+def whole_command(nsj: str | None, runs: int) -> Table:
+    """The whole command as a shell user starts it: `hyperfine -N` (no shell, no Python
+    parent), every tool in one hyperfine run, with the CPU each used (issue #20's measure)."""
+    table = Table("1d. Whole command, `hyperfine -N` (no shell, no Python parent), one hyperfine run",
+                  "bwrap /bin/true",
+                  "hyperfine runs each command's repetitions back to back, one command after the other "
+                  "(not interleaved); CPU is user + system of the command's whole process tree, "
+                  "hyperfine's mean. Default profiles (ndf-sandbox: 512M/128 processes, so a cgroup as "
+                  "root; its seccomp program read from the cache after the first run).")
+    commands = {"ndf-sandbox run -- /bin/true": [NDF, "run", "--", "/bin/true"],
+                "bwrap /bin/true": bwrap("/bin/true")}
+    if nsj:
+        commands["nsjail /bin/true"] = nsjail(nsj, "/bin/true")
+    commands["python3 -I -S -c pass"] = [SYSTEM_PY, "-I", "-S", "-c", "pass"]
+    commands["venv python -c pass (the console script's start)"] = [PY, "-c", "pass"]
+    if not shutil.which("hyperfine"):
+        for name in commands:
+            table.rows.append({"name": name, "missing": True, "why": "hyperfine not installed (benchmarks/install.sh)"})
+        return table
+    import shlex
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as export:
+        argv = ["hyperfine", "-N", "--warmup", "3", "--runs", str(max(10, runs)), "--export-json", export.name]
+        for name, command in commands.items():
+            argv += ["-n", name, shlex.join(command)]
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        results = json.loads(Path(export.name).read_text())["results"]
+    for result in results:
+        stats = summary(result["times"])
+        stats["cpu_ms"] = (result["user"] + result["system"]) * 1000
+        table.add(result["command"], stats)
+    return table
 
 
 def time_to_payload(nsj: str | None, rounds: int) -> Table:
