@@ -47,6 +47,8 @@ RECORD_SPILLED = 0x02
 _FD_SIZE = array.array("i").itemsize
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Plain ints: the enum's own `&` costs more than the rest of a small record's checks.
+_MSG_TRUNC, _MSG_CTRUNC = int(socket.MSG_TRUNC), int(socket.MSG_CTRUNC)
 _DEFAULT_LIMITS = DecodeLimits()
 
 
@@ -142,11 +144,11 @@ class _RecordCodec:
 
     def _unpack(self, record: memoryview, msg_flags: int, fds: list[int]) -> IpcMessage:
         limits = self.limits
-        if msg_flags & socket.MSG_CTRUNC:
+        if msg_flags & _MSG_CTRUNC:
             raise ProtocolViolation(
                 f"record carried more than max_fds_per_message={limits.max_fds_per_message} fds"
             )
-        if msg_flags & socket.MSG_TRUNC:
+        if msg_flags & _MSG_TRUNC:
             raise ProtocolViolation(f"record longer than max_inline_bytes={limits.max_inline_bytes}")
         if not self.rate.try_acquire():
             raise ProtocolViolation(
@@ -304,7 +306,7 @@ class AsyncChannel:
                     self._eof = True
                     return None
                 fds = _fds_from_ancdata(ancdata)
-                if not record and not msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if not record and not msg_flags & (_MSG_TRUNC | _MSG_CTRUNC):
                     # SEQPACKET reports EOF as a zero-length read; a zero-length
                     # record (never sent by this protocol) reads the same.
                     _close_all(fds)
@@ -440,7 +442,7 @@ class SyncChannel:
             if timeout is not None:
                 self._sock.settimeout(None)  # sends stay blocking
         fds = _fds_from_ancdata(ancdata)
-        if nbytes == 0 and not msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if nbytes == 0 and not msg_flags & (_MSG_TRUNC | _MSG_CTRUNC):
             _close_all(fds)
             self._eof = True
             return None
