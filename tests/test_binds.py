@@ -157,6 +157,26 @@ def test_api_a_read_only_bind_inside_a_writable_one_stays_read_only(
     assert settings.read_text() == "original\n"
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_a_bind_nested_in_a_writable_one_leaves_nothing_in_the_hosts_directory(
+        sandbox_caller: SandboxCaller, host_dirs: HostDirs, kind: str) -> None:
+    work, models = host_dirs("work"), host_dirs("models")
+    weights = _writable_file(models / "weights", "weights\n")
+    source, readable = ((models, "/tmp/job/in/models/weights") if kind == "directory"
+                        else (weights, "/tmp/job/in/models"))
+    nested = ["--bind", f"{work}:/tmp/job", "--ro-bind", f"{source}:/tmp/job/in/models"]
+    missing = sandbox_caller.run(nested, ["true"])
+    assert missing.returncode == 126, describe(missing)
+    assert b"/tmp/job/in/models" in missing.stderr and b"must exist" in missing.stderr, describe(missing)
+    assert os.listdir(work) == []  # host-side: no mount point was made in the caller's directory
+
+    _new_dir(work / "in")
+    (_new_dir(work / "in" / "models") if kind == "directory" else _writable_file(work / "in" / "models", ""))
+    present = sandbox_caller.run(nested, ["cat", readable])
+    assert present.returncode == 0 and present.stdout == b"weights\n", describe(present)
+    assert sorted(os.listdir(work)) == ["in"] and os.listdir(work / "in") == ["models"]
+
+
 def test_plan_mounts_a_parent_before_anything_below_it() -> None:
     fs = FilesystemConfig(
         read_only_binds=(BindMount("/srv/job/config", "/job/config"), BindMount("/a", "/x")),

@@ -121,7 +121,7 @@ enum {
     STEP_MOUNT = 8,          /* source, target, fstype, flags, data, optional */
     STEP_SETATTR = 9,        /* path, attr_set, recursive */
     STEP_OPEN_SOURCE = 10,   /* slot, path */
-    STEP_BIND = 11,          /* slot (-1: source path), source, target, attrs, optional */
+    STEP_BIND = 11,          /* slot (-1: source path), source, target, attrs, TARGET_*, keep open */
     STEP_MKDIR = 12,         /* path */
     STEP_SYMLINK = 13,       /* link text, path */
     STEP_WRITE_FILE = 14,    /* path, content */
@@ -493,12 +493,19 @@ static void mount_on(const char *source, int fd, const char *target, const char 
         fail_path(errno, "mount on ", target);
 }
 
+/* How a bind finds its target: made if missing; skipped if missing; or one that
+ * must be there (beneath a writable bind: host storage, where the set-up makes nothing). */
+enum { TARGET_MAKE = 0, TARGET_OPTIONAL = 1, TARGET_EXISTING = 2 };
+
 /* A copy of the source's tree (the fd opened by OPEN_SOURCE, else `source`), its
- * attributes set before it is attached, moved onto the target. An optional bind
- * onto a missing target is skipped. */
-static void bind_mount(int source_fd, const char *source, const char *target, long long attrs, int optional) {
+ * attributes set before it is attached, moved onto the target (see TARGET_*). */
+static void bind_mount(int source_fd, const char *source, const char *target, long long attrs, int target_how) {
     struct stat st;
-    int target_fd = optional ? open_optional("bind target ", target, O_PATH) : -1;
+    int optional = target_how == TARGET_OPTIONAL;
+    int target_fd = optional ? open_optional("bind target ", target, O_PATH)
+        : target_how == TARGET_EXISTING
+        ? open_path("bind target (beneath a writable bind it must exist already; create it there) ", target, O_PATH)
+        : -1;
     if (optional && target_fd < 0)
         return;
     int own_source = source_fd < 0;
@@ -506,7 +513,7 @@ static void bind_mount(int source_fd, const char *source, const char *target, lo
         source_fd = open_path("bind source ", source, O_PATH);
     if (fstat(source_fd, &st) < 0)
         fail_path(errno, "stat the bind source for ", target);
-    if (!optional)
+    if (target_how == TARGET_MAKE)
         target_fd = open_mount_point(target, S_ISDIR(st.st_mode));
     int tree = (int)syscall(SYS_open_tree, source_fd, "",
                             OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);

@@ -164,9 +164,28 @@ def _b(text: str) -> bytes:
     return os.fsencode(text)
 
 
+# How the child finds a bind's target (_child.c's TARGET_*).
+_TARGET_MAKE, _TARGET_OPTIONAL, _TARGET_EXISTING = 0, 1, 2
+
+
 def _bind(slot: int, source: str, target: str, attrs: int, *, optional: bool = False,
-          keep_open: bool = False) -> StepTuple:
-    return (Step.BIND, slot, _b(source), _b(target), attrs, int(optional), int(keep_open))
+          keep_open: bool = False, existing: bool = False) -> StepTuple:
+    how = _TARGET_OPTIONAL if optional else _TARGET_EXISTING if existing else _TARGET_MAKE
+    return (Step.BIND, slot, _b(source), _b(target), attrs, how, int(keep_open))
+
+
+def _beneath_writable(binds: tuple[Bind, ...]) -> list[bool]:
+    """Per bind: whether its target lies beneath an earlier writable bind's target.
+    Its mount point must exist there: a mount point made in a writable bind would be
+    left in the host's directory after the sandbox."""
+    writable: list[str] = []
+    beneath = []
+    for bind in binds:
+        target = _relative(bind.target)
+        beneath.append(any(target.startswith(parent + "/") for parent in writable))
+        if not bind.read_only:
+            writable.append(target)
+    return beneath
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None, *,
@@ -224,15 +243,16 @@ def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
               (Step.MKDIR, b"tmp"),
               _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
     # The root's own links and files before any bind: the set-up writes nothing into a
-    # bind but a missing mount point (a user's bind on /etc/hosts covers ours), and their
+    # bind (a user's bind on /etc/hosts covers ours; a bind nested in a writable one needs
+    # its mount point there already), and their
     # directories are listable, unlike the ones made for a bind.
     steps += [(Step.SYMLINK, _b(link), _b(_relative(path))) for path, link in plan.symlinks]
     steps += [(Step.MKDIR, _b(_relative(directory)))
               for directory in dict.fromkeys(os.path.dirname(path) for path, _ in plan.files)]
     steps += [(Step.WRITE_FILE, _b(_relative(path)), content) for path, content in plan.files]
     steps += [_bind(slot, "", _relative(bind.target),
-                    _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV)
-              for slot, bind in enumerate(plan.binds)]
+                    _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV, existing=existing)
+              for slot, (bind, existing) in enumerate(zip(plan.binds, _beneath_writable(plan.binds), strict=True))]
     steps += _proc_steps(devnull_slot)
     steps += _dev_steps()
     steps += [(Step.SETATTR, b".", _RO, 0), (Step.PIVOT_ROOT,)]
