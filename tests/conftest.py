@@ -8,6 +8,8 @@ what it provides. Helpers for running the `ndf-sandbox` CLI live in the
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import pwd
 import secrets
@@ -302,3 +304,59 @@ def io_target() -> Iterator[tuple[str, str, int]]:
         yield os.path.join(base, "data"), dev, 0
     finally:
         shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------------------
+# Audit log: every event any test produces is validated against the schema
+# ---------------------------------------------------------------------------
+
+class AuditEventCheck(logging.Handler):
+    """Keeps every audit event emitted in this process, and the schema errors of
+    those that do not validate against the package's audit.schema.json."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        import jsonschema
+
+        from neural_doc_flow_security.sandbox import audit
+
+        with open(audit.schema_path()) as f:
+            schema = json.load(f)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        self.validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        self.events: list[dict[str, object]] = []
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "audit_event", None)
+        if event is None:
+            self.errors.append(f"an audit record that is not an event: {record.getMessage()!r}")
+            return
+        if json.loads(record.getMessage()) != event:
+            self.errors.append(f"the record's JSON line differs from its event: {record.getMessage()!r}")
+        for error in self.validator.iter_errors(event):
+            self.errors.append(f"{event.get('event')}: {error.message} at {list(error.absolute_path)}: {event}")
+        self.events.append(event)
+
+
+_AUDIT_CHECK: list[AuditEventCheck] = []
+
+
+@pytest.fixture(autouse=True)
+def audit_events() -> Iterator[list[dict[str, object]]]:
+    """The audit events this test produced in this process, in order; after the test,
+    every one of them must validate against the schema (else the test errors)."""
+    from neural_doc_flow_security.sandbox.audit import LOGGER_NAME
+
+    if not _AUDIT_CHECK:
+        _AUDIT_CHECK.append(AuditEventCheck())
+        logger = logging.getLogger(LOGGER_NAME)
+        logger.addHandler(_AUDIT_CHECK[0])
+        logger.setLevel(logging.INFO)
+    check = _AUDIT_CHECK[0]
+    check.events.clear()
+    check.errors.clear()
+    yield check.events
+    errors = list(check.errors)
+    check.errors.clear()
+    assert not errors, "audit events that do not match audit.schema.json:\n" + "\n".join(errors)

@@ -176,7 +176,8 @@ def test_spawned_plugins_with_new_names_are_not_kept_once_ended() -> None:
 
 # --- supervision ---------------------------------------------------------------------
 
-def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(caplog: pytest.LogCaptureFixture) -> None:
+def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(
+        caplog: pytest.LogCaptureFixture, audit_events: list[dict[str, Any]]) -> None:
     caplog.set_level(logging.WARNING, logger="neural_doc_flow_security")
     caplog.set_level(logging.INFO, logger="neural_doc_flow_security.audit")
 
@@ -206,9 +207,9 @@ def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(caplog: py
     restarts = [r.getMessage() for r in caplog.records if "replaced by" in r.getMessage()]
     assert len(restarts) >= len(old), restarts
     assert "killed by signal 9" in restarts[0]
-    audited = [r.getMessage() for r in caplog.records if r.name == "neural_doc_flow_security.audit"
-               and r.getMessage().startswith("zygote replaced")]
+    audited = [e for e in audit_events if e["event"] == "zygote_restart"]
     assert len(audited) >= len(old), audited
+    assert {e["old_pid"] for e in audited} >= old and "killed by signal 9" in str(audited[0]["status"])
 
 
 def test_a_zygote_that_keeps_dying_at_start_is_given_up_not_restarted_in_a_loop(

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import cloudpickle
 
+from . import audit
 from .backoff import RelaunchBackoff
 from .config import SandboxConfig
 from .errors import ConfigError, HostLimitError, ProtocolViolation, SandboxError
@@ -48,7 +49,7 @@ from .launch.payload import ExecPayload, Payload
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload, context_parameter
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter, ZygoteStats
 from .pool import WarmPool
-from .result import Outcome, ResourceUsage, SandboxResult
+from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 DEFAULT_VIOLATION_BACKOFF = 5.0
@@ -231,12 +232,30 @@ class SandboxHandle:
         self._last_seen = self._started
         self._counters: UsageCounters | None = None
         self._result: SandboxResult | None = None
+        self._audit_start_done = False  # its start is audited once it runs for a plugin (a pooled one: when taken)
+        self._audit_end_done = False
         # Taken before the launch: the start method forgets it once it is resolved.
         self._exit: asyncio.Future[SandboxResult] = self._starter.exit_future(sandbox_id)
         self._exit.add_done_callback(self._ended)
 
     def _ended(self, _: object) -> None:
         self._status_ready.set()  # wakes next_status(), which then returns None
+
+    def _audit_start(self) -> None:
+        """Audit its start, as the manager sees it (the isolation its launcher reported)."""
+        self._audit_start_done = True
+        isolation = self._starter.isolation.get(self.sandbox_id)
+        if isolation is None and self._exit.done() and not self._exit.cancelled() and self._exit.exception() is None:
+            isolation = self._exit.result().isolation  # it has ended already: its result has it
+        audit.sandbox_started(self.sandbox_id, self.plugin_id, self.pid, isolation or IsolationReport(),
+                              config=self.config, kind=self.kind, start_method=self._manager._start_method_name)
+
+    def _audit_end(self, result: SandboxResult) -> SandboxResult:
+        """Audit its end once, with the result its caller gets."""
+        if self._audit_start_done and not self._audit_end_done:
+            self._audit_end_done = True
+            audit.sandbox_ended(self.sandbox_id, self.plugin_id, result)
+        return result
 
     @property
     def health(self) -> Health:
@@ -367,6 +386,8 @@ class SandboxHandle:
         if self.health is Health.PAUSED:
             await self.resume()
         exit_future = self._exit
+        if not exit_future.done() and self._audit_start_done:
+            audit.sandbox_killed(self.sandbox_id, self.plugin_id, "stop")
         self._stopped_by_host = True
         if self._channel is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -383,9 +404,14 @@ class SandboxHandle:
 
     async def kill(self) -> SandboxResult:
         """Kill the whole tree now and return the result."""
+        return await self._kill("kill")
+
+    async def _kill(self, reason: str) -> SandboxResult:
         self._manager._check_loop()
         self._stopped_by_host = True
         if not self._exit.done():
+            if self._audit_start_done:
+                audit.sandbox_killed(self.sandbox_id, self.plugin_id, reason)
             await self._starter.control("kill", self.sandbox_id)
         return await self.wait()
 
@@ -404,7 +430,7 @@ class SandboxHandle:
                 if self._channel is not None:
                     self._channel.close()
             stdout, stderr = [await o.task for o in self._outputs] or [b"", b""]
-            self._result = self._merge(ended, stdout, stderr)
+            self._result = self._audit_end(self._merge(ended, stdout, stderr))
         return self._result
 
     async def answer(self) -> SandboxResult:
@@ -447,6 +473,7 @@ class SandboxHandle:
                                    stderr_truncated=self._outputs[1].truncated)
         else:
             result = self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
+        self._audit_end(result)
         # The call returns only once no process of the sandbox runs: a payload that
         # answers and goes on must not outlive its call (it could still write to its
         # binds). Its end is init's report (init has killed and reaped the rest of its
@@ -550,6 +577,9 @@ class SandboxHandle:
         except ProtocolViolation as violation:
             self._violation = violation.with_traceback(None)  # its frames held what it refused
             self._manager._backoff.violated(self.plugin_id)
+            audit.protocol_violation(self.sandbox_id, self.plugin_id, str(violation))
+            if not self._exit.done() and self._audit_start_done:
+                audit.sandbox_killed(self.sandbox_id, self.plugin_id, "protocol_violation")
             with contextlib.suppress(SandboxError):
                 await self._starter.control("kill", self.sandbox_id)
         except (OSError, SandboxError):
@@ -705,6 +735,10 @@ class SandboxManager:
     wait), until it has gone 60 s without one. A refused frame kills its sandbox,
     so a hostile plugin's "flood" is a stream of launches; this keeps it from
     taking the host's CPU from other plugins, which are never delayed.
+    `audit_log`: a file the audit events are appended to as JSON lines while the
+    manager runs (audit.py; reopened when logrotate moves it). The events go to
+    the `neural_doc_flow_security.audit` logger either way: configure it for
+    other sinks (audit.add_stderr_sink, add_syslog_sink).
 
     A manager belongs to the event loop it was started in: calling it from
     another loop raises SandboxError at once, and so does starting it again
@@ -720,8 +754,11 @@ class SandboxManager:
                  decode_limits: DecodeLimits | None = None,
                  allow_unenforced: Iterable[str] = (),
                  spawn_timeout_seconds: float | None = None,
-                 violation_backoff_seconds: float | None = DEFAULT_VIOLATION_BACKOFF) -> None:
+                 violation_backoff_seconds: float | None = DEFAULT_VIOLATION_BACKOFF,
+                 audit_log: str | None = None) -> None:
         self.config = config or SandboxConfig()
+        self._audit_log = audit_log
+        self._audit_sink: Any = None
         if spawn_timeout_seconds is not None:
             SandboxConfig(timeout_seconds=spawn_timeout_seconds)  # the same checks as the config field's
         if violation_backoff_seconds is not None and not (
@@ -733,6 +770,7 @@ class SandboxManager:
         if allow_unenforced and start_method != "posix":
             raise ValueError("allow_unenforced: only the posix start method can run with missing protections")
         self._starter = _start_method(start_method, allow_unenforced)
+        self._start_method_name = start_method
         self._max_concurrent = max_concurrent or (os.cpu_count() or 1) * 4
         self._slots: asyncio.Semaphore | None = None
         self._status_interval = status_interval
@@ -779,6 +817,8 @@ class SandboxManager:
         with contextlib.suppress(OSError, ValueError):  # e.g. no /proc/sys/fs/nr_open (macOS)
             raise_fd_limit()
         self._slots = asyncio.Semaphore(self._max_concurrent)
+        if self._audit_log is not None and self._audit_sink is None:
+            self._audit_sink = audit.add_file_sink(self._audit_log)
         await self._starter.start()
         self._started = True
         self._started_at = time.monotonic()
@@ -805,6 +845,9 @@ class SandboxManager:
         if self._pool is not None:
             await self._pool.close()
         handles = list(self._handles.values())  # forgotten as they end, in close()
+        for handle in handles:
+            if handle._audit_start_done and not handle._exit.done():
+                audit.sandbox_killed(handle.sandbox_id, handle.plugin_id, "shutdown")
         await self._starter.close()
         await asyncio.gather(*(h.wait() for h in handles), return_exceptions=True)  # their fds are closed
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -812,6 +855,9 @@ class SandboxManager:
 
         with contextlib.suppress(OSError, SandboxError):
             remove_stale_cgroups()  # of a zygote that died (killed): its spare's, its sandboxes
+        if self._audit_sink is not None:
+            audit.remove_sink(self._audit_sink)
+            self._audit_sink = None
 
     def stats(self) -> ManagerStats:
         """Its health now: zygotes alive and restarted, sandboxes alive, calls served
@@ -896,10 +942,14 @@ class SandboxManager:
             raise TypeError(f"execute_command: argv must be a list of strings (no shell parses it), got "
                             f"{type(argv).__name__} {argv!r}; e.g. {shlex_example(argv)}")
         config = sandbox_config or self.config
-        if not isinstance(timeout, _Default):
-            config = dataclasses.replace(config, timeout_seconds=timeout)
-        if env is not None:
-            config = dataclasses.replace(config, environment=tuple(env.items()))
+        try:
+            if not isinstance(timeout, _Default):
+                config = dataclasses.replace(config, timeout_seconds=timeout)
+            if env is not None:
+                config = dataclasses.replace(config, environment=tuple(env.items()))
+        except ConfigError as e:
+            audit.launch_refused(plugin_id, e)
+            raise
         if isinstance(stdin, str):
             if not (text or encoding):
                 raise TypeError("execute_command: stdin is a str: pass bytes, or text=True / encoding=")
@@ -1003,6 +1053,16 @@ class SandboxManager:
     async def _launch(self, plugin_id: str, payload: Payload, config: SandboxConfig | None, *,
                       keep_messages: bool, call: tuple[Any, ...] | None = None,
                       stdin: bytes | None = None) -> SandboxHandle:
+        try:
+            return await self._launch_checked(plugin_id, payload, config, keep_messages=keep_messages, call=call,
+                                              stdin=stdin)
+        except SandboxError as e:  # ConfigError, UnsupportedError, HostLimitError...: nothing runs
+            audit.launch_refused(plugin_id, e)
+            raise
+
+    async def _launch_checked(self, plugin_id: str, payload: Payload, config: SandboxConfig | None, *,
+                              keep_messages: bool, call: tuple[Any, ...] | None,
+                              stdin: bytes | None) -> SandboxHandle:
         if not self._started or self._closed:
             raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
         if config is not None and not isinstance(config, SandboxConfig):
@@ -1034,6 +1094,7 @@ class SandboxManager:
         if pooled is not None:
             handle.plugin_id = plugin_id
             handle._armed_at = time.monotonic()
+            handle._audit_start()
         try:
             if handle._channel is not None and call_bytes is not None:
                 try:
@@ -1105,6 +1166,8 @@ class SandboxManager:
         handle._attach(channel, stdout_r, stderr_r, self._output_limit, self._status_interval, pooled)
         if pooled:
             handle._open_counters()
+        else:
+            handle._audit_start()
         return handle
 
     async def _start_sandbox(self, sandbox_id: int, request: LaunchRequest, fds: dict[int, int]) -> int:
@@ -1177,4 +1240,4 @@ class SandboxManager:
 
     async def _kill_quietly(self, handle: SandboxHandle) -> None:
         with contextlib.suppress(SandboxError):
-            await handle.kill()
+            await handle._kill("cancelled")

@@ -1,75 +1,216 @@
-"""The audit log: one record when a sandbox starts and one when it ends, on the
-`neural_doc_flow_security.audit` logger, with the isolation actually in force
-and every protection that was not enforced (a fallback backend, or a limit the
-caller allowed to degrade). Configure that logger to keep the records."""
+"""The audit log: one JSON-lines stream of everything security-relevant.
+
+Every event is one record on the `neural_doc_flow_security.audit` logger whose
+message is the event as one line of JSON (a plain `%(message)s` handler writes
+JSON lines); the dict itself is the record's `audit_event` attribute. Events
+are produced by the process that owns the sandboxes (the SandboxManager, or
+`ndf-sandbox run`), from what that process knows to be true: never inside a
+zygote, never from what a sandbox says about itself. `host_pid` names it.
+
+Every event has `schema_version`, `event`, `time` (UTC, RFC 3339) and
+`host_pid`; sandbox events add `sandbox_id` (unique within `host_pid`) and
+`plugin_id`. The event kinds and their fields are in `audit.schema.json` (JSON
+Schema, shipped in the package; see SCHEMA_VERSION and the README's "Audit log").
+
+Nothing is built when nobody listens: each event first asks the logger whether
+it records at that level, and a program that never imported `logging` (the
+`ndf-sandbox run` fast path) cannot have enabled it, so it is not imported
+here either. Sinks: add_file_sink (rotated), add_stderr_sink, add_syslog_sink.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .result import IsolationReport, SandboxResult
-
-LOGGER_NAME = "neural_doc_flow_security.audit"
-
-
-def _logger() -> Any:
-    """The audit logger if it records INFO, else None (the records are INFO first).
-    A program that never imported logging cannot have enabled it: `ndf-sandbox run`
-    starts without importing logging."""
-    if "logging" not in sys.modules:
-        return None
+if TYPE_CHECKING:
     import logging
 
-    logger = logging.getLogger(LOGGER_NAME)
-    return logger if logger.isEnabledFor(logging.INFO) else None
+    from .config import SandboxConfig
+    from .result import IsolationReport, SandboxResult
+
+LOGGER_NAME = "neural_doc_flow_security.audit"
+SCHEMA_VERSION = 1
+SCHEMA_FILE = "audit.schema.json"  # beside this module
+ERROR_TEXT_LIMIT = 500  # characters of an error message kept in an event
+
+# logging's levels, by value (logging itself may not be imported)
+INFO, WARNING, ERROR = 20, 30, 40
+
+_logger_cache: list[Any] = []
 
 
-def sandbox_started(name: str, pid: int, isolation: IsolationReport) -> None:
-    """Record a start: which backend, namespaces, limits, and what is NOT enforced."""
-    logger = _logger()
+def _logger(level: int) -> Any:
+    """The audit logger if it records `level`, else None."""
+    if "logging" not in sys.modules:
+        return None  # nobody configured logging: nobody can listen
+    if not _logger_cache:
+        import logging
+
+        _logger_cache.append(logging.getLogger(LOGGER_NAME))
+    logger = _logger_cache[0]
+    return logger if logger.isEnabledFor(level) else None
+
+
+def enabled(level: int = INFO) -> bool:
+    """Whether an event at `level` would be recorded (check before building costly fields)."""
+    return _logger(level) is not None
+
+
+def emit(event: str, level: int = INFO, **fields: Any) -> None:
+    """Record one event (`fields` must be JSON-ready and match the schema of `event`)."""
+    logger = _logger(level)
     if logger is None:
         return
+    import datetime
     import json
 
-    logger.info("sandbox started %s", json.dumps({
-        "name": name, "pid": pid, "backend": isolation.backend, "namespaces": isolation.namespaces,
-        "seccomp": isolation.seccomp.split(":")[0], "uid": isolation.uid, "cgroup": bool(isolation.cgroup),
-        "limits": isolation.limits, "not_enforced": isolation.not_enforced}))
-    if isolation.not_enforced:
-        logger.warning("sandbox %s runs WITHOUT: %s", name, "; ".join(isolation.not_enforced))
+    record = {"schema_version": SCHEMA_VERSION, "event": event,
+              "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+              "host_pid": os.getpid(), **fields}
+    line = json.dumps(record, default=str)
+    logger.log(level, "%s", line, extra={"audit_event": json.loads(line)})  # exactly what the line says
 
 
-def sandbox_ended(name: str, result: SandboxResult) -> None:
-    """Record an end: outcome and the kernel's resource figures."""
-    logger = _logger()
-    if logger is None:
+def schema_path() -> str:
+    """The path of the JSON Schema every event validates against."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), SCHEMA_FILE)
+
+
+def config_digest(config: SandboxConfig) -> str:
+    """"sha256:<hex>" of the config's canonical JSON: equal configs, equal digests."""
+    import dataclasses
+    import hashlib
+    import json
+
+    canonical = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _error_text(text: str | None) -> str | None:
+    return None if text is None else text[:ERROR_TEXT_LIMIT]
+
+
+# -- the events ---------------------------------------------------------------
+
+def sandbox_started(sandbox_id: int, plugin_id: str, pid: int, isolation: IsolationReport, *,
+                    config: SandboxConfig, kind: str, start_method: str,
+                    argv: list[str] | None = None) -> None:
+    """A sandbox runs: its config's digest and the isolation actually in force (a
+    warning when a protection is not enforced); `argv`: the program it runs."""
+    level = WARNING if isolation.not_enforced else INFO
+    if not enabled(level):
         return
-    import json
+    emit("sandbox_start", level, sandbox_id=sandbox_id, plugin_id=plugin_id, pid=pid, kind=kind,
+         start_method=start_method, config_digest=config_digest(config), isolation=isolation.to_dict(),
+         not_enforced=list(isolation.not_enforced), **({} if argv is None else {"argv": list(argv)}))
 
+
+def sandbox_ended(sandbox_id: int, plugin_id: str, result: SandboxResult) -> None:
+    """A sandbox has ended: first what it hit (timeout, limits, denied syscalls and
+    connections), then its end (outcome, usage) as the caller got it."""
+    if not enabled(INFO) and not enabled(WARNING):
+        return
+    import dataclasses
+
+    ids = {"sandbox_id": sandbox_id, "plugin_id": plugin_id}
     usage = result.resource_usage
-    logger.info("sandbox ended %s", json.dumps({
-        "name": name, "outcome": result.outcome.value, "exit_code": result.exit_code, "signal": result.signal,
-        "wall_seconds": round(usage.wall_seconds, 6), "cpu_seconds": round(usage.cpu_user_seconds
-                                                                           + usage.cpu_system_seconds, 6),
-        "memory_peak_bytes": usage.memory_peak_bytes, "error": (result.error or "")[:500]}))
+    outcome = result.outcome.value
+    if outcome == "timeout":
+        emit("timeout", WARNING, **ids, error=_error_text(result.error))
+    if outcome == "oom":
+        emit("limit_hit", WARNING, **ids, limit="memory", count=max(1, getattr(usage, "oom_kills", 0)),
+             error=_error_text(result.error))
+    for attempt in result.security_events:
+        emit(attempt.kind, WARNING, **ids, target=attempt.target, count=attempt.count,
+             first_seen=attempt.first_seen)
+    emit("sandbox_end", INFO, **ids, outcome=outcome, exit_code=result.exit_code, signal=result.signal,
+         error=_error_text(result.error), error_type=result.error_type, usage=dataclasses.asdict(usage),
+         security_events=len(result.security_events))
 
+
+def launch_refused(plugin_id: str, error: BaseException, *, sandbox_id: int | None = None) -> None:
+    """A launch was refused (an invalid config, a protection this host cannot enforce,
+    no zygote, no fds): nothing ran."""
+    if not enabled(WARNING):
+        return
+    fields: dict[str, Any] = {"plugin_id": plugin_id, "error_type": type(error).__name__,
+                              "error": _error_text(str(error)),
+                              "field": getattr(error, "field", None) or getattr(error, "protection", None)}
+    if sandbox_id is not None:
+        fields["sandbox_id"] = sandbox_id
+    emit("launch_refused", WARNING, **fields)
+
+
+def sandbox_killed(sandbox_id: int, plugin_id: str, reason: str) -> None:
+    """The host ends a sandbox before it ended by itself (`reason`: "kill", "stop",
+    "protocol_violation", "cancelled", "shutdown")."""
+    emit("kill", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id, reason=reason)
+
+
+def protocol_violation(sandbox_id: int, plugin_id: str, what: str) -> None:
+    """The sandbox sent bytes the host refused (it is killed)."""
+    emit("protocol_violation", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id,
+         error=_error_text(what))
 
 
 def zygote_replaced(old_pid: int | None, how: str, new_pid: int | None, restarts: int) -> None:
-    """Record that a manager replaced a zygote that died (`how`: its exit status)."""
-    logger = _logger()
-    if logger is not None:
-        import json
-
-        logger.warning("zygote replaced %s", json.dumps({"old_pid": old_pid, "how": how, "new_pid": new_pid,
-                                                         "restarts": restarts}))
+    """A manager replaced a zygote that died (`how`: its exit status)."""
+    emit("zygote_restart", WARNING, old_pid=old_pid, status=how, new_pid=new_pid, restarts=restarts)
 
 
 def zygote_given_up(why: str) -> None:
-    """Record that a manager stopped restarting a zygote that keeps dying at start."""
-    logger = _logger()
-    if logger is not None:
-        import json
+    """A manager stopped restarting a zygote that keeps dying at start."""
+    emit("zygote_given_up", ERROR, error=_error_text(why))
 
-        logger.error("zygote given up %s", json.dumps({"why": why}))
+
+# -- sinks ----------------------------------------------------------------------
+
+def _add(handler: logging.Handler) -> logging.Handler:
+    import logging
+
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler
+
+
+def add_file_sink(path: str, *, max_bytes: int = 0, backup_count: int = 5) -> logging.Handler:
+    """Append events to `path` as JSON lines. `max_bytes` > 0: rotated by size
+    (RotatingFileHandler, `backup_count` old files); else reopened when an external
+    logrotate moves it (WatchedFileHandler). Returns the handler (remove_sink())."""
+    import logging.handlers
+
+    if max_bytes > 0:
+        return _add(logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count,
+                                                         encoding="utf-8"))
+    return _add(logging.handlers.WatchedFileHandler(path, encoding="utf-8"))
+
+
+def add_stderr_sink() -> logging.Handler:
+    """Write events to stderr as JSON lines."""
+    import logging
+
+    return _add(logging.StreamHandler(sys.stderr))
+
+
+def add_syslog_sink(address: str | tuple[str, int] = "/dev/log", facility: str = "authpriv") -> logging.Handler:
+    """Send events to syslog (tagged `ndf-sandbox-audit:`); `facility` by name."""
+    import logging
+    import logging.handlers
+
+    handler = logging.handlers.SysLogHandler(address, facility=facility)
+    _add(handler)
+    handler.setFormatter(logging.Formatter("ndf-sandbox-audit: %(message)s"))
+    return handler
+
+
+def remove_sink(handler: logging.Handler) -> None:
+    """Detach and close a sink added above."""
+    import logging
+
+    logging.getLogger(LOGGER_NAME).removeHandler(handler)
+    handler.close()

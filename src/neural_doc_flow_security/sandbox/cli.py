@@ -33,6 +33,8 @@ from .result import EXIT_SANDBOX_ERROR
 
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 127  # like a shell's "command not found"
+AUDIT_SANDBOX_ID = 1  # the one sandbox of a run, in its audit events
+AUDIT_PLUGIN_ID = "ndf-sandbox run"
 NO_LIMIT = ("none", "unlimited")
 _ZERO = re.compile(r"^0+(\.0*)?\s*([kKmMgG]?i?[bB]?)$")
 
@@ -140,6 +142,9 @@ def _build_run_parser(sub: Any) -> None:
     run.add_argument("--json-result", metavar="FILE",
                      help="write the result as JSON to FILE (outcome, exit code, signal, argv, resource "
                           "usage, isolation); FILE is opened before CMD runs")
+    run.add_argument("--audit-log", metavar="FILE",
+                     help="append the run's audit events (start, end, limits hit, refusals) to FILE as JSON "
+                          "lines (see the README's Audit log)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
 
@@ -276,14 +281,24 @@ def _command_run(args: argparse.Namespace) -> int:
     if not command:
         print("ndf-sandbox run: missing command (ndf-sandbox run [options] -- CMD ARGS...)", file=sys.stderr)
         return EXIT_USAGE
+    if args.audit_log:  # only then is logging imported: the run path stays without it
+        from . import audit
+
+        try:
+            audit.add_file_sink(args.audit_log)
+        except OSError as e:
+            print(f"ndf-sandbox: cannot write --audit-log {args.audit_log!r}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         profile = SandboxConfig.from_toml(args.profile) if args.profile else None
     except ConfigError as e:
+        _audit_refused(e)
         print(f"ndf-sandbox: invalid profile {args.profile}: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         config = config_from_args(args, profile)
     except ConfigError as e:
+        _audit_refused(e)
         print(f"ndf-sandbox: invalid configuration{_origin(args, e.field)}: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not args.cwd.startswith("/") or "\0" in args.cwd:
@@ -324,14 +339,25 @@ def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: li
     from .launch.supervise import run_program
 
     _remove_stale_cgroups()
+    on_start = None
+    if args.audit_log:
+        from . import audit
+
+        def on_start(pid: int, isolation: Any) -> None:
+            audit.sandbox_started(AUDIT_SANDBOX_ID, AUDIT_PLUGIN_ID, pid, isolation, config=config, kind="command",
+                                  start_method="cli", argv=command)
     try:
-        result = run_program(config, command, cwd=args.cwd)
+        result = run_program(config, command, cwd=args.cwd, on_start=on_start)
     except ConfigError as e:  # found while planning (e.g. a --seccomp file): still the command line
+        _audit_refused(e)
         print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
     except SandboxError as e:
+        _audit_refused(e)
         print(f"ndf-sandbox: {e}", file=sys.stderr)
         return EXIT_SANDBOX_ERROR
+    if args.audit_log:
+        audit.sandbox_ended(AUDIT_SANDBOX_ID, AUDIT_PLUGIN_ID, result)
     if result.outcome.value == "sandbox_error" or result.outcome.value in ("timeout", "oom"):
         print(f"ndf-sandbox: {result.outcome.value}: {result.error}", file=sys.stderr)
     status = EXIT_NOT_FOUND if _program_not_found(result.error) else result.cli_exit_status()
@@ -340,6 +366,14 @@ def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: li
 
         json.dump(_json_result(result, command, status), json_file, indent=2)
     return status
+
+
+def _audit_refused(error: Exception) -> None:
+    """Audit a refused run (a no-op unless --audit-log made a sink: logging is not imported)."""
+    if "logging" in sys.modules:
+        from . import audit
+
+        audit.launch_refused(AUDIT_PLUGIN_ID, error)
 
 
 def _program_not_found(error: str | None) -> bool:

@@ -63,7 +63,6 @@ from typing import Any, NoReturn
 
 import psutil
 
-from .. import audit
 from ..config import DEFAULT_MEMORY_LIMIT_MB, SandboxConfig
 from ..errors import SandboxError, UnsupportedError
 from ..launch.launcher import LaunchRequest
@@ -336,7 +335,6 @@ class PosixStarter(StartMethod):
             raise
         self._running[sandbox_id] = sandbox
         self.isolation[sandbox_id] = report
-        audit.sandbox_started(request.name, sandbox.pid, report)
         self.exit_future(sandbox_id)
         loop = asyncio.get_running_loop()
         if config.timeout_seconds is not None:
@@ -387,7 +385,6 @@ class PosixStarter(StartMethod):
                 sandbox.exit_source.close()
             else:
                 os.close(sandbox.exit_fd)
-        audit.sandbox_ended(f"posix-{sandbox_id}", result)
         self._exited(sandbox_id, result)
 
     def _kill_group(self, sandbox: _Sandbox) -> None:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .. import audit
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import cgroups, ids, network
@@ -83,7 +82,6 @@ class Launcher:
         self._retired: list[SandboxCgroup] = []
         self.running: dict[int, SpawnedSandbox] = {}
         self._paused_by_signal: dict[int, list[int]] = {}
-        self._names: dict[int, str] = {}
 
     def start(self, sandbox_id: int, request: LaunchRequest) -> SpawnedSandbox:
         """Create the cgroup and spawn. Raises SandboxError subclasses: a protection
@@ -149,8 +147,6 @@ class Launcher:
     def _started(self, sandbox_id: int, request: LaunchRequest, spawned: SpawnedSandbox) -> SpawnedSandbox:
         spawned.armed = request.armed
         self.running[sandbox_id] = spawned
-        self._names[sandbox_id] = request.name
-        audit.sandbox_started(request.name, spawned.pid, spawned.isolation())
         return spawned
 
     def _launch_spare(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan,
@@ -219,8 +215,6 @@ class Launcher:
         except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
             _log().error("cannot read the report of sandbox %s: %s", sandbox_id, e)
             return None
-        if result is not None:
-            audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
         return result
 
     def finish(self, sandbox_id: int, *, defer_cgroup: bool = False) -> SandboxResult:
@@ -240,8 +234,6 @@ class Launcher:
                 spawned.ids.release()  # its tree is gone: the id is free for another sandbox
         if defer_cgroup and spawned.cgroup is not None:
             self._retired.append(spawned.cgroup)
-        if spawned.reported is None:
-            audit.sandbox_ended(self._names.pop(sandbox_id, "sandbox"), result)
         return result
 
     def remove_retired(self) -> None:

@@ -14,11 +14,11 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..config import SandboxConfig
-from ..result import SandboxResult
+from ..result import IsolationReport, SandboxResult
 from . import bootstrap
 from .launcher import Launcher, LaunchRequest
 from .spawn import STD_FDS, SpawnedSandbox, has_exited
@@ -96,9 +96,11 @@ def _drain(fd: int) -> bool:
 
 def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: str = "run",
                   fd_map: tuple[tuple[int, int], ...] = STD_FDS,
-                  grace_seconds: float = 5.0, relay: TerminalRelay | None = None) -> SandboxResult:
+                  grace_seconds: float = 5.0, relay: TerminalRelay | None = None,
+                  on_start: Callable[[int, IsolationReport], None] | None = None) -> SandboxResult:
     """Run `payload` in a fresh sandbox and return its result; `relay` (whose pipes
-    `fd_map` names) copies between them and the caller's terminal meanwhile."""
+    `fd_map` names) copies between them and the caller's terminal meanwhile;
+    `on_start(pid, isolation)` is called once it runs (the audit log)."""
     ensure_std_fds()
     launcher = Launcher()
     # A signal that arrives while the sandbox starts is held, then forwarded to it
@@ -106,6 +108,8 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
     try:
         spawned = launcher.start(0, LaunchRequest(config, payload, name, fd_map, accounting_cgroup="never"))
+        if on_start is not None:
+            on_start(spawned.pid, spawned.isolation())
         if relay is not None:
             relay.launched()
         try:
@@ -120,7 +124,8 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
     return launcher.finish(0)
 
 
-def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd: str = "/") -> SandboxResult:
+def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd: str = "/",
+                on_start: Callable[[int, IsolationReport], None] | None = None) -> SandboxResult:
     """Run a program in a fresh sandbox, with this process's stdin/stdout/stderr; a
     terminal among them is replaced by a pipe relayed from here (launch/stdio.py),
     a closed one by /dev/null."""
@@ -128,7 +133,7 @@ def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd
     relay = TerminalRelay.for_std_fds()
     try:
         return run_sandboxed(config, bootstrap.ExecPayload(tuple(argv), cwd),
-                             fd_map=relay.fd_map if relay is not None else STD_FDS, relay=relay)
+                             fd_map=relay.fd_map if relay is not None else STD_FDS, relay=relay, on_start=on_start)
     finally:
         if relay is not None:
             relay.close()
