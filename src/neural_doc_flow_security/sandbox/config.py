@@ -43,6 +43,7 @@ DEFAULT_MEMORY_LIMIT_MB = 512
 DEFAULT_MAX_PROCESSES = 128
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_TMP_SIZE_MB = 64
+OVERLAY_CHANGES = ("discard", "report", "keep")
 ROOTLESS_LIMITS = ("cgroup", "rlimit")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -76,6 +77,7 @@ MAX_VALUES: dict[str, int] = {
     "io_read_iops": 2**63 - 1,
     "io_write_iops": 2**63 - 1,
     "filesystem.tmp_size_mb": (2**63 - 1) >> 20,
+    "filesystem.overlay_size_mb": (2**63 - 1) >> 20,
 }
 
 
@@ -252,7 +254,20 @@ class FilesystemConfig(_KnownFields):
     BindMount says; `read_only_binds` and `binds` are the older two-list form, taken
     before it (see `all_binds`). A bind's parent is always mounted before what is
     below it, whatever the order; of two binds on one target, the later is on top.
-    A bind's source must be its real path: no component may be a symlink."""
+    A bind's source must be its real path: no component may be a symlink.
+
+    `image`: an unpacked root file system (a directory, or an OCI bundle: its
+    config.json's root.path, `rootfs` by default) that becomes the sandbox's root,
+    read-only, instead of the host's system directories; the usual /proc, /dev and
+    /tmp and the binds go on top, and /etc/passwd, group, hosts and hostname are
+    synthesized where the image lacks them. It runs programs, not Python callables.
+
+    `overlay`: the root is copy-on-write (overlayfs): writes anywhere succeed and
+    land in a tmpfs of `overlay_size_mb` (default: `tmp_size_mb`) inside the sandbox,
+    never on the host. `overlay_changes`: "discard" (default), "report" (the result
+    lists the paths created, modified and deleted) or "keep" (also copied, without
+    device nodes, set-id bits or symlink following on the host, into the new host
+    directory `overlay_keep_dir`)."""
 
     _prefix = "filesystem."
 
@@ -261,6 +276,11 @@ class FilesystemConfig(_KnownFields):
     tmp_size_mb: int = DEFAULT_TMP_SIZE_MB
     python: bool = False
     bind_mounts: tuple[BindMount, ...] = ()
+    image: str | None = None
+    overlay: bool = False
+    overlay_size_mb: int | None = None
+    overlay_changes: str = "discard"
+    overlay_keep_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("read_only_binds", "binds", "bind_mounts"):
@@ -275,6 +295,35 @@ class FilesystemConfig(_KnownFields):
             kind = "a whole number > 0" if name == "tmp_size_mb" else "true or false"
             raise ConfigError(f"filesystem.{name}", f"must be {kind}, got {value!r}")
         _positive("filesystem.tmp_size_mb", self.tmp_size_mb, allow_none=False)
+        for name in ("image", "overlay_keep_dir"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+                raise ConfigError(f"filesystem.{name}", f"must be an absolute path, got {value!r}")
+            if ".." in value.split("/"):
+                raise ConfigError(f"filesystem.{name}", f"must not contain '..', got {value!r}")
+        if not isinstance(self.overlay, bool):
+            raise ConfigError("filesystem.overlay", f"must be true or false, got {self.overlay!r}")
+        if isinstance(self.overlay_size_mb, float):
+            raise ConfigError("filesystem.overlay_size_mb", f"must be a whole number > 0, got {self.overlay_size_mb!r}")
+        _positive("filesystem.overlay_size_mb", self.overlay_size_mb)
+        if self.overlay_changes not in OVERLAY_CHANGES:
+            raise ConfigError("filesystem.overlay_changes",
+                              f"must be one of {', '.join(map(repr, OVERLAY_CHANGES))}, got {self.overlay_changes!r}")
+        if self.overlay_changes != "discard" and not self.overlay:
+            raise ConfigError("filesystem.overlay_changes", f"{self.overlay_changes!r} needs overlay = true")
+        if (self.overlay_changes == "keep") != (self.overlay_keep_dir is not None):
+            raise ConfigError("filesystem.overlay_keep_dir", "is the host directory that overlay_changes = 'keep' "
+                              f"copies the changes into: give both or neither (got {self.overlay_keep_dir!r})")
+        if self.image is not None and self.python:
+            raise ConfigError("filesystem.image", "an image root cannot hold the host's Python installation "
+                              "(python = true, a Python callable): run a program in it")
+
+    @property
+    def overlay_mb(self) -> int:
+        """The size cap of the overlay's upper layer, in MiB."""
+        return self.overlay_size_mb if self.overlay_size_mb is not None else self.tmp_size_mb
 
     @property
     def all_binds(self) -> tuple[BindMount, ...]:
@@ -387,6 +436,9 @@ class SandboxConfig(_KnownFields):
                               f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
         if not self.namespaces.mnt and self.filesystem.all_binds:
             raise ConfigError("filesystem", "binds need namespaces.mnt = true")
+        for name in ("image", "overlay"):
+            if not self.namespaces.mnt and getattr(self.filesystem, name):
+                raise ConfigError(f"filesystem.{name}", "needs namespaces.mnt = true")
         if not self.no_new_privs and self.seccomp != "off":
             raise ConfigError("no_new_privs", "false needs seccomp = 'off': the kernel installs a seccomp "
                               "filter only for a process with no_new_privs (the sandbox drops CAP_SYS_ADMIN first)")

@@ -59,7 +59,7 @@ class LaunchPlan:
         return IsolationReport(
             backend="linux",
             namespaces=self.namespaces.names,
-            rootfs="read-only tmpfs root, private /tmp, fresh /proc, minimal /dev" if self.rootfs else "host",
+            rootfs=self.rootfs.describe() if self.rootfs else "host",
             uid=_or(self.uid, sandbox_id),
             gid=_or(self.gid, sandbox_id),
             capabilities=self.capabilities.names,
@@ -93,7 +93,8 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
     gid = config.gid if config.gid is not None or not user_namespace else NOBODY
     ns = plan_namespaces(config.namespaces, NOBODY if uid is None else uid, NOBODY if gid is None else gid,
                          euid, egid)
-    rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range)
+    rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range,
+                          user_namespace=ns.user)
               if config.namespaces.mnt else None)
     limits = plan_limits(config, _cgroup_support(), ns.user)
     ruleset, landlock_note = _plan_landlock_rules(config, rootfs)

@@ -146,6 +146,7 @@ enum {
     STEP_LANDLOCK_RULESET = 33, /* handled fs rights, handled net rights, scopes */
     STEP_LANDLOCK_PATH = 34,    /* path, rights (a file gets only its file rights) */
     STEP_LANDLOCK_RESTRICT = 35,
+    STEP_OVERLAY = 36,          /* target, int32 lower slots, upper slot, work slot, options, flags */
 };
 
 typedef struct {
@@ -320,7 +321,7 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
             return "a step with too many arguments";
         /* Binary arguments: file contents, BPF, fd lists; everything else is a C string. */
         int binary = step->kind == STEP_WRITE_FILE || step->kind == STEP_SECCOMP || step->kind == STEP_ARRANGE_FDS ||
-                     step->kind == STEP_JOIN_CGROUP;
+                     step->kind == STEP_JOIN_CGROUP || step->kind == STEP_OVERLAY;
         for (uint32_t j = 0; j < nargs && !r.error; j++) {
             if (!readable(&r, 1))
                 break;
@@ -527,6 +528,51 @@ static void bind_mount(int source_fd, const char *source, const char *target, lo
     close(target_fd);
     if (own_source)
         close(source_fd);
+}
+
+/* "/proc/self/fd/N" appended: how overlayfs is given a layer opened here (never a path
+ * it would resolve, through the image's symlinks, itself). */
+static size_t append_fd_path(char *buf, size_t at, size_t cap, int fd) {
+    at = append(buf, at, cap, "/proc/self/fd/");
+    return append_int(buf, at, cap, fd);
+}
+
+/* An overlayfs on `target` of the layers in `slots` (lower ones, top first; the upper
+ * and work directories, or -1), each an fd opened earlier; all of them are closed. */
+static void overlay_mount(int *slots, const char *target, const char *lowers, Py_ssize_t nlowers, long long upper,
+                          long long work, const char *options, unsigned long flags) {
+    char data[1024];
+    size_t at = append(data, 0, sizeof data, "lowerdir=");
+    for (Py_ssize_t i = 0; i + 4 <= nlowers; i += 4) {
+        int32_t slot;
+        memcpy(&slot, lowers + i, 4);
+        if (slot < 0 || slot >= MAX_SLOTS || slots[slot] < 0)
+            fail(EINVAL, "bad overlay slot", "");
+        at = append(data, at, sizeof data, i ? ":" : "");
+        at = append_fd_path(data, at, sizeof data, slots[slot]);
+    }
+    if (upper >= 0) {
+        if (upper >= MAX_SLOTS || work < 0 || work >= MAX_SLOTS || slots[upper] < 0 || slots[work] < 0)
+            fail(EINVAL, "bad overlay slot", "");
+        at = append_fd_path(data, append(data, at, sizeof data, ",upperdir="), sizeof data, slots[upper]);
+        at = append_fd_path(data, append(data, at, sizeof data, ",workdir="), sizeof data, slots[work]);
+    }
+    if (options && *options)
+        at = append(data, append(data, at, sizeof data, ","), sizeof data, options);
+    int fd = open_path("overlay on ", target, O_PATH | O_DIRECTORY);
+    mount_on("overlay", fd, target, "overlay", flags, data);
+    close(fd);
+    for (Py_ssize_t i = 0; i + 4 <= nlowers; i += 4) {
+        int32_t slot;
+        memcpy(&slot, lowers + i, 4);
+        close(slots[slot]);
+        slots[slot] = -1;
+    }
+    if (upper >= 0) {
+        close(slots[upper]);
+        close(slots[work]);
+        slots[upper] = slots[work] = -1;
+    }
 }
 
 static void write_file(const char *path, const char *content, Py_ssize_t len) {
@@ -1058,6 +1104,9 @@ static void run_steps(launch_t *launch) {
                 close(slots[n[0]]);
                 slots[n[0]] = -1;
             }
+            break;
+        case STEP_OVERLAY:
+            overlay_mount(slots, s(st, 0), s(st, 1), st->len[1], n[2], n[3], s(st, 4), (unsigned long)n[5]);
             break;
         case STEP_MKDIR:
             close(make_dirs(s(st, 0), (size_t)st->len[0], 0));

@@ -8,7 +8,9 @@ installation, the user's read-only binds), read beneath /proc and the few
 files the set-up writes (/etc/passwd ...), read/write on the /dev nodes,
 read/write beneath /tmp, /dev/shm and the writable binds, and no other file
 access (directories list, as without Landlock: their names, never a file's
-content or a write). A mount made too wide by mistake (a bind of the host's /etc) is still
+content or a write). An image root is read and execute beneath /, a
+copy-on-write root read/write beneath / (its writes land in the sandbox's
+overlay tmpfs). A mount made too wide by mistake (a bind of the host's /etc) is still
 closed by the rules; a hole in Landlock is still closed by the mounts.
 
 On ABI >= 4, TCP bind and connect are denied when the sandbox has its own
@@ -152,7 +154,16 @@ def plan_landlock(config: SandboxConfig, rootfs: RootfsPlan, kernel_abi: int) ->
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if kernel_abi >= 6 else 0
     rules: list[tuple[str, int]] = [(bind.target, READ_EXECUTE if bind.read_only else READ_WRITE)
                                     for bind in rootfs.binds if bind.target not in _UNRULED_FOR_TESTS]
-    rules += [(path, READ_FILE) for path, _ in rootfs.files]
+    if rootfs.overlay_size_mb:
+        # A copy-on-write root is the payload's to change everywhere (its writes land in the
+        # overlay tmpfs); read-only binds on it stay read-only by their mounts.
+        rules.append(("/", READ_WRITE))
+    elif rootfs.image is not None:
+        # The image is the payload's root: read and execute beneath it. Its files are not
+        # ruled one by one (the image is untrusted: a symlink there would fail the launch).
+        rules.append(("/", READ_EXECUTE))
+    else:
+        rules += [(path, READ_FILE) for path, _ in rootfs.files]
     # The root's own directories (/, /etc, made by the set-up) stay listable, as without
     # Landlock; READ_DIR is inherited, so any directory lists, but no file beneath is read.
     rules += [("/", READ_DIR), ("/proc", READ), ("/dev/pts", DEVICE | READ_DIR)]

@@ -19,12 +19,14 @@ into the child's steps (`rootfs_steps`), which the child only executes.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..config import DEFAULT_ID_RANGE, NOBODY, FilesystemConfig
+from ..errors import ConfigError
 from . import ids
 from . import syscalls as sc
 from .steps import Step, StepTuple
@@ -52,11 +54,13 @@ _RO = sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
 
 @dataclass(frozen=True)
 class Bind:
-    """One bind mount of the plan."""
+    """One bind mount of the plan (`copy_on_write`: an overlay with the source as its
+    lower layer and an upper layer on the sandbox's overlay tmpfs)."""
 
     source: str
     target: str
     read_only: bool
+    copy_on_write: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,35 @@ class RootfsPlan:
     symlinks: tuple[tuple[str, str], ...]   # (path in sandbox, link text)
     files: tuple[tuple[str, bytes], ...]    # synthesized files (path, content)
     tmp_size_mb: int
+    image: str | None = None                # the image's root directory on the host
+    overlay_size_mb: int = 0                # > 0: a copy-on-write root (overlay upper on a tmpfs of this size)
+    mount_points: tuple[tuple[str, bool], ...] = ()  # (path, is a directory) made in the root's own layer
+    user_namespace: bool = False            # overlays take the user.* xattrs (userxattr)
+
+    @property
+    def layered(self) -> bool:
+        """Whether the root is an overlay (an image, or copy-on-write) rather than a tmpfs."""
+        return self.image is not None or self.overlay_size_mb > 0
+
+    @property
+    def upper_layers(self) -> tuple[str, ...]:
+        """The sandbox paths whose writes land in the overlay tmpfs, in layer order
+        (layer i is the tmpfs's directory `i/upper`): the root, then each
+        copy-on-write bind."""
+        if not self.overlay_size_mb:
+            return ()
+        return ("/", *(bind.target for bind in self.binds if bind.copy_on_write))
+
+    def describe(self) -> str:
+        """The isolation report's words for this root."""
+        root = f"image {self.image} (read-only)" if self.image else "read-only tmpfs root"
+        if self.overlay_size_mb:
+            root = (f"image {self.image}" if self.image else "host-derived root") + \
+                f", copy-on-write (overlay, upper on a {self.overlay_size_mb} MiB tmpfs)"
+        text = f"{root}, private /tmp, fresh /proc, minimal /dev"
+        if self.image:
+            text += "; /etc/passwd, /etc/group, /etc/hosts, /etc/hostname synthesized where the image lacks them"
+        return text
 
 
 @functools.cache
@@ -120,20 +153,60 @@ def _accounts(uid: int | None, gid: int | None, id_range: tuple[int, int]) -> tu
     return (_PASSWD + users).encode(), (_GROUP + groups).encode()
 
 
+_MAX_BUNDLE_CONFIG = 1 << 20
+
+
+def image_root(image: str) -> str:
+    """The root directory of `image` on the host: the directory itself, or, for an
+    OCI bundle (a config.json beside it), the bundle's root.path ("rootfs" by
+    default), which must lie beneath the bundle: the child opens it without
+    following a symlink in any component (the bundle is untrusted content)."""
+    real = os.path.realpath(image)  # the caller's own path: its links are the caller's
+    if not os.path.isdir(real):
+        raise ConfigError("filesystem.image", f"not a directory: {image!r}")
+    config_path = os.path.join(real, "config.json")
+    try:
+        fd = os.open(config_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return real
+    except OSError as e:
+        raise ConfigError("filesystem.image", f"cannot open {config_path!r}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(_MAX_BUNDLE_CONFIG + 1)
+    if len(text) > _MAX_BUNDLE_CONFIG:
+        raise ConfigError("filesystem.image", f"{config_path!r} is larger than {_MAX_BUNDLE_CONFIG} bytes")
+    try:
+        spec = json.loads(text)
+        path = spec.get("root", {}).get("path", "rootfs")
+    except (ValueError, AttributeError):
+        raise ConfigError("filesystem.image", f"{config_path!r} is not an OCI runtime config (JSON object)") from None
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigError("filesystem.image", f"root.path in {config_path!r} must be a path, got {path!r}")
+    if path.startswith("/") or ".." in path.split("/"):
+        raise ConfigError("filesystem.image", f"root.path in {config_path!r} must lie beneath the bundle "
+                          f"(relative, no '..'), got {path!r}")
+    root = os.path.normpath(os.path.join(real, path))
+    if not os.path.isdir(root):
+        raise ConfigError("filesystem.image", f"root.path {path!r} of the bundle {image!r} is not a directory")
+    return root
+
+
 def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, hostname: str,
-                id_range: tuple[int, int] = DEFAULT_ID_RANGE) -> RootfsPlan:
+                id_range: tuple[int, int] = DEFAULT_ID_RANGE, user_namespace: bool = False) -> RootfsPlan:
     """Decide the mounts for a sandbox with this file-system config (`uid`/`gid`
     None: each launch's own, from `id_range`)."""
     binds: list[Bind] = []
     symlinks: list[tuple[str, str]] = []
     bound: list[str] = []
-    for path in SYSTEM_DIRS:
+    image = image_root(config.image) if config.image is not None else None
+    overlay_mb = config.overlay_mb if config.overlay else 0
+    for path in SYSTEM_DIRS if image is None else ():
         if os.path.islink(path):
             symlinks.append((path, os.readlink(path)))
         elif os.path.isdir(path):
-            binds.append(Bind(path, path, True))
+            binds.append(Bind(path, path, True, copy_on_write=bool(overlay_mb)))
             bound.append(path)
-    for name in ETC_ENTRIES:
+    for name in ETC_ENTRIES if image is None else ():
         path = "/etc/" + name
         if os.path.exists(path):  # the host's own links (localtime, os-release) resolved here: the child follows none
             binds.append(Bind(os.path.realpath(path), path, True))
@@ -147,7 +220,9 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
         ("/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n".encode()),
         ("/etc/hostname", f"{hostname}\n".encode()),
     )
-    if uid is None or gid is None:  # a whole range: one host file for all, bound (cheaper than a copy each)
+    if (uid is None or gid is None) and image is None and not overlay_mb:
+        # A whole range: one host file for all, bound (cheaper than a copy each). A layered
+        # root writes them into its own layer (a bind there would need a mount point).
         binds += [Bind(os.path.realpath(path), "/etc/" + name, True)
                   for name, path in ids.account_files((("passwd", passwd), ("group", group)))]
     else:
@@ -157,7 +232,15 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
     # A parent before anything below it (a read-only part of a writable tree stays read-only);
     # otherwise in order, so that of two binds on one target the later one is on top.
     binds.sort(key=lambda bind: _relative(bind.target).count("/"))
-    return RootfsPlan(tuple(binds), tuple(symlinks), files, config.tmp_size_mb)
+    mount_points: tuple[tuple[str, bool], ...] = ()
+    if image is not None or overlay_mb:
+        # An overlay root cannot take a new mount point: its own layer holds them all.
+        mount_points = tuple(dict.fromkeys(
+            [("/proc", True), ("/dev", True), ("/tmp", True)]
+            + [(bind.target, os.path.isdir(bind.source)) for bind in binds]))
+    return RootfsPlan(tuple(binds), tuple(symlinks), files, config.tmp_size_mb, image=image,
+                      overlay_size_mb=overlay_mb, mount_points=mount_points,
+                      user_namespace=user_namespace and bool(image is not None or overlay_mb))
 
 
 def _b(text: str) -> bytes:
@@ -227,6 +310,66 @@ def _dev_steps() -> list[StepTuple]:
     return steps
 
 
+def _overlay(target: str, lowers: tuple[int, ...], upper: int = -1, work: int = -1, options: str = "") -> StepTuple:
+    return (Step.OVERLAY, _b(target), b"".join(slot.to_bytes(4, "little", signed=True) for slot in lowers),
+            upper, work, _b(options), sc.MS_NOSUID | sc.MS_NODEV)
+
+
+def _layered_steps(plan: RootfsPlan) -> list[StepTuple]:
+    """The root as an overlay: its lower layers are the image (if any) above the root's
+    own layer (the set-up's files, links and every mount point: an overlay without an
+    upper layer takes no new one, and one with an upper layer would report them as
+    the payload's changes); with `overlay_size_mb`, its upper layer and those of the
+    copy-on-write binds are directories `i/upper` (and `i/work`) of one tmpfs of that
+    size, charged to the sandbox's memory cgroup like any tmpfs page it writes."""
+    devnull_slot = len(plan.binds)
+    image_slot, layer_slot, upper_slot = devnull_slot + 1, devnull_slot + 2, devnull_slot + 3
+    options = "userxattr" if plan.user_namespace else ""
+    steps: list[StepTuple] = [_mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)]
+    steps += [(Step.OPEN_SOURCE, slot, _b(bind.source)) for slot, bind in enumerate(plan.binds)]
+    steps.append((Step.OPEN_SOURCE, devnull_slot, b"/dev/null"))
+    if plan.image is not None:
+        steps.append((Step.OPEN_SOURCE, image_slot, _b(plan.image)))
+    steps += [_mount("tmpfs", _STAGING, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=4m,mode=0755"),
+              (Step.CHDIR, _b(_STAGING)), (Step.MKDIR, b"layer")]
+    steps += [(Step.SYMLINK, _b(link), b"layer/" + _b(_relative(path))) for path, link in plan.symlinks]
+    steps += [(Step.MKDIR, b"layer/" + _b(_relative(path if is_dir else os.path.dirname(path))))
+              for path, is_dir in plan.mount_points]
+    steps += [(Step.MKDIR, b"layer/" + _b(_relative(directory)))
+              for directory in dict.fromkeys(os.path.dirname(path) for path, _ in plan.files)]
+    steps += [(Step.WRITE_FILE, b"layer/" + _b(_relative(path)), content) for path, content in plan.files]
+    steps += [(Step.WRITE_FILE, b"layer/" + _b(_relative(path)), b"")
+              for path, is_dir in plan.mount_points if not is_dir]
+    steps.append((Step.OPEN_SOURCE, layer_slot, b"layer"))
+    layers = plan.upper_layers
+    if layers:
+        steps += [(Step.MKDIR, b"rw"), _mount("tmpfs", "rw", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                                               f"size={plan.overlay_size_mb}m,mode=0755")]
+        for i in range(len(layers)):
+            steps += [(Step.MKDIR, f"rw/{i}/upper".encode()), (Step.MKDIR, f"rw/{i}/work".encode()),
+                      (Step.OPEN_SOURCE, upper_slot + 2 * i, f"rw/{i}/upper".encode()),
+                      (Step.OPEN_SOURCE, upper_slot + 2 * i + 1, f"rw/{i}/work".encode())]
+    lowers = (image_slot, layer_slot) if plan.image is not None else (layer_slot,)
+    steps += [(Step.MKDIR, b"root"),
+              _overlay("root", lowers, *((upper_slot, upper_slot + 1) if layers else ()), options=options),
+              (Step.CHDIR, b"root"),
+              _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
+    layer = 1
+    for slot, bind in enumerate(plan.binds):
+        if bind.copy_on_write:
+            upper = upper_slot + 2 * layer
+            steps.append(_overlay(_relative(bind.target), (slot,), upper, upper + 1, options))
+            layer += 1
+        else:
+            steps.append(_bind(slot, "", _relative(bind.target),
+                               _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV))
+    steps += _proc_steps(devnull_slot)
+    steps += _dev_steps()
+    steps += [(Step.SETATTR, b".", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV if layers else _RO, 0),
+              (Step.PIVOT_ROOT,)]
+    return steps
+
+
 @functools.lru_cache(maxsize=64)
 def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
     """The child's steps that build the root from the plan and pivot into it (in
@@ -234,6 +377,8 @@ def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
     hides it, so any host path can be bound. Once the root tmpfs is the working
     directory, every path is relative to it: _child.c resolves those beneath it and
     never through a symlink (a writable bind is the sandbox's ground)."""
+    if plan.layered:
+        return tuple(_layered_steps(plan))
     devnull_slot = len(plan.binds)
     steps: list[StepTuple] = [_mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)]
     steps += [(Step.OPEN_SOURCE, slot, _b(bind.source)) for slot, bind in enumerate(plan.binds)]

@@ -60,6 +60,8 @@ class Step(IntEnum):
     LANDLOCK_RULESET = 33  # handled fs rights, handled net rights, scopes: create the ruleset (linux/landlock.py)
     LANDLOCK_PATH = 34     # path, rights: allow them beneath path (O_PATH, no symlink followed)
     LANDLOCK_RESTRICT = 35  # enforce the ruleset on this process (and what it starts)
+    OVERLAY = 36           # target, lower slots (int32s, top first), upper slot, work slot (-1: none), options,
+                           # mount flags: an overlayfs of the opened layers (their slots are closed)
 
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
