@@ -15,6 +15,7 @@ up (a protection could not be applied, or the program cannot be executed);
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -121,6 +122,18 @@ def _build_run_parser(sub: Any) -> None:
                           "a parent before anything below it; SRC must be its real path (no symlink on it)")
     run.add_argument("--tmpfs-size", metavar="SIZE", help="size of the private /tmp (default 64M)")
     run.add_argument("--python", action="store_true", help="make the Python installation visible")
+    run.add_argument("--image", metavar="DIR",
+                     help="an unpacked root file system (or an OCI bundle) as the sandbox's read-only root, "
+                          "instead of the host's system directories")
+    run.add_argument("--overlay", action="store_true",
+                     help="a copy-on-write root: writes land in a tmpfs inside the sandbox, never on the host")
+    run.add_argument("--overlay-size", metavar="SIZE",
+                     help="size of the overlay's tmpfs (default: --tmpfs-size)")
+    run.add_argument("--overlay-changes", choices=("discard", "report", "keep"),
+                     help="what happens to the overlay's changes: discard (default), report (listed in "
+                          "the JSON result), keep (also copied into --overlay-keep DIR)")
+    run.add_argument("--overlay-keep", metavar="DIR",
+                     help="a new host directory that receives the overlay's changes (--overlay-changes keep)")
     run.add_argument("--cap", metavar="CAP", action="append", default=[],
                      help="keep this capability (e.g. CAP_NET_BIND_SERVICE)")
     run.add_argument("--ambient-cap", metavar="CAP", action="append", default=[],
@@ -214,7 +227,8 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
         changes["io_write_bps"] = _optional(args.io_write_bps, "io_write_bps", lambda v: parse_rate(v, "io_write_bps"))
     if args.net is not None:
         changes["namespaces"] = replace(config.namespaces, net=not args.net)
-    if args.bind_specs or args.tmpfs_size or args.python:
+    if (args.bind_specs or args.tmpfs_size or args.python or args.image or args.overlay or args.overlay_size
+            or args.overlay_changes or args.overlay_keep):
         fs = config.filesystem
         changes["filesystem"] = replace(
             fs,
@@ -222,6 +236,12 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
             tmp_size_mb=parse_size_mb(args.tmpfs_size, "filesystem.tmp_size_mb") if args.tmpfs_size
             else fs.tmp_size_mb,
             python=fs.python or args.python,
+            image=os.path.abspath(args.image) if args.image else fs.image,
+            overlay=fs.overlay or args.overlay,
+            overlay_size_mb=parse_size_mb(args.overlay_size, "filesystem.overlay_size_mb") if args.overlay_size
+            else fs.overlay_size_mb,
+            overlay_changes=args.overlay_changes or fs.overlay_changes,
+            overlay_keep_dir=os.path.abspath(args.overlay_keep) if args.overlay_keep else fs.overlay_keep_dir,
         )
     if args.cap or args.ambient_cap:
         caps = config.capabilities
@@ -250,7 +270,8 @@ _OPTIONS = {
     "filesystem.tmp_size_mb": "tmpfs_size", "hostname": "hostname", "uid": "uid", "gid": "gid",
     "seccomp": "seccomp", "landlock": "landlock", "environment": "env", "capabilities.allowed": "cap",
     "capabilities.ambient": "ambient_cap", "filesystem.read_only_binds": "bind_specs",
-    "filesystem.binds": "bind_specs",
+    "filesystem.binds": "bind_specs", "filesystem.image": "image", "filesystem.overlay_size_mb": "overlay_size",
+    "filesystem.overlay_changes": "overlay_changes", "filesystem.overlay_keep_dir": "overlay_keep",
 }
 
 

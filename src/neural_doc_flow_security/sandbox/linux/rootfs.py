@@ -350,8 +350,9 @@ def _layered_steps(plan: RootfsPlan) -> list[StepTuple]:
                       (Step.OPEN_SOURCE, upper_slot + 2 * i, f"rw/{i}/upper".encode()),
                       (Step.OPEN_SOURCE, upper_slot + 2 * i + 1, f"rw/{i}/work".encode())]
     lowers = (image_slot, layer_slot) if plan.image is not None else (layer_slot,)
+    upper, work = (upper_slot, upper_slot + 1) if layers else (-1, -1)
     steps += [(Step.MKDIR, b"root"),
-              _overlay("root", lowers, *((upper_slot, upper_slot + 1) if layers else ()), options=options),
+              _overlay("root", lowers, upper, work, options),
               (Step.CHDIR, b"root"),
               _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
     layer = 1
