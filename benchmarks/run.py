@@ -673,6 +673,51 @@ async def scenario_memory(sizes: tuple[int, ...], latency_calls: int) -> list[Ta
 
 # -- scenario 5: stages ------------------------------------------------------------------
 
+def _busybox_image(root: Path) -> Path:
+    """A busybox root file system (bin/busybox and its `true` and `sh` links)."""
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+    for applet in ("true", "sh"):
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
+
+
+async def scenario_image(n: int) -> list[Table]:
+    """Launch cost of an image root (issue 19) against the host-derived root, with and
+    without a copy-on-write overlay: execute_command(['/bin/true']) through a zygote."""
+    import tempfile
+
+    from neural_doc_flow_security.sandbox import SandboxConfig, SandboxManager
+    from neural_doc_flow_security.sandbox.config import FilesystemConfig
+
+    table = Table(f"7. Root file system: execute_command(['/bin/true']), zygote, {n} calls per row",
+                  "host-derived root (default)",
+                  "The image is a busybox-static root built by hand; the host-derived root binds /usr, /lib* "
+                  f"and /etc entries. Rows interleaved, {BLOCK} calls of one row per turn, back to back.")
+    if not os.path.exists("/bin/busybox"):
+        table.add("image root", None, why="busybox-static is not installed")
+        return [table]
+    with tempfile.TemporaryDirectory(prefix="ndf-bench-image-") as tmp:
+        image = str(_busybox_image(Path(tmp) / "image"))
+        env = (("PATH", "/bin"),)
+        configs = {
+            "host-derived root (default)": SandboxConfig(),
+            "host-derived root, copy-on-write (overlay)": SandboxConfig(filesystem=FilesystemConfig(overlay=True)),
+            "image root (busybox)": SandboxConfig(environment=env, filesystem=FilesystemConfig(image=image)),
+            "image root, copy-on-write (overlay)": SandboxConfig(
+                environment=env, filesystem=FilesystemConfig(image=image, overlay=True)),
+        }
+        async with SandboxManager(start_method="zygote") as manager:
+            rows: dict[str, tuple[Callable[[], Awaitable[object]], float]] = {
+                name: (lambda c=config: _async_check(manager.execute_command("t", ["/bin/true"],
+                                                                             sandbox_config=c)), 0.0)
+                for name, config in configs.items()}
+            samples = await interleaved_blocks(rows, n)
+    for name, values in samples.items():
+        table.add(name, summary(values))
+    return [table]
+
+
 def scenario_stages(runs: int) -> list[Table]:
     out = subprocess.run([PY, str(HERE / "stages.py"), "--runs", str(runs), "--bwrap",
                           json.dumps(bwrap("/bin/true"))], capture_output=True, text=True, check=True).stdout
@@ -797,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes)")
     parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
-    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages,hostile",
+    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages,hostile,image",
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--max-sandboxes", type=int, default=1000, help="largest N for the memory scenario")
     args = parser.parse_args(argv)
@@ -832,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     section("memory", lambda: arun(scenario_memory(sizes, 10 if quick else 30)))
     section("stages", lambda: scenario_stages(15 if quick else 100))
     section("hostile", lambda: hostile_scenarios(quick))
+    section("image", lambda: arun(scenario_image(30 if quick else 200)))
 
     floors = floors_table(tables)
     if floors.rows:
