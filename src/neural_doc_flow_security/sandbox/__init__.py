@@ -22,7 +22,15 @@ from .errors import (
     SetupError,
     UnsupportedError,
 )
-from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult, SecurityEvent
+from .result import (
+    FileChange,
+    FilesystemChanges,
+    IsolationReport,
+    Outcome,
+    ResourceUsage,
+    SandboxResult,
+    SecurityEvent,
+)
 
 if TYPE_CHECKING:
     from .api import Health, ManagerStats, SandboxCalls, SandboxHandle, SandboxInfo, SandboxManager
@@ -65,6 +73,8 @@ __all__ = [
     "BindMount",
     "CapabilityConfig",
     "ConfigError",
+    "FileChange",
+    "FilesystemChanges",
     "FilesystemConfig",
     "IsolationReport",
     "NamespaceConfig",

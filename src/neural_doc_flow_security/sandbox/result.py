@@ -86,6 +86,44 @@ class SecurityEvent:
 
 
 @dataclass(frozen=True)
+class FileChange:
+    """One path the payload changed on a copy-on-write root: `change` is "created",
+    "modified" or "deleted"; `kind` "file", "directory", "symlink" or "other"; `size`
+    in bytes (a file's, a link's text; 0 otherwise)."""
+
+    path: str
+    change: str
+    kind: str
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FilesystemChanges:
+    """What a copy-on-write root's payload changed (filesystem.overlay_changes "report"
+    or "keep"), read by the host from the overlay's upper layer after the payload
+    ended. `complete` is False when the listing stopped at its bound (`error` says
+    why); `kept_in` is the host directory the changes were copied into ("keep")."""
+
+    changes: tuple[FileChange, ...] = ()
+    complete: bool = True
+    kept_in: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changes": [change.to_dict() for change in self.changes], "complete": self.complete,
+                "kept_in": self.kept_in, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FilesystemChanges:
+        """Rebuild from to_dict() output (from the trusted launcher, never a sandbox)."""
+        return cls(tuple(FileChange(**change) for change in data["changes"]), data["complete"],
+                   data["kept_in"], data["error"])
+
+
+@dataclass(frozen=True)
 class SandboxResult:
     """The result of one sandboxed run.
 
@@ -114,6 +152,7 @@ class SandboxResult:
     stderr_truncated: bool = False
     encoding: str = "utf-8"
     security_events: tuple[SecurityEvent, ...] = ()
+    filesystem_changes: FilesystemChanges | None = None  # a copy-on-write root's, when asked for
 
     @property
     def stdout_text(self) -> str:
@@ -153,6 +192,7 @@ class SandboxResult:
             "resource_usage": dataclasses.asdict(self.resource_usage),
             "isolation": self.isolation.to_dict(),
             "security_events": [event.to_dict() for event in self.security_events],
+            "filesystem_changes": self.filesystem_changes.to_dict() if self.filesystem_changes else None,
         }
 
     @classmethod
@@ -166,6 +206,8 @@ class SandboxResult:
             resource_usage=ResourceUsage(**data["resource_usage"]),
             isolation=IsolationReport.from_dict(data["isolation"]),
             security_events=tuple(SecurityEvent(**event) for event in data.get("security_events", ())),
+            filesystem_changes=FilesystemChanges.from_dict(data["filesystem_changes"])
+            if data.get("filesystem_changes") else None,
         )
 
     def cli_exit_status(self) -> int:

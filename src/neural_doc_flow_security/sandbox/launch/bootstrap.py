@@ -59,6 +59,7 @@ class ChildPipes:
     sync_read: int     # parent writes b"m" after the id maps, b"c" after the cgroup
     error_write: int   # CLOEXEC: closed by exec, so EOF means "all stages passed"
     status_write: int  # init reports the payload's wait status here
+    changes_write: int = -1  # a copy-on-write root's tmpfs is sent here (rootfs.hands_back_changes)
 
 
 def _stage(name: str, *steps: StepTuple) -> list[StepTuple]:
@@ -113,7 +114,7 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
     names = plan.namespaces.names
     steps: list[StepTuple] = []
     if plan.rootfs is not None and not mounted:
-        steps += _stage("mounts", *rootfs_steps(plan.rootfs))
+        steps += _stage("mounts", *rootfs_steps(plan.rootfs, pipes.changes_write))
     if "uts" in names:
         steps += _stage("hostname", (Step.SETHOSTNAME, plan.config.hostname.encode()))
     if "net" in names and loopback:

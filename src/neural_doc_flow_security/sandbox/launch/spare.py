@@ -81,7 +81,7 @@ def root_to_build_ahead(plan: LaunchPlan) -> RootfsPlan | None:
     """The root a spare may build for launches like this one: only system
     directories, the interpreter and synthesized files (no user binds)."""
     fs = plan.config.filesystem
-    return plan.rootfs if not fs.all_binds else None
+    return plan.rootfs if not fs.all_binds and fs.overlay_changes == "discard" else None
 
 
 def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template: Template | None = None,
@@ -141,6 +141,7 @@ def make_spare(namespaces: NamespacePlan, cgroup: SandboxCgroup | None, template
 def matches(spare: Spare, plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...]) -> bool:
     """Whether `spare` can start a sandbox of `plan` with these fds."""
     return (spare.clone_flags == plan.namespaces.clone_flags and not plan.namespaces.user
+            and not (plan.rootfs is not None and plan.rootfs.hands_back_changes)  # needs a socket of its own
             and "pid" in plan.namespaces.names and len(fd_map) < 8
             and all(target < FD_FLOOR for target, _ in fd_map)
             and (spare.rootfs is None or (spare.rootfs == plan.rootfs and not root_stale(spare))))

@@ -16,6 +16,7 @@ import re
 import resource
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,7 @@ class SpawnedSandbox:
     killed: bool = False
     status_report: bytes | None = None
     ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
+    changes_read: int = -1  # where the child sends a copy-on-write root's tmpfs (linux/overlay_changes.py)
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -258,17 +260,22 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
     sync_read, sync_write = os.pipe2(os.O_CLOEXEC)
     error_read, error_write = os.pipe2(os.O_CLOEXEC)
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
+    changes_read, changes_write = -1, -1
+    if plan.rootfs is not None and plan.rootfs.hands_back_changes:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        changes_read, changes_write = ours.detach(), theirs.detach()
     program = payload if isinstance(payload, ExecPayload) else None
-    pipes = bootstrap.ChildPipes(sync_read, error_write, status_write)
+    pipes = bootstrap.ChildPipes(sync_read, error_write, status_write, changes_write)
     child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd)
     clone_flags = plan.namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
     child_fds = (sync_read, status_write, *(source for _, source in fd_map)) + \
-        ((netns_fd,) if netns_fd is not None else ())
+        ((netns_fd,) if netns_fd is not None else ()) + ((changes_write,) if changes_write >= 0 else ())
     try:
         pid, pidfd = clone_child(template, clone_flags, cgroup_fd, error_write, child_steps, child_fds,
                                  payload, plan.environment, ids.id if ids else -1)
     except Exception as e:
-        for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd):
+        for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd,
+                   *((changes_read, changes_write) if changes_read >= 0 else ())):
             if fd is not None:
                 os.close(fd)
         if isinstance(e, SandboxError):  # the template is gone
@@ -277,10 +284,11 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
             raise SetupError("launch", f"invalid launch: {e}") from None
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
                          f"failed: {e.strerror}", e.errno or 0) from None
-    for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd):
-        if fd is not None:
+    for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd, changes_write):
+        if fd is not None and fd >= 0:
             os.close(fd)
-    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write, ids=ids)
+    spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write, ids=ids,
+                             changes_read=changes_read)
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)
@@ -344,11 +352,29 @@ def _read_available(fd: int, limit: int) -> bytes:
 
 
 def _close(spawned: SpawnedSandbox) -> None:
-    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read, spawned.sync_write):
+    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read, spawned.sync_write, spawned.changes_read):
+        if fd < 0:
+            continue
         try:
             os.close(fd)
         except OSError:
             pass
+    spawned.changes_read = -1
+
+
+def _with_changes(spawned: SpawnedSandbox, result: SandboxResult) -> SandboxResult:
+    """The result with what the payload changed on its copy-on-write root, when the
+    config asks (read once, after the payload ended: nothing in the sandbox runs)."""
+    if spawned.changes_read < 0 or spawned.plan.rootfs is None or result.outcome is Outcome.SANDBOX_ERROR:
+        return result
+    from ..linux import overlay_changes
+
+    try:
+        changes = overlay_changes.collect(spawned.changes_read, spawned.plan.rootfs)
+    finally:
+        os.close(spawned.changes_read)
+        spawned.changes_read = -1
+    return replace(result, filesystem_changes=changes)
 
 
 def reported_result(spawned: SpawnedSandbox) -> SandboxResult | None:
@@ -363,7 +389,8 @@ def reported_result(spawned: SpawnedSandbox) -> SandboxResult | None:
         return None
     stats = spawned.cgroup.stats() if spawned.cgroup is not None else None
     wall = time.monotonic() - spawned.started
-    spawned.reported = _result(spawned, None, None, wall, _read_available(spawned.error_read, 4096), report, stats)
+    spawned.reported = _with_changes(
+        spawned, _result(spawned, None, None, wall, _read_available(spawned.error_read, 4096), report, stats))
     return spawned.reported
 
 
@@ -386,7 +413,8 @@ def finish_sandbox(spawned: SpawnedSandbox, *, destroy_cgroup: bool = True) -> S
         status_report = spawned.status_report
         if status_report is None:
             status_report = _read_available(spawned.status_read, 128)
-        return _result(spawned, wait_status, rusage, wall, error_report, status_report, stats)
+        return _with_changes(spawned, _result(spawned, wait_status, rusage, wall, error_report, status_report,
+                                              stats))
     finally:
         try:
             if spawned.cgroup is not None and destroy_cgroup:

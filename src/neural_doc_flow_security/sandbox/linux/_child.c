@@ -147,6 +147,7 @@ enum {
     STEP_LANDLOCK_PATH = 34,    /* path, rights (a file gets only its file rights) */
     STEP_LANDLOCK_RESTRICT = 35,
     STEP_OVERLAY = 36,          /* target, int32 lower slots, upper slot, work slot, options, flags */
+    STEP_SEND_SLOT = 37,        /* socket fd, slot: hand the slot's fd to the parent (then close both) */
 };
 
 typedef struct {
@@ -573,6 +574,29 @@ static void overlay_mount(int *slots, const char *target, const char *lowers, Py
         close(slots[work]);
         slots[upper] = slots[work] = -1;
     }
+}
+
+/* Send `fd` over the unix socket `sock` (SCM_RIGHTS), one byte of data with it. */
+static void send_fd(int sock, int fd) {
+    char byte = 'f';
+    struct iovec iov = {&byte, 1};
+    union {
+        struct cmsghdr header;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    memset(&control, 0, sizeof control);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    check(sendmsg(sock, &msg, MSG_NOSIGNAL), "send the overlay's upper layer to the parent", "");
 }
 
 static void write_file(const char *path, const char *content, Py_ssize_t len) {
@@ -1104,6 +1128,14 @@ static void run_steps(launch_t *launch) {
                 close(slots[n[0]]);
                 slots[n[0]] = -1;
             }
+            break;
+        case STEP_SEND_SLOT:
+            if (n[1] < 0 || n[1] >= MAX_SLOTS)
+                fail(EINVAL, "bad slot", "");
+            send_fd((int)n[0], slots[n[1]]);
+            close(slots[n[1]]);
+            slots[n[1]] = -1;
+            close((int)n[0]);
             break;
         case STEP_OVERLAY:
             overlay_mount(slots, s(st, 0), s(st, 1), st->len[1], n[2], n[3], s(st, 4), (unsigned long)n[5]);

@@ -75,6 +75,13 @@ class RootfsPlan:
     overlay_size_mb: int = 0                # > 0: a copy-on-write root (overlay upper on a tmpfs of this size)
     mount_points: tuple[tuple[str, bool], ...] = ()  # (path, is a directory) made in the root's own layer
     user_namespace: bool = False            # overlays take the user.* xattrs (userxattr)
+    overlay_changes: str = "discard"        # "report"/"keep": the child hands the overlay tmpfs to the parent
+    overlay_keep_dir: str | None = None
+
+    @property
+    def hands_back_changes(self) -> bool:
+        """Whether the child sends its overlay tmpfs to the parent (to report or keep the changes)."""
+        return bool(self.overlay_size_mb) and self.overlay_changes != "discard"
 
     @property
     def layered(self) -> bool:
@@ -240,7 +247,8 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
             + [(bind.target, os.path.isdir(bind.source)) for bind in binds]))
     return RootfsPlan(tuple(binds), tuple(symlinks), files, config.tmp_size_mb, image=image,
                       overlay_size_mb=overlay_mb, mount_points=mount_points,
-                      user_namespace=user_namespace and bool(image is not None or overlay_mb))
+                      user_namespace=user_namespace and bool(image is not None or overlay_mb),
+                      overlay_changes=config.overlay_changes, overlay_keep_dir=config.overlay_keep_dir)
 
 
 def _b(text: str) -> bytes:
@@ -315,13 +323,15 @@ def _overlay(target: str, lowers: tuple[int, ...], upper: int = -1, work: int = 
             upper, work, _b(options), sc.MS_NOSUID | sc.MS_NODEV)
 
 
-def _layered_steps(plan: RootfsPlan) -> list[StepTuple]:
+def _layered_steps(plan: RootfsPlan, changes_socket: int) -> list[StepTuple]:
     """The root as an overlay: its lower layers are the image (if any) above the root's
     own layer (the set-up's files, links and every mount point: an overlay without an
     upper layer takes no new one, and one with an upper layer would report them as
     the payload's changes); with `overlay_size_mb`, its upper layer and those of the
     copy-on-write binds are directories `i/upper` (and `i/work`) of one tmpfs of that
-    size, charged to the sandbox's memory cgroup like any tmpfs page it writes."""
+    size, charged to the sandbox's memory cgroup like any tmpfs page it writes. With
+    `changes_socket`, that tmpfs is sent to the parent, which reads the changes from
+    it once the payload has ended (linux/overlay_changes.py)."""
     devnull_slot = len(plan.binds)
     image_slot, layer_slot, upper_slot = devnull_slot + 1, devnull_slot + 2, devnull_slot + 3
     options = "userxattr" if plan.user_namespace else ""
@@ -349,6 +359,9 @@ def _layered_steps(plan: RootfsPlan) -> list[StepTuple]:
             steps += [(Step.MKDIR, f"rw/{i}/upper".encode()), (Step.MKDIR, f"rw/{i}/work".encode()),
                       (Step.OPEN_SOURCE, upper_slot + 2 * i, f"rw/{i}/upper".encode()),
                       (Step.OPEN_SOURCE, upper_slot + 2 * i + 1, f"rw/{i}/work".encode())]
+        if changes_socket >= 0:
+            rw_slot = upper_slot + 2 * len(layers)
+            steps += [(Step.OPEN_SOURCE, rw_slot, b"rw"), (Step.SEND_SLOT, changes_socket, rw_slot)]
     lowers = (image_slot, layer_slot) if plan.image is not None else (layer_slot,)
     upper, work = (upper_slot, upper_slot + 1) if layers else (-1, -1)
     steps += [(Step.MKDIR, b"root"),
@@ -372,14 +385,15 @@ def _layered_steps(plan: RootfsPlan) -> list[StepTuple]:
 
 
 @functools.lru_cache(maxsize=64)
-def rootfs_steps(plan: RootfsPlan) -> tuple[StepTuple, ...]:
+def rootfs_steps(plan: RootfsPlan, changes_socket: int = -1) -> tuple[StepTuple, ...]:
     """The child's steps that build the root from the plan and pivot into it (in
     its new mount namespace). Every bind source is opened before the root tmpfs
     hides it, so any host path can be bound. Once the root tmpfs is the working
     directory, every path is relative to it: _child.c resolves those beneath it and
-    never through a symlink (a writable bind is the sandbox's ground)."""
+    never through a symlink (a writable bind is the sandbox's ground). `changes_socket`:
+    where a copy-on-write root's tmpfs is sent (plan.hands_back_changes)."""
     if plan.layered:
-        return tuple(_layered_steps(plan))
+        return tuple(_layered_steps(plan, changes_socket))
     devnull_slot = len(plan.binds)
     steps: list[StepTuple] = [_mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)]
     steps += [(Step.OPEN_SOURCE, slot, _b(bind.source)) for slot, bind in enumerate(plan.binds)]

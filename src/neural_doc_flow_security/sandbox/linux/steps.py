@@ -62,6 +62,7 @@ class Step(IntEnum):
     LANDLOCK_RESTRICT = 35  # enforce the ruleset on this process (and what it starts)
     OVERLAY = 36           # target, lower slots (int32s, top first), upper slot, work slot (-1: none), options,
                            # mount flags: an overlayfs of the opened layers (their slots are closed)
+    SEND_SLOT = 37         # socket fd, slot: send the slot's fd to the parent (SCM_RIGHTS), close both
 
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
