@@ -76,6 +76,12 @@ WRONG: dict[str, st.SearchStrategy[Any]] = {
     "filesystem.bind_mounts": st.one_of(NOT_A_LIST, st.lists(st.one_of(INTS, TEXT), min_size=1, max_size=2)),
     "filesystem.tmp_size_mb": st.one_of(NOT_A_NUMBER, FLOATS, st.integers(max_value=0)),
     "filesystem.python": NOT_A_BOOL,
+    **{f"filesystem.{name}": st.one_of(INTS, FLOATS, BOOLS, INT_LISTS, TABLES,
+                                       st.sampled_from(["relative/dir", "/a/../b", "/x\0y"]))
+       for name in ("image", "overlay_keep_dir")},
+    "filesystem.overlay": NOT_A_BOOL,
+    "filesystem.overlay_size_mb": st.one_of(NOT_A_NUMBER, FLOATS, st.integers(max_value=0)),
+    "filesystem.overlay_changes": st.one_of(NOT_A_STR, st.sampled_from(["", "save", "Report"])),
 }
 NESTED = {"namespaces": NamespaceConfig, "capabilities": CapabilityConfig, "filesystem": FilesystemConfig}
 

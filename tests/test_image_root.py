@@ -14,59 +14,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import api_helpers
+import image_helpers
 from api_helpers import LeakTracker, manager, needs_root, run
 from conftest import SandboxCaller
+from image_helpers import BUSYBOX, make_image, snapshot
 from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.errors import ConfigError
 from neural_doc_flow_security.sandbox.result import Outcome
 
-BUSYBOX = "/bin/busybox"
 pytestmark = [pytest.mark.skipif(os.uname().sysname != "Linux", reason="Linux sandbox"),
               pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="busybox-static is not installed"),
               pytest.mark.timeout(300)]
-
-APPLETS = ("sh", "cat", "ls", "echo", "id", "touch", "mkdir", "rm", "dd", "grep", "stat", "true", "readlink",
-           "hostname", "wc", "find", "ln")
-
-
-def make_image(root: Path, *, marker: str = "from the image") -> Path:
-    """A busybox root under `root` (made): bin/busybox, its applets as links, a marker file."""
-    (root / "bin").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    (root / "marker").write_text(marker + "\n")
-    for path in [root, *root.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(0o755)
-    return root
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every entry under `root` (without following links): mode, size, mtime."""
-    out = {}
-    for path in [root, *root.rglob("*")]:
-        st = path.lstat()
-        out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
-
-
-@pytest.fixture
-def host_tmp() -> Iterator[Path]:
-    """A directory under /var/tmp every uid may read (the unprivileged caller too)."""
-    path = Path(tempfile.mkdtemp(prefix="ndf-image-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def describe(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -76,6 +40,7 @@ def describe(result: subprocess.CompletedProcess[bytes]) -> str:
 
 IMAGE_ENV = ["--env", "PATH=/bin"]
 no_leaks = api_helpers.no_leaks  # fixtures of the API probes
+host_tmp = image_helpers.host_tmp
 method = api_helpers.method
 
 

@@ -133,6 +133,10 @@ class HostFeatures:
     pidfd_open: bool = False
     clone3: bool = False
     overlayfs: bool = False
+    # A copy-on-write root (filesystem.overlay) without root: overlayfs in a user
+    # namespace (kernel >= 5.11); None when not probed.
+    overlayfs_in_user_namespace: bool | None = None
+    overlayfs_in_user_namespace_reason: str = ""
     fallback: str = ""
     fallback_enforces: tuple[str, ...] = ()
 
@@ -235,6 +239,7 @@ def _probe_linux() -> HostFeatures:
     cgroups, cgroups_reason = _probe_cgroups()
     in_container, hints = _container_hints()
     delegation = _probe_delegation()
+    overlay_userns = _run_in_child(_overlay_in_userns_probe_child, {}) if _probe_overlayfs() else {}
     return HostFeatures(
         os="linux",
         platform=platform.platform(),
@@ -265,6 +270,8 @@ def _probe_linux() -> HostFeatures:
         pidfd_open=_probe_pidfd_open(),
         clone3=_probe_clone3(libc),
         overlayfs=_probe_overlayfs(),
+        overlayfs_in_user_namespace=bool(overlay_userns.get("ok")) if overlay_userns else None,
+        overlayfs_in_user_namespace_reason=str(overlay_userns.get("reason", overlay_userns.get("error", ""))),
     )
 
 
@@ -356,6 +363,47 @@ def _unprivileged_userns_probe_child(_: dict[str, Any]) -> dict[str, Any]:  # pr
     libc = _libc()
     ok = libc.unshare(NAMESPACE_FLAGS["user"]) == 0
     return {"ok": ok, "errno": 0 if ok else ctypes.get_errno()}
+
+
+def _overlay_in_userns_probe_child(_: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - child
+    """As a non-root user (root drops to nobody first): a user and mount namespace,
+    a tmpfs, and on it an overlayfs with an upper layer (userxattr), as a rootless
+    copy-on-write root needs."""
+    if sys.platform != "linux":
+        raise OSError("Linux-only probe")
+    libc = _libc()
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # the uid change cleared it: /proc/self is ours again
+    uid, gid = os.geteuid(), os.getegid()
+    if libc.unshare(NAMESPACE_FLAGS["user"] | NAMESPACE_FLAGS["mnt"]) != 0:
+        return {"ok": False, "reason": f"no user and mount namespace: {_errno_text(ctypes.get_errno())}"}
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
+                       ("/proc/self/gid_map", f"0 {gid} 1")):
+        with open(path, "w") as f:
+            f.write(text)
+    steps = ((None, "/", None, _MS_REC | _MS_PRIVATE, None), ("tmpfs", "/tmp", "tmpfs", 0, "size=1m"))
+    for source, target, fstype, flags, data in steps:
+        if libc.mount(_c(source), _c(target), _c(fstype), flags, _c(data)) != 0:
+            return {"ok": False, "reason": f"mount {target}: {_errno_text(ctypes.get_errno())}"}
+    for name in ("lower", "upper", "work", "merged"):
+        os.mkdir(f"/tmp/{name}")
+    options = "lowerdir=/tmp/lower,upperdir=/tmp/upper,workdir=/tmp/work,userxattr"
+    if libc.mount(b"overlay", b"/tmp/merged", b"overlay", 0, options.encode()) != 0:
+        err = ctypes.get_errno()
+        return {"ok": False, "reason": f"overlayfs in a user namespace: {_errno_text(err)} (needs kernel >= 5.11)"}
+    return {"ok": True}
+
+
+def _c(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+_MS_REC = 0x4000
+_PR_SET_DUMPABLE = 4
+_MS_PRIVATE = 1 << 18
 
 
 def _user_namespace_knobs() -> dict[str, str]:
@@ -584,6 +632,12 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
                        f"but {features.seccomp_reason or 'seccomp is unavailable'}")
     if config.landlock == "required" and not features.landlock_abi:
         missing.append(f"landlock: a Landlock ruleset is required, but {features.landlock_reason}")
+    if (config.filesystem.overlay or config.filesystem.image) and not features.overlayfs:
+        missing.append("filesystem.overlay/image: an overlayfs root is required, but overlayfs is not in "
+                       "/proc/filesystems")
+    elif config.filesystem.overlay and user_wanted and features.overlayfs_in_user_namespace is False:
+        missing.append("filesystem.overlay: a copy-on-write root is required, but "
+                       f"{features.overlayfs_in_user_namespace_reason}")
     if config.no_new_privs and not features.no_new_privs:
         missing.append("no_new_privs: required, but prctl(PR_GET_NO_NEW_PRIVS) is not supported")
     missing.extend(_missing_limits(config, features, user_wanted))
@@ -657,6 +711,8 @@ def _report_rows(f: HostFeatures) -> list[tuple[str, str, str]]:
     rows.append(("pidfd_open", _yes(f.pidfd_open), ""))
     rows.append(("clone3", _yes(f.clone3), ""))
     rows.append(("overlayfs", _yes(f.overlayfs), "" if f.overlayfs else "not in /proc/filesystems"))
+    rows.append(("overlayfs without root", _yes(f.overlayfs_in_user_namespace),
+                 f.overlayfs_in_user_namespace_reason or "filesystem.overlay as a non-root user"))
     return rows
 
 
