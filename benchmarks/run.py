@@ -690,7 +690,7 @@ async def scenario_image(n: int) -> list[Table]:
     from neural_doc_flow_security.sandbox import SandboxConfig, SandboxManager
     from neural_doc_flow_security.sandbox.config import FilesystemConfig
 
-    table = Table(f"7. Root file system: execute_command(['/bin/true']), zygote, {n} calls per row",
+    table = Table(f"8. Root file system: execute_command(['/bin/true']), zygote, {n} calls per row",
                   "host-derived root (default)",
                   "The image is a busybox-static root built by hand; the host-derived root binds /usr, /lib* "
                   f"and /etc entries. Rows interleaved, {BLOCK} calls of one row per turn, back to back.")
