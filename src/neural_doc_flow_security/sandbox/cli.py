@@ -184,6 +184,24 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _build_oci_parser(sub: Any) -> None:
+    oci = sub.add_parser("oci", help="run an OCI runtime bundle, or write a profile as its config.json")
+    commands = oci.add_subparsers(dest="oci_command", required=True)
+    run = commands.add_parser("run", help="run BUNDLE_DIR (config.json + its root) in the sandbox")
+    run.add_argument("bundle", metavar="BUNDLE_DIR")
+    run.add_argument("--ignore-unsupported", action="store_true",
+                     help="run without the bundle's fields this sandbox does not implement (listed in "
+                          "isolation.not_enforced and on stderr) instead of refusing")
+    run.add_argument("--trust-bundle", action="store_true",
+                     help="let the bundle weaken the defaults: capabilities, noNewPrivileges false, the "
+                          "host's namespaces")
+    run.add_argument("--timeout", metavar="SECONDS", help="wall timeout (default 30; none: no timeout)")
+    run.add_argument("--json-result", metavar="FILE", help="write the result as JSON to FILE (as `run` does)")
+    spec = commands.add_parser("spec", help="write the config.json equivalent of a profile")
+    spec.add_argument("--profile", metavar="FILE", help="TOML profile (default: the default profile)")
+    spec.add_argument("--output", metavar="FILE", help="write here instead of stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `ndf-sandbox`."""
     parser = argparse.ArgumentParser(prog="ndf-sandbox", description=__doc__,
@@ -194,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="report what this host can enforce")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("cleanup", help="remove what sandboxes of dead managers left behind (their cgroups)")
+    _build_oci_parser(sub)
     demo = sub.add_parser("demo", help="run a document pipeline with good and hostile plugins")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
@@ -347,16 +366,18 @@ def _command_run(args: argparse.Namespace) -> int:
         resources.discard_spare_cgroup()  # unused (the launch failed before taking it)
 
 
-def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str]) -> int:
+def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str],
+         not_enforced: tuple[str, ...] = ()) -> int:
     json_file = getattr(args, "json_file", None)
     try:
-        return _run_and_report(args, config, command, json_file)
+        return _run_and_report(args, config, command, json_file, not_enforced)
     finally:
         if json_file is not None:
             json_file.close()
 
 
-def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: list[str], json_file: Any) -> int:
+def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: list[str], json_file: Any,
+                    not_enforced: tuple[str, ...] = ()) -> int:
     from .launch.supervise import run_program
 
     _remove_stale_cgroups()
@@ -369,6 +390,9 @@ def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: li
                                   start_method="cli", argv=command)
     try:
         result = run_program(config, command, cwd=args.cwd, on_start=on_start)
+        if not_enforced:
+            result = replace(result, isolation=replace(
+                result.isolation, not_enforced=result.isolation.not_enforced + not_enforced))
     except ConfigError as e:  # found while planning (e.g. a --seccomp file): still the command line
         _audit_refused(e)
         print(f"ndf-sandbox: invalid configuration: {e}", file=sys.stderr)
@@ -460,6 +484,47 @@ def _command_cleanup() -> int:
     return 0
 
 
+def _command_oci(args: argparse.Namespace) -> int:
+    """`oci run BUNDLE_DIR` and `oci spec`."""
+    import json
+
+    from . import oci
+
+    if args.oci_command == "spec":
+        try:
+            config = SandboxConfig.from_toml(args.profile) if args.profile else SandboxConfig()
+            text = json.dumps(oci.spec_from_config(config), indent=2) + "\n"
+        except ConfigError as e:
+            print(f"ndf-sandbox oci spec: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    try:
+        bundle = oci.load_bundle(args.bundle, ignore_unsupported=args.ignore_unsupported,
+                                 trust_bundle=args.trust_bundle)
+        config = bundle.config
+        if args.timeout is not None:
+            config = replace(config, timeout_seconds=_optional(
+                args.timeout, "timeout_seconds", lambda v: _float(v, "timeout_seconds")))
+    except ConfigError as e:
+        print(f"ndf-sandbox oci run: {args.bundle}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for note in bundle.not_enforced:
+        print(f"ndf-sandbox oci run: not enforced: {note}", file=sys.stderr)
+    args.cwd = bundle.cwd
+    if args.json_result:
+        try:
+            args.json_file = open(args.json_result, "w")  # noqa: SIM115 - closed by _run
+        except OSError as e:
+            print(f"ndf-sandbox: cannot write --json-result {args.json_result!r}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    return _run(args, config, list(bundle.args), bundle.not_enforced)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ndf-sandbox` console script."""
     from .launch.stdio import ensure_std_fds
@@ -472,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _command_check(args)
     if args.subcommand == "cleanup":
         return _command_cleanup()
+    if args.subcommand == "oci":
+        return _command_oci(args)
     from .demo import run_demo
 
     return run_demo(json_output=args.json, plain=args.plain)

@@ -473,6 +473,19 @@ class SandboxConfig(_KnownFields):
         return config
 
     @classmethod
+    def from_oci_bundle(cls, path: str | os.PathLike[str], *, ignore_unsupported: bool = False,
+                        trust_bundle: bool = False) -> SandboxConfig:
+        """The config of an OCI runtime bundle (config.json + its root): its root as
+        `filesystem.image`, its limits, namespaces, capabilities and seccomp list (see
+        oci.py). A field this sandbox does not implement is an error naming it unless
+        `ignore_unsupported`; a bundle asking for weaker protection than the defaults
+        (capabilities, noNewPrivileges false, a shared namespace) is refused unless
+        `trust_bundle`. The process to run: `oci.load_bundle(path).args`."""
+        from .oci import bundle_config
+
+        return bundle_config(path, ignore_unsupported=ignore_unsupported, trust_bundle=trust_bundle)
+
+    @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> SandboxConfig:
         """Load a TOML profile; errors name the file and the field."""
         import tomllib
