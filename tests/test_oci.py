@@ -192,17 +192,16 @@ def test_spec_of_a_profile_runs_under_runc(host_tmp: Path, runc: Any) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_probes_are_contained_under_our_runtime(host_tmp: Path, sentinel_process: subprocess.Popen[bytes],
                                                 loopback_listener: socket.socket) -> None:
-    shared = host_tmp / "shared"
-    shared.mkdir()
-    (shared / "file").write_text("host content\n")
-    (shared / "file").chmod(0o666)
     port = loopback_listener.getsockname()[1]
     script = (f"kill -9 {sentinel_process.pid}; echo overwritten > /shared/file; "
               f"echo x | nc -w 1 127.0.0.1 {port}; ls /usr /home 2>&1; true")
     spec = base_spec(["/bin/sh", "-c", script])
-    spec["mounts"].append({"destination": "/shared", "type": "bind", "source": str(shared),
-                           "options": ["rbind", "ro"]})
+    spec["mounts"].append({"destination": "/shared", "type": "bind", "source": "shared", "options": ["rbind", "ro"]})
     bundle = make_bundle(host_tmp / "bundle", spec)
+    shared = bundle / "shared"
+    shared.mkdir()
+    (shared / "file").write_text("host content\n")
+    (shared / "file").chmod(0o666)
     mine, result = ours(bundle)
     assert mine.returncode == 0, mine
     # host-side evidence
@@ -241,6 +240,11 @@ def test_a_bundle_cannot_weaken_the_hardening_without_the_callers_consent(host_t
     with pytest.raises(ConfigError, match=r"linux\.namespaces\.network"):
         load_bundle(bundle)
     assert load_bundle(bundle, trust_bundle=True).config.namespaces.net is False
+    spec = base_spec(["/bin/true"])
+    spec["mounts"].append({"destination": "/etc", "type": "bind", "source": "/etc", "options": ["rbind", "ro"]})
+    write_spec(bundle, spec)
+    with pytest.raises(ConfigError, match=r"mounts\[2\]\.source.*outside the bundle"):
+        load_bundle(bundle)
 
 
 def test_the_bundle_maps_onto_the_config(host_tmp: Path) -> None:

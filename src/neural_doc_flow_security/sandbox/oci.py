@@ -9,8 +9,9 @@ listed in `OciBundle.not_enforced` (and the isolation report's `not_enforced`).
 
 The sandbox's own hardening stays on unless the bundle asks otherwise and the
 caller allows it (`trust_bundle`): capabilities, `noNewPrivileges: false`, a
-namespace left out (the host's shared) and a seccomp profile that removes our
-default denials are refused without it, naming the field. A bundle without
+namespace left out (the host's shared) and a bind of a host path outside the
+bundle are refused without it, naming the field; a bundle's seccomp rules are
+added to the default list, never replace it. A bundle without
 `noNewPrivileges` or `linux.seccomp` keeps ours (runc would run without).
 
 `spec_from_config(config)` writes the config.json equivalent of a profile (for
@@ -211,8 +212,9 @@ def _process(m: _Mapper, process: Mapping[str, Any], config: SandboxConfig
 
 def _root(m: _Mapper, root: Mapping[str, Any], config: SandboxConfig) -> SandboxConfig:
     m.known(root, "root.", ("path", "readonly"))
-    if "path" not in root:
-        raise OciError("root.path", "is required")
+    path = root.get("path")
+    if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
+        raise OciError("root.path", f"must be a path beneath the bundle (relative, no '..'), got {path!r}")
     # readonly = false: runc writes into the bundle's rootfs; here the writes land in a
     # copy-on-write layer inside the sandbox and are discarded (filesystem.overlay).
     overlay = root.get("readonly") is False
@@ -271,6 +273,8 @@ def _mounts(m: _Mapper, mounts: list[Any], config: SandboxConfig) -> SandboxConf
             if not isinstance(source, str):
                 raise OciError(f"mounts[{i}].source", f"must be a path, got {source!r}")
             source = os.path.normpath(os.path.join(m.bundle, source))  # relative: to the bundle
+            if not (source + "/").startswith(m.bundle + "/"):
+                m.weaker(f"mounts[{i}].source", f"the host path {source!r} (outside the bundle)")
             try:
                 binds.append(BindMount(source, destination, read_only="rw" not in options))
             except ConfigError as e:
