@@ -12,6 +12,10 @@ source must be its real path) or in the new root (targets: a writable bind is
 ground the sandbox controls at the next launch); see _child.c. Directories made
 only to hold a bind's mount point are mode 0111: crossed, never listed.
 
+An image root (`filesystem.image`) or a copy-on-write root (`filesystem.overlay`)
+is an overlayfs instead of the tmpfs: see `_layered_steps`. Its layers are fds
+opened without following symlinks, handed to overlayfs as /proc/self/fd paths.
+
 The plan is computed once per config in the parent (`plan_rootfs`) and turned
 into the child's steps (`rootfs_steps`), which the child only executes.
 """
