@@ -197,6 +197,7 @@ def _build_oci_parser(sub: Any) -> None:
                           "host's namespaces")
     run.add_argument("--timeout", metavar="SECONDS", help="wall timeout (default 30; none: no timeout)")
     run.add_argument("--json-result", metavar="FILE", help="write the result as JSON to FILE (as `run` does)")
+    run.add_argument("--audit-log", metavar="FILE", help="append the run's audit events to FILE (as `run` does)")
     spec = commands.add_parser("spec", help="write the config.json equivalent of a profile")
     spec.add_argument("--profile", metavar="FILE", help="TOML profile (default: the default profile)")
     spec.add_argument("--output", metavar="FILE", help="write here instead of stdout")
@@ -515,6 +516,14 @@ def _command_oci(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for note in bundle.not_enforced:
         print(f"ndf-sandbox oci run: not enforced: {note}", file=sys.stderr)
+    if args.audit_log:
+        from . import audit
+
+        try:
+            audit.add_file_sink(args.audit_log)
+        except OSError as e:
+            print(f"ndf-sandbox: cannot write --audit-log {args.audit_log!r}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
     args.cwd = bundle.cwd
     if args.json_result:
         try:
