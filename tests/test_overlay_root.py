@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,29 @@ def test_keep_copies_without_set_id_bits_fifos_or_following_links(host_tmp: Path
     assert os.readlink(kept / "etc" / "link") == str(aimed) and os.listdir(aimed) == []
     assert (kept / "etc" / "link2" / "f").read_text() == "x\n"
     assert {c.path for c in result.filesystem_changes.changes} >= {"/etc/setid", "/etc/fifo", "/etc/link"}
+
+
+@needs_root
+def test_keep_as_a_tar_archive(host_tmp: Path) -> None:
+    archive = host_tmp / "changes.tar"
+    config = SandboxConfig(uid=0, gid=0, seccomp="off", environment=(("PATH", "/usr/bin:/bin"),),
+                           filesystem=FilesystemConfig(overlay=True, overlay_changes="keep",
+                                                       overlay_keep_dir=str(archive)))
+    script = "echo data > /etc/setid && chmod 4755 /etc/setid && mkfifo /etc/fifo && ln -s /etc/shadow /usr/l"
+
+    async def scenario() -> SandboxResult:
+        async with manager("fork") as m:
+            return await m.execute_command("keep", ["/bin/sh", "-c", script], sandbox_config=config)
+
+    result = run(scenario())
+    assert result.filesystem_changes is not None and result.filesystem_changes.kept_in == str(archive), result
+    with tarfile.open(archive) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"etc", "etc/setid", "usr/l"}, members  # no fifo; /usr is a layer's root
+        assert members["etc/setid"].mode == 0o755 and members["etc/setid"].isreg()
+        assert members["usr/l"].issym() and members["usr/l"].linkname == "/etc/shadow"
+        extracted = tar.extractfile("etc/setid")
+        assert extracted is not None and extracted.read() == b"data\n"
 
 
 @needs_root

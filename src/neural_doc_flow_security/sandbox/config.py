@@ -267,7 +267,7 @@ class FilesystemConfig(_KnownFields):
     never on the host. `overlay_changes`: "discard" (default), "report" (the result
     lists the paths created, modified and deleted) or "keep" (also copied, without
     device nodes, set-id bits or symlink following on the host, into the new host
-    directory `overlay_keep_dir`)."""
+    directory `overlay_keep_dir`, or a new tar archive if its name ends in .tar)."""
 
     _prefix = "filesystem."
 

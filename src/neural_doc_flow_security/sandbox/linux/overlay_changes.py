@@ -8,9 +8,10 @@ is a path the payload created or modified (it exists in the layer's lower
 directory, or not), a whiteout (a character device 0/0) one it deleted. The
 walk is bounded (entries, depth) and never follows a symlink: every name is
 opened relative to its directory's fd with O_NOFOLLOW. "keep" copies the
-upper layers into a new host directory the same way: regular files,
-directories and symlinks only (no device node, fifo or socket), permission
-bits without set-id or sticky bits, owned by the host process.
+upper layers into a new host directory (or a new tar archive, for a name
+ending in .tar) the same way: regular files, directories and symlinks only
+(no device node, fifo or socket), permission bits without set-id or sticky
+bits, owned by the host process.
 
 Closing the received fd frees the tmpfs (its pages were charged to the
 sandbox's memory cgroup, like any tmpfs page the payload wrote).
@@ -22,6 +23,7 @@ import contextlib
 import os
 import socket
 import stat
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -230,9 +232,61 @@ def _copy_tree(src_dir: int, dst_dir: int, depth: int) -> int:
     return copied
 
 
+def _tar_tree(src_dir: int, tar: tarfile.TarFile, prefix: str, depth: int, count: int) -> int:
+    """Add regular files, directories and symlinks of `src_dir` to `tar` under `prefix`."""
+    if depth > MAX_DEPTH:
+        raise OSError(0, f"directories deeper than {MAX_DEPTH} levels")
+    for name, st in _entries(src_dir):
+        info = tarfile.TarInfo(f"{prefix}/{os.fsdecode(name)}".lstrip("/"))
+        info.mode, info.mtime = stat.S_IMODE(st.st_mode) & 0o777, int(st.st_mtime)
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+            with os.fdopen(fd, "rb") as f:
+                info.size = os.fstat(f.fileno()).st_size
+                tar.addfile(info, f)
+        elif stat.S_ISLNK(st.st_mode):
+            info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=src_dir)
+            tar.addfile(info)
+        elif stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+            child = os.open(name, _DIR, dir_fd=src_dir)
+            try:
+                count = _tar_tree(child, tar, info.name, depth + 1, count)
+            finally:
+                os.close(child)
+        else:
+            continue
+        count += 1
+        if count > MAX_ENTRIES:
+            raise OSError(0, f"more than {MAX_ENTRIES} entries")
+    return count
+
+
+def _keep_tar(tmpfs_fd: int, plan: RootfsPlan, destination: str) -> None:
+    """The upper layers as a new tar archive at `destination` (never through a symlink)."""
+    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        count = 0
+        for i, (target, _) in enumerate(_layers(plan)):
+            upper = os.open(f"{i}/upper", _DIR, dir_fd=tmpfs_fd)
+            try:
+                count = _tar_tree(upper, tar, target.rstrip("/"), 0, count)
+            finally:
+                os.close(upper)
+
+
 def keep_changes(tmpfs_fd: int, plan: RootfsPlan, destination: str) -> str | None:
     """Copy the upper layers into the new host directory `destination` (each at its
-    sandbox path); returns what went wrong, or None."""
+    sandbox path), or, for a name ending in .tar, into a new tar archive there;
+    returns what went wrong, or None."""
+    if destination.endswith(".tar"):
+        try:
+            _keep_tar(tmpfs_fd, plan, destination)
+        except (OSError, tarfile.TarError) as e:
+            return f"filesystem.overlay_keep_dir: writing the changes into {destination!r} failed: " \
+                   f"{getattr(e, 'strerror', None) or e}"
+        return None
     try:
         os.mkdir(destination, 0o700)
     except OSError as e:
