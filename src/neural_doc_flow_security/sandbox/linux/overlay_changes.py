@@ -189,7 +189,7 @@ def _make_dirs(root_fd: int, path: str) -> int:
 
 
 def _copy_file(name: str, src_dir: int, dst_dir: int, mode: int) -> None:
-    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir)
     try:
         dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=dst_dir)
@@ -240,7 +240,7 @@ def _tar_tree(src_dir: int, tar: tarfile.TarFile, prefix: str, depth: int, count
         info = tarfile.TarInfo(f"{prefix}/{os.fsdecode(name)}".lstrip("/"))
         info.mode, info.mtime = stat.S_IMODE(st.st_mode) & 0o777, int(st.st_mtime)
         if stat.S_ISREG(st.st_mode):
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir)
             with os.fdopen(fd, "rb") as f:
                 info.size = os.fstat(f.fileno()).st_size
                 tar.addfile(info, f)
