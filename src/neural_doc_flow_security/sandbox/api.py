@@ -26,7 +26,9 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
+import types
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -116,21 +118,37 @@ def _outside_python_paths(source: str) -> bool:
     return not covered(os.path.realpath(source), python_paths())
 
 
+def _application_modules() -> list[types.ModuleType]:
+    """The imported modules a sandbox cannot import: their file lies outside the
+    Python installation that is bound in (a script, a test, an application directory)."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        # An alias entry (__main__ of a spawned process is __mp_main__) is skipped: registering
+        # goes by the module's own name. __main__ itself always travels by value.
+        if (isinstance(module, types.ModuleType) and isinstance(source, str) and name == module.__name__
+                and name != "__main__" and _outside_python_paths(source)):
+            found.append(module)
+    return found
+
+
+_by_value_lock = threading.Lock()  # cloudpickle's by-value registry is process-wide
+
+
 def _pickle_call(call: tuple[Any, ...]) -> bytes:
-    """cloudpickle the (function, args, kwargs) call. A function whose module the
-    sandbox cannot import (it lives outside the Python installation that is bound
-    in: a script, a test, an application directory) travels by value."""
-    module = sys.modules.get(getattr(call[0], "__module__", "") or "")
-    source = getattr(module, "__file__", None)
-    by_value = (module is not None and module.__name__ != "__main__" and source is not None
-                and _outside_python_paths(source))
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return bytes(cloudpickle.dumps(call))
-    finally:
-        if by_value:
-            cloudpickle.unregister_pickle_by_value(module)
+    """cloudpickle the (function, args, kwargs) call. Functions and classes of modules
+    the sandbox cannot import (see _application_modules) travel by value: the
+    callable's own and those it reaches through its arguments (a Dask task wraps
+    the application's function) or its globals."""
+    with _by_value_lock:
+        modules = _application_modules()
+        for module in modules:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return bytes(cloudpickle.dumps(call))
+        finally:
+            for module in modules:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 class _OutputCapture:

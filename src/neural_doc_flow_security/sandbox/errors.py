@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .result import SandboxResult
 
 
 class SandboxError(Exception):
-    """Base class of every error raised by the sandbox."""
+    """Base class of every error raised by the sandbox.
+
+    Every subclass pickles with its attributes (`outcome`, `result`, `field`...),
+    so an error travels intact from a Dask or Ray worker to the client: the
+    default reduction would call `cls(*args)` with the formatted message alone,
+    which these constructors do not take."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_error, (type(self), self.args), self.__dict__ or None
+
+
+def _rebuild_error(cls: type[SandboxError], args: tuple[Any, ...]) -> SandboxError:
+    """Unpickle a SandboxError without running its __init__ (its state follows)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class ConfigError(SandboxError, ValueError):

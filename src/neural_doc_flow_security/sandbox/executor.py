@@ -122,36 +122,46 @@ class SandboxExecutor(concurrent.futures.Executor):
         raises its exception (an OutcomeError for a timeout, OOM, kill...)."""
         return self._submit(fn, args, kwargs, unwrap=True)
 
+    def submit_with_options(self, fn: Callable[..., Any], args: tuple[Any, ...] = (),
+                            kwargs: dict[str, Any] | None = None, *, sandbox_config: SandboxConfig | None = None,
+                            plugin_id: str | None = None) -> SandboxFuture[SandboxResult]:
+        """Run fn(*args, **kwargs) in a sandbox made from `sandbox_config` (None: the
+        executor's config), named `plugin_id` (None: fn's name); the future holds the
+        SandboxResult. For integrations that share one executor between configs."""
+        return self._submit(fn, args, dict(kwargs or {}), unwrap=False, config=sandbox_config, plugin_id=plugin_id)
+
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                unwrap: bool) -> SandboxFuture[Any]:
+                unwrap: bool, config: SandboxConfig | None = None, plugin_id: str | None = None
+                ) -> SandboxFuture[Any]:
         context = self._manager._context_flag(fn, self._context, stacklevel=3)
+        name = plugin_id if plugin_id is not None else getattr(fn, "__name__", "callable")
         future: SandboxFuture[Any] = SandboxFuture(self)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             assert self._loop is not None
             # Under the lock: every call is on the loop's queue before shutdown's closing step.
-            self._loop.call_soon_threadsafe(self._start_call, future, fn, args, kwargs, context, unwrap)
+            self._loop.call_soon_threadsafe(self._start_call, future, (name, fn, args, kwargs, config), context,
+                                            unwrap)
         return future
 
-    def _start_call(self, future: SandboxFuture[Any], fn: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any], context: bool, unwrap: bool) -> None:
-        task = asyncio.ensure_future(self._run_call(future, fn, args, kwargs, context, unwrap))
+    def _start_call(self, future: SandboxFuture[Any], call: tuple[Any, ...], context: bool, unwrap: bool) -> None:
+        task = asyncio.ensure_future(self._run_call(future, call, context, unwrap))
         future._task = task
         self._calls[task] = future
         task.add_done_callback(self._call_ended)
         if future.cancelled():
             task.cancel()
 
-    async def _run_call(self, future: SandboxFuture[Any], fn: Callable[..., Any], args: tuple[Any, ...],
-                        kwargs: dict[str, Any], context: bool, unwrap: bool) -> None:
+    async def _run_call(self, future: SandboxFuture[Any], call: tuple[Any, ...], context: bool,
+                        unwrap: bool) -> None:
+        name, fn, args, kwargs, config = call
         assert self._slots is not None
         async with self._slots:
             if future.cancelled():
                 return
             future._started = True
-            name = getattr(fn, "__name__", "callable")
-            result = await self._manager._execute(name, fn, args, kwargs, None, context)
+            result = await self._manager._execute(name, fn, args, kwargs, config, context)
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
             if not unwrap:
                 future.set_result(result)
