@@ -25,6 +25,6 @@ if [ ! -x "$NDF_VENV/bin/python" ]; then
   "$NDF_VENV/bin/pip" install -q --upgrade pip
 fi
 "$NDF_VENV/bin/pip" install -q --force-reinstall --no-deps .
-"$NDF_VENV/bin/pip" install -q '.[test,demo]'
+"$NDF_VENV/bin/pip" install -q '.[test,demo,dask,ray]'
 # The unprivileged-user tests run as this uid.
 id -u ndftest >/dev/null 2>&1 || useradd -M -s /bin/sh -u 4242 ndftest

@@ -716,9 +716,35 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _start_method(name: str, allow_unenforced: Iterable[str]) -> StartMethod:
+def _preload_modules(names: Iterable[str]) -> tuple[str, ...]:
+    """Check `preload`: importable module names, from the Python installation the
+    sandboxes see (the zygote imports from nowhere else)."""
+    import importlib.util
+
+    from .linux.rootfs import covered, python_paths
+
+    if isinstance(names, str):
+        raise ConfigError("preload", f"must be a list of module names, got the string {names!r}")
+    checked = []
+    for name in names:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError("preload", f"must be module names, got {name!r}")
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError as exc:
+            raise ConfigError("preload", f"cannot import {name!r}: {exc}") from None
+        if spec is None:
+            raise ConfigError("preload", f"no module named {name!r}")
+        if spec.origin and os.path.isabs(spec.origin) and not covered(os.path.realpath(spec.origin), python_paths()):
+            raise ConfigError("preload", f"{name!r} ({spec.origin}) lies outside the Python installation the "
+                                         "sandboxes see")
+        checked.append(name)
+    return tuple(checked)
+
+
+def _start_method(name: str, allow_unenforced: Iterable[str], preload: tuple[str, ...] = ()) -> StartMethod:
     if name == "zygote":
-        return ZygoteStarter()
+        return ZygoteStarter(preload=preload)
     if name == "fork":
         return ForkStarter()
     if name == "posix":
@@ -757,6 +783,10 @@ class SandboxManager:
     manager runs (audit.py; reopened when logrotate moves it). The events go to
     the `neural_doc_flow_security.audit` logger either way: configure it for
     other sinks (audit.add_stderr_sink, add_syslog_sink).
+    `preload`: module names (of the Python installation) each zygote imports before
+    it forks its template, so that every sandbox starts with them imported instead
+    of importing them itself (e.g. a parser library every plugin uses); only the
+    "zygote" start method uses it.
 
     A manager belongs to the event loop it was started in: calling it from
     another loop raises SandboxError at once, and so does starting it again
@@ -773,7 +803,8 @@ class SandboxManager:
                  allow_unenforced: Iterable[str] = (),
                  spawn_timeout_seconds: float | None = None,
                  violation_backoff_seconds: float | None = DEFAULT_VIOLATION_BACKOFF,
-                 audit_log: str | None = None) -> None:
+                 audit_log: str | None = None,
+                 preload: Iterable[str] = ()) -> None:
         self.config = config or SandboxConfig()
         self._audit_log = audit_log
         self._audit_sink: Any = None
@@ -787,7 +818,7 @@ class SandboxManager:
         self._backoff = RelaunchBackoff(violation_backoff_seconds)
         if allow_unenforced and start_method != "posix":
             raise ValueError("allow_unenforced: only the posix start method can run with missing protections")
-        self._starter = _start_method(start_method, allow_unenforced)
+        self._starter = _start_method(start_method, allow_unenforced, _preload_modules(preload))
         self._start_method_name = start_method
         self._max_concurrent = max_concurrent or (os.cpu_count() or 1) * 4
         self._slots: asyncio.Semaphore | None = None

@@ -16,7 +16,7 @@ import concurrent.futures
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from .api import SandboxManager
@@ -84,16 +84,17 @@ class SandboxExecutor(concurrent.futures.Executor):
     - `max_workers` bounds the sandboxes alive at once (default: CPUs x 4).
     - `context`: whether the callable gets a PluginContext as first argument
       (None: the deprecated detection by a first parameter named `ctx`).
+    - `preload`: modules every sandbox starts with imported (see SandboxManager).
     """
 
     def __init__(self, config: SandboxConfig | None = None, *, max_workers: int | None = None,
                  start_method: Literal["zygote", "fork", "posix"] = "zygote",
-                 context: bool | None = None) -> None:
+                 context: bool | None = None, preload: Iterable[str] = ()) -> None:
         if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                         or max_workers <= 0):
             raise ValueError(f"max_workers: must be a whole number > 0, got {max_workers!r}")
         self._manager = SandboxManager(config, start_method=start_method, max_concurrent=max_workers,
-                                       status_interval=None)
+                                       status_interval=None, preload=preload)
         self._context = context
         self._max_workers = self._manager._max_concurrent
         self._lock = threading.Lock()

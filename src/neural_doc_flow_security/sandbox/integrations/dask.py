@@ -25,7 +25,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Literal
 
 from dask.sizeof import sizeof
@@ -42,14 +42,17 @@ from . import refuse_fork
 
 USAGE_HISTORY = 10_000
 """How many tasks' resource usage a worker keeps (the latest ones; see task_usage)."""
+DASK_PRELOAD = ("dask._task_spec", "dask.bag.core")
+"""Imported once by the zygotes, not by each sandbox: what a task node needs inside (~0.3 s of imports)."""
 
 
-class SandboxPlugin(WorkerPlugin):  # type: ignore[misc]
+class SandboxPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]  # Any when distributed is untyped
     """Adds a sandbox executor named `name` to every worker of the cluster.
 
     `config`: the sandbox of every task (None: SandboxConfig()). `executor_options`:
-    `max_workers` (sandboxes alive at once per worker) and `start_method`
-    ("zygote" or "posix"; "fork" is refused: a Dask worker runs threads). Register
+    `max_workers` (sandboxes alive at once per worker), `start_method` ("zygote" or
+    "posix"; "fork" is refused: a Dask worker runs threads) and `preload` (modules
+    every sandbox starts with, besides DASK_PRELOAD; see SandboxManager). Register
     it with `client.register_plugin(plugin)`; tasks then choose it with
     `dask.annotate(executor=name)`. The plugin is registered under `name`, so
     registering it again replaces it."""
@@ -60,10 +63,10 @@ class SandboxPlugin(WorkerPlugin):  # type: ignore[misc]
             raise TypeError(f"config: must be a SandboxConfig or None, got {config!r:.200}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: must be a non-empty string, got {name!r}")
-        unknown = set(executor_options) - {"max_workers", "start_method"}
+        unknown = set(executor_options) - {"max_workers", "start_method", "preload"}
         if unknown:
             raise TypeError(f"SandboxPlugin: unknown executor option(s) {', '.join(sorted(unknown))} "
-                            "(it takes max_workers and start_method)")
+                            "(it takes max_workers, start_method and preload)")
         refuse_fork(executor_options.get("start_method"), "Dask")
         self.config = config
         self.name = name
@@ -107,15 +110,16 @@ class SandboxTaskExecutor(concurrent.futures.Executor):
     ResourceUsage, as measured by the kernel."""
 
     def __init__(self, config: SandboxConfig | None = None, *, max_workers: int | None = None,
-                 start_method: Literal["zygote", "posix"] = "zygote") -> None:
+                 start_method: Literal["zygote", "posix"] = "zygote", preload: Iterable[str] = ()) -> None:
         refuse_fork(start_method, "Dask")
+        modules = (*DASK_PRELOAD, *(name for name in preload if name not in DASK_PRELOAD))
         self._sandboxes = SandboxExecutor(config, max_workers=max_workers, start_method=start_method,
-                                          context=False)
+                                          context=False, preload=modules)
         self._lock = threading.Lock()
         self._running: set[_TaskFuture] = set()
         self.usage: collections.OrderedDict[Hashable, ResourceUsage] = collections.OrderedDict()
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _TaskFuture:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Called by the worker as submit(_run_task_simple, task, data, delay)."""
         if fn is not _run_task_simple or kwargs or len(args) != 3:
             raise TypeError(f"a sandbox executor runs Dask tasks only (the worker's {_run_task_simple.__name__}), "
@@ -131,7 +135,7 @@ class SandboxTaskExecutor(concurrent.futures.Executor):
         future.sandbox.add_done_callback(lambda done: self._finished(future, done, task.key, started, delay))
         return future
 
-    def _finished(self, future: _TaskFuture, done: SandboxFuture[SandboxResult], key: Hashable,
+    def _finished(self, future: _TaskFuture, done: concurrent.futures.Future[SandboxResult], key: Hashable,
                   started: float, delay: float) -> None:
         with self._lock:
             self._running.discard(future)

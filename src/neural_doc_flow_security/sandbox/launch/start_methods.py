@@ -277,7 +277,8 @@ class _Zygote:
             theirs.close()
         self.started_at = time.monotonic()
         self.sock = ours
-        ours.sendall(pickle.dumps({"op": "hello", "sys_path": zygote_sys_path()}))
+        ours.sendall(pickle.dumps({"op": "hello", "sys_path": zygote_sys_path(),
+                                   "preload": list(self.starter.preload)}))
         ours.setblocking(False)
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
 
@@ -498,8 +499,9 @@ class ZygoteStarter(StartMethod):
     a zygote that misses a deadline (stopped, stuck) is out of rotation until it
     answers again."""
 
-    def __init__(self, count: int | None = None) -> None:
+    def __init__(self, count: int | None = None, preload: tuple[str, ...] = ()) -> None:
         super().__init__()
+        self.preload = preload  # modules each zygote imports before it forks its template
         self._zygotes = [_Zygote(self) for _ in range(count or min(4, os.cpu_count() or 1))]
         self._owner: dict[int, _Zygote] = {}
         self._requests = itertools.count(1)

@@ -35,6 +35,7 @@ import array
 import contextlib
 import dataclasses
 import gc
+import importlib
 import os
 import pickle
 import selectors
@@ -296,7 +297,7 @@ def _prepare_while_idle(sock: socket.socket, selector: selectors.BaseSelector, l
         _send(sock, {"op": "preparing", "busy": False})
 
 
-def _make_template() -> Template:
+def _make_template(preload: list[str]) -> Template:
     """Import what sandboxes need, do once what each payload process would
     otherwise do, and fork the template every sandbox is cloned from."""
     import cloudpickle  # noqa: F401
@@ -307,6 +308,12 @@ def _make_template() -> Template:
     from .template import Template
 
     python_worker.prepare_in_zygote(environment_entries(SandboxConfig().environment))
+    for name in preload:  # the manager's `preload`: every sandbox starts with them imported
+        importlib.import_module(name)
+    import threading
+
+    if threading.active_count() > 1:  # the template must clone from a single-threaded process
+        raise SandboxError(f"preload: importing {', '.join(preload)} started a thread")
     _forget_hidden_directories()
     _drop_thread_reinit_at_fork()
     # Everything imported so far lives as long as the template: keep the collector
@@ -378,7 +385,7 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=fd)
     hello = pickle.loads(sock.recv(MAX_REQUEST_BYTES))  # the payloads' sys.path (the Python installation's)
     sys.path[:] = hello["sys_path"]
-    template = _make_template()  # it dies with us (its own parent-death signal)
+    template = _make_template(hello.get("preload", []))  # it dies with us (its own parent-death signal)
     from ..linux import syscalls as sc  # ctypes: not in the template's image
     from .launcher import Launcher
 
