@@ -37,13 +37,13 @@ from cluster_tasks import (
     word_count,
 )
 from conftest import accepted_connections, unique_marker, wait_until
-from neural_doc_flow_security.sandbox import BindMount, FilesystemConfig, OutcomeError, SandboxConfig
+from neural_doc_flow_security.sandbox import BindMount, FilesystemConfig, OutcomeError, SandboxConfig, SandboxResult
 
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 from dask.distributed import Client, LocalCluster  # noqa: E402
 
-from neural_doc_flow_security.sandbox.integrations.dask import SandboxPlugin, task_usage  # noqa: E402
+from neural_doc_flow_security.sandbox.integrations.dask import SandboxPlugin, sandbox_task, task_usage  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the cluster tests run as root (cgroup limits)")
 
@@ -210,6 +210,25 @@ def test_delayed_and_bag_run_one_sandbox_per_task(client: Client) -> None:
     assert len(namespaces) == 3
     assert len(set(namespaces)) == 3, "one sandbox per partition"
     assert not set(namespaces) & worker_pid_ns
+
+
+def test_sandbox_task_has_its_own_config_and_returns_the_result(client: Client) -> None:
+    roomy = SandboxConfig(memory_limit_mb=4 * MEMORY_LIMIT_MB, timeout_seconds=30)
+    with dask.annotate(executor="sandbox"):
+        result = client.submit(sandbox_task(eat_memory, config=roomy, return_result=True), 2 * MEMORY_LIMIT_MB,
+                               pure=False).result(timeout=WAIT)
+        oom = client.submit(sandbox_task(eat_memory, return_result=True), 2 * MEMORY_LIMIT_MB,
+                            pure=False).result(timeout=WAIT)
+        nested = dask.delayed(sandbox_task(sum, config=roomy))([dask.delayed(word_count)("a b"), 1]).compute()
+    assert isinstance(result, SandboxResult) and result.ok and result.output == 2 * MEMORY_LIMIT_MB
+    assert result.resource_usage.memory_peak_bytes > MEMORY_LIMIT_MB << 20  # above the plugin's limit
+    assert isinstance(oom, SandboxResult) and oom.outcome == "oom"  # the plugin's limit, as a value
+    assert nested == 3
+
+
+def test_sandbox_task_refuses_to_run_unsandboxed(client: Client) -> None:
+    with pytest.raises(RuntimeError, match="is a sandbox task: run it on a sandbox executor"):
+        client.submit(sandbox_task(word_count), "not sandboxed", pure=False).result(timeout=WAIT)
 
 
 # -- the cluster's life ---------------------------------------------------------------

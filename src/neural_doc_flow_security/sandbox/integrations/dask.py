@@ -90,6 +90,44 @@ class SandboxPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]  # Any wh
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
 
+class SandboxTask:
+    """A task function with sandbox options of its own (see sandbox_task)."""
+
+    def __init__(self, function: Callable[..., Any], config: SandboxConfig | None, return_result: bool) -> None:
+        self.function = function
+        self.config = config
+        self.return_result = return_result
+        self.__name__ = getattr(function, "__name__", "task")
+        self.__qualname__ = getattr(function, "__qualname__", self.__name__)
+        self.__module__ = getattr(function, "__module__", __name__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not _in_sandbox:  # fail closed: never run it on a worker's ordinary executor
+            raise RuntimeError(f"{self.__qualname__} is a sandbox task: run it on a sandbox executor "
+                               "(dask.annotate(executor=...) with the SandboxPlugin's name)")
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"sandbox_task({self.function!r})"
+
+
+def sandbox_task(function: Callable[..., Any], *, config: SandboxConfig | None = None,
+                 return_result: bool = False) -> SandboxTask:
+    """`function` as a task with its own sandbox options: `config` replaces the
+    plugin's for its sandboxes, and with `return_result` the task's value is the
+    whole SandboxResult (output, outcome, usage, isolation) and a failed run is a
+    value, not an error. Such a task refuses to run outside a sandbox executor.
+
+        with dask.annotate(executor="sandbox"):
+            future = client.submit(sandbox_task(parse, config=big_pdf_config), blob)"""
+    if config is not None and not isinstance(config, SandboxConfig):
+        raise TypeError(f"config: must be a SandboxConfig or None, got {config!r:.200}")
+    return SandboxTask(function, config, return_result)
+
+
+_in_sandbox = False  # set in a sandbox's process by run_task_node
+
+
 class _TaskFuture(concurrent.futures.Future[dict[str, Any]]):
     """The worker's view of one sandboxed task: cancelling it kills the sandbox."""
 
@@ -126,17 +164,22 @@ class SandboxTaskExecutor(concurrent.futures.Executor):
                             f"got {getattr(fn, '__qualname__', fn)!r}")
         task, data, delay = args
         function, call_args, call_kwargs = task_call(task, data)
+        options = getattr(task, "func", None)
+        options = options if isinstance(options, SandboxTask) else None
         future = _TaskFuture()
         started = time.time()
         with self._lock:
-            future.sandbox = self._sandboxes.submit_with_options(function, call_args, call_kwargs,
-                                                                 plugin_id=str(key_split(task.key)))
+            future.sandbox = self._sandboxes.submit_with_options(
+                function, call_args, call_kwargs, sandbox_config=options.config if options else None,
+                plugin_id=str(key_split(task.key)))
             self._running.add(future)
-        future.sandbox.add_done_callback(lambda done: self._finished(future, done, task.key, started, delay))
+        return_result = options is not None and options.return_result
+        future.sandbox.add_done_callback(
+            lambda done: self._finished(future, done, task.key, started, delay, return_result))
         return future
 
     def _finished(self, future: _TaskFuture, done: concurrent.futures.Future[SandboxResult], key: Hashable,
-                  started: float, delay: float) -> None:
+                  started: float, delay: float, return_result: bool) -> None:
         with self._lock:
             self._running.discard(future)
         if done.cancelled():
@@ -150,7 +193,7 @@ class SandboxTaskExecutor(concurrent.futures.Executor):
                 self.usage.move_to_end(key)
                 while len(self.usage) > USAGE_HISTORY:
                     self.usage.popitem(last=False)
-            message = task_report(result)
+            message = task_report(result, return_result)
         else:  # the sandbox could not be started: the task fails with that error
             message = _failure(error)
         message.update(start=started + delay, stop=time.time() + delay, thread=threading.get_ident())
@@ -185,20 +228,24 @@ def task_call(task: Any, data: dict[Hashable, Any]) -> tuple[Callable[..., Any],
         return value.value if isinstance(value, DataNode) else value
 
     if type(task) is Task and all(plain(v) for v in (*task.args, *task.kwargs.values())):
-        return task.func, tuple(map(resolve, task.args)), {k: resolve(v) for k, v in task.kwargs.items()}
+        function = task.func.function if isinstance(task.func, SandboxTask) else task.func
+        return function, tuple(map(resolve, task.args)), {k: resolve(v) for k, v in task.kwargs.items()}
     return run_task_node, (task, {key: data[key] for key in task.dependencies}), {}
 
 
 def run_task_node(task: Any, values: dict[Hashable, Any]) -> Any:
     """Evaluate a Dask task node (inside the sandbox) on its dependencies' values."""
+    global _in_sandbox
+    _in_sandbox = True  # this process is the sandbox's, used once
     return task(values)
 
 
-def task_report(result: SandboxResult) -> dict[str, Any]:
+def task_report(result: SandboxResult, return_result: bool = False) -> dict[str, Any]:
     """The report the worker's _run_task_simple would make for this task (less
-    the times): its value, or the OutcomeError as the task's exception."""
-    if result.ok:
-        value = result.output
+    the times): its value (the whole result with `return_result`), or the
+    OutcomeError as the task's exception."""
+    if result.ok or return_result:
+        value = result if return_result else result.output
         return {"op": "task-finished", "status": "OK", "result": value, "nbytes": sizeof(value),
                 "type": type(value) if value is not None else None}
     try:
