@@ -1,7 +1,7 @@
 """One command that measures the sandbox against bwrap, nsjail and no isolation, in one run.
 
     /opt/ndf-venv/bin/python benchmarks/run.py [--quick] [--json out.json] [--markdown out.md]
-                                               [--only cli,api,throughput,memory,stages,hostile]
+                                               [--only cli,api,throughput,memory,stages,hostile,image,cluster]
 
 Prints markdown tables: median and p90 in ms over many repetitions, and the ratio
 to the baseline named in each table, all measured in this same run (the machine
@@ -836,13 +836,21 @@ def hostile_scenarios(quick: bool) -> list[Table]:
     return hostile.run_all(quick, arun)
 
 
+def cluster_scenarios(quick: bool) -> list[Table]:
+    """Scenario 8 (benchmarks/cluster_throughput.py): documents per second through a
+    two-worker Dask cluster, with and without the sandbox (needs the dask extra)."""
+    import cluster_throughput
+
+    return cluster_throughput.run_all(quick, Table)  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes)")
     parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
-    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages,hostile,image",
+    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages,hostile,image,cluster",
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--max-sandboxes", type=int, default=1000, help="largest N for the memory scenario")
     args = parser.parse_args(argv)
@@ -878,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     section("stages", lambda: scenario_stages(15 if quick else 100))
     section("hostile", lambda: hostile_scenarios(quick))
     section("image", lambda: arun(scenario_image(30 if quick else 200)))
+    section("cluster", lambda: cluster_scenarios(quick))
 
     floors = floors_table(tables)
     if floors.rows:

@@ -3,7 +3,7 @@
     ndf-sandbox run [limits...] -- CMD ARGS...   run a program in a fresh sandbox
     ndf-sandbox check [--json]                   what this host can enforce
     ndf-sandbox cleanup                          remove the leftovers of dead managers
-    ndf-sandbox demo [--json]                    a document pipeline with hostile plugins
+    ndf-sandbox demo [--json] [--cluster dask|ray]   a document pipeline with hostile plugins
 
 Exit status of `run`: the program's own code; 128+N when it was killed by
 signal N; 124 on timeout; 125 when the kernel OOM-killed it; 127 when the
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a document pipeline with good and hostile plugins")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+    demo.add_argument("--cluster", choices=("dask", "ray"),
+                      help="spread the pipeline over a local cluster of two workers (needs the extra of that name)")
     return parser
 
 
@@ -548,6 +550,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _command_cleanup()
     if args.subcommand == "oci":
         return _command_oci(args)
+    if args.cluster:
+        from .demo_cluster import run_cluster_demo
+
+        return run_cluster_demo(args.cluster, json_output=args.json)
     from .demo import run_demo
 
     return run_demo(json_output=args.json, plain=args.plain)

@@ -146,3 +146,14 @@ def never_return(max_seconds: float = 60.0) -> str:
     while time.monotonic() < deadline:
         time.sleep(0.1)
     return f"returned after {max_seconds:.0f} s"
+
+
+# -- for the cluster demo -----------------------------------------------------
+
+
+def run_program(argv: list[str], stdin: bytes) -> bytes:
+    """Run a program (a native parser such as pdftotext) on a document given on its
+    standard input, inside the calling sandbox; returns its standard output."""
+    import subprocess
+
+    return subprocess.run(argv, input=stdin, capture_output=True, check=True, timeout=60).stdout
