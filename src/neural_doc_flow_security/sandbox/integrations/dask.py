@@ -217,14 +217,16 @@ def task_call(task: Any, data: dict[Hashable, Any]) -> tuple[Callable[..., Any],
     the dependencies' values filled in as Task.__call__ does; otherwise the task
     node itself (a bag partition, a fused subgraph, nested tasks), evaluated
     inside the sandbox, so no part of the application's code runs on the worker."""
-    from dask._task_spec import DataNode, GraphNode, Task, TaskRef
+    from dask._task_spec import Alias, DataNode, GraphNode, Task, TaskRef
 
     def plain(value: Any) -> bool:
-        return not isinstance(value, GraphNode) or isinstance(value, DataNode)
+        return not isinstance(value, GraphNode) or isinstance(value, (DataNode, Alias))
 
     def resolve(value: Any) -> Any:
         if isinstance(value, TaskRef):
             return data[value.key]
+        if isinstance(value, Alias):  # another task's value (a scattered or computed one)
+            return data[value.target]
         return value.value if isinstance(value, DataNode) else value
 
     if type(task) is Task and all(plain(v) for v in (*task.args, *task.kwargs.values())):
