@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import image_helpers
-from conftest import NDF_SANDBOX, accepted_connections, ndf_host_env
+from conftest import NDF_SANDBOX, SandboxCaller, accepted_connections, ndf_host_env
 from image_helpers import BUSYBOX, make_image
 from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import ConfigError
@@ -210,6 +210,14 @@ def test_probes_are_contained_under_our_runtime(host_tmp: Path, sentinel_process
     assert (shared / "file").read_text() == "host content\n"
     assert accepted_connections(loopback_listener) == 0
     assert result["isolation"]["seccomp"].startswith("default")
+
+
+def test_a_bundle_runs_for_every_caller(sandbox_caller: SandboxCaller, host_tmp: Path) -> None:
+    bundle = make_bundle(host_tmp / "bundle", base_spec(["/bin/sh", "-c", "hostname; id -u; cat /marker"]))
+    done = subprocess.run([*sandbox_caller.prefix, *sandbox_caller.program, "oci", "run", str(bundle)],
+                          capture_output=True, env=ndf_host_env(), cwd="/tmp", timeout=120, check=False)
+    assert done.returncode == 0, done
+    assert done.stdout == b"bundlehost\n0\nfrom the image\n"
 
 
 def test_an_unsupported_field_is_an_error_naming_it(host_tmp: Path) -> None:

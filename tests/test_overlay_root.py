@@ -234,3 +234,16 @@ def test_overlay_config_errors_name_the_field() -> None:
     config = SandboxConfig.from_dict({"filesystem": {"overlay": True, "overlay_size_mb": 32,
                                                      "overlay_changes": "report"}})
     assert config.filesystem.overlay_mb == 32
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checks as root and as uid 4242")
+@pytest.mark.parametrize("as_user", [False, True], ids=["root", "unprivileged"])
+def test_check_says_whether_a_rootless_copy_on_write_root_works(as_user: bool) -> None:
+    from conftest import NDF_SANDBOX, UNPRIVILEGED_CALLER, ndf_host_env
+
+    prefix = list(UNPRIVILEGED_CALLER.prefix) if as_user else []
+    done = subprocess.run([*prefix, NDF_SANDBOX, "check", "--json"], capture_output=True, env=ndf_host_env(),
+                          cwd="/tmp", timeout=120, check=False)
+    report = json.loads(done.stdout)["features"]
+    assert report["overlayfs"] is True
+    assert report["overlayfs_in_user_namespace"] is True, report.get("overlayfs_in_user_namespace_reason")
