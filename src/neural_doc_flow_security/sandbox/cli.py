@@ -42,7 +42,7 @@ _ZERO = re.compile(r"^0+(\.0*)?\s*([kKmMgG]?i?[bB]?)$")
 RUN_EXAMPLES = """examples:
   ndf-sandbox run -- /bin/echo hello
   ndf-sandbox run --memory 1G --timeout 120 --ro-bind /srv/in:/in --bind /srv/out:/out \\
-      -- pdftotext /in/a.pdf /out/a.txt
+      --bind-owner caller -- pdftotext /in/a.pdf /out/a.txt   # a.txt is yours on the host
   ndf-sandbox run --net --timeout none -- curl -sI https://example.org
   ndf-sandbox run --profile parser.toml --json-result /tmp/result.json -- ./parse doc.pdf
 
@@ -71,11 +71,13 @@ class _BindOption(argparse.Action):
         setattr(namespace, self.dest, specs)
 
 
-def _bind_from_option(option: str, value: str | list[str]) -> BindMount:
+def _bind_from_option(option: str, value: str | list[str], owner: str) -> BindMount:
     read_only = option.startswith("--ro-")
+    owner = "sandbox" if read_only else owner
     if isinstance(value, str):
-        return BindMount.parse(value, read_only=read_only)
-    return BindMount(source=value[0], target=value[1], read_only=read_only)
+        bind = BindMount.parse(value, read_only=read_only)
+        return BindMount(bind.source, bind.target, read_only, owner)
+    return BindMount(source=value[0], target=value[1], read_only=read_only, owner=owner)
 
 
 def _build_run_parser(sub: Any) -> None:
@@ -120,6 +122,11 @@ def _build_run_parser(sub: Any) -> None:
     run.add_argument("--bind-to", metavar=("SRC", "DST"), nargs=2, dest="bind_specs", action=_BindOption, default=[],
                      help="like --bind, for paths that contain ':'. Binds are mounted in the order given, "
                           "a parent before anything below it; SRC must be its real path (no symlink on it)")
+    run.add_argument("--bind-owner", choices=("sandbox", "caller"), default="sandbox",
+                     help="who owns on the host the files the sandbox creates in the --bind/--bind-to "
+                          "directories: 'sandbox' (default), the sandbox's own uid (as root an id of "
+                          "its own, so the directory must be writable by it); 'caller', your uid/gid "
+                          "(as root an idmapped mount: ext4, xfs, btrfs, tmpfs; needs seccomp)")
     run.add_argument("--tmpfs-size", metavar="SIZE", help="size of the private /tmp (default 64M)")
     run.add_argument("--python", action="store_true", help="make the Python installation visible")
     run.add_argument("--image", metavar="DIR",
@@ -254,7 +261,7 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
         fs = config.filesystem
         changes["filesystem"] = replace(
             fs,
-            bind_mounts=fs.bind_mounts + tuple(_bind_from_option(*spec) for spec in args.bind_specs),
+            bind_mounts=fs.bind_mounts + tuple(_bind_from_option(*spec, args.bind_owner) for spec in args.bind_specs),
             tmp_size_mb=parse_size_mb(args.tmpfs_size, "filesystem.tmp_size_mb") if args.tmpfs_size
             else fs.tmp_size_mb,
             python=fs.python or args.python,

@@ -45,6 +45,7 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_TMP_SIZE_MB = 64
 OVERLAY_CHANGES = ("discard", "report", "keep")
 ROOTLESS_LIMITS = ("cgroup", "rlimit")
+BIND_OWNERS = ("sandbox", "caller")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -214,16 +215,36 @@ class CapabilityConfig(_KnownFields):
 
 @dataclass(frozen=True)
 class BindMount(_KnownFields):
-    """A host path made visible inside the sandbox at `target` (default: same path)."""
+    """A host path made visible inside the sandbox at `target` (default: same path).
+
+    `owner`, for a writable bind: who owns, on the host, the files the sandbox
+    creates there. "sandbox" (the default) leaves them to the sandbox's own uid/gid:
+    as root that is the launch's id from `id_range`, so the directory must be
+    writable by it (or `uid` set), and no other sandbox or host user shares it.
+    "caller" makes them belong to the uid/gid of the process that starts the
+    sandbox, so a bound output directory of the caller just works: as root an
+    idmapped mount maps the sandbox's uid/gid, and only them, to the caller's (the
+    sandbox keeps its own unprivileged uid; it can give files no other owner); the
+    file system must support idmapped mounts (ext4, xfs, btrfs, tmpfs do), else the
+    launch fails naming it. Without root the sandbox's uid is the caller's already
+    (a user namespace), so both values mean the caller. "caller" is not the default
+    because as root the caller is root: every file in the bind that the caller owns
+    becomes writable by the sandbox; bind a directory meant for its output."""
 
     source: str
     target: str = ""
     read_only: bool = True
+    owner: str = "sandbox"
 
     def __post_init__(self) -> None:
         kind = "read_only_binds" if self.read_only is True else "binds"
         if not isinstance(self.read_only, bool):
             raise ConfigError(f"filesystem.{kind}", f"read_only must be true or false, got {self.read_only!r}")
+        if not isinstance(self.owner, str) or self.owner not in BIND_OWNERS:
+            raise ConfigError(f"filesystem.{kind}", f"owner must be 'sandbox' or 'caller', got {self.owner!r}")
+        if self.read_only and self.owner != "sandbox":
+            raise ConfigError(f"filesystem.{kind}", f"owner = {self.owner!r} is for a writable bind "
+                              "(read_only = false): the sandbox creates no file in a read-only one")
         if self.target == "":
             object.__setattr__(self, "target", self.source)
         for name in ("source", "target"):
@@ -439,6 +460,9 @@ class SandboxConfig(_KnownFields):
         for name in ("image", "overlay"):
             if not self.namespaces.mnt and getattr(self.filesystem, name):
                 raise ConfigError(f"filesystem.{name}", "needs namespaces.mnt = true")
+        if self.seccomp == "off" and any(bind.owner == "caller" for bind in self.filesystem.all_binds):
+            raise ConfigError("filesystem", "a bind with owner = 'caller' needs seccomp: its set-id rule keeps "
+                              "the sandbox from making set-id files there that the host would own as the caller")
         if not self.no_new_privs and self.seccomp != "off":
             raise ConfigError("no_new_privs", "false needs seccomp = 'off': the kernel installs a seccomp "
                               "filter only for a process with no_new_privs (the sandbox drops CAP_SYS_ADMIN first)")
@@ -555,7 +579,7 @@ def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-_BIND_TABLE_KEYS = ("source", "target", "read_only")
+_BIND_TABLE_KEYS = ("source", "target", "owner", "read_only")
 
 
 def _bind_from_profile(value: Any, key: str) -> BindMount:
@@ -566,7 +590,8 @@ def _bind_from_profile(value: Any, key: str) -> BindMount:
     if isinstance(value, str) and key != "bind_mounts":
         return BindMount.parse(value, read_only=read_only)
     if isinstance(value, Mapping):
-        allowed = _BIND_TABLE_KEYS if key == "bind_mounts" else _BIND_TABLE_KEYS[:2]
+        # read_only only in bind_mounts (the older lists say it by their name); owner in writable lists
+        allowed = _BIND_TABLE_KEYS if key == "bind_mounts" else _BIND_TABLE_KEYS[:3 if key == "binds" else 2]
         unknown = [k for k in value if k not in allowed]
         if unknown:
             raise ConfigError(field_name, f"unknown key {unknown[0]!r} in a bind table (allowed: {', '.join(allowed)})")
@@ -575,10 +600,11 @@ def _bind_from_profile(value: Any, key: str) -> BindMount:
             if not isinstance(read_only, bool):
                 raise ConfigError(field_name, f"read_only must be true or false, got {read_only!r}")
         try:
-            return BindMount(source=value.get("source", ""), target=value.get("target", ""), read_only=read_only)
+            return BindMount(source=value.get("source", ""), target=value.get("target", ""), read_only=read_only,
+                             owner=value.get("owner", "sandbox"))
         except ConfigError as e:  # named after the list the entry is in
             raise ConfigError(field_name, str(e).split(": ", 1)[1]) from None
-    form = "a table {source, target, read_only}" if key == "bind_mounts" else "'SRC[:DST]' or a table"
+    form = "a table {source, target, owner, read_only}" if key == "bind_mounts" else "'SRC[:DST]' or a table"
     raise ConfigError(field_name, f"entries must be {form}, got {value!r}")
 
 

@@ -94,8 +94,8 @@ _NAMESPACE_GAPS = {
 
 POSIX_UNENFORCEABLE: frozenset[str] = frozenset(
     [f"namespaces.{n}" for n in _NAMESPACE_GAPS]
-    + ["filesystem", "seccomp", "landlock", "no_new_privs", "capabilities", "uid", "memory_limit_mb",
-       "max_processes", "cpu_quota_percent", "io_limits"]
+    + ["filesystem", "filesystem.binds.owner", "seccomp", "landlock", "no_new_privs", "capabilities", "uid",
+       "memory_limit_mb", "max_processes", "cpu_quota_percent", "io_limits"]
 )
 """Every protection name `allow_unenforced` may list (or "all"). Listing one is
 the explicit choice to run without it."""
@@ -136,6 +136,9 @@ def unenforced_protections(
     gaps.append(("filesystem", "no read-only root, binds or private /tmp: the host file system is "
                  "visible with the payload uid's rights",
                  config.namespaces.mnt or bool(fs.all_binds)))
+    if any(bind.owner == "caller" for bind in fs.all_binds):
+        gaps.append(("filesystem.binds.owner", f"no idmapped binds: files the payload creates belong to "
+                     f"uid {uid}, not to the caller (uid {euid})", uid != euid))
     gaps.append(("seccomp", "no system-call filter in the posix backend", config.seccomp != "off"))
     gaps.append(("landlock", "no Landlock ruleset in the posix backend", config.landlock == "required"))
     if platform != "linux":

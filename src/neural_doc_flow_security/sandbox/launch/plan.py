@@ -93,8 +93,9 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
     gid = config.gid if config.gid is not None or not user_namespace else NOBODY
     ns = plan_namespaces(config.namespaces, NOBODY if uid is None else uid, NOBODY if gid is None else gid,
                          euid, egid)
+    # owner = "caller" binds: as root the sandbox's own ids are mapped to ours; in a user namespace they are ours.
     rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range,
-                          user_namespace=ns.user)
+                          user_namespace=ns.user, caller=None if user_namespace else (euid, egid))
               if config.namespaces.mnt else None)
     limits = plan_limits(config, _cgroup_support(), ns.user)
     ruleset, landlock_note = _plan_landlock_rules(config, rootfs)

@@ -46,6 +46,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -92,6 +93,12 @@
 #endif
 #ifndef CLONE_INTO_CGROUP
 #define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef MOUNT_ATTR_IDMAP
+#define MOUNT_ATTR_IDMAP 0x00100000
 #endif
 #ifndef AT_RECURSIVE
 #define AT_RECURSIVE 0x8000
@@ -148,6 +155,8 @@ enum {
     STEP_LANDLOCK_RESTRICT = 35,
     STEP_OVERLAY = 36,          /* target, int32 lower slots, upper slot, work slot, options, flags */
     STEP_SEND_SLOT = 37,        /* socket fd, slot: hand the slot's fd to the parent (then close both) */
+    STEP_IDMAP = 38,         /* sandbox uid, gid (-1: the launch's id), host uid, gid: the user namespace
+                              * of the binds marked MOUNT_ATTR_IDMAP; all -2: close it */
 };
 
 typedef struct {
@@ -480,10 +489,134 @@ struct mount_attr_arg {
     uint64_t attr_set, attr_clr, propagation, userns_fd;
 };
 
+static long clone_child(unsigned long long clone_flags, int cgroup_fd, int *pidfd);
+
+/* The user namespace whose id map an idmapped bind (owner = "caller") applies:
+ * the sandbox's uid and gid, and only they, map to the caller's (STEP_IDMAP). */
+static int idmap_userns = -1;
+
+static const char *fs_name(long type) {
+    static const struct {
+        long type;
+        const char *name;
+    } known[] = {{0xEF53, "ext4"}, {0x01021994, "tmpfs"}, {0x58465342, "xfs"}, {0x9123683E, "btrfs"},
+                 {(long)0x858458F6, "ramfs"}, {0x6969, "nfs"}, {0x65735546, "fuse"}, {0x794C7630, "overlay"},
+                 {0x9FA0, "proc"}, {0x62656572, "sysfs"}, {(long)0xFF534D42, "cifs"}, {0x01021997, "9p"},
+                 {0x4D44, "vfat"}, {0x73717368, "squashfs"}, {(long)0xF2F52010, "f2fs"}, {0x2011BAB0, "exfat"}};
+    for (size_t i = 0; i < sizeof known / sizeof *known; i++)
+        if (known[i].type == type)
+            return known[i].name;
+    return NULL;
+}
+
+/* An idmapped mount the file system refuses (EINVAL: no FS_ALLOW_IDMAP): name the
+ * field that asked for it and the file system's type. */
+static void fail_idmap(int err, int fd, const char *path) {
+    char buf[900];
+    size_t at = append(buf, 0, sizeof buf, "owner = \"caller\" (filesystem.binds, --bind-owner) of the bind on /");
+    at = append(buf, at, sizeof buf, path);
+    struct statfs fs;
+    if (err == EINVAL && fstatfs(fd, &fs) == 0) {
+        const char *name = fs_name((long)fs.f_type);
+        at = append(buf, at, sizeof buf, ": this file system (");
+        if (name)
+            at = append(buf, at, sizeof buf, name);
+        else {
+            static const char hex[] = "0123456789abcdef";
+            char type[24];
+            size_t n = 0;
+            unsigned long value = (unsigned long)fs.f_type;
+            type[n++] = '0';
+            type[n++] = 'x';
+            for (int shift = 28; shift >= 0; shift -= 4)
+                type[n++] = hex[(value >> shift) & 0xF];
+            type[n] = '\0';
+            at = append(buf, at, sizeof buf, "type ");
+            at = append(buf, at, sizeof buf, type);
+        }
+        append(buf, at, sizeof buf, ") does not support idmapped mounts");
+    } else
+        append(buf, at, sizeof buf, ": idmapped mount (mount_setattr MOUNT_ATTR_IDMAP)");
+    fail(err, buf, "");
+}
+
 static void set_attrs(int fd, const char *path, long long attrs, int recursive) {
     struct mount_attr_arg attr = {(uint64_t)attrs, 0, 0, 0};
-    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &attr, sizeof attr) < 0)
+    if (attrs & MOUNT_ATTR_IDMAP) {
+        if (idmap_userns < 0)
+            fail(EINVAL, "an idmapped bind without its user namespace on /", path);
+        attr.userns_fd = (uint64_t)idmap_userns;
+    }
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &attr, sizeof attr) < 0) {
+        if (attrs & MOUNT_ATTR_IDMAP)
+            fail_idmap(errno, fd, path);
         fail_path(errno, "mount_setattr ", path);
+    }
+}
+
+static void write_id_map(const char *proc_dir, const char *name, long long inside, long long outside) {
+    char path[96], line[64];
+    size_t at = append(path, 0, sizeof path, proc_dir);
+    append(path, at, sizeof path, name);
+    at = append_int(line, 0, sizeof line, inside);
+    at = append(line, at, sizeof line, " ");
+    at = append_int(line, at, sizeof line, outside);
+    at = append(line, at, sizeof line, " 1\n");
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, line, at) != (ssize_t)at)
+        fail(errno, "write the idmapped bind's ", name);
+    close(fd);
+}
+
+/* A user namespace mapping `outside` (the sandbox's uid/gid, on the host) to `inside`
+ * (the caller's), for idmapped binds: files the sandbox makes there belong on disk
+ * to the caller, and it can give them no other owner (no other id is mapped). Made
+ * by a helper child that only waits; its maps are written from here (root in the
+ * host's user namespace), through the host's /proc (this mount namespace still has
+ * it) at the helper's pid in that /proc's pid namespace (from its pidfd's fdinfo). */
+static void make_idmap(long long uid_outside, long long gid_outside, long long uid_inside, long long gid_inside) {
+    int pidfd = -1;
+    long helper = clone_child(CLONE_NEWUSER, -1, &pidfd);
+    check(helper, "clone the idmapped bind's user namespace", "");
+    if (helper == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        for (;;)
+            pause();
+    }
+    char path[64], info[512], proc_dir[48];
+    append_int(path, append(path, 0, sizeof path, "/proc/self/fdinfo/"), sizeof path, pidfd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t got = fd < 0 ? -1 : read(fd, info, sizeof info - 1);
+    if (fd >= 0)
+        close(fd);
+    long long host_pid = 0;
+    if (got > 0) {
+        info[got] = '\0';
+        const char *at = strstr(info, "\nPid:");
+        if (at)
+            for (at += 5; *at == '\t' || *at == ' '; at++)
+                ;
+        for (; at && *at >= '0' && *at <= '9'; at++)
+            host_pid = host_pid * 10 + (*at - '0');
+    }
+    if (host_pid <= 0) {
+        syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+        fail(ESRCH, "find the idmapped bind's helper in /proc", "");
+    }
+    size_t at = append(proc_dir, 0, sizeof proc_dir, "/proc/");
+    at = append_int(proc_dir, at, sizeof proc_dir, host_pid);
+    append(proc_dir, at, sizeof proc_dir, "/");
+    write_id_map(proc_dir, "uid_map", uid_inside, uid_outside);
+    write_id_map(proc_dir, "gid_map", gid_inside, gid_outside);
+    append(path, append(path, 0, sizeof path, proc_dir), sizeof path, "ns/user");
+    idmap_userns = open(path, O_RDONLY | O_CLOEXEC);
+    int err = errno;
+    syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+    while (waitpid((pid_t)helper, NULL, 0) < 0 && errno == EINTR)
+        ;
+    close(pidfd);
+    if (idmap_userns < 0)
+        fail(err, "open the idmapped bind's user namespace", "");
 }
 
 /* mount(2) onto an fd, through its /proc/self/fd link (the host's /proc, before pivot_root). */
@@ -1188,6 +1321,14 @@ static void run_steps(launch_t *launch) {
             break;
         case STEP_LANDLOCK_RESTRICT:
             landlock_restrict();
+            break;
+        case STEP_IDMAP:
+            if (idmap_userns >= 0) {
+                close(idmap_userns);
+                idmap_userns = -1;
+            }
+            if (n[0] != -2)
+                make_idmap(launch_id(launch, n[0]), launch_id(launch, n[1]), n[2], n[3]);
             break;
         case STEP_CLOSE:
             close((int)n[0]);

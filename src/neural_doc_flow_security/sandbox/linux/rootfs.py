@@ -65,6 +65,7 @@ class Bind:
     target: str
     read_only: bool
     copy_on_write: bool = False
+    idmap: bool = False  # files made there belong to the caller (RootfsPlan.idmap)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class RootfsPlan:
     user_namespace: bool = False            # overlays take the user.* xattrs (userxattr)
     overlay_changes: str = "discard"        # "report"/"keep": the child hands the overlay tmpfs to the parent
     overlay_keep_dir: str | None = None
+
+    # (sandbox uid, gid (-1: the launch's id), host uid, gid): the id map of the binds
+    # marked `idmap` (a writable bind with owner = "caller", as root); None: no such bind.
+    idmap: tuple[int, int, int, int] | None = None
 
     @property
     def hands_back_changes(self) -> bool:
@@ -203,9 +208,12 @@ def image_root(image: str) -> str:
 
 
 def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, hostname: str,
-                id_range: tuple[int, int] = DEFAULT_ID_RANGE, user_namespace: bool = False) -> RootfsPlan:
+                id_range: tuple[int, int] = DEFAULT_ID_RANGE, user_namespace: bool = False,
+                caller: tuple[int, int] | None = None) -> RootfsPlan:
     """Decide the mounts for a sandbox with this file-system config (`uid`/`gid`
-    None: each launch's own, from `id_range`)."""
+    None: each launch's own, from `id_range`). `caller`: the host uid/gid that a
+    bind with owner = "caller" maps the sandbox's to (root, with no user namespace;
+    None: the sandbox's ids are the caller's already)."""
     binds: list[Bind] = []
     symlinks: list[tuple[str, str]] = []
     bound: list[str] = []
@@ -239,7 +247,11 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
     else:
         files = (("/etc/passwd", passwd), ("/etc/group", group), *files)
     # A user's source is taken as written: the child refuses a symlink on its path.
-    binds += [Bind(bind.source, bind.target, bind.read_only) for bind in config.all_binds]
+    idmap = None
+    if caller is not None and any(b.owner == "caller" for b in config.all_binds) and (uid, gid) != caller:
+        idmap = (-1 if uid is None else uid, -1 if gid is None else gid, *caller)
+    binds += [Bind(bind.source, bind.target, bind.read_only, idmap=idmap is not None and bind.owner == "caller")
+              for bind in config.all_binds]
     # A parent before anything below it (a read-only part of a writable tree stays read-only);
     # otherwise in order, so that of two binds on one target the later one is on top.
     binds.sort(key=lambda bind: _relative(bind.target).count("/"))
@@ -252,7 +264,7 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
     return RootfsPlan(tuple(binds), tuple(symlinks), files, config.tmp_size_mb, image=image,
                       overlay_size_mb=overlay_mb, mount_points=mount_points,
                       user_namespace=user_namespace and bool(image is not None or overlay_mb),
-                      overlay_changes=config.overlay_changes, overlay_keep_dir=config.overlay_keep_dir)
+                      overlay_changes=config.overlay_changes, overlay_keep_dir=config.overlay_keep_dir, idmap=idmap)
 
 
 def _b(text: str) -> bytes:
@@ -287,6 +299,13 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
            optional: bool = False) -> StepTuple:
     return (Step.MOUNT, None if source is None else _b(source), _b(target),
             None if fstype is None else _b(fstype), flags, None if data is None else _b(data), int(optional))
+
+
+def _bind_attributes(bind: Bind) -> int:
+    """A bind's mount attributes: read-only, or writable nosuid,nodev (idmapped: owner = "caller")."""
+    if bind.read_only:
+        return _RO
+    return sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | (sc.MOUNT_ATTR_IDMAP if bind.idmap else 0)
 
 
 def _relative(path: str) -> str:
@@ -372,6 +391,8 @@ def _layered_steps(plan: RootfsPlan, changes_socket: int) -> list[StepTuple]:
               _overlay("root", lowers, upper, work, options),
               (Step.CHDIR, b"root"),
               _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
+    if plan.idmap is not None:  # the user namespace of the idmapped binds, while the host's /proc is here
+        steps.append((Step.IDMAP, *plan.idmap))
     layer = 1
     for slot, bind in enumerate(plan.binds):
         if bind.copy_on_write:
@@ -379,8 +400,9 @@ def _layered_steps(plan: RootfsPlan, changes_socket: int) -> list[StepTuple]:
             steps.append(_overlay(_relative(bind.target), (slot,), upper, upper + 1, options))
             layer += 1
         else:
-            steps.append(_bind(slot, "", _relative(bind.target),
-                               _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV))
+            steps.append(_bind(slot, "", _relative(bind.target), _bind_attributes(bind)))
+    if plan.idmap is not None:
+        steps.append((Step.IDMAP, -2, -2, -2, -2))
     steps += _proc_steps(devnull_slot)
     steps += _dev_steps()
     steps += [(Step.SETATTR, b".", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV if layers else _RO, 0),
@@ -414,9 +436,12 @@ def rootfs_steps(plan: RootfsPlan, changes_socket: int = -1) -> tuple[StepTuple,
     steps += [(Step.MKDIR, _b(_relative(directory)))
               for directory in dict.fromkeys(os.path.dirname(path) for path, _ in plan.files)]
     steps += [(Step.WRITE_FILE, _b(_relative(path)), content) for path, content in plan.files]
-    steps += [_bind(slot, "", _relative(bind.target),
-                    _RO if bind.read_only else sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV, existing=existing)
+    if plan.idmap is not None:  # the user namespace of the idmapped binds, while the host's /proc is here
+        steps.append((Step.IDMAP, *plan.idmap))
+    steps += [_bind(slot, "", _relative(bind.target), _bind_attributes(bind), existing=existing)
               for slot, (bind, existing) in enumerate(zip(plan.binds, _beneath_writable(plan.binds), strict=True))]
+    if plan.idmap is not None:
+        steps.append((Step.IDMAP, -2, -2, -2, -2))
     steps += _proc_steps(devnull_slot)
     steps += _dev_steps()
     steps += [(Step.SETATTR, b".", _RO, 0), (Step.PIVOT_ROOT,)]

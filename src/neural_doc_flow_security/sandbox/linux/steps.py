@@ -63,6 +63,8 @@ class Step(IntEnum):
     OVERLAY = 36           # target, lower slots (int32s, top first), upper slot, work slot (-1: none), options,
                            # mount flags: an overlayfs of the opened layers (their slots are closed)
     SEND_SLOT = 37         # socket fd, slot: send the slot's fd to the parent (SCM_RIGHTS), close both
+    IDMAP = 38             # sandbox uid, gid (-1: the launch's id), host uid, gid: make the user namespace
+                           # that binds with MOUNT_ATTR_IDMAP apply (rootfs.py); all -2: close it
 
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
