@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import os
 from typing import Any
 
 import pytest
@@ -88,14 +89,55 @@ def big_result(size: int) -> bytes:
     return b"r" * size
 
 
-def test_results_over_16_mib_pass_when_decode_limits_allow_them() -> None:
+def big_structured_result(size: int) -> list[bytes]:
+    return [b"r" * size]
+
+
+def test_structured_results_over_16_mib_pass_when_decode_limits_allow_them() -> None:
     size = 20 * MiB
-    refused = run(call(big_result, size))
+    refused = run(call(big_structured_result, size))
     assert refused.outcome is Outcome.ERROR, describe(refused)
     assert f"max_frame_bytes={16 * MiB}" in (refused.error or ""), describe(refused)
-    allowed = run(call(big_result, size, decode_limits=DecodeLimits(max_frame_bytes=32 * MiB)))
+    assert "decode_limits" in (refused.error or ""), describe(refused)
+    allowed = run(call(big_structured_result, size, decode_limits=DecodeLimits(max_frame_bytes=32 * MiB)))
     assert allowed.outcome is Outcome.OK, describe(allowed)
-    assert allowed.output == b"r" * size
+    assert allowed.output == [b"r" * size]
+
+
+def memfds_held() -> list[str]:
+    """This process's memfd mappings and fds."""
+    with open("/proc/self/maps") as f:
+        held = [line for line in f if "memfd:" in line]
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:"):
+            held.append(f"fd {name} -> {target}")
+    return held
+
+
+@pytest.mark.parametrize("method", api_helpers.START_METHODS)
+def test_a_64_mib_bytes_result_comes_back_through_a_memfd(method: str) -> None:
+    """Bounded by max_memfd_bytes (1 GiB by default), not by max_frame_bytes; the
+    host keeps no mapping and no fd of it (and no_leaks: the fd table is back)."""
+    size = 64 * MiB
+
+    async def scenario() -> tuple[SandboxResult, SandboxResult, list[str]]:
+        async with manager(method) as m:
+            result = await m.execute_sandboxed("values", big_result, size)
+            held = memfds_held()
+            async with manager(method, decode_limits=DecodeLimits(max_memfd_bytes=32 * MiB)) as small:
+                refused = await small.execute_sandboxed("values", big_result, size)
+            return result, refused, held
+
+    result, refused, held = run(scenario())
+    assert result.outcome is Outcome.OK, describe(result)
+    assert type(result.output) is bytes and result.output == b"r" * size
+    assert held == []
+    assert refused.outcome is Outcome.ERROR, describe(refused)
+    assert f"exceeds max_memfd_bytes={32 * MiB}" in (refused.error or ""), describe(refused)
 
 
 def test_progress_in_a_tight_loop_is_coalesced_not_a_violation() -> None:

@@ -157,8 +157,10 @@ def test_callable_output_belongs_to_the_caller(method: str, no_leaks: LeakTracke
 
     async def main() -> tuple[SandboxResult, SandboxResult]:
         async with manager(method) as m:
-            mine = await m.with_options(sandbox_config=config("caller")).execute_sandboxed("w", write, str(directory / "mine"))
-            default = await m.with_options(sandbox_config=config("sandbox")).execute_sandboxed("w", write, str(directory / "x"))
+            mine = await m.with_options(sandbox_config=config("caller")).execute_sandboxed(
+                "w", write, str(directory / "mine"))
+            default = await m.with_options(sandbox_config=config("sandbox")).execute_sandboxed(
+                "w", write, str(directory / "x"))
             return mine, default
 
     mine, default = run(main())

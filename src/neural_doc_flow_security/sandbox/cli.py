@@ -261,7 +261,8 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
         fs = config.filesystem
         changes["filesystem"] = replace(
             fs,
-            bind_mounts=fs.bind_mounts + tuple(_bind_from_option(*spec, args.bind_owner) for spec in args.bind_specs),
+            bind_mounts=fs.bind_mounts + tuple(_bind_from_option(option, value, args.bind_owner)
+                                               for option, value in args.bind_specs),
             tmp_size_mb=parse_size_mb(args.tmpfs_size, "filesystem.tmp_size_mb") if args.tmpfs_size
             else fs.tmp_size_mb,
             python=fs.python or args.python,

@@ -107,6 +107,11 @@ class _RecordCodec:
         cap = (peer or limits).max_frame_bytes
         if len(frame) > cap:
             raise ValueError(f"message of {len(frame)} bytes exceeds max_frame_bytes={cap}")
+        blob_cap = (peer or limits).max_memfd_bytes
+        for blob in blobs:
+            if memoryview(blob).nbytes > blob_cap:
+                raise ValueError(f"{message.kind.value} of {memoryview(blob).nbytes} bytes exceeds "
+                                 f"max_memfd_bytes={blob_cap}")
         if peer is not None:
             try:
                 framing.prescan(frame, peer)

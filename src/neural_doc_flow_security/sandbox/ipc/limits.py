@@ -25,7 +25,9 @@ class DecodeLimits:
         max_inline_bytes: largest socket record accepted (one SOCK_SEQPACKET
             message). Senders spill bigger frames and blobs into sealed memfds.
         max_frame_bytes: largest msgpack frame decoded, inline or from a memfd
-            (a callable's result is one frame; the sandbox is told this limit).
+            (a callable's result is one frame, unless it is a big bytes or str:
+            see max_memfd_bytes; the sandbox is told both limits, and a result
+            over them comes back as an error naming the limit).
         max_depth: deepest container nesting in a frame (the message map is depth 1,
             a callable's result starts at depth 2; a tuple or set is one level).
         max_container_len: most elements in one array or map.
@@ -36,7 +38,12 @@ class DecodeLimits:
         max_messages_per_second: sustained message rate (token bucket refill).
         burst_messages: token bucket capacity.
         max_fds_per_message: most file descriptors attached to one record.
-        max_memfd_bytes: largest memfd blob (data or call payload) accepted.
+        max_memfd_bytes: largest memfd blob accepted: a data message's bytes, a
+            call's payload, or a callable's result that is bytes, bytearray or
+            str of over max_inline_bytes / 2 (it travels in a sealed memfd of its
+            own, which the host checks (seals, size, no holes) before mapping it,
+            copies out and unmaps at once; a str is decoded as UTF-8). Every
+            byte also counts toward max_total_bytes.
     """
 
     max_inline_bytes: int = 64 * KiB

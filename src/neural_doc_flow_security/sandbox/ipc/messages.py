@@ -4,6 +4,10 @@ A message travels as a msgpack map: {"kind": <kind>, <field>: <value>, ...}
 with exactly the fields of its kind. Byte blobs (a data message's bytes, a
 call's cloudpickle payload) travel inline as msgpack bin when small, or as a
 reference {"fd": index, "size": n} to a sealed memfd attached to the record.
+A callable's result that is a big bytes, bytearray or str value travels the
+same way, as {"kind": "result", "blob": <reference>, "text": <is str>}: its own
+memfd, bounded by `max_memfd_bytes` rather than by `max_frame_bytes`; the host
+copies it out (UTF-8 decoded for a str) and unmaps the memfd at once.
 
 `IpcMessage.from_wire` validates a decoded frame against the kinds the peer may
 send; any other shape is a ProtocolViolation. This module never unpickles: the
@@ -22,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import ProtocolViolation
+from .memfd import unmap
 
 Blob = bytes | memoryview
 BlobResolver = Callable[[int, int], memoryview]
@@ -90,6 +95,7 @@ _FIELDS: Mapping[MessageKind, frozenset[str]] = MappingProxyType(
         MessageKind.CALL: frozenset({"kind", "payload"}),
     }
 )
+_RESULT_IN_MEMFD = frozenset({"kind", "blob", "text"})  # the other shape of a result: a bytes or str in a memfd
 
 _DEPRECATED_USAGE_KEYS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
@@ -281,7 +287,11 @@ class IpcMessage:
         elif kind is MessageKind.LOG:
             wire.update(level=self.level, text=self.text)
         elif kind is MessageKind.RESULT:
-            wire["value"] = self.value
+            big = _big_result(self.value, inline_limit)
+            if big is None:
+                wire["value"] = self.value
+            else:
+                wire.update(blob=blob(big), text=isinstance(self.value, str))
         elif kind is MessageKind.ERROR:
             wire.update(type=self.error_type, message=self.message, traceback=self.traceback)
         elif kind is MessageKind.HEARTBEAT:
@@ -309,6 +319,8 @@ class IpcMessage:
         if kind not in accept:
             raise ProtocolViolation(f"peer may not send {kind.value!r} messages")
         keys = frozenset(obj)
+        if kind is MessageKind.RESULT and keys == _RESULT_IN_MEMFD:
+            return cls.result(_result_from_memfd(obj, resolve_blob))
         if keys != _FIELDS[kind]:
             extra = sorted(keys - _FIELDS[kind])
             missing = sorted(_FIELDS[kind] - keys)
@@ -401,3 +413,31 @@ def _blob(obj: dict[str, object], key: str, resolve_blob: BlobResolver) -> Blob:
         ):
             return resolve_blob(index, size)
     raise ProtocolViolation(f"field {key!r} must be bytes or a memfd reference")
+
+
+def _big_result(value: Any, inline_limit: int) -> Blob | None:
+    """The bytes a result travels as in a memfd of its own (a bytes, bytearray or str
+    over `inline_limit`), or None: it goes in the frame."""
+    if isinstance(value, bytes | bytearray) and len(value) > inline_limit:
+        return value if isinstance(value, bytes) else memoryview(value)
+    if isinstance(value, str) and len(value) > inline_limit:
+        return value.encode()  # UnicodeEncodeError (a lone surrogate) is a ValueError: not sendable
+    return None
+
+
+def _result_from_memfd(obj: dict[str, object], resolve_blob: BlobResolver) -> bytes | str:
+    """A result sent in a memfd of its own, copied out; the mapping goes at once."""
+    text = obj["text"]
+    if not isinstance(text, bool):
+        raise ProtocolViolation("result.text must be true or false")
+    view = _blob(obj, "blob", resolve_blob)
+    try:
+        if not text:
+            return bytes(view)
+        try:
+            return str(view, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolViolation(f"result text is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    finally:
+        if isinstance(view, memoryview):
+            unmap(view)

@@ -170,11 +170,13 @@ class PythonWorkerPayload(Payload):
             try:
                 channel.send(reply)
             except (TypeError, ValueError, OverflowError) as exc:  # no wire type, an int over 64 bits, a limit
-                channel.send(IpcMessage.error(
-                    type(exc).__name__, f"the result cannot be sent to the host: {exc} "
-                    "(results may hold None, bool, int, float, str, bytes, list, dict, tuple, set, "
-                    "frozenset, datetime, date, time, Decimal and dataclass instances (as dicts); "
-                    "dict keys and set items: str, bytes, int, bool or None)"))
+                hint = ("the host's limit: raise it in SandboxManager(decode_limits=DecodeLimits(...))"
+                        if " exceeds max_" in str(exc) else
+                        "results may hold None, bool, int, float, str, bytes, list, dict, tuple, set, "
+                        "frozenset, datetime, date, time, Decimal and dataclass instances (as dicts); "
+                        "dict keys and set items: str, bytes, int, bool or None")
+                channel.send(IpcMessage.error(type(exc).__name__,
+                                              f"the result cannot be sent to the host: {exc} ({hint})"))
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -16,6 +16,11 @@ An image root (`filesystem.image`) or a copy-on-write root (`filesystem.overlay`
 is an overlayfs instead of the tmpfs: see `_layered_steps`. Its layers are fds
 opened without following symlinks, handed to overlayfs as /proc/self/fd paths.
 
+A writable bind with owner = "caller" (config.BindMount) is, as root, an idmapped
+mount: a user namespace made for the launch maps the sandbox's uid/gid, and only
+them, to the caller's (Step.IDMAP), so the files it creates there are the caller's
+on the host while it keeps its own unprivileged uid.
+
 The plan is computed once per config in the parent (`plan_rootfs`) and turned
 into the child's steps (`rootfs_steps`), which the child only executes.
 """
