@@ -12,6 +12,7 @@ checked on the host side under our runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -167,8 +168,14 @@ def test_a_bundle_seccomp_deny_list_applies_like_runc(host_tmp: Path, runc: Any)
     spec = base_spec(["/bin/sh", "-c", "mkdir /tmp/d && echo made || echo refused"], seccomp=seccomp)
     spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]})
     bundle = make_bundle(host_tmp / "bundle", spec)
-    mine, _ = ours(bundle)
-    theirs = runc(bundle)
+    profile = Path(load_bundle(bundle).config.seccomp)  # the bundle's extra denials, as a profile file
+    try:
+        mine, _ = ours(bundle)
+        theirs = runc(bundle)
+    finally:
+        profile.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            profile.parent.rmdir()  # if no other profile is cached there
     assert mine.stdout == theirs.stdout == b"refused\n", (mine, theirs)
 
 
