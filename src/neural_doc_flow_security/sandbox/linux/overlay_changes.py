@@ -159,7 +159,10 @@ def list_changes(tmpfs_fd: int, plan: RootfsPlan) -> FilesystemChanges:
             upper = os.open(f"{i}/upper", _DIR, dir_fd=tmpfs_fd)
         except OSError as e:
             return FilesystemChanges(tuple(walk.changes), False, error=f"cannot open layer {target}: {e.strerror}")
-        lower = os.open(lower_dir, _LOOKUP) if lower_dir is not None else -1
+        try:
+            lower = os.open(lower_dir, _LOOKUP) if lower_dir is not None else -1
+        except OSError:
+            lower = -1  # the lower directory is gone: every entry counts as created
         try:
             _walk(walk, upper, lower, target, in_lower if i == 0 else frozenset(), 0)
         except OSError as e:
@@ -289,9 +292,9 @@ def keep_changes(tmpfs_fd: int, plan: RootfsPlan, destination: str) -> str | Non
         return None
     try:
         os.mkdir(destination, 0o700)
+        root = os.open(destination, _DIR)
     except OSError as e:
         return f"filesystem.overlay_keep_dir: cannot make {destination!r}: {e.strerror}"
-    root = os.open(destination, _DIR)
     try:
         for i, (target, _) in enumerate(_layers(plan)):
             upper = os.open(f"{i}/upper", _DIR, dir_fd=tmpfs_fd)
@@ -315,7 +318,10 @@ def collect(sock_fd: int, plan: RootfsPlan) -> FilesystemChanges:
     if tmpfs is None:
         return FilesystemChanges(complete=False, error="the sandbox did not hand over its overlay")
     try:
-        changes = list_changes(tmpfs, plan)
+        try:
+            changes = list_changes(tmpfs, plan)
+        except OSError as e:
+            return FilesystemChanges(complete=False, error=f"cannot read the overlay's changes: {e.strerror or e}")
         if plan.overlay_changes == "keep" and plan.overlay_keep_dir is not None:
             error = keep_changes(tmpfs, plan, plan.overlay_keep_dir)
             return FilesystemChanges(changes.changes, changes.complete and error is None,
