@@ -167,6 +167,8 @@ def test_callable_output_belongs_to_the_caller(method: str, no_leaks: LeakTracke
     assert mine.outcome is Outcome.OK, describe(mine)
     assert mine.output != 0
     assert _ownership(directory / "mine") == (0, 0)
+    assert f"idmapped (owner = caller): {directory}, the sandbox's uid/gid mapped to 0/0" in mine.isolation.rootfs
+    assert "idmapped" not in default.isolation.rootfs
     assert default.outcome is Outcome.ERROR, describe(default)
     assert "PermissionError" in (default.error or ""), describe(default)
     assert not (directory / "x").exists()

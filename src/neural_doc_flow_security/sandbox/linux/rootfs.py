@@ -120,6 +120,10 @@ class RootfsPlan:
         text = f"{root}, private /tmp, fresh /proc, minimal /dev"
         if self.image:
             text += "; /etc/passwd, /etc/group, /etc/hosts, /etc/hostname synthesized where the image lacks them"
+        if self.idmap is not None:
+            targets = ", ".join(bind.target for bind in self.binds if bind.idmap)
+            text += (f"; idmapped (owner = caller): {targets}, the sandbox's uid/gid mapped to "
+                     f"{self.idmap[2]}/{self.idmap[3]}")
         return text
 
 
