@@ -12,13 +12,13 @@ checked on the host side under our runtime.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,10 +75,10 @@ def write_spec(directory: Path, spec: dict[str, Any]) -> None:
     (directory / "config.json").chmod(0o644)
 
 
-def ours(bundle: Path, *options: str) -> tuple[subprocess.CompletedProcess[bytes], dict[str, Any]]:
+def ours(bundle: Path, *options: str, **env: str) -> tuple[subprocess.CompletedProcess[bytes], dict[str, Any]]:
     result_file = bundle.parent / f"result-{secrets.token_hex(4)}.json"
     done = subprocess.run([NDF_SANDBOX, "oci", "run", *options, "--json-result", str(result_file), str(bundle)],
-                          capture_output=True, env=ndf_host_env(), timeout=120, check=False)
+                          capture_output=True, env=ndf_host_env(**env), timeout=120, check=False)
     data = json.loads(result_file.read_text()) if result_file.exists() and result_file.stat().st_size else {}
     return done, data
 
@@ -162,20 +162,18 @@ def test_pids_limit_like_runc(host_tmp: Path, runc: Any) -> None:
 
 
 @needs_runc
-def test_a_bundle_seccomp_deny_list_applies_like_runc(host_tmp: Path, runc: Any) -> None:
+def test_a_bundle_seccomp_deny_list_applies_like_runc(host_tmp: Path, runc: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     seccomp = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
     spec = base_spec(["/bin/sh", "-c", "mkdir /tmp/d && echo made || echo refused"], seccomp=seccomp)
     spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]})
     bundle = make_bundle(host_tmp / "bundle", spec)
-    profile = Path(load_bundle(bundle).config.seccomp)  # the bundle's extra denials, as a profile file
-    try:
-        mine, _ = ours(bundle)
-        theirs = runc(bundle)
-    finally:
-        profile.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            profile.parent.rmdir()  # if no other profile is cached there
+    # the bundle's extra denials become a profile file under $TMPDIR: this test's own directory
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    assert load_bundle(bundle).config.seccomp.startswith(f"{host_tmp}/ndf-oci-seccomp-")
+    mine, _ = ours(bundle, TMPDIR=str(host_tmp))
+    theirs = runc(bundle)
     assert mine.stdout == theirs.stdout == b"refused\n", (mine, theirs)
 
 
