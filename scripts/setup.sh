@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NDF_VENV=${NDF_VENV:-/opt/ndf-venv}
-packages=(python3 python3-venv python3-dev libc6-dev libseccomp2 gcc poppler-utils util-linux busybox-static runc)
+packages=(python3 python3-venv python3-dev libc6-dev libseccomp2 gcc poppler-utils util-linux busybox-static runc nftables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

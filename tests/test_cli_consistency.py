@@ -119,7 +119,7 @@ def test_profile_network_key_uses_the_cli_word(tmp_path: Path, shared_host_dir: 
     profile.write_text('network = "hots"\n')
     result = ndf("run", "--profile", str(profile), "--", "true")
     assert result.returncode == 2, describe(result)
-    assert 'network: must be "none" or "host"' in result.stderr.decode()
+    assert 'network: must be "none", "host" or a policy table' in result.stderr.decode()
     profile.write_text("[namespaces]\nnet = true\n")
     result = ndf("run", "--profile", str(profile), "--", "true")
     assert result.returncode == 0, describe(result)

@@ -21,6 +21,7 @@ from neural_doc_flow_security.sandbox.config import (
     CapabilityConfig,
     FilesystemConfig,
     NamespaceConfig,
+    NetworkPolicy,
     SandboxConfig,
 )
 from neural_doc_flow_security.sandbox.errors import ConfigError
@@ -82,8 +83,22 @@ WRONG: dict[str, st.SearchStrategy[Any]] = {
     "filesystem.overlay": NOT_A_BOOL,
     "filesystem.overlay_size_mb": st.one_of(NOT_A_NUMBER, FLOATS, st.integers(max_value=0)),
     "filesystem.overlay_changes": st.one_of(NOT_A_STR, st.sampled_from(["", "save", "Report"])),
+    **{f"network.{name}": st.one_of(NOT_A_LIST, st.lists(st.one_of(INTS, BOOLS, st.sampled_from(
+        ["", " 10.0.0.1", "10.0.0.1/8", "[fd00::1", "[fd00::1]:", "a_b", "1.2.3.4:0", "1.2.3.4:70000", "x:2-1",
+         "10.0.0.1:80/sctp", "fd00::1/200", "999.1.1.1"])), min_size=1, max_size=3))
+       for name in ("allow", "deny")},
+    "network.dns": NOT_A_BOOL,
+    "network.hosts": st.one_of(INTS, FLOATS, BOOLS, st.just("a.internal"),
+                               st.dictionaries(st.just("a.internal"), st.one_of(INTS, st.just(["not-an-ip"])),
+                                               min_size=1),
+                               st.dictionaries(st.sampled_from(["bad_name", "host", "a.internal:80"]),
+                                               st.just(["10.0.0.1"]), min_size=1)),
+    "network.ipv4_range": st.one_of(NOT_A_STR, st.sampled_from(["", "10.0.0.0/31", "8.8.8.0/24", "fd00::/64",
+                                                                "10.0.0.1/16"])),
+    "network.ipv6_range": st.one_of(NOT_A_STR, st.sampled_from(["", "fd00::/127", "2a00:1450::/64", "10.0.0.0/8"])),
 }
-NESTED = {"namespaces": NamespaceConfig, "capabilities": CapabilityConfig, "filesystem": FilesystemConfig}
+NESTED = {"namespaces": NamespaceConfig, "capabilities": CapabilityConfig, "filesystem": FilesystemConfig,
+          "network": NetworkPolicy}
 
 
 def test_every_field_is_covered() -> None:

@@ -10,6 +10,7 @@ from .config import (
     CapabilityConfig,
     FilesystemConfig,
     NamespaceConfig,
+    NetworkPolicy,
     SandboxConfig,
 )
 from .errors import (
@@ -78,6 +79,7 @@ __all__ = [
     "FilesystemConfig",
     "IsolationReport",
     "NamespaceConfig",
+    "NetworkPolicy",
     "Outcome",
     "HostLimitError",
     "OutcomeError",

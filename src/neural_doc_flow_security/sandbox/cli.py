@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,6 +26,7 @@ from typing import Any
 from .config import (
     BindMount,
     CapabilityConfig,
+    NetworkPolicy,
     SandboxConfig,
     parse_rate,
     parse_size_mb,
@@ -113,6 +115,14 @@ def _build_run_parser(sub: Any) -> None:
                      help="share the host's network (no network namespace)")
     net.add_argument("--no-net", dest="net", action="store_false",
                      help="a new, empty network namespace: loopback only (default)")
+    run.add_argument("--net-allow", metavar="DEST", action="append", default=[],
+                     help="a network policy: the sandbox may reach DEST (repeatable): 10.0.3.2:8080, "
+                          "[fd00::2]:443/tcp, 192.0.2.0/24:1000-2000/udp, name.internal:443, host; "
+                          "everything else is dropped (see the README)")
+    run.add_argument("--net-deny", metavar="DEST", action="append", default=[],
+                     help="a network policy: never reach DEST, even where --net-allow would (repeatable)")
+    run.add_argument("--net-dns", action="store_true",
+                     help="with a network policy: a resolver answering only the allowed names")
     run.add_argument("--ro-bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
                      help="bind a host path read-only (at DST, default the same path)")
     run.add_argument("--bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
@@ -256,6 +266,10 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
         changes["io_write_bps"] = _optional(args.io_write_bps, "io_write_bps", lambda v: parse_rate(v, "io_write_bps"))
     if args.net is not None:
         changes["namespaces"] = replace(config.namespaces, net=not args.net)
+    if args.net_allow or args.net_deny or args.net_dns:
+        policy = config.network or NetworkPolicy()
+        changes["network"] = replace(policy, allow=policy.allow + tuple(args.net_allow),
+                                     deny=policy.deny + tuple(args.net_deny), dns=policy.dns or args.net_dns)
     if (args.bind_specs or args.tmpfs_size or args.python or args.image or args.overlay or args.overlay_size
             or args.overlay_changes or args.overlay_keep):
         fs = config.filesystem
@@ -302,6 +316,7 @@ _OPTIONS = {
     "capabilities.ambient": "ambient_cap", "filesystem.read_only_binds": "bind_specs",
     "filesystem.binds": "bind_specs", "filesystem.image": "image", "filesystem.overlay_size_mb": "overlay_size",
     "filesystem.overlay_changes": "overlay_changes", "filesystem.overlay_keep_dir": "overlay_keep",
+    "network.allow": "net_allow", "network.deny": "net_deny", "network": "net",
 }
 
 
@@ -492,6 +507,17 @@ def _command_cleanup() -> int:
     for path in removed:
         print(f"removed {path}")
     print(f"{len(removed)} leftover cgroup directories removed")
+    if os.geteuid() == 0 and shutil.which("nft"):
+        from .linux import netpolicy
+
+        try:
+            slots = netpolicy.cleanup()
+        except (OSError, SandboxError) as e:
+            print(f"ndf-sandbox cleanup: network policy leftovers: {e}", file=sys.stderr)
+            return 1
+        for slot in slots:
+            print(f"removed the host's link and nftables table of {slot}")
+        print(f"{len(slots)} leftover network policy slots removed")
     return 0
 
 

@@ -352,6 +352,106 @@ class FilesystemConfig(_KnownFields):
         return self.read_only_binds + self.binds + self.bind_mounts
 
 
+DEFAULT_NET_RANGE = "10.213.0.0/16"
+DEFAULT_NET_RANGE6 = "fd8d:f1c3:a1e2::/48"
+
+
+def _destinations(field_name: str, value: Any) -> tuple[str, ...]:
+    from .netdest import parse_destination
+
+    entries = []
+    for entry in _sequence(field_name, value, "destinations like '10.0.3.2:8080'"):
+        try:
+            entries.append(str(parse_destination(entry)))
+        except ValueError as e:
+            raise ConfigError(field_name, f"{entry!r}: {e}") from None
+    return tuple(dict.fromkeys(entries))
+
+
+def _hosts(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`network.hosts` as (name, addresses) pairs: from a mapping or pairs."""
+    import ipaddress
+
+    from .netdest import parse_destination
+
+    if isinstance(value, Mapping):
+        value = tuple(value.items())
+    pairs = []
+    for entry in _sequence("network.hosts", value, "(name, [addresses]) pairs"):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ConfigError("network.hosts", f"entries must be name = [addresses], got {entry!r}")
+        name, addresses = entry
+        try:
+            parsed = parse_destination(name)
+        except ValueError as e:
+            raise ConfigError("network.hosts", f"{name!r}: {e}") from None
+        if parsed.name is None or parsed.is_host or parsed.ports or parsed.protocol:
+            raise ConfigError("network.hosts", f"keys must be DNS names, got {name!r}")
+        addresses = _sequence("network.hosts", addresses, f"addresses (for {name})")
+        try:
+            normalized = tuple(str(ipaddress.ip_address(a)) for a in addresses)
+        except ValueError as e:
+            raise ConfigError("network.hosts", f"{name}: {e}") from None
+        pairs.append((parsed.name, normalized))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class NetworkPolicy(_KnownFields):
+    """Which endpoints the sandbox may reach (as root: a veth pair to the host,
+    nftables rules inside the sandbox's network namespace and on the host; see
+    linux/netpolicy.py). Everything not allowed is dropped, and each denied attempt
+    is counted in the result's security_events.
+
+    `allow`/`deny`: destinations like "10.0.3.2:8080", "[fd00::2]:443/tcp",
+    "192.0.2.0/24:1000-2000/udp", "model-server.internal:443", "host" (every address
+    of the host, its loopback and bridges included); names are resolved by the host
+    at launch. A deny entry wins over an allow entry. The host and the link-local /
+    metadata ranges (169.254.0.0/16, fe80::/10) are denied unless an allow entry
+    names them ("host", an address or CIDR inside them).
+    `dns`: the sandbox gets a resolver (on the host's end of its link) that answers
+    only the allowed names, with the addresses resolved at launch.
+    `hosts`: names with fixed addresses (not looked up), like /etc/hosts.
+    `ipv4_range`/`ipv6_range`: private ranges the sandboxes' links take their
+    addresses from (a /30 and a /126 each)."""
+
+    _prefix = "network."
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    dns: bool = False
+    hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    ipv4_range: str = DEFAULT_NET_RANGE
+    ipv6_range: str = DEFAULT_NET_RANGE6
+
+    def __post_init__(self) -> None:
+        import ipaddress
+
+        object.__setattr__(self, "allow", _destinations("network.allow", self.allow))
+        object.__setattr__(self, "deny", _destinations("network.deny", self.deny))
+        object.__setattr__(self, "hosts", _hosts(self.hosts))
+        if not isinstance(self.dns, bool):
+            raise ConfigError("network.dns", f"must be true or false, got {self.dns!r}")
+        for name, version, longest in (("ipv4_range", 4, 30), ("ipv6_range", 6, 126)):
+            value = getattr(self, name)
+            try:
+                net = ipaddress.ip_network(value, strict=True) if isinstance(value, str) else None
+            except ValueError:
+                net = None
+            if net is None or net.version != version or net.prefixlen > longest or not net.is_private:
+                raise ConfigError(f"network.{name}", f"must be a private IPv{version} CIDR of /{longest} or "
+                                  f"larger, got {value!r}")
+            object.__setattr__(self, name, str(net))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The DNS names the policy allows (what its resolver answers)."""
+        from .netdest import parse_destination
+
+        return tuple(dict.fromkeys(d.name for d in map(parse_destination, self.allow)
+                                   if d.name is not None and not d.is_host))
+
+
 @dataclass(frozen=True)
 class SandboxConfig(_KnownFields):
     """Everything one sandbox enforces. The defaults are the secure profile: every
@@ -407,6 +507,7 @@ class SandboxConfig(_KnownFields):
     no_new_privs: bool = True
     rootless_limits: str = "cgroup"
     landlock: str = "auto"
+    network: NetworkPolicy | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "environment", _environment(self.environment))
@@ -452,6 +553,12 @@ class SandboxConfig(_KnownFields):
         if self.landlock == "required" and not (self.namespaces.mnt and self.no_new_privs):
             raise ConfigError("landlock", "'required' needs namespaces.mnt = true (the rules follow the mounts) "
                               "and no_new_privs = true")
+        if self.network is not None:
+            if not isinstance(self.network, NetworkPolicy):
+                raise ConfigError("network", f"must be a NetworkPolicy or none, got {self.network!r}")
+            if not self.namespaces.net:
+                raise ConfigError("network", "a network policy needs the sandbox's own network namespace "
+                                  "(namespaces.net = true; not --net)")
         if self.max_processes is not None and self.max_processes < 2:
             raise ConfigError("max_processes",
                               f"must be >= 2 (the sandbox's init and the payload), got {self.max_processes}")
@@ -543,8 +650,12 @@ def _network_key(data: Mapping[str, Any]) -> dict[str, Any]:
     if "network" not in data:
         return data
     network = data.pop("network")
-    if not isinstance(network, str) or network not in NETWORK_CHOICES:
-        raise ConfigError("network", f"must be \"none\" or \"host\", got {network!r}")
+    if isinstance(network, Mapping):  # a policy: the sandbox's own namespace, with a link to the host
+        data["network"] = network
+        network = "none"
+    elif not isinstance(network, str) or network not in NETWORK_CHOICES:
+        raise ConfigError("network", f"must be \"none\", \"host\" or a policy table {{allow = [...], "
+                          f"deny = [...], dns = true}}, got {network!r}")
     if old:
         raise ConfigError("network", "give network or the deprecated namespaces.net, not both")
     if namespaces is not None and not isinstance(namespaces, Mapping):
@@ -569,6 +680,8 @@ def _from_mapping(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
         hint = hints[key]
         if hint in (NamespaceConfig, CapabilityConfig, FilesystemConfig):
             value = _from_mapping(hint, value, f"{prefix}{key}.")
+        elif cls is SandboxConfig and key == "network":
+            value = _from_mapping(NetworkPolicy, value, "network.")
         elif key in ("read_only_binds", "binds", "bind_mounts"):
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{prefix}{key}", f"must be a list, got {value!r}")

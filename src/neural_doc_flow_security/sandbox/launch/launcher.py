@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
-from ..linux import cgroups, ids, network
+from ..linux import cgroups, ids, netpolicy, network
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.rootfs import RootfsPlan
 from ..result import Outcome, ResourceUsage, SandboxResult
@@ -59,6 +59,27 @@ def effective_config(request: LaunchRequest) -> SandboxConfig:
     if request.payload.needs_python and not config.filesystem.python:
         config = dataclasses.replace(config, filesystem=dataclasses.replace(config.filesystem, python=True))
     return config
+
+
+def _with_resolver(plan: LaunchPlan, policy: netpolicy.NetworkLease) -> LaunchPlan:
+    """The plan with the sandbox's /etc/resolv.conf naming its resolver."""
+    if plan.rootfs is None:
+        return plan
+    files = tuple(f for f in plan.rootfs.files if f[0] != "/etc/resolv.conf")
+    rootfs = dataclasses.replace(plan.rootfs, files=(*files, ("/etc/resolv.conf", policy.resolv_conf)))
+    return dataclasses.replace(plan, rootfs=rootfs)
+
+
+def _with_network_events(spawned: SpawnedSandbox, result: SandboxResult) -> SandboxResult:
+    """The result with the denied connections its network policy counted."""
+    if spawned.network is None:
+        return result
+    try:
+        events = spawned.network.denied()
+    except (SandboxError, OSError) as e:
+        _log().error("cannot read the denied connections of a sandbox: %s", e)
+        return result
+    return dataclasses.replace(result, security_events=result.security_events + events) if events else result
 
 
 def _log() -> Any:
@@ -107,7 +128,8 @@ class Launcher:
 
         lease = ids.acquire(config.id_range) if plan.needs_ids else None
         try:
-            spawned = self._launch_spare(request, config, plan, lease)
+            # A network policy needs a namespace of its own with its link: no spare has one.
+            spawned = self._launch_spare(request, config, plan, lease) if config.network is None else None
             if spawned is None:
                 spawned = self._launch_cold(request, config, plan, lease, make_cgroup)
         except BaseException:
@@ -122,8 +144,14 @@ class Launcher:
         # On cgroup v1 the cgroup is made after the clone, while the child sets up.
         early = cgroups.joined_at_clone()
         cgroup = make_cgroup() if early else None
+        policy: netpolicy.NetworkLease | None = None
         try:
-            netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
+            if config.network is not None:
+                policy = netpolicy.setup(config.network)
+                netns_fd: int | None = os.dup(policy.netns_fd)
+                plan = _with_resolver(plan, policy) if config.network.dns else plan
+            else:
+                netns_fd = network.take() if network.can_prepare(plan.namespaces.names) else None  # made ahead?
             if self.template is None:
                 network.settle()  # a spare still in the making: no thread may run while we clone
             try:
@@ -134,6 +162,8 @@ class Launcher:
                 self.template_gone(str(e))
                 raise TemplateGone(self.template_lost) from None
         except BaseException as e:
+            if policy is not None:
+                policy.release()
             if cgroup is not None:
                 try:
                     cgroup.destroy()
@@ -142,6 +172,7 @@ class Launcher:
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
+        spawned.network = policy
         return spawned
 
     def _started(self, sandbox_id: int, request: LaunchRequest, spawned: SpawnedSandbox) -> SpawnedSandbox:
@@ -215,6 +246,8 @@ class Launcher:
         except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
             _log().error("cannot read the report of sandbox %s: %s", sandbox_id, e)
             return None
+        if result is not None:
+            result = spawned.reported = _with_network_events(spawned, result)
         return result
 
     def finish(self, sandbox_id: int, *, defer_cgroup: bool = False) -> SandboxResult:
@@ -223,8 +256,11 @@ class Launcher:
         (a zygote does that once the result is on its way)."""
         spawned = self.running.pop(sandbox_id)
         self._paused_by_signal.pop(sandbox_id, None)
+        reported = spawned.reported
         try:
             result = finish_sandbox(spawned, destroy_cgroup=not defer_cgroup)
+            if reported is None:
+                result = _with_network_events(spawned, result)
         except Exception as e:  # noqa: BLE001 - one sandbox's trouble must not stop the launcher
             _log().error("cannot collect sandbox %s: %s", sandbox_id, e)
             result = SandboxResult(Outcome.SANDBOX_ERROR, error=f"the launcher could not collect it: {e}",
@@ -232,6 +268,8 @@ class Launcher:
         finally:
             if spawned.ids is not None:
                 spawned.ids.release()  # its tree is gone: the id is free for another sandbox
+            if spawned.network is not None:
+                spawned.network.release()  # its link, the host's table, its slot
         if defer_cgroup and spawned.cgroup is not None:
             self._retired.append(spawned.cgroup)
         return result

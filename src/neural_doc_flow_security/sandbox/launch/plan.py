@@ -97,6 +97,10 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
     rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range,
                           user_namespace=ns.user, caller=None if user_namespace else (euid, egid))
               if config.namespaces.mnt else None)
+    if config.network is not None and (ns.user or euid != 0):
+        raise UnsupportedError("network", "a network policy is enforced only as root (a veth pair and nftables "
+                               "rules); without root no method is built yet (slirp4netns/pasta or a connect "
+                               "proxy): the config is refused rather than run with more network than it allows")
     limits = plan_limits(config, _cgroup_support(), ns.user)
     ruleset, landlock_note = _plan_landlock_rules(config, rootfs)
     return LaunchPlan(
@@ -140,6 +144,8 @@ def _plan_landlock_rules(config: SandboxConfig,
         notes.append(f"landlock: ABI {kernel_abi} cannot restrict TCP")
     elif not config.namespaces.net:
         notes.append("landlock: TCP bind/connect unrestricted (namespaces.net is off: the host's network is shared)")
+    elif config.network is not None:
+        notes.append("landlock: TCP connect left to the network policy (nftables)")
     elif not ruleset.handled_net:
         notes.append("landlock: TCP bind/connect left to the sandbox's network namespace (the payload may serve: "
                      "CAP_NET_BIND_SERVICE)")

@@ -36,6 +36,7 @@ from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
 
 if TYPE_CHECKING:
+    from ..linux.netpolicy import NetworkLease
     from .template import Template
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
@@ -119,6 +120,7 @@ class SpawnedSandbox:
     status_report: bytes | None = None
     ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
     changes_read: int = -1  # where the child sends a copy-on-write root's tmpfs (linux/overlay_changes.py)
+    network: NetworkLease | None = None  # its network policy's link and tables (linux/netpolicy.py)
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

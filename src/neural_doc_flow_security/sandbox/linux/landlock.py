@@ -150,7 +150,9 @@ def tcp_denied(config: SandboxConfig) -> bool:
 def plan_landlock(config: SandboxConfig, rootfs: RootfsPlan, kernel_abi: int) -> LandlockPlan:
     """The ruleset for a sandbox with these mounts, masked to what `kernel_abi` knows."""
     handled_fs = _FS_BY_ABI.get(kernel_abi, _FS_LATEST)
-    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if kernel_abi >= 4 and tcp_denied(config) else 0
+    # With a network policy, its nftables rules decide where TCP may connect.
+    connect = 0 if config.network is not None else NET_CONNECT_TCP
+    handled_net = NET_BIND_TCP | connect if kernel_abi >= 4 and tcp_denied(config) else 0
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if kernel_abi >= 6 else 0
     rules: list[tuple[str, int]] = [(bind.target, READ_EXECUTE if bind.read_only else READ_WRITE)
                                     for bind in rootfs.binds if bind.target not in _UNRULED_FOR_TESTS]

@@ -64,3 +64,8 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
     """pidfd_send_signal(2): signal exactly the process the pidfd refers to."""
     _check(_syscall(SYS_pidfd_send_signal, pidfd, sig, None, 0))
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2) for the calling thread (os.setns exists only from Python 3.12)."""
+    _check(_libc.setns(fd, nstype))

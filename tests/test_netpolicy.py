@@ -1,0 +1,220 @@
+"""Network policies (issue 17), as root: a sandbox reaches exactly the endpoints it
+is allowed. The test hosts are network namespaces of the test's own (tests/
+net_hosts.py) with listeners logging every connection: the evidence is on the
+host's side (what reached a listener, what the host still holds), and no traffic
+leaves this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT_CALLER, wait_until
+from net_hosts import NetHost
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network policies are enforced as root"),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (Debian package nftables)"),
+]
+
+PROBE = Path(__file__).with_name("net_probe.py").read_text()
+ALLOWED = "10.214.1.2"
+ALLOWED6 = "fd8d:f1c3:b1e2:1::2"
+OTHER = "10.214.2.2"
+METADATA = "169.254.169.254"
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NetHost]]:
+    """Test host A (IPv4 and IPv6: TCP 8080 and 8081, UDP 5353 and 5354), test host B
+    (another private range), and one that owns the metadata address."""
+    logs = tmp_path_factory.mktemp("nethosts")
+    made: dict[str, NetHost] = {}
+    try:
+        made["a"] = NetHost("a", "10.214.1.0/24", ALLOWED, ["tcp:8080", "tcp:8081", "udp:5353", "udp:5354"],
+                             logs, address6=ALLOWED6, network6="fd8d:f1c3:b1e2:1::/64")
+        made["b"] = NetHost("b", "10.214.2.0/24", OTHER, ["tcp:8080", "udp:5353"], logs)
+        made["m"] = NetHost("m", "169.254.169.0/24", METADATA, ["tcp:80"], logs)
+        yield made
+    finally:
+        for host in made.values():
+            host.close()
+
+
+@pytest.fixture
+def host_listener() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """TCP listeners of the host itself on every IPv4 and IPv6 address, one port."""
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v4.bind(("0.0.0.0", 0))
+    port = v4.getsockname()[1]
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    v6.bind(("::", port))
+    for sock in (v4, v6):
+        sock.listen(16)
+        sock.setblocking(False)
+    yield v4, v6
+    v4.close()
+    v6.close()
+
+
+def _accepted(*listeners: socket.socket) -> int:
+    count = 0
+    for sock in listeners:
+        while True:
+            try:
+                sock.accept()[0].close()
+                count += 1
+            except BlockingIOError:
+                break
+    return count
+
+
+def _host_addresses() -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = [m.get_attr("IFA_ADDRESS") for m in ipr.get_addr()]
+    return [a for a in found if a and not a.startswith(("fe80", "10.214.", "fd8d:f1c3:b1e2", "169.254."))]
+
+
+def _run(policy: list[str], targets: list[str], *extra: str) -> tuple[dict[str, str], dict[str, object]]:
+    """Run the probe in a sandbox with `policy` (CLI options); its findings and the
+    --json-result."""
+    result_file = Path(f"/tmp/ndf-netpolicy-{os.getpid()}.json")
+    try:
+        done = ROOT_CALLER.run([*policy, "--python", "--json-result", str(result_file), *extra],
+                               ["python3", "-c", PROBE, *targets])
+        assert done.returncode == 0, done.stderr.decode()
+        return json.loads(done.stdout), json.loads(result_file.read_text())
+    finally:
+        result_file.unlink(missing_ok=True)
+
+
+def _leftovers() -> list[str]:
+    """What network-policy sandboxes left on the host: links, nft tables, slot locks held."""
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    found = [line.split(":")[1].strip() for line in links.splitlines() if ": ndf" in line]
+    found += [line for line in tables.splitlines() if " ndf_" in line]
+    return found
+
+
+def test_allowed_endpoint_only(hosts: dict[str, NetHost], host_listener: tuple[socket.socket, socket.socket]) -> None:
+    """The allowed address:port connects and exchanges data (TCP and UDP); the same
+    host's other ports, another test host, the metadata address, the host's own
+    addresses and loopback are refused: their listeners see nothing."""
+    port = host_listener[0].getsockname()[1]
+    host_targets = [f"tcp:{a if ':' not in a else f'[{a}]'}:{port}" for a in _host_addresses()]
+    before = {name: len(h.connections()) for name, h in hosts.items()}
+    found, result = _run(
+        ["--net-allow", f"{ALLOWED}:8080/tcp", "--net-allow", f"{ALLOWED}:5353/udp"],
+        [f"tcp:{ALLOWED}:8080", f"udp:{ALLOWED}:5353", f"tcp:{ALLOWED}:8081", f"udp:{ALLOWED}:5354",
+         f"tcp:{OTHER}:8080", f"udp:{OTHER}:5353", f"tcp:{METADATA}:80", f"tcp:127.0.0.1:{port}",
+         "tcp:10.214.1.1:22", *host_targets])
+    assert found.pop(f"tcp:{ALLOWED}:8080") == "ok:hello"
+    assert found.pop(f"udp:{ALLOWED}:5353") == "ok:ping"
+    assert all(not v.startswith("ok") for v in found.values()), found
+    new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
+    assert new == {"a": [f"tcp {ALLOWED} 8080", f"udp {ALLOWED} 5353"], "b": [], "m": []}
+    assert _accepted(*host_listener) == 0
+    denied = {e["target"]: e for e in result["security_events"]}  # type: ignore[union-attr]
+    for target in (f"{ALLOWED}:8081/tcp", f"{ALLOWED}:5354/udp", f"{OTHER}:8080/tcp", f"{METADATA}:80/tcp"):
+        assert denied[target]["kind"] == "denied_connection" and denied[target]["count"] >= 1
+    assert not _leftovers()
+
+
+def test_ipv6(hosts: dict[str, NetHost], host_listener: tuple[socket.socket, socket.socket]) -> None:
+    """IPv6 likewise: the allowed [address]:port only."""
+    port = host_listener[0].getsockname()[1]
+    before = len(hosts["a"].connections())
+    found, result = _run(["--net-allow", f"[{ALLOWED6}]:8080/tcp"],
+                         [f"tcp:[{ALLOWED6}]:8080", f"tcp:[{ALLOWED6}]:8081", f"udp:[{ALLOWED6}]:5353",
+                          f"tcp:{ALLOWED}:8080", f"tcp:[::1]:{port}"])
+    assert found.pop(f"tcp:[{ALLOWED6}]:8080") == "ok:hello"
+    assert all(not v.startswith("ok") for v in found.values()), found
+    assert hosts["a"].connections()[before:] == [f"tcp {ALLOWED6} 8080"]
+    assert _accepted(*host_listener) == 0
+    assert f"[{ALLOWED6}]:8081/tcp" in {e["target"] for e in result["security_events"]}  # type: ignore[union-attr]
+
+
+def test_cidr_and_port_range(hosts: dict[str, NetHost]) -> None:
+    """A CIDR with a port range; a deny entry wins over the allow entry."""
+    before = len(hosts["a"].connections())
+    found, _ = _run(["--net-allow", "10.214.0.0/16:8080-8081/tcp", "--net-deny", f"{OTHER}"],
+                    [f"tcp:{ALLOWED}:8080", f"tcp:{ALLOWED}:8081", f"tcp:{OTHER}:8080", f"udp:{ALLOWED}:5353"])
+    assert found == {f"tcp:{ALLOWED}:8080": "ok:hello", f"tcp:{ALLOWED}:8081": "ok:hello",
+                     f"tcp:{OTHER}:8080": "ECONNREFUSED", f"udp:{ALLOWED}:5353": "EPERM"}
+    assert hosts["a"].connections()[before:] == [f"tcp {ALLOWED} 8080", f"tcp {ALLOWED} 8081"]
+    assert hosts["b"].connections() == []
+
+
+def test_payload_cannot_change_the_network(hosts: dict[str, NetHost]) -> None:
+    """No CAP_NET_ADMIN, no raw sockets, no spoofed source: a payload that tries
+    routes, addresses, rules, raw packets and another source address gets nowhere."""
+    script = (
+        "import socket, subprocess, json\n"
+        "out = {}\n"
+        "out['cap_eff'] = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0]\n"
+        "try:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP); out['raw'] = 'ok'\n"
+        "except OSError as e:\n    out['raw'] = e.errno\n"
+        "for name, argv in (('route', ['ip', 'route', 'replace', 'default', 'dev', 'lo']),\n"
+        "                   ('addr', ['ip', 'addr', 'add', '10.214.2.9/24', 'dev', 'eth0']),\n"
+        "                   ('nft', ['nft', 'flush', 'ruleset'])):\n"
+        "    try:\n        out[name] = subprocess.run(argv, capture_output=True).returncode\n"
+        "    except OSError as e:\n        out[name] = 'missing'\n"
+        "print(json.dumps(out))\n"
+    )
+    done = ROOT_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp", "--python"], ["python3", "-c", script])
+    assert done.returncode == 0, done.stderr.decode()
+    out = json.loads(done.stdout)
+    assert int(out["cap_eff"], 16) == 0
+    assert out["raw"] != "ok"
+    assert all(out[k] != 0 for k in ("route", "addr", "nft")), out
+    before = len(hosts["a"].connections())
+    found, _ = _run(["--net-allow", f"{ALLOWED}:8080/tcp"],
+                    [f"spoof:10.214.1.77:{ALLOWED}:8080", f"spoof:{OTHER}:{ALLOWED}:8080", f"tcp:{ALLOWED}:8080"])
+    assert found[f"tcp:{ALLOWED}:8080"] == "ok:hello"  # the policy still holds after the attempts
+    assert not found[f"spoof:10.214.1.77:{ALLOWED}:8080"].startswith("ok")
+    assert not found[f"spoof:{OTHER}:{ALLOWED}:8080"].startswith("ok")
+    assert hosts["a"].connections()[before:] == [f"tcp {ALLOWED} 8080"]
+
+
+def test_nothing_left_after_many_sandboxes_and_a_killed_manager() -> None:
+    """Every sandbox's link, addresses, host table and slot go with it; a SIGKILLed
+    manager's host table is removed by `ndf-sandbox cleanup`."""
+    for _ in range(10):
+        done = ROOT_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["true"])
+        assert done.returncode == 0, done.stderr.decode()
+    assert not _leftovers()
+    manager = ROOT_CALLER.popen(["--net-allow", f"{ALLOWED}:8080/tcp"], ["sleep", "60"])
+    try:
+        assert wait_until(lambda: any(f"_{manager.pid}_" in t for t in _leftovers()), timeout=30)
+        manager.send_signal(signal.SIGKILL)
+    finally:
+        manager.wait()
+    assert wait_until(lambda: not any(t.startswith("ndf") for t in _leftovers() if "table" not in t), timeout=30)
+    done = subprocess.run([ROOT_CALLER.program[0], "cleanup"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not _leftovers()
+
+
+def test_refused_without_root() -> None:
+    """Unprivileged, no method is built: the config is refused, naming `network`."""
+    from conftest import UNPRIVILEGED_CALLER, _ensure_unprivileged_user
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    done = UNPRIVILEGED_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["true"])
+    assert done.returncode != 0
+    assert b"network" in done.stderr and b"cannot be enforced" in done.stderr
