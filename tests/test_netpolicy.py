@@ -218,3 +218,43 @@ def test_refused_without_root() -> None:
     done = UNPRIVILEGED_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["true"])
     assert done.returncode != 0
     assert b"network" in done.stderr and b"cannot be enforced" in done.stderr
+
+
+def test_dns_answers_only_the_allowed_names(hosts: dict[str, NetHost], tmp_path: Path) -> None:
+    """With dns = true the sandbox's resolver answers the allowed name (with the
+    addresses the host resolved at launch) and NXDOMAIN for any other; the name
+    connects, the other host stays unreached."""
+    profile = tmp_path / "p.toml"
+    profile.write_text(
+        '[network]\nallow = ["svc.ndftest.internal:8080/tcp"]\ndns = true\n'
+        f'hosts = {{ "svc.ndftest.internal" = ["{ALLOWED}", "{ALLOWED6}"], "other.ndftest.internal" = ["{OTHER}"] }}\n')
+    before = len(hosts["a"].connections())
+    found, _ = _run(["--profile", str(profile)],
+                    ["dns:svc.ndftest.internal", "dns:other.ndftest.internal", "dns:example.com",
+                     "tcp:svc.ndftest.internal:8080"])
+    assert found == {"dns:svc.ndftest.internal": f"ok:{ALLOWED},{ALLOWED6}",
+                     "dns:other.ndftest.internal": f"gaierror:{socket.EAI_NONAME}",
+                     "dns:example.com": f"gaierror:{socket.EAI_NONAME}",
+                     "tcp:svc.ndftest.internal:8080": "ok:hello"}
+    assert hosts["a"].connections()[before:] == [f"tcp {ALLOWED} 8080"]
+    assert hosts["b"].connections() == []
+    assert not _leftovers()
+
+
+def test_without_dns_nothing_resolves(hosts: dict[str, NetHost]) -> None:
+    found, _ = _run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["dns:example.com"])
+    assert found["dns:example.com"].startswith("gaierror")
+
+
+def test_check_says_which_method_is_in_force() -> None:
+    from conftest import UNPRIVILEGED_CALLER, _ensure_unprivileged_user
+
+    done = subprocess.run([ROOT_CALLER.program[0], "check", "--json"], capture_output=True, text=True, check=False)
+    assert json.loads(done.stdout)["features"]["network_policy"] == "veth pair + nftables (as root)"
+    if not shutil.which("setpriv"):
+        return
+    _ensure_unprivileged_user()
+    done = subprocess.run([*UNPRIVILEGED_CALLER.prefix, ROOT_CALLER.program[0], "check", "--json"],
+                          capture_output=True, text=True, check=False, cwd="/tmp")
+    features = json.loads(done.stdout)["features"]
+    assert features["network_policy"] == "" and "refused" in features["network_policy_reason"]

@@ -139,6 +139,8 @@ class HostFeatures:
     overlayfs_in_user_namespace_reason: str = ""
     fallback: str = ""
     fallback_enforces: tuple[str, ...] = ()
+    network_policy: str = ""  # how a network policy is enforced here ("": not at all)
+    network_policy_reason: str = ""
 
     def namespace(self, name: str) -> NamespaceSupport | None:
         """The probe result for namespace `name` ("user", "net", ...), or None."""
@@ -240,6 +242,9 @@ def _probe_linux() -> HostFeatures:
     in_container, hints = _container_hints()
     delegation = _probe_delegation()
     overlay_userns = _run_in_child(_overlay_in_userns_probe_child, {}) if _probe_overlayfs() else {}
+    from .linux.netpolicy import available_method
+
+    policy_method, policy_reason = available_method(euid)
     return HostFeatures(
         os="linux",
         platform=platform.platform(),
@@ -272,6 +277,8 @@ def _probe_linux() -> HostFeatures:
         overlayfs=_probe_overlayfs(),
         overlayfs_in_user_namespace=bool(overlay_userns.get("ok")) if overlay_userns else None,
         overlayfs_in_user_namespace_reason=str(overlay_userns.get("reason", overlay_userns.get("error", ""))),
+        network_policy=policy_method,
+        network_policy_reason=policy_reason,
     )
 
 
@@ -640,6 +647,8 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
                        f"{features.overlayfs_in_user_namespace_reason}")
     if config.no_new_privs and not features.no_new_privs:
         missing.append("no_new_privs: required, but prctl(PR_GET_NO_NEW_PRIVS) is not supported")
+    if config.network is not None and not features.network_policy:
+        missing.append(f"network: a network policy is required, but {features.network_policy_reason}")
     missing.extend(_missing_limits(config, features, user_wanted))
     return missing
 
@@ -697,6 +706,7 @@ def _report_rows(f: HostFeatures) -> list[tuple[str, str, str]]:
     rows.append(("seccomp", _yes(f.seccomp), seccomp_detail))
     rows.append(("no_new_privs", _yes(f.no_new_privs), ""))
     rows.append(("landlock", f"ABI {f.landlock_abi}" if f.landlock_abi else "no", f.landlock_reason))
+    rows.append(("network policy", _yes(bool(f.network_policy)), f.network_policy or f.network_policy_reason))
     rows.append(("CAP_SYS_ADMIN", _yes(f.has_cap_sys_admin),
                  f"CapEff={f.cap_effective:#x} CapBnd={f.cap_bounding:#x}"))
     rows.append(("caps not in bounding set", str(len(f.caps_not_in_bounding)),

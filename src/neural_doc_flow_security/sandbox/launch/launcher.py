@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
-from ..linux import cgroups, ids, netpolicy, network
+from ..linux import cgroups, ids, landlock, netpolicy, network
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.rootfs import RootfsPlan
 from ..result import Outcome, ResourceUsage, SandboxResult
@@ -67,7 +67,11 @@ def _with_resolver(plan: LaunchPlan, policy: netpolicy.NetworkLease) -> LaunchPl
         return plan
     files = tuple(f for f in plan.rootfs.files if f[0] != "/etc/resolv.conf")
     rootfs = dataclasses.replace(plan.rootfs, files=(*files, ("/etc/resolv.conf", policy.resolv_conf)))
-    return dataclasses.replace(plan, rootfs=rootfs)
+    ruleset = plan.landlock
+    if ruleset is not None:  # the file is readable like the root's other files
+        rule = ("/etc/resolv.conf", landlock.READ_FILE & ruleset.handled_fs)
+        ruleset = dataclasses.replace(ruleset, rules=(*ruleset.rules, rule))
+    return dataclasses.replace(plan, rootfs=rootfs, landlock=ruleset)
 
 
 def _with_network_events(spawned: SpawnedSandbox, result: SandboxResult) -> SandboxResult:

@@ -98,9 +98,10 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
                           user_namespace=ns.user, caller=None if user_namespace else (euid, egid))
               if config.namespaces.mnt else None)
     if config.network is not None and (ns.user or euid != 0):
-        raise UnsupportedError("network", "a network policy is enforced only as root (a veth pair and nftables "
-                               "rules); without root no method is built yet (slirp4netns/pasta or a connect "
-                               "proxy): the config is refused rather than run with more network than it allows")
+        from ..linux.netpolicy import ROOTLESS_REASON
+
+        raise UnsupportedError("network", f"a network policy is enforced only as root (a veth pair and nftables "
+                               f"rules); {ROOTLESS_REASON}")
     limits = plan_limits(config, _cgroup_support(), ns.user)
     ruleset, landlock_note = _plan_landlock_rules(config, rootfs)
     return LaunchPlan(

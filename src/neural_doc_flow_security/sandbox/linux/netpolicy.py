@@ -27,6 +27,7 @@ import ipaddress
 import os
 import re
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from ..config import NetworkPolicy
 from ..errors import SandboxError, SetupError
 from ..netdest import parse_destination
 from ..result import SecurityEvent
-from . import nftables
+from . import dns_responder, nftables
 from . import syscalls as sc
 from .network import NetworkNamespaceMaker
 
@@ -46,6 +47,26 @@ _LINK = re.compile(r"^ndf[0-9a-f]+-([0-9a-f]+)$")
 _TABLE = re.compile(r"^ndf_[0-9]+_([0-9]+)$")
 _IFA_F_NODAD = 0x02
 T = TypeVar("T")
+
+
+ROOTLESS_REASON = ("without root no method is built yet (slirp4netns/pasta or a connect proxy): a config with "
+                   "a network policy is refused")
+
+
+def available_method(euid: int) -> tuple[str, str]:
+    """How a network policy is enforced by a process of `euid` here: (method, "") or
+    ("", why none is)."""
+    import shutil
+
+    if euid != 0:
+        return "", ROOTLESS_REASON
+    if shutil.which("nft") is None:
+        return "", "the nft tool is missing (Debian package nftables)"
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return "", "the pyroute2 module is missing (pip install pyroute2)"
+    return "veth pair + nftables (as root)", ""
 
 
 def slot_count(policy: NetworkPolicy) -> int:
@@ -144,6 +165,7 @@ class NetworkLease:
     netns_fd: int = -1  # our own reference to the sandbox's namespace
     events: tuple[SecurityEvent, ...] | None = None
     notes: tuple[str, ...] = field(default=())
+    resolver: subprocess.Popen[bytes] | None = None  # linux/dns_responder.py, with dns = true
 
     @property
     def resolv_conf(self) -> bytes:
@@ -167,6 +189,9 @@ class NetworkLease:
         if self.lock_fd < 0:
             return
         try:
+            if self.resolver is not None:
+                dns_responder.stop(self.resolver)
+                self.resolver = None
             _remove_slot(self.slot)
         except (SandboxError, OSError) as e:
             import logging
@@ -275,6 +300,9 @@ def setup(policy: NetworkPolicy) -> NetworkLease:
         with IPRoute() as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=link.host_if)[0], state="up")
         in_netns(netns_fd, lambda: _configure_sandbox_side(link, nftables.sandbox_ruleset(link, resolved)))
+        if policy.dns:
+            answers = {name: [str(a) for a in resolved.names.get(name, ())] for name in policy.names}
+            lease.resolver = dns_responder.start([str(link.host4), str(link.host6)], answers)
     except BaseException as e:
         if lease is not None:
             lease.release()

@@ -115,8 +115,7 @@ def policy_rules(resolved: Resolved, verdict: str, denied: str) -> list[str]:
 
 
 def _dns_rules(link: Link) -> list[str]:
-    return [f"ip daddr {link.host4} meta l4proto {{ tcp, udp }} th dport 53 accept",
-            f"ip6 daddr {link.host6} meta l4proto {{ tcp, udp }} th dport 53 accept"]
+    return [f"ip daddr {link.host4} udp dport 53 accept", f"ip6 daddr {link.host6} udp dport 53 accept"]
 
 
 def sandbox_ruleset(link: Link, resolved: Resolved) -> str:
