@@ -258,3 +258,38 @@ def test_check_says_which_method_is_in_force() -> None:
                           capture_output=True, text=True, check=False, cwd="/tmp")
     features = json.loads(done.stdout)["features"]
     assert features["network_policy"] == "" and "refused" in features["network_policy_reason"]
+
+
+def connect_to(address: str, port: int) -> str:
+    try:
+        socket.create_connection((address, port), timeout=3).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return "connected"
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork"])
+def test_api_results_carry_the_denied_connections(method: str) -> None:
+    """Through the manager (both start methods), a callable's and a program's result
+    lists each denied attempt once, counted; nothing is left on the host."""
+    import api_helpers
+    from neural_doc_flow_security.sandbox import NetworkPolicy, SandboxConfig
+
+    config = SandboxConfig(network=NetworkPolicy(allow=(f"{ALLOWED}:8080/tcp",)))
+
+    async def go() -> tuple[object, object]:
+        async with api_helpers.manager(method) as m:
+            called = await m.with_options(sandbox_config=config).execute_sandboxed("net", connect_to, OTHER, 8080)
+            program = await m.execute_command(
+                "net", ["python3", "-c", f"import socket\nfor _ in range(3):\n    try: socket.create_connection("
+                                         f"('{OTHER}', 8081), timeout=3)\n    except OSError: pass"],
+                sandbox_config=config)
+            return called, program
+
+    called, program = api_helpers.run(go())
+    assert called.output == "Connection refused", api_helpers.describe(called)  # type: ignore[attr-defined]
+    [event] = called.security_events  # type: ignore[attr-defined]
+    assert (event.kind, event.target, event.count) == ("denied_connection", f"{OTHER}:8080/tcp", 1)
+    [event] = program.security_events  # type: ignore[attr-defined]
+    assert (event.target, event.count) == (f"{OTHER}:8081/tcp", 3)
+    assert not _leftovers()

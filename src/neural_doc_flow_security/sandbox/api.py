@@ -504,6 +504,11 @@ class SandboxHandle:
             if not exit_future.done():
                 await self._starter.notify("kill", self.sandbox_id)
                 await asyncio.shield(exit_future)
+        if exit_future.done() and not exit_future.cancelled() and exit_future.exception() is None:
+            # What the host observed while it ran (denied connections) is in the ended result.
+            events = exit_future.result().security_events
+            if events:
+                result = dataclasses.replace(result, security_events=result.security_events + events)
         self._manager._reap_later(self)
         return result
 

@@ -56,11 +56,9 @@ ROOTLESS_REASON = ("without root no method is built yet (slirp4netns/pasta or a 
 def available_method(euid: int) -> tuple[str, str]:
     """How a network policy is enforced by a process of `euid` here: (method, "") or
     ("", why none is)."""
-    import shutil
-
     if euid != 0:
         return "", ROOTLESS_REASON
-    if shutil.which("nft") is None:
+    if nftables.nft_path() is None:
         return "", "the nft tool is missing (Debian package nftables)"
     try:
         import pyroute2  # noqa: F401
@@ -98,14 +96,17 @@ def _try_lock(slot: int) -> int | None:
     return fd
 
 
-def in_netns(netns_fd: int, work: Callable[[], T]) -> T:
-    """Run `work` in a thread that has joined the network namespace `netns_fd`
-    (a subprocess it starts runs there too); its result or its exception."""
+def in_thread(work: Callable[[], T], netns_fd: int | None = None) -> T:
+    """Run `work` in a thread of its own, in the network namespace `netns_fd` if
+    given (a subprocess it starts runs there too); its result or its exception.
+    pyroute2's synchronous API runs an event loop of its own: never in a thread
+    whose loop runs already (the `fork` start method's manager)."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            sc.setns(netns_fd, sc.CLONE_NEWNET)
+            if netns_fd is not None:
+                sc.setns(netns_fd, sc.CLONE_NEWNET)
             box["value"] = work()
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
@@ -117,6 +118,11 @@ def in_netns(netns_fd: int, work: Callable[[], T]) -> T:
         raise box["error"]
     value: T = box["value"]
     return value
+
+
+def in_netns(netns_fd: int, work: Callable[[], T]) -> T:
+    """Run `work` in a thread that has joined the network namespace `netns_fd`."""
+    return in_thread(work, netns_fd)
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -192,7 +198,7 @@ class NetworkLease:
             if self.resolver is not None:
                 dns_responder.stop(self.resolver)
                 self.resolver = None
-            _remove_slot(self.slot)
+            in_thread(lambda: _remove_slot(self.slot))
         except (SandboxError, OSError) as e:
             import logging
 
@@ -265,6 +271,10 @@ def _configure_sandbox_side(link: nftables.Link, ruleset: str) -> None:
 def setup(policy: NetworkPolicy) -> NetworkLease:
     """Make a network namespace with the policy in force (as root, in the host's
     network namespace). The lease's `netns_fd` is the namespace for the clone."""
+    return in_thread(lambda: _setup(policy))
+
+
+def _setup(policy: NetworkPolicy) -> NetworkLease:
     from pyroute2 import IPRoute
 
     slot, lock_fd = _acquire_slot(policy)
@@ -318,6 +328,10 @@ def setup(policy: NetworkPolicy) -> NetworkLease:
 def cleanup() -> list[str]:
     """Remove what dead holders left on the host (links, tables of slots nobody
     holds); what was removed."""
+    return in_thread(_cleanup)
+
+
+def _cleanup() -> list[str]:
     removed: list[str] = []
     slots: set[int] = set()
     for table in nftables.tables():

@@ -196,11 +196,18 @@ def host_ruleset(table: str, link: Link, resolved: Resolved) -> str:
     return "\n".join(lines) + "\n"
 
 
+def nft_path() -> str | None:
+    """The nft tool (a zygote's PATH has no sbin directories)."""
+    import shutil
+
+    return shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin")
+
+
 def nft(args: list[str], stdin: str | None = None, what: str = "network policy") -> str:
     """Run `nft` (in the calling thread's network namespace); its output."""
     try:
-        done = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30,
-                              check=False)
+        done = subprocess.run([nft_path() or "nft", *args], input=stdin, capture_output=True, text=True,
+                              timeout=30, check=False)
     except FileNotFoundError:
         raise SetupError(what, "the nft tool is missing (Debian package nftables): a network policy needs it"
                          ) from None
