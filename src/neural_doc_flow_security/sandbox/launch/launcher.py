@@ -14,11 +14,11 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
-from ..linux import cgroups, ids, landlock, netpolicy, network
+from ..linux import cgroups, ids, landlock, network
 from ..linux.cgroups.base import SandboxCgroup
 from ..linux.rootfs import RootfsPlan
 from ..result import Outcome, ResourceUsage, SandboxResult
@@ -28,6 +28,9 @@ from .plan import LaunchPlan, plan_launch
 from .spare import Spare
 from .spawn import SpawnedSandbox, finish_sandbox, reported_result, spawn_sandbox, usage_from_cgroup
 from .template import Template, TemplateGone
+
+if TYPE_CHECKING:
+    from ..linux.netpolicy import NetworkLease
 
 MAX_SPARE_FAILURES = 3  # then no more spares: something on this host refuses them (logged)
 MAX_SPARES = 2  # one for each root of the latest launches (a callable's and a program's differ)
@@ -61,7 +64,7 @@ def effective_config(request: LaunchRequest) -> SandboxConfig:
     return config
 
 
-def _with_resolver(plan: LaunchPlan, policy: netpolicy.NetworkLease) -> LaunchPlan:
+def _with_resolver(plan: LaunchPlan, policy: NetworkLease) -> LaunchPlan:
     """The plan with the sandbox's /etc/resolv.conf naming its resolver."""
     if plan.rootfs is None:
         return plan
@@ -148,9 +151,11 @@ class Launcher:
         # On cgroup v1 the cgroup is made after the clone, while the child sets up.
         early = cgroups.joined_at_clone()
         cgroup = make_cgroup() if early else None
-        policy: netpolicy.NetworkLease | None = None
+        policy: NetworkLease | None = None
         try:
             if config.network is not None:
+                from ..linux import netpolicy  # only here: a run without a policy imports none of it
+
                 policy = netpolicy.setup(config.network)
                 netns_fd: int | None = os.dup(policy.netns_fd)
                 plan = _with_resolver(plan, policy) if config.network.dns else plan
