@@ -286,7 +286,23 @@ def test_api_results_carry_the_denied_connections(method: str) -> None:
                 sandbox_config=config)
             return called, program
 
-    called, program = api_helpers.run(go())
+    import logging
+
+    from neural_doc_flow_security.sandbox import audit
+
+    events: list[dict[str, object]] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.audit_event)  # type: ignore[method-assign,attr-defined]
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        called, program = api_helpers.run(go())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    audited = [(e["target"], e["count"]) for e in events if e["event"] == "denied_connection"]
+    assert audited == [(f"{OTHER}:8080/tcp", 1), (f"{OTHER}:8081/tcp", 3)]
     assert called.output == "Connection refused", api_helpers.describe(called)  # type: ignore[attr-defined]
     [event] = called.security_events  # type: ignore[attr-defined]
     assert (event.kind, event.target, event.count) == ("denied_connection", f"{OTHER}:8080/tcp", 1)

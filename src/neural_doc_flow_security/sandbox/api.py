@@ -491,7 +491,6 @@ class SandboxHandle:
                                    stderr_truncated=self._outputs[1].truncated)
         else:
             result = self._merge(SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation), stdout, stderr)
-        self._audit_end(result)
         # The call returns only once no process of the sandbox runs: a payload that
         # answers and goes on must not outlive its call (it could still write to its
         # binds). Its end is init's report (init has killed and reaped the rest of its
@@ -509,6 +508,7 @@ class SandboxHandle:
             events = exit_future.result().security_events
             if events:
                 result = dataclasses.replace(result, security_events=result.security_events + events)
+        self._audit_end(result)  # with them
         self._manager._reap_later(self)
         return result
 
