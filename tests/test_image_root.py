@@ -158,6 +158,22 @@ def test_a_link_in_the_image_resolves_inside_the_sandbox_not_on_the_host(sandbox
     assert sorted(os.listdir(aimed)) == ["secret"]
 
 
+def test_a_bind_nested_in_a_writable_one_leaves_nothing_in_the_hosts_directory(sandbox_caller: SandboxCaller,
+                                                                               host_tmp: Path) -> None:
+    """As with the host-derived root: the set-up makes no mount point inside a
+    writable bind (it would stay in the caller's directory)."""
+    image = make_image(host_tmp / "image")
+    work, models = host_tmp / "work", host_tmp / "models"
+    for directory in (work, models):
+        directory.mkdir()
+        directory.chmod(0o777)
+    nested = [*IMAGE_ENV, "--image", str(image), "--bind", f"{work}:/job", "--ro-bind", f"{models}:/job/in/models"]
+    missing = sandbox_caller.run(nested, ["/bin/true"])
+    assert missing.returncode == 126, describe(missing)
+    assert b"/job/in/models" in missing.stderr, describe(missing)
+    assert os.listdir(work) == []  # host-side
+
+
 def test_a_writable_bind_and_landlock_follow_the_image_root(root_caller: SandboxCaller, host_tmp: Path) -> None:
     image = make_image(host_tmp / "image")
     out_dir = host_tmp / "out"

@@ -403,13 +403,13 @@ def _layered_steps(plan: RootfsPlan, changes_socket: int) -> list[StepTuple]:
     if plan.idmap is not None:  # the user namespace of the idmapped binds, while the host's /proc is here
         steps.append((Step.IDMAP, *plan.idmap))
     layer = 1
-    for slot, bind in enumerate(plan.binds):
+    for slot, (bind, existing) in enumerate(zip(plan.binds, _beneath_writable(plan.binds), strict=True)):
         if bind.copy_on_write:
             upper = upper_slot + 2 * layer
             steps.append(_overlay(_relative(bind.target), (slot,), upper, upper + 1, options))
             layer += 1
         else:
-            steps.append(_bind(slot, "", _relative(bind.target), _bind_attributes(bind)))
+            steps.append(_bind(slot, "", _relative(bind.target), _bind_attributes(bind), existing=existing))
     if plan.idmap is not None:
         steps.append((Step.IDMAP, -2, -2, -2, -2))
     steps += _proc_steps(devnull_slot)
