@@ -18,7 +18,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,10 +168,10 @@ def test_a_bundle_seccomp_deny_list_applies_like_runc(host_tmp: Path, runc: Any,
     spec = base_spec(["/bin/sh", "-c", "mkdir /tmp/d && echo made || echo refused"], seccomp=seccomp)
     spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]})
     bundle = make_bundle(host_tmp / "bundle", spec)
-    # the bundle's extra denials become a profile file under $TMPDIR: this test's own directory
-    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
-    assert load_bundle(bundle).config.seccomp.startswith(f"{host_tmp}/ndf-oci-seccomp-")
-    mine, _ = ours(bundle, TMPDIR=str(host_tmp))
+    # the bundle's extra denials become a profile file in the user's cache: this test's own directory
+    monkeypatch.setenv("XDG_CACHE_HOME", str(host_tmp))
+    assert load_bundle(bundle).config.seccomp.startswith(f"{host_tmp}/neural-doc-flow-security/oci-seccomp/")
+    mine, _ = ours(bundle, XDG_CACHE_HOME=str(host_tmp))
     theirs = runc(bundle)
     assert mine.stdout == theirs.stdout == b"refused\n", (mine, theirs)
 

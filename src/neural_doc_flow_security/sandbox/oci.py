@@ -383,13 +383,19 @@ def _seccomp(m: _Mapper, value: Any, config: SandboxConfig) -> SandboxConfig:
 
 
 def _profile_file(profile: dict[str, Any]) -> str:
-    """The profile as a JSON file named by its content, in a directory of this user's
-    own (kept: a compiled program is cached by its file; the same bundle reuses it)."""
+    """The profile as a JSON file named by its content, in this user's cache directory
+    (kept, like the compiled default program: the same bundle reuses it; without a
+    home directory, a private directory under TMPDIR)."""
     import hashlib
 
+    from .linux.seccomp_cache import cache_dir
+
     text = json.dumps(profile, sort_keys=True).encode()
-    directory = os.path.join(tempfile.gettempdir(), f"ndf-oci-seccomp-{os.geteuid()}")
+    cache = cache_dir()
+    directory = (os.path.join(cache, "oci-seccomp") if cache is not None
+                 else os.path.join(tempfile.gettempdir(), f"ndf-oci-seccomp-{os.geteuid()}"))
     try:
+        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
         os.mkdir(directory, 0o700)
     except FileExistsError:
         pass
