@@ -360,3 +360,32 @@ def test_a_hundred_sandboxes_get_their_own_links_and_leave_nothing() -> None:
     assert not _held_slots()
     addresses_left = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
     assert "10.213." not in addresses_left and "fd8d:f1c3:a1e2:" not in addresses_left
+
+
+def test_the_next_start_removes_a_dead_holders_leftovers_and_slots_are_not_shared(tmp_path: Path) -> None:
+    """A range of one slot: what a dead holder of it left (its link and host table) is
+    removed by the next sandbox that takes it; while a sandbox holds it, another
+    launch is refused naming the range."""
+    profile = tmp_path / "one.toml"
+    profile.write_text(f'[network]\nallow = ["{ALLOWED}:8080/tcp"]\nipv4_range = "10.215.0.0/30"\n'
+                       'ipv6_range = "fd8d:f1c3:a1e3::/126"\n')
+    subprocess.run(["nft", "add", "table", "inet", "ndf_1_0"], check=True)
+    subprocess.run(["ip", "link", "add", "ndf1-0", "type", "veth", "peer", "name", "ndt1-0p"], check=True)
+    try:
+        done = ROOT_CALLER.run(["--profile", str(profile)], ["true"])
+        assert done.returncode == 0, done.stderr.decode()
+        assert not _leftovers()
+        holder = ROOT_CALLER.popen(["--profile", str(profile)], ["sleep", "60"])
+        try:
+            assert wait_until(lambda: any(f"_{holder.pid}_0" in t for t in _leftovers()), timeout=30)
+            second = ROOT_CALLER.run(["--profile", str(profile)], ["true"])
+            assert second.returncode == 126 and b"network.ipv4_range" in second.stderr, second.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", "ndf_1_0"], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", "ndf1-0"], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", "ndt1-0p"], capture_output=True, check=False)
+        subprocess.run([ROOT_CALLER.program[0], "cleanup"], capture_output=True, check=False)
+    assert not _leftovers()

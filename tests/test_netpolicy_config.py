@@ -72,10 +72,12 @@ def test_cli_options_build_the_policy() -> None:
     from neural_doc_flow_security.sandbox.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["run", "--net-allow", "10.0.3.2:8080", "--net-allow", "[fd00::2]:443/tcp",
-                                      "--net-deny", "10.0.3.2:8080/udp", "--net-dns", "--", "true"])
+                                      "--net-deny", "10.0.3.2:8080/udp", "--net-dns",
+                                      "--net-host", "svc.internal=10.0.3.2,fd00::2", "--", "true"])
     config = config_from_args(args)
     assert config.network == NetworkPolicy(allow=("10.0.3.2:8080", "[fd00::2]:443/tcp"),
-                                           deny=("10.0.3.2:8080/udp",), dns=True)
+                                           deny=("10.0.3.2:8080/udp",), dns=True,
+                                           hosts={"svc.internal": ["10.0.3.2", "fd00::2"]})
 
 
 def test_cli_error_names_the_option() -> None:
@@ -85,3 +87,7 @@ def test_cli_error_names_the_option() -> None:
                           text=True, env=ndf_host_env(), check=False)
     assert done.returncode == 2
     assert "--net-allow" in done.stderr and "network.allow" in done.stderr and "'10.0.0.1:99999'" in done.stderr
+    done = subprocess.run([NDF_SANDBOX, "run", "--net-host", "svc.internal=10.0.0.300", "--", "true"],
+                          capture_output=True, text=True, env=ndf_host_env(), check=False)
+    assert done.returncode == 2
+    assert "--net-host" in done.stderr and "network.hosts" in done.stderr and "10.0.0.300" in done.stderr

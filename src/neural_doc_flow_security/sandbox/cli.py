@@ -123,6 +123,8 @@ def _build_run_parser(sub: Any) -> None:
                      help="a network policy: never reach DEST, even where --net-allow would (repeatable)")
     run.add_argument("--net-dns", action="store_true",
                      help="with a network policy: a resolver answering only the allowed names")
+    run.add_argument("--net-host", metavar="NAME=ADDR[,ADDR]", action="append", default=[],
+                     help="with a network policy: NAME has these addresses (not looked up; repeatable)")
     run.add_argument("--ro-bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
                      help="bind a host path read-only (at DST, default the same path)")
     run.add_argument("--bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
@@ -266,10 +268,17 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
         changes["io_write_bps"] = _optional(args.io_write_bps, "io_write_bps", lambda v: parse_rate(v, "io_write_bps"))
     if args.net is not None:
         changes["namespaces"] = replace(config.namespaces, net=not args.net)
-    if args.net_allow or args.net_deny or args.net_dns:
+    if args.net_allow or args.net_deny or args.net_dns or args.net_host:
         policy = config.network or NetworkPolicy()
+        hosts = dict(policy.hosts)
+        for item in args.net_host:
+            name, sep, addresses = item.partition("=")
+            if not sep or not addresses:
+                raise ConfigError("network.hosts", f"--net-host takes NAME=ADDR[,ADDR], got {item!r}")
+            hosts[name.lower()] = tuple(addresses.split(","))
         changes["network"] = replace(policy, allow=policy.allow + tuple(args.net_allow),
-                                     deny=policy.deny + tuple(args.net_deny), dns=policy.dns or args.net_dns)
+                                     deny=policy.deny + tuple(args.net_deny), dns=policy.dns or args.net_dns,
+                                     hosts=tuple(hosts.items()))
     if (args.bind_specs or args.tmpfs_size or args.python or args.image or args.overlay or args.overlay_size
             or args.overlay_changes or args.overlay_keep):
         fs = config.filesystem
@@ -316,7 +325,7 @@ _OPTIONS = {
     "capabilities.ambient": "ambient_cap", "filesystem.read_only_binds": "bind_specs",
     "filesystem.binds": "bind_specs", "filesystem.image": "image", "filesystem.overlay_size_mb": "overlay_size",
     "filesystem.overlay_changes": "overlay_changes", "filesystem.overlay_keep_dir": "overlay_keep",
-    "network.allow": "net_allow", "network.deny": "net_deny", "network": "net",
+    "network.allow": "net_allow", "network.deny": "net_deny", "network.hosts": "net_host", "network": "net",
 }
 
 

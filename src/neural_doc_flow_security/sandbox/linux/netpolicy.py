@@ -53,11 +53,23 @@ ROOTLESS_REASON = ("without root no method is built yet (slirp4netns/pasta or a 
                    "a network policy is refused")
 
 
+def rootless_evaluation() -> str:
+    """What an unprivileged method would need here: pasta (Debian's passt) and
+    slirp4netns both give a user namespace's network namespace a tap device, which
+    needs /dev/net/tun openable by the user."""
+    import shutil
+
+    tools = [name for name in ("pasta", "slirp4netns") if shutil.which(name, path="/usr/bin:/bin:/usr/sbin")]
+    tun = os.access("/dev/net/tun", os.R_OK | os.W_OK)
+    found = f"{' and '.join(tools)} installed" if tools else "neither pasta (passt) nor slirp4netns installed"
+    return f"evaluated: {found}, /dev/net/tun {'usable' if tun else 'not openable by this user'}"
+
+
 def available_method(euid: int) -> tuple[str, str]:
     """How a network policy is enforced by a process of `euid` here: (method, "") or
     ("", why none is)."""
     if euid != 0:
-        return "", ROOTLESS_REASON
+        return "", f"{ROOTLESS_REASON} ({rootless_evaluation()})"
     if nftables.nft_path() is None:
         return "", "the nft tool is missing (Debian package nftables)"
     try:
