@@ -38,6 +38,12 @@ def probe(target):
         sock.connect((address, port))
         if kind == "udp":
             sock.send(b"ping")
+        elif kind == "tcp":
+            sock.settimeout(1)
+            try:
+                return "ok:" + sock.recv(16).decode().strip()
+            except TimeoutError:
+                return "ok:"  # connected; the listener sent nothing
         return "ok:" + sock.recv(16).decode().strip()
     except OSError as e:
         if isinstance(e, socket.gaierror):

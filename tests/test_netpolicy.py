@@ -389,3 +389,24 @@ def test_the_next_start_removes_a_dead_holders_leftovers_and_slots_are_not_share
         subprocess.run(["ip", "link", "del", "ndt1-0p"], capture_output=True, check=False)
         subprocess.run([ROOT_CALLER.program[0], "cleanup"], capture_output=True, check=False)
     assert not _leftovers()
+
+
+def test_host_and_metadata_only_when_named(hosts: dict[str, NetHost],
+                                           host_listener: tuple[socket.socket, socket.socket]) -> None:
+    """"host:PORT" opens the host's own addresses on that port (nothing else of the
+    host); an allow entry naming 169.254.169.254 opens it, while 0.0.0.0/0 does not."""
+    port = host_listener[0].getsockname()[1]
+    address = next(a for a in _host_addresses() if ":" not in a and not a.startswith("127."))
+    before = len(hosts["m"].connections())
+    found, _ = _run(["--net-allow", f"host:{port}/tcp", "--net-allow", f"{METADATA}:80/tcp"],
+                    [f"tcp:{address}:{port}", f"tcp:{address}:{port + 1 if port < 65535 else port - 1}",
+                     f"tcp:{METADATA}:80"])
+    assert found[f"tcp:{address}:{port}"] == "ok:", found  # our listener sends nothing
+    assert not list(found.values())[1].startswith("ok")
+    assert found[f"tcp:{METADATA}:80"] == "ok:hello"
+    assert _accepted(*host_listener) == 1
+    assert hosts["m"].connections()[before:] == [f"tcp {METADATA} 80"]
+    found, _ = _run(["--net-allow", "0.0.0.0/0:80/tcp"], [f"tcp:{METADATA}:80", f"tcp:{address}:{port}"])
+    assert all(not v.startswith("ok") for v in found.values()), found
+    assert hosts["m"].connections()[before:] == [f"tcp {METADATA} 80"]
+    assert _accepted(*host_listener) == 0
