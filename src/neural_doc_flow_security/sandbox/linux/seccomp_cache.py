@@ -3,8 +3,8 @@
 Compiling the default profile means importing pyseccomp (which loads libseccomp
 through ctypes.util) and building the filter: several milliseconds, paid by every
 `ndf-sandbox run`, for a program that only changes when its inputs do. The first
-compile writes it to ``$XDG_CACHE_HOME/neural-doc-flow-security/`` (else
-``~/.cache/...``); later runs read it back when every input of the compile is
+compile writes it next to the installed modules, in this package's
+``linux/__pycache__/``; later runs read it back when every input of the compile is
 unchanged:
 
 - the machine architecture and the kernel release (libseccomp probes the kernel's
@@ -14,11 +14,18 @@ unchanged:
 - the modules that define the profile (seccomp.py and this file: an upgrade or a
   reinstall changes their stat).
 
-Only the "default" spec is cached; profile files are compiled each time (their
-own in-memory cache aside). The file is trusted only if it, and its directory,
-belong to this process's effective uid and are writable by nobody else; otherwise,
-or if anything does not parse, the program is compiled fresh. Nothing here fails a
-launch: a cache that cannot be read or written is no cache.
+Why there and not in the user's cache directory: whoever can write the file decides
+the filter of every later sandbox, and a sandbox can write where the user can (a
+writable bind of the home or cache directory, an ``owner = "caller"`` bind, an
+unprivileged caller whose sandbox uid maps to the user). The installation's own
+directory is trusted exactly as much as the code beside it: a sandbox that could
+write it could rewrite seccomp.py as well. So the file is trusted only if it and its
+directory belong to the owner of this module's file and are writable by nobody else,
+and it is written only by that owner (an installation the caller cannot write
+compiles every time). Only the "default" spec is cached; profile files are
+compiled each time (their own in-memory cache aside). Anything that does not parse
+is compiled fresh. Nothing here fails a launch: a cache that cannot be read or
+written is no cache.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
-import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,14 +45,10 @@ _DIR_NAME = "neural-doc-flow-security"
 
 
 def cache_dir() -> str | None:
-    """Where this user's cache lives, or None (no home to put it in)."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):  # the XDG spec: a relative value is ignored
-        home = os.environ.get("HOME", "")
-        if not os.path.isabs(home):
-            return None
-        base = os.path.join(home, ".cache")
-    return os.path.join(base, _DIR_NAME)
+    """Where the cache lives: beside this module, in the installation (see the module
+    docstring for why), or None if its directory cannot be told."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(here, "__pycache__") if os.path.isabs(here) else None
 
 
 def cache_file() -> str | None:
@@ -54,9 +56,12 @@ def cache_file() -> str | None:
     directory = cache_dir()
     if directory is None:
         return None
-    # One file per installation (venvs side by side do not overwrite each other's).
-    installation = zlib.crc32(os.fsencode(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(directory, f"seccomp-default-{os.uname().machine}-{installation:08x}")
+    return os.path.join(directory, f"seccomp-default-{os.uname().machine}.ndfcache")
+
+
+def _code_owner() -> int:
+    """Who owns this module's file: the only writer the cache may have."""
+    return os.stat(__file__).st_uid
 
 
 def _libseccomp_file() -> str:
@@ -106,10 +111,12 @@ def store(key: str, program: SeccompProgram) -> None:
     directory = os.path.dirname(path)
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if os.geteuid() != _code_owner():
+            return  # only the installation's owner writes beside its code
+        os.makedirs(directory, mode=0o755, exist_ok=True)
         if not _owned_by_us(os.lstat(directory), directory=True):
             return
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, ("\n".join(fields) + "\n").encode())
         finally:
@@ -137,12 +144,13 @@ def load_or_compile(compile_default: Callable[[], SeccompProgram]) -> SeccompPro
 
 
 def _owned_by_us(st: os.stat_result, *, directory: bool) -> bool:
+    """Whether `st` is of the right kind, belongs to the code's owner and nobody else may write it."""
     kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
-    return kind_ok and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return kind_ok and st.st_uid == _code_owner() and not st.st_mode & 0o022
 
 
 def _read_trusted(path: str) -> bytes | None:
-    """The file's content if it and its directory are ours alone, else None."""
+    """The file's content if it and its directory are the code owner's alone, else None."""
     dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if not _owned_by_us(os.fstat(dir_fd), directory=True):
