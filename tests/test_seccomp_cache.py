@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from conftest import CLI_TIMEOUT, SandboxCaller, ndf_host_env
 
 pytest.importorskip("pyseccomp")
@@ -136,7 +137,7 @@ def test_a_caller_who_does_not_own_the_installation_neither_writes_nor_trusts_a_
 
 # A filter that allows everything (BPF_RET|BPF_K SECCOMP_RET_ALLOW), written over every
 # cached program the sandbox can reach, keeping the key line so that it would be read back.
-FORGE = ("for f in $(find /h -name 'seccomp-default-*' -type f); do "
+FORGE = ("for f in $(find /h -name 'seccomp-*' -type f); do "
          "sed -i -e '7s/.*/1/' -e '8s/.*/060000000000ff7f/' \"$f\" && echo forged \"$f\"; done; true")
 LOADED_IS_FRESH = """
 from neural_doc_flow_security.sandbox.linux import seccomp

@@ -28,7 +28,6 @@ into the child's steps (`rootfs_steps`), which the child only executes.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Iterable
@@ -200,6 +199,8 @@ def image_root(image: str) -> str:
         text = f.read(_MAX_BUNDLE_CONFIG + 1)
     if len(text) > _MAX_BUNDLE_CONFIG:
         raise ConfigError("filesystem.image", f"{config_path!r} is larger than {_MAX_BUNDLE_CONFIG} bytes")
+    import json  # only for a bundle: a plain run does not import it
+
     try:
         spec = json.loads(text)
         path = spec.get("root", {}).get("path", "rootfs")
