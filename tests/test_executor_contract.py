@@ -53,23 +53,28 @@ class Impl:
     sleep_seconds: int         # how long a "long" call sleeps (the reference cannot stop it)
 
 
-def _sandbox_executor(max_workers: int | None = None) -> concurrent.futures.Executor:
+def _sandbox_executor(max_workers: int | None = None, max_tasks_per_child: int | None = 1
+                      ) -> concurrent.futures.Executor:
     from neural_doc_flow_security.sandbox.executor import SandboxExecutor
 
-    return SandboxExecutor(max_workers=max_workers)
+    return SandboxExecutor(max_workers=max_workers, max_tasks_per_child=max_tasks_per_child)
 
 
 IMPLS = [
     Impl("ProcessPoolExecutor", lambda max_workers=None: concurrent.futures.ProcessPoolExecutor(max_workers),
          stops_running_calls=False, sleep_seconds=3),
     Impl("SandboxExecutor", _sandbox_executor, stops_running_calls=True, sleep_seconds=1000),
+    # Reused sandboxed workers (tests/test_worker_reuse.py): the same contract.
+    Impl("SandboxExecutor-max_tasks_per_child=3",
+         lambda max_workers=None: _sandbox_executor(max_workers, max_tasks_per_child=3),
+         stops_running_calls=True, sleep_seconds=1000),
 ]
 
 
 @pytest.fixture(params=IMPLS, ids=lambda impl: impl.name)
 def impl(request: pytest.FixtureRequest) -> Iterator[Impl]:
     chosen: Impl = request.param
-    if chosen.name == "SandboxExecutor":
+    if chosen.name.startswith("SandboxExecutor"):
         request.getfixturevalue("no_leaks")  # no process, fd, cgroup of ours is left after the test
     yield chosen
 

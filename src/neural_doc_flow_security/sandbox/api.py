@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cloudpickle
 
@@ -52,6 +52,9 @@ from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload, context_param
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter, ZygoteStats
 from .pool import WarmPool
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
 
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024
 DEFAULT_VIOLATION_BACKOFF = 5.0
@@ -199,6 +202,14 @@ class _OutputCapture:
         if not self.task.done():
             self._read_available()
         return bytes(self._kept)
+
+    def take(self) -> tuple[bytes, bool]:
+        """Everything written since the last take() and whether more was dropped;
+        the limit starts anew (a reused worker's output, call by call)."""
+        kept, truncated = self.so_far(), self.truncated
+        self._kept.clear()
+        self.truncated = False
+        return kept, truncated
 
 
 class SandboxHandle:
@@ -844,6 +855,7 @@ class SandboxManager:
         self._closed = False
         self._started_at = 0.0
         self._calls: collections.Counter[str] = collections.Counter()
+        self._worker_pools: set[WorkerPool] = set()
 
     async def __aenter__(self) -> SandboxManager:
         await self.start()
@@ -896,6 +908,8 @@ class SandboxManager:
             return
         self._check_loop()
         self._closed = True
+        for workers in list(self._worker_pools):
+            await workers.close()
         if self._pool is not None:
             await self._pool.close()
         handles = list(self._handles.values())  # forgotten as they end, in close()
@@ -947,6 +961,25 @@ class SandboxManager:
         `context`: True gives fn a PluginContext as its first argument, False never
         (None: the deprecated detection by a first parameter named `ctx`)."""
         return SandboxCalls(self, sandbox_config, context)
+
+    def worker_pool(self, *, max_workers: int | None = None, max_tasks_per_child: int | None = 1,
+                    reset_tmp: bool = False, sandbox_config: SandboxConfig | None = None,
+                    context: bool | None = None) -> WorkerPool:
+        """Sandboxed workers that serve many calls, like ProcessPoolExecutor's
+        `max_tasks_per_child`: up to `max_workers` (default: this manager's
+        max_concurrent) workers of `sandbox_config` (default: the manager's), each
+        serving up to `max_tasks_per_child` calls of one plugin id and reuse key,
+        then replaced (None: until the pool closes; 1, the default: a fresh sandbox
+        per call, as execute_sandboxed). `reset_tmp`: empty the worker's /tmp after
+        each call. What a reused worker may leak between calls: see workers.py and
+        the README. Workers count against max_workers, not max_concurrent."""
+        from .workers import WorkerPool
+
+        self._check_loop()
+        pool = WorkerPool(self, sandbox_config or self.config, max_workers=max_workers or self._max_concurrent,
+                          max_tasks_per_child=max_tasks_per_child, reset_tmp=reset_tmp, context=context)
+        self._worker_pools.add(pool)
+        return pool
 
     async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
                                 sandbox_config: SandboxConfig | None = None, **kwargs: Any) -> SandboxResult:

@@ -16,13 +16,16 @@ import concurrent.futures
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .api import SandboxManager
 from .config import SandboxConfig
 from .remote_errors import plugin_exception
 from .result import SandboxResult
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
 
 T = TypeVar("T")
 
@@ -85,11 +88,26 @@ class SandboxExecutor(concurrent.futures.Executor):
     - `context`: whether the callable gets a PluginContext as first argument
       (None: the deprecated detection by a first parameter named `ctx`).
     - `preload`: modules every sandbox starts with imported (see SandboxManager).
+
+    `max_tasks_per_child` (like ProcessPoolExecutor's): 1, the default, runs
+    each call in a fresh sandbox. K > 1 (or None: no limit) runs calls in up to
+    `max_workers` long-lived sandboxed workers, each serving up to K calls of
+    one function (by module and qualified name, or the `plugin_id` given),
+    config and reuse key (`with_reuse_key()`), then replaced; `reset_tmp`
+    empties a worker's /tmp after each call. Each call keeps its wall timeout
+    and every limit holds per worker; a call that does not end ok ends its
+    worker. What a call leaves in its worker (globals, files, threads, memory)
+    is there for the next call of the same key: see workers.WorkerPool and the
+    README.
     """
 
     def __init__(self, config: SandboxConfig | None = None, *, max_workers: int | None = None,
                  start_method: Literal["zygote", "fork", "posix"] = "zygote",
-                 context: bool | None = None, preload: Iterable[str] = ()) -> None:
+                 context: bool | None = None, preload: Iterable[str] = (),
+                 max_tasks_per_child: int | None = 1, reset_tmp: bool = False) -> None:
+        from .workers import check_max_tasks_per_child
+
+        check_max_tasks_per_child(max_tasks_per_child)
         if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                         or max_workers <= 0):
             raise ValueError(f"max_workers: must be a whole number > 0, got {max_workers!r}")
@@ -97,6 +115,9 @@ class SandboxExecutor(concurrent.futures.Executor):
                                        status_interval=None, preload=preload)
         self._context = context
         self._max_workers = self._manager._max_concurrent
+        self._max_tasks_per_child = max_tasks_per_child
+        self._reset_tmp = reset_tmp
+        self._workers: WorkerPool | None = None  # max_tasks_per_child != 1
         self._lock = threading.Lock()
         self._shutdown = False
         self._calls: dict[asyncio.Task[None], SandboxFuture[Any]] = {}  # used on the loop thread only
@@ -131,19 +152,28 @@ class SandboxExecutor(concurrent.futures.Executor):
         SandboxResult. For integrations that share one executor between configs."""
         return self._submit(fn, args, dict(kwargs or {}), unwrap=False, config=sandbox_config, plugin_id=plugin_id)
 
+    def with_reuse_key(self, reuse_key: Hashable) -> KeyedSubmitter:
+        """submit() and submit_for_result() whose calls share workers only with calls
+        of the same key (e.g. a tenant's id); with max_tasks_per_child=1 every call
+        has a sandbox of its own anyway."""
+        hash(reuse_key)  # a TypeError here, not in the loop thread
+        return KeyedSubmitter(self, reuse_key)
+
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
-                unwrap: bool, config: SandboxConfig | None = None, plugin_id: str | None = None
-                ) -> SandboxFuture[Any]:
+                unwrap: bool, config: SandboxConfig | None = None, plugin_id: str | None = None,
+                reuse_key: Hashable = None) -> SandboxFuture[Any]:
         context = self._manager._context_flag(fn, self._context, stacklevel=3)
         name = plugin_id if plugin_id is not None else getattr(fn, "__name__", "callable")
+        if plugin_id is None and self._max_tasks_per_child != 1:  # a worker serves one function
+            name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', name)}"
         future: SandboxFuture[Any] = SandboxFuture(self)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             assert self._loop is not None
             # Under the lock: every call is on the loop's queue before shutdown's closing step.
-            self._loop.call_soon_threadsafe(self._start_call, future, (name, fn, args, kwargs, config), context,
-                                            unwrap)
+            self._loop.call_soon_threadsafe(self._start_call, future, (name, fn, args, kwargs, config, reuse_key),
+                                            context, unwrap)
         return future
 
     def _start_call(self, future: SandboxFuture[Any], call: tuple[Any, ...], context: bool, unwrap: bool) -> None:
@@ -156,13 +186,16 @@ class SandboxExecutor(concurrent.futures.Executor):
 
     async def _run_call(self, future: SandboxFuture[Any], call: tuple[Any, ...], context: bool,
                         unwrap: bool) -> None:
-        name, fn, args, kwargs, config = call
+        name, fn, args, kwargs, config, reuse_key = call
         assert self._slots is not None
         async with self._slots:
             if future.cancelled():
                 return
             future._started = True
-            result = await self._manager._execute(name, fn, args, kwargs, config, context)
+            if self._workers is None:
+                result = await self._manager._execute(name, fn, args, kwargs, config, context)
+            else:
+                result = await self._workers._execute(name, fn, args, kwargs, reuse_key, context, config)
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
             if not unwrap:
                 future.set_result(result)
@@ -216,6 +249,10 @@ class SandboxExecutor(concurrent.futures.Executor):
         self._closing = asyncio.Event()
         self._slots = asyncio.Semaphore(self._max_workers)
         await self._manager.start()
+        if self._max_tasks_per_child != 1:
+            self._workers = self._manager.worker_pool(max_workers=self._max_workers,
+                                                      max_tasks_per_child=self._max_tasks_per_child,
+                                                      reset_tmp=self._reset_tmp)
         ready.set_result(None)
         try:
             await self._closing.wait()
@@ -247,6 +284,23 @@ class SandboxExecutor(concurrent.futures.Executor):
                     loop.call_soon_threadsafe(closing.set)
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
+
+
+class KeyedSubmitter:
+    """SandboxExecutor submits under one reuse key (from with_reuse_key())."""
+
+    def __init__(self, executor: SandboxExecutor, reuse_key: Hashable) -> None:
+        self.executor = executor
+        self.reuse_key = reuse_key
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> SandboxFuture[T]:
+        """SandboxExecutor.submit under this key."""
+        return self.executor._submit(fn, args, kwargs, unwrap=True, reuse_key=self.reuse_key)
+
+    def submit_for_result(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+                          ) -> SandboxFuture[SandboxResult]:
+        """SandboxExecutor.submit_for_result under this key."""
+        return self.executor._submit(fn, args, kwargs, unwrap=False, reuse_key=self.reuse_key)
 
 
 _live_executors: weakref.WeakSet[SandboxExecutor] = weakref.WeakSet()

@@ -58,6 +58,10 @@ class IsolationReport:
     cgroup: str = ""
     limits: tuple[str, ...] = ()
     not_enforced: tuple[str, ...] = ()
+    # A reused worker (WorkerPool, max_tasks_per_child): its sandbox id and which of
+    # its calls this was (1: its first); None and 0 for a sandbox used once.
+    worker_id: int | None = None
+    worker_call: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -133,6 +133,11 @@ class _RecordCodec:
 
     # -- receiving ----------------------------------------------------------
 
+    def next_call(self) -> None:
+        """See AsyncChannel.next_call."""
+        self.total_bytes = 0
+        self.rate.refund()
+
     def check_poisoned(self) -> None:
         if self.violation is not None:
             raise ProtocolViolation(f"channel already failed: {self.violation}")
@@ -261,6 +266,12 @@ class AsyncChannel:
     def bytes_received(self) -> int:
         """Bytes accounted against max_total_bytes so far."""
         return self._codec.total_bytes
+
+    def next_call(self) -> None:
+        """A reused worker's channel carries one call after another, and its limits
+        are per call: the bytes counted against max_total_bytes are forgotten, and
+        the message that answers (or starts) a call is given back to the rate limit."""
+        self._codec.next_call()
 
     async def send(self, message: IpcMessage) -> None:
         """Send one message; waits while the socket buffer is full.
@@ -412,6 +423,10 @@ class SyncChannel:
         max_frame_bytes replaces this end's own): a message the peer would refuse
         as a protocol violation raises ValueError here instead."""
         self._codec.peer_limits = limits
+
+    def next_call(self) -> None:
+        """See AsyncChannel.next_call."""
+        self._codec.next_call()
 
     def send(self, message: IpcMessage) -> None:
         """Send one message, blocking while the socket buffer is full."""

@@ -90,3 +90,7 @@ class MessageRateLimiter:
             return False
         self._tokens -= 1.0
         return True
+
+    def refund(self) -> None:
+        """Give back one token (a message that was asked for)."""
+        self._tokens = min(self._burst, self._tokens + 1.0)

@@ -3,7 +3,8 @@
 It waits on its channel (fd 3) for one CALL message (cloudpickled function and
 arguments, sent by the host; a pooled sandbox first says it is waiting with a
 HEARTBEAT), runs it, sends back one RESULT or ERROR message
-(msgpack: nothing pickled ever travels towards the host) and exits. The module
+(msgpack: nothing pickled ever travels towards the host) and exits; a reused
+worker (`serve`) answers CALL after CALL until the host closes the channel. The module
 imports the payload needs happen here, inside the sandbox.
 """
 
@@ -144,11 +145,18 @@ class PythonWorkerPayload(Payload):
     """Run one cloudpickled call: `call`, when it travels with the launch (a cold
     call), else the first message on fd 3. `pooled`: the call may be long in
     coming, so warm up first and then say so (a HEARTBEAT); a cold worker's call
-    is already there, and a warm-up would only delay it."""
+    is already there, and a warm-up would only delay it.
+
+    `serve`: a reused worker (sandbox/workers.py): say it is ready (a HEARTBEAT),
+    then run every CALL that comes, one after another, until the host closes the
+    channel; each call starts in /tmp. `reset_tmp`: empty /tmp after each call
+    (the worker ends when it cannot: the host then starts a fresh one)."""
 
     needs_python = True
     pooled: bool = False
     call: bytes | None = field(default=None, repr=False)
+    serve: bool = False
+    reset_tmp: bool = False
 
     def run(self, environment: tuple[bytes, ...]) -> NoReturn:
         enter_sandbox_process(environment)
@@ -156,31 +164,78 @@ class PythonWorkerPayload(Payload):
         if self.pooled:
             _warm_up()
         try:
-            if self.pooled:
+            if self.pooled or self.serve:
                 channel.send(IpcMessage.heartbeat())
-            payload = self.call
-            if payload is None:
-                call = channel.receive()
-                if call is None or call.kind is not MessageKind.CALL:
-                    os._exit(0)  # the host went away before sending work
-                payload = bytes(call.payload)
-            reply = _run_call(payload, channel)
-            sys.stdout.flush()  # the host may return as soon as the answer arrives
-            sys.stderr.flush()
-            try:
-                channel.send(reply)
-            except (TypeError, ValueError, OverflowError) as exc:  # no wire type, an int over 64 bits, a limit
-                hint = ("the host's limit: raise it in SandboxManager(decode_limits=DecodeLimits(...))"
-                        if " exceeds max_" in str(exc) else
-                        "results may hold None, bool, int, float, str, bytes, list, dict, tuple, set, "
-                        "frozenset, datetime, date, time, Decimal and dataclass instances (as dicts); "
-                        "dict keys and set items: str, bytes, int, bool or None")
-                channel.send(IpcMessage.error(type(exc).__name__,
-                                              f"the result cannot be sent to the host: {exc} ({hint})"))
+            if self.serve:
+                self._serve(channel)
+            else:
+                self._answer_one(channel)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(0)
+
+    def _answer_one(self, channel: SyncChannel) -> None:
+        payload = self.call
+        if payload is None:
+            call = channel.receive()
+            if call is None or call.kind is not MessageKind.CALL:
+                return  # the host went away before sending work
+            payload = bytes(call.payload)
+        _answer(channel, payload)
+
+    def _serve(self, channel: SyncChannel) -> None:
+        """Answer calls until the host closes the channel (or sends anything but a call)."""
+        tmp_device = os.stat("/tmp").st_dev
+        while True:
+            call = channel.receive()
+            if call is None or call.kind is not MessageKind.CALL:
+                return
+            channel.next_call()
+            os.chdir("/tmp")
+            _answer(channel, bytes(call.payload))
+            if self.reset_tmp and not _empty_directory("/tmp", tmp_device):
+                return  # something in it could not be removed: this worker must not serve another call
+
+
+def _answer(channel: SyncChannel, payload: bytes) -> None:
+    """Run the call and send its result (or its exception) to the host."""
+    reply = _run_call(payload, channel)
+    sys.stdout.flush()  # the host may return as soon as the answer arrives
+    sys.stderr.flush()
+    try:
+        channel.send(reply)
+    except (TypeError, ValueError, OverflowError) as exc:  # no wire type, an int over 64 bits, a limit
+        hint = ("the host's limit: raise it in SandboxManager(decode_limits=DecodeLimits(...))"
+                if " exceeds max_" in str(exc) else
+                "results may hold None, bool, int, float, str, bytes, list, dict, tuple, set, "
+                "frozenset, datetime, date, time, Decimal and dataclass instances (as dicts); "
+                "dict keys and set items: str, bytes, int, bool or None")
+        channel.send(IpcMessage.error(type(exc).__name__, f"the result cannot be sent to the host: {exc} ({hint})"))
+
+
+def _empty_directory(path: str, device: int) -> bool:
+    """Remove everything below `path` that lies on `device` (a bind mounted below
+    it is not the worker's own, and is left alone); False if anything of ours is left."""
+    emptied = True
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if info.st_dev != device:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                os.chmod(entry.path, 0o700)  # a call may have made it unreadable
+                emptied = _empty_directory(entry.path, device) and emptied
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            emptied = False
+    return emptied
 
 
 # What this process last made its environment: a zygote sets the default

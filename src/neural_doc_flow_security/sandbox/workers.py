@@ -1,0 +1,408 @@
+"""Sandboxed workers that serve many calls: `WorkerPool` (max_tasks_per_child).
+
+    async with manager.worker_pool(max_workers=2, max_tasks_per_child=100) as pool:
+        result = await pool.execute_sandboxed("parse", parse, document)
+        result = await pool.with_reuse_key("tenant-a").execute_sandboxed("parse", parse, document)
+
+A worker is one sandbox, set up like any other (every protection and limit of
+the pool's config in force: namespaces, seccomp, cgroup memory, processes, CPU,
+open files), whose payload loop (launch/python_worker.py, `serve`) runs one call
+after another sent on its channel. It serves at most `max_tasks_per_child`
+calls, then is killed and the next call gets a fresh one (None: it lives until
+the pool closes). A call that does not end ok (it raised, timed out, ran out of
+memory, was killed, broke the protocol, was cancelled) ends its worker too.
+With max_tasks_per_child=1 (the default) there are no workers: each call runs
+in a fresh sandbox exactly as SandboxManager.execute_sandboxed does.
+
+A worker serves one reuse key only: the plugin id, the config (the pool's,
+or the call's own through SandboxExecutor.submit_with_options) and the
+caller's optional `reuse_key` (e.g. a tenant). Calls of different keys never
+share a process.
+
+What a call leaves in its worker is there for the next call of the same key:
+module globals and caches, imported modules, threads and processes it left
+running, files in /tmp (unless `reset_tmp=True`), memory it keeps (counted
+against the worker's memory limit) and CPU time (counted against its quota).
+Reusing a worker is the caller's decision: use it where the calls of one key
+may see each other's leftovers (one tenant's documents through one parser),
+never to share a worker between parties that must not see each other.
+
+The wall timeout (config.timeout_seconds) applies to each call, from the
+moment the call is sent: the manager kills the worker when a call runs over
+it (the call's outcome is `timeout`). A worker's life has no wall limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .config import SandboxConfig
+from .errors import ConfigError, ProtocolViolation, SandboxError
+from .ipc.channel import AsyncChannel
+from .ipc.messages import IpcMessage, MessageKind
+from .launch.python_worker import PythonWorkerPayload
+from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
+
+if TYPE_CHECKING:
+    from .api import SandboxHandle, SandboxManager
+
+_Key = tuple[str, SandboxConfig, Hashable]  # (plugin id, config, reuse_key)
+
+
+def check_max_tasks_per_child(value: object) -> int | None:
+    """max_tasks_per_child as given, checked: a whole number > 0, or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"max_tasks_per_child: must be a whole number > 0 or None, got {value!r}")
+    return value
+
+
+@dataclass(eq=False)
+class _Worker:
+    key: _Key
+    handle: SandboxHandle
+    isolation: IsolationReport
+    calls: int = 0
+    counted: bool = True  # counts against max_workers (until its last call starts)
+    retired: bool = False  # it is being killed
+    timed_out: bool = False
+    usage: ResourceUsage | None = None  # its cgroup's counters after its last call
+
+
+class WorkerPool:
+    """Up to `max_workers` sandboxed workers, each serving up to
+    `max_tasks_per_child` calls of one reuse key (see the module docstring for
+    what a reused worker may leak between calls of its key).
+
+    A result says which worker ran the call and how many calls it had served:
+    `result.isolation.worker_id` (the worker's sandbox id, as in
+    manager.list_sandboxes()) and `result.isolation.worker_call` (1 for its
+    first call). Its `resource_usage` is the worker's cgroup counters over the
+    call: CPU and I/O are the increase since the worker's previous call ended
+    (so they include what a previous call left running), `memory_peak_bytes`
+    and `processes_peak` are the worker's peaks since it started (the kernel
+    keeps no per-call peak), `wall_seconds` is the call's. A call that ended
+    its worker reports the worker's whole life, as a single-use sandbox does.
+    """
+
+    def __init__(self, manager: SandboxManager, config: SandboxConfig, *, max_workers: int,
+                 max_tasks_per_child: int | None, reset_tmp: bool, context: bool | None) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+            raise ValueError(f"max_workers: must be a whole number > 0, got {max_workers!r}")
+        if not isinstance(config, SandboxConfig):
+            raise ConfigError("sandbox_config", f"must be a SandboxConfig, got {config!r:.200}")
+        self._manager = manager
+        self.config = dataclasses.replace(config)  # checked again, like every call's config
+        self.max_workers = max_workers
+        self.max_tasks_per_child = check_max_tasks_per_child(max_tasks_per_child)
+        self.reset_tmp = bool(reset_tmp)
+        self._context = context
+        self._limits = dataclasses.asdict(manager._decode_limits)
+        self._fresh = asyncio.Semaphore(max_workers)  # max_tasks_per_child=1: sandboxes at once
+        self._idle: dict[_Key, list[_Worker]] = {}
+        self._alive = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._tasks: set[asyncio.Task[Any]] = set()  # workers started ahead, workers being killed
+        self._closed = False
+
+    async def __aenter__(self) -> WorkerPool:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    # -- calling ----------------------------------------------------------------
+
+    async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
+                                **kwargs: Any) -> SandboxResult:
+        """Run `function(*args, **kwargs)` in a worker of (plugin_id, no reuse key);
+        like SandboxManager.execute_sandboxed otherwise."""
+        context = self._manager._context_flag(function, self._context, stacklevel=2)
+        return await self._execute(plugin_id, function, args, kwargs, None, context)
+
+    def with_reuse_key(self, reuse_key: Hashable) -> KeyedWorkerCalls:
+        """Calls whose workers serve this key only (e.g. a tenant's id)."""
+        hash(reuse_key)  # a TypeError here, not at the first call
+        return KeyedWorkerCalls(self, reuse_key)
+
+    async def execute_command(self, *_: Any, **__: Any) -> NoReturn:
+        """Refused: a program runs once and exits; it cannot serve calls in a worker."""
+        raise SandboxError("execute_command cannot reuse a sandbox: a program runs once and exits; "
+                           "use SandboxManager.execute_command (a fresh sandbox per run)")
+
+    async def _execute(self, plugin_id: str, function: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any], reuse_key: Hashable, context: bool,
+                       config: SandboxConfig | None = None) -> SandboxResult:
+        """A call; `config` (None: the pool's) is part of its key."""
+        manager = self._manager
+        if self._closed:
+            raise SandboxError("this worker pool is closed")
+        if config is None:
+            config = self.config
+        elif not isinstance(config, SandboxConfig):
+            raise ConfigError("sandbox_config", f"must be a SandboxConfig, got {config!r:.200}")
+        elif config is not self.config:
+            dataclasses.replace(config)  # checked again: one changed after it was built raises ConfigError
+        if self.max_tasks_per_child == 1:  # today's behaviour: a fresh sandbox per call
+            async with self._fresh:
+                return await manager._execute(plugin_id, function, args, kwargs, config, context)
+        if not manager._started or manager._closed:
+            raise SandboxError("the SandboxManager is not running (use `async with SandboxManager()`)")
+        manager._check_loop()
+        from .api import _pickle_call
+
+        call = _pickle_call((function, args, kwargs, context, self._limits))
+        return await manager._count(self._call((plugin_id, config, reuse_key), call))
+
+    async def _call(self, key: _Key, call: bytes) -> SandboxResult:
+        worker = await self._acquire(key)
+        try:
+            result = await self._run(worker, call)
+        except BaseException:
+            # Cancelled (or failed) in the middle of a call: its worker is gone before this returns.
+            await asyncio.shield(self._retire(worker))
+            raise
+        self._release(worker, result.ok)
+        return result
+
+    async def _run(self, worker: _Worker, call: bytes) -> SandboxResult:
+        handle = worker.handle
+        channel = handle._channel
+        assert channel is not None
+        worker.calls += 1
+        timeout = worker.key[1].timeout_seconds
+        timer = (asyncio.get_running_loop().call_later(timeout, self._time_out, worker)
+                 if timeout is not None else None)
+        started = time.monotonic()
+        reply = None
+        try:
+            channel.next_call()
+            await channel.send(IpcMessage.call(call))
+            if handle._reader is not None and not handle._reader.done():
+                await asyncio.shield(handle._reader)  # a new worker's heartbeat: then the channel is ours
+            reply = await _answer(channel)
+        except ProtocolViolation as violation:
+            if handle._violation is None:
+                handle._violation = violation.with_traceback(None)
+        except OSError:
+            pass  # it died before reading its call: its result says how
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if reply is None:
+            return await self._ended(worker)
+        return self._answered(worker, reply, time.monotonic() - started)
+
+    def _answered(self, worker: _Worker, reply: IpcMessage, wall: float) -> SandboxResult:
+        handle = worker.handle
+        stdout, stdout_truncated = handle._outputs[0].take()
+        stderr, stderr_truncated = handle._outputs[1].take()
+        result = SandboxResult(Outcome.OK, stdout=stdout, stderr=stderr, resource_usage=self._usage(worker, wall),
+                               isolation=self._isolation(worker), stdout_truncated=stdout_truncated,
+                               stderr_truncated=stderr_truncated)
+        if reply.kind is MessageKind.RESULT:
+            return dataclasses.replace(result, output=reply.value)
+        return dataclasses.replace(result, outcome=Outcome.ERROR,
+                                   error=f"{reply.error_type}: {reply.message}\n{reply.traceback}".rstrip(),
+                                   error_type=reply.error_type, error_message=reply.message,
+                                   traceback=reply.traceback)
+
+    async def _ended(self, worker: _Worker) -> SandboxResult:
+        """The worker ended (or broke the protocol) during its call: the call's result
+        is the sandbox's, as for a single-use sandbox."""
+        handle = worker.handle
+        if handle._violation is not None:
+            await handle.kill()
+        result = await handle.wait()
+        if worker.timed_out and result.outcome is Outcome.KILLED:
+            result = dataclasses.replace(result, outcome=Outcome.TIMEOUT, error=(
+                f"wall timeout of {worker.key[1].timeout_seconds}s (per call, on a reused worker)"))
+        return dataclasses.replace(result, isolation=self._isolation(worker))
+
+    def _isolation(self, worker: _Worker) -> IsolationReport:
+        return dataclasses.replace(worker.isolation, worker_id=worker.handle.sandbox_id, worker_call=worker.calls)
+
+    def _usage(self, worker: _Worker, wall: float) -> ResourceUsage:
+        counters = worker.handle._counters
+        try:
+            now = counters.read(wall) if counters is not None else None
+        except OSError:
+            now = None
+        if now is None:
+            return ResourceUsage(wall_seconds=wall)
+        before, worker.usage = worker.usage or ResourceUsage(), now
+        return dataclasses.replace(
+            now, cpu_user_seconds=now.cpu_user_seconds - before.cpu_user_seconds,
+            cpu_system_seconds=now.cpu_system_seconds - before.cpu_system_seconds,
+            io_read_bytes=now.io_read_bytes - before.io_read_bytes,
+            io_write_bytes=now.io_write_bytes - before.io_write_bytes)
+
+    def _time_out(self, worker: _Worker) -> None:
+        worker.timed_out = True
+        self._retire(worker)
+
+    # -- the workers --------------------------------------------------------------
+
+    async def _acquire(self, key: _Key) -> _Worker:
+        """An idle worker of `key`, else a new one (an idle worker of another key is
+        ended to make room), else wait for one of those."""
+        while True:
+            if self._closed:
+                raise SandboxError("this worker pool is closed")
+            idle = self._idle.get(key)
+            if idle:
+                worker = idle.pop()
+                if not idle:
+                    del self._idle[key]
+                if not worker.handle._exit.done():
+                    return self._taken(worker)
+                self._forget(worker)  # it ended while idle (its exit callback has not run yet)
+                continue
+            if self._alive < self.max_workers:
+                return self._taken(await self._start(key))
+            victim = next((workers[0] for workers in self._idle.values()), None)
+            if victim is not None:
+                self._retire(victim)
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # it was this caller's turn: pass it on
+                raise
+
+    def _taken(self, worker: _Worker) -> _Worker:
+        """A worker taken for a call. For its last call it stops counting against
+        max_workers and its replacement starts now, so that the next call of its
+        key need not wait for a sandbox to start."""
+        limit = self.max_tasks_per_child
+        if limit is not None and worker.calls + 1 >= limit:
+            self._uncount(worker)
+            if not self._idle.get(worker.key) and self._alive < self.max_workers and not self._closed:
+                self._background(self._start_ahead(worker.key))
+        return worker
+
+    async def _start_ahead(self, key: _Key) -> None:
+        worker = await self._start(key)
+        if self._closed:
+            self._retire(worker)
+        else:
+            self._idle.setdefault(key, []).append(worker)
+            self._wake()
+
+    async def _start(self, key: _Key) -> _Worker:
+        self._alive += 1
+        # pooled: it warms up its call path before it says it is ready.
+        payload = PythonWorkerPayload(pooled=True, serve=True, reset_tmp=self.reset_tmp)
+        try:
+            # pooled: no wall clock on the sandbox itself (the manager times each call),
+            # always a cgroup, its usage counters open, its reader stops at its heartbeat.
+            handle = await self._manager._create(key[0], payload, key[1], keep_messages=False,
+                                                 with_channel=True, stdin=None, pooled=True)
+        except BaseException:
+            self._alive -= 1
+            self._wake()
+            raise
+        isolation = self._manager._starter.isolation.get(handle.sandbox_id) or IsolationReport()
+        worker = _Worker(key, handle, isolation)
+        handle._exit.add_done_callback(lambda _: self._gone(worker))
+        self._usage(worker, 0.0)  # the counters as it starts: the first call's usage is the increase
+        return worker
+
+    def _release(self, worker: _Worker, ok: bool) -> None:
+        if worker.retired:
+            return  # its call timed out: it is being killed
+        if ok and worker.counted and not self._closed and not worker.handle._exit.done():
+            self._idle.setdefault(worker.key, []).append(worker)
+            self._wake()
+        else:
+            self._retire(worker)
+
+    def _retire(self, worker: _Worker) -> asyncio.Task[Any]:
+        """Kill the worker (in the background; the task is returned)."""
+        worker.retired = True
+        self._forget(worker)
+        return self._background(worker.handle.kill())
+
+    def _background(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+        return task
+
+    def _gone(self, worker: _Worker) -> None:
+        """The worker's sandbox ended (killed by us, or by itself while idle)."""
+        self._forget(worker)
+
+    def _forget(self, worker: _Worker) -> None:
+        idle = self._idle.get(worker.key)
+        if idle is not None and worker in idle:
+            idle.remove(worker)
+            if not idle:
+                del self._idle[worker.key]
+        self._uncount(worker)
+
+    def _uncount(self, worker: _Worker) -> None:
+        if worker.counted:
+            worker.counted = False
+            self._alive -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        """Kill the idle workers and refuse new calls; a call still running ends
+        its worker when it returns. The manager's shutdown() closes its pools."""
+        self._closed = True
+        for workers in list(self._idle.values()):
+            for worker in list(workers):
+                self._retire(worker)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # it raises "closed"
+        self._waiters.clear()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._manager._worker_pools.discard(self)
+
+
+class KeyedWorkerCalls:
+    """WorkerPool calls under one reuse key (from WorkerPool.with_reuse_key())."""
+
+    def __init__(self, pool: WorkerPool, reuse_key: Hashable) -> None:
+        self.pool = pool
+        self.reuse_key = reuse_key
+
+    async def execute_sandboxed(self, plugin_id: str, function: Callable[..., Any], /, *args: Any,
+                                **kwargs: Any) -> SandboxResult:
+        """WorkerPool.execute_sandboxed, in a worker of (plugin_id, this key)."""
+        pool = self.pool
+        context = pool._manager._context_flag(function, pool._context, stacklevel=2)
+        return await pool._execute(plugin_id, function, args, kwargs, self.reuse_key, context)
+
+
+async def _answer(channel: AsyncChannel) -> IpcMessage | None:
+    """The worker's result or error message for the call; None once it has ended.
+    What else it sends (data, progress, logs: nobody reads them here) is dropped."""
+    while True:
+        message = await channel.receive()
+        if message is None or message.kind in (MessageKind.RESULT, MessageKind.ERROR):
+            return message
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a kill that failed (the zygote is gone) is not worth a warning
