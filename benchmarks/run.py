@@ -1,7 +1,7 @@
 """One command that measures the sandbox against bwrap, nsjail and no isolation, in one run.
 
     /opt/ndf-venv/bin/python benchmarks/run.py [--quick] [--json out.json] [--markdown out.md]
-                                               [--only cli,api,throughput,memory,stages,hostile,image,cluster]
+                                               [--only cli,api,throughput,memory,stages,hostile,image,cluster,reuse]
 
 Prints markdown tables: median and p90 in ms over many repetitions, and the ratio
 to the baseline named in each table, all measured in this same run (the machine
@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -588,6 +589,119 @@ async def scenario_throughput(seconds: float, levels: tuple[int, ...]) -> list[T
     return [table]
 
 
+# -- scenario 10: reused sandboxed workers (issue #16) -------------------------------------
+
+REUSE_LEVELS = (1, 10, 100, None)  # max_tasks_per_child
+REUSE_TEXT = b"one two three four five six seven eight nine ten"
+
+
+class _ProcessPool(concurrent.futures.ProcessPoolExecutor):
+    """ProcessPoolExecutor with CPython's fix of gh-115634 (merged for 3.13+): on
+    Python 3.11-3.12 a pool with max_tasks_per_child deadlocks once a worker that
+    reached its limit is not replaced (a stale idle-worker token). As upstream now
+    does, a worker that exited is replaced whenever the pool is below max_workers."""
+
+    def _adjust_process_count(self) -> None:
+        if threading.current_thread() is getattr(self, "_executor_manager_thread", None):
+            if len(self._processes) < self._max_workers:  # type: ignore[attr-defined]
+                self._spawn_process()  # type: ignore[attr-defined]
+            return
+        super()._adjust_process_count()
+
+
+def _executor_rate(executor: concurrent.futures.Executor, in_flight: int, seconds: float) -> dict[str, Any]:
+    """Keep `in_flight` calls submitted for `seconds`; calls per second and per-call latency."""
+    from neural_doc_flow_security.sandbox.demo_plugins import count_words
+
+    expected = count_words(REUSE_TEXT)
+    for future in [executor.submit(count_words, REUSE_TEXT) for _ in range(2 * in_flight)]:
+        future.result()  # warm: workers started
+    pending: dict[concurrent.futures.Future[Any], float] = {}
+    latencies: list[float] = []
+    failed = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def submit() -> None:
+        pending[executor.submit(count_words, REUSE_TEXT)] = time.perf_counter()
+
+    for _ in range(in_flight):
+        submit()
+    while pending:
+        finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        now = time.perf_counter()
+        for future in finished:
+            latencies.append(now - pending.pop(future))
+            try:
+                if future.result() != expected:
+                    failed += 1
+            except Exception:  # noqa: BLE001 - counted, reported
+                failed += 1
+            if now < deadline:
+                submit()
+    elapsed = time.perf_counter() - start
+    return {**summary(latencies), "calls_per_s": len(latencies) / elapsed, "failed": failed}
+
+
+async def _warm_worker_latency(calls: int) -> list[float]:
+    """Sequential calls to one warm reused worker (asyncio API, max_tasks_per_child=None)."""
+    from neural_doc_flow_security.sandbox import SandboxManager
+    from neural_doc_flow_security.sandbox.demo_plugins import count_words
+
+    samples = []
+    async with SandboxManager(status_interval=None) as manager, \
+            manager.worker_pool(max_workers=1, max_tasks_per_child=None) as pool:
+        for i in range(calls + 20):
+            start = time.perf_counter()
+            _check_ok(await pool.execute_sandboxed("count_words", count_words, REUSE_TEXT))
+            if i >= 20:
+                samples.append(time.perf_counter() - start)
+    return samples
+
+
+def scenario_reuse(seconds: float, latency_calls: int) -> list[Table]:
+    from neural_doc_flow_security.sandbox.executor import SandboxExecutor
+
+    rates = Table(f"10a. Reused sandboxed workers: calls per second, max_workers=2, ~{seconds:g} s per row",
+                  None, "SandboxExecutor(max_workers=2, max_tasks_per_child=K) next to "
+                  "ProcessPoolExecutor(max_workers=2, max_tasks_per_child=K) (no isolation; K=None: no "
+                  "max_tasks_per_child, its default fork context; with a K it uses spawn, and the fix of "
+                  "CPython gh-115634, without which it deadlocks on Python 3.11), N calls kept "
+                  "submitted from one thread; the call is demo_plugins.count_words on 50 bytes. Each "
+                  "SandboxExecutor row is followed by the ProcessPoolExecutor row of the same K and N.")
+    for k in REUSE_LEVELS:
+        ours = SandboxExecutor(max_workers=2, max_tasks_per_child=k)
+        peer = (concurrent.futures.ProcessPoolExecutor(max_workers=2) if k is None else
+                _ProcessPool(max_workers=2, max_tasks_per_child=k))
+        try:
+            for level in (2, 8):
+                rates.add(f"SandboxExecutor, max_tasks_per_child={k}, {level} in flight",
+                          _executor_rate(ours, level, seconds))
+                rates.add(f"ProcessPoolExecutor, max_tasks_per_child={k}, {level} in flight",
+                          _executor_rate(peer, level, seconds))
+        finally:
+            ours.shutdown()
+            peer.shutdown()
+    latency = Table("10b. One call to a warm reused worker, sequential", None,
+                    "manager.worker_pool(max_workers=1, max_tasks_per_child=None).execute_sandboxed"
+                    "('count_words', count_words, text): from the call to its SandboxResult.")
+    latency.add("worker_pool call, warm worker (asyncio)", summary(asyncio.run(_warm_worker_latency(latency_calls))))
+    floors = Table("10c. The floors of issue #16, from this run", None, timing=False)
+    rows = {r["name"]: r for r in rates.rows}
+    for level in (2, 8):
+        ours_100 = rows[f"SandboxExecutor, max_tasks_per_child=100, {level} in flight"]["calls_per_s"]
+        peer_100 = rows[f"ProcessPoolExecutor, max_tasks_per_child=100, {level} in flight"]["calls_per_s"]
+        floors.add(f"K=100, {level} in flight: isolated calls/s", {}, value=f"{ours_100:.0f}/s",
+                   floor=">= 2000/s", met="yes" if ours_100 >= 2000 else "no")
+        floors.add(f"K=100, {level} in flight: ProcessPoolExecutor / ours", {},
+                   value=f"{peer_100:.0f} / {ours_100:.0f} = {peer_100 / ours_100:.2f}x", floor="<= 3x",
+                   met="yes" if peer_100 <= 3 * ours_100 else "no")
+    warm = latency.rows[0]
+    floors.add("warm reused worker: p50 / p90", {}, value=f"{warm['median_ms']:.3f} / {warm['p90_ms']:.3f} ms",
+               floor="< 0.5 ms", met="yes" if warm["p90_ms"] < 0.5 else "no")
+    return [rates, latency, floors]
+
+
 # -- scenario 4: memory and latency with many live sandboxes ---------------------------
 
 def _sandbox_processes(zygote_pid: int) -> list[Any]:
@@ -850,7 +964,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about 1-2 minutes)")
     parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
-    parser.add_argument("--only", metavar="LIST", default="cli,api,throughput,memory,stages,hostile,image,cluster",
+    parser.add_argument("--only", metavar="LIST",
+                        default="cli,api,throughput,memory,stages,hostile,image,cluster,reuse",
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--max-sandboxes", type=int, default=1000, help="largest N for the memory scenario")
     args = parser.parse_args(argv)
@@ -887,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     section("hostile", lambda: hostile_scenarios(quick))
     section("image", lambda: arun(scenario_image(30 if quick else 200)))
     section("cluster", lambda: cluster_scenarios(quick))
+    section("reuse", lambda: scenario_reuse(1.0 if quick else 5.0, 300 if quick else 2000))
 
     floors = floors_table(tables)
     if floors.rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import time
 from collections.abc import Hashable
 from typing import Any
@@ -43,6 +44,22 @@ def ok(value: int = 0) -> int:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+def die_by_signal() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def break_protocol() -> int:
+    os.write(3, b"\xfe not a record")  # raw bytes on the channel, then a valid result
+    return 1
+
+
+def burn_cpu(seconds: float) -> float:
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    return time.process_time() - start
 
 
 def hog_memory(megabytes: int) -> int:
@@ -135,13 +152,19 @@ def test_worker_is_replaced_after_max_tasks_per_child_calls() -> None:
     run(main())
 
 
-def test_worker_is_replaced_after_a_call_that_did_not_end_ok() -> None:
+@pytest.mark.parametrize(("call", "args", "outcome"), [
+    (fail, ("bad document",), Outcome.ERROR),
+    (die_by_signal, (), Outcome.KILLED),
+    (break_protocol, (), Outcome.PROTOCOL_VIOLATION),
+], ids=["raised", "signal", "protocol_violation"])
+def test_worker_is_replaced_after_a_call_that_did_not_end_ok(call: Any, args: tuple[Any, ...],
+                                                            outcome: Outcome) -> None:
     async def main() -> None:
         async with SandboxManager() as manager, manager.worker_pool(max_workers=1, max_tasks_per_child=None) as pool:
             seen = Workers(manager)
             first = seen.record(await pool.execute_sandboxed("p", ok, 1))
-            failed = await pool.execute_sandboxed("p", fail, "bad document")
-            assert failed.outcome is Outcome.ERROR and failed.error_type == "ValueError"
+            failed = await pool.execute_sandboxed("p", call, *args)
+            assert failed.outcome is outcome, api_helpers.describe(failed)
             assert failed.isolation.worker_id == first.isolation.worker_id
             assert failed.isolation.worker_call == 2
             after = seen.record(await pool.execute_sandboxed("p", ok, 3))
@@ -299,3 +322,17 @@ def test_executor_with_reused_workers() -> None:
         assert len({r.isolation.worker_id for r in results}) == 2
         with pytest.raises(ValueError, match="boom"):
             executor.submit(fail, "boom").result(timeout=120)
+
+
+def test_usage_is_the_workers_cgroup_counters_over_the_call() -> None:
+    async def main() -> None:
+        async with SandboxManager() as manager, manager.worker_pool(max_workers=1, max_tasks_per_child=None) as pool:
+            busy = await pool.execute_sandboxed("p", burn_cpu, 0.5)
+            idle = await pool.execute_sandboxed("p", ok, 1)
+            assert busy.ok and idle.ok and idle.isolation.worker_call == 2
+            busy_cpu = busy.resource_usage.cpu_user_seconds + busy.resource_usage.cpu_system_seconds
+            idle_cpu = idle.resource_usage.cpu_user_seconds + idle.resource_usage.cpu_system_seconds
+            assert busy_cpu >= 0.4, busy.resource_usage  # the kernel's count for the worker's cgroup
+            assert idle_cpu < 0.25, idle.resource_usage  # the increase over this call only
+            assert busy.to_dict()["isolation"]["worker_call"] == 1
+    run(main())
