@@ -310,6 +310,7 @@ class WorkerPool:
             self._alive -= 1
             self._wake()
             raise
+        handle._audit_start()  # one sandbox_start and one sandbox_end per worker, not per call
         isolation = self._manager._starter.isolation.get(handle.sandbox_id) or IsolationReport()
         worker = _Worker(key, handle, isolation)
         handle._exit.add_done_callback(lambda _: self._gone(worker))
