@@ -206,6 +206,39 @@ def test_keep_as_a_tar_archive(host_tmp: Path) -> None:
         assert extracted is not None and extracted.read() == b"data\n"
 
 
+def _bytes_on_disk(path: Path) -> int:
+    if path.is_file():
+        return os.stat(path).st_blocks * 512
+    return sum(os.lstat(Path(top) / name).st_blocks * 512
+               for top, dirs, files in os.walk(path) for name in dirs + files)
+
+
+@needs_root
+@pytest.mark.parametrize("kept_as", ["directory", "changes.tar"])
+@pytest.mark.parametrize("script", [
+    "truncate -s 64M /etc/sparse",  # a hole takes no tmpfs page
+    "head -c 3M /dev/zero > /etc/data && for i in 1 2 3 4 5 6 7 8 9 10; do ln /etc/data /etc/data$i; done",
+], ids=["sparse", "hard-links"])
+def test_keep_writes_no_more_than_the_overlay_holds(host_tmp: Path, kept_as: str, script: str) -> None:
+    """A 16 MiB overlay cannot make the host write 64 MiB (a sparse file written out
+    in full, a file hard-linked ten times copied ten times): the keep stops, saying why."""
+    kept = host_tmp / kept_as
+    config = SandboxConfig(uid=0, gid=0, environment=(("PATH", "/usr/bin:/bin"),),
+                           filesystem=FilesystemConfig(overlay=True, overlay_size_mb=16, overlay_changes="keep",
+                                                       overlay_keep_dir=str(kept)))
+
+    async def scenario() -> SandboxResult:
+        async with manager("fork", config=config) as m:
+            return await m.execute_command("keep", ["/bin/sh", "-c", script])
+
+    result = run(scenario())
+    assert result.outcome is Outcome.OK, result
+    assert _bytes_on_disk(kept) <= 16 << 20, f"{_bytes_on_disk(kept)} bytes kept on the host"
+    changes = result.filesystem_changes
+    assert changes is not None and changes.kept_in is None and not changes.complete, changes
+    assert "overlay_keep_dir" in (changes.error or "") and "more bytes than the overlay" in (changes.error or "")
+
+
 @needs_root
 def test_keep_into_an_existing_directory_says_so(host_tmp: Path) -> None:
     kept = host_tmp / "kept"

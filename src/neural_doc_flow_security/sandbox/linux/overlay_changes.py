@@ -11,7 +11,10 @@ opened relative to its directory's fd with O_NOFOLLOW. "keep" copies the
 upper layers into a new host directory (or a new tar archive, for a name
 ending in .tar) the same way: regular files, directories and symlinks only
 (no device node, fifo or socket), permission bits without set-id or sticky
-bits, owned by the host process.
+bits, owned by the host process, and never more bytes than the overlay's tmpfs
+holds: a sparse file (a hole takes no tmpfs page) or a file hard-linked many
+times would otherwise be written out in full on the host, each time, so a
+payload could fill the host's disk from a small overlay.
 
 Closing the received fd frees the tmpfs (its pages were charged to the
 sandbox's memory cgroup, like any tmpfs page the payload wrote).
@@ -191,9 +194,24 @@ def _make_dirs(root_fd: int, path: str) -> int:
     return fd
 
 
-def _copy_file(name: str, src_dir: int, dst_dir: int, mode: int) -> None:
+@dataclass
+class _Budget:
+    """The bytes a keep may still write: the overlay tmpfs's size, which bounds what
+    its files hold (holes and further hard links of a file hold nothing more)."""
+
+    left: int
+
+    def take(self, size: int) -> None:
+        if size > self.left:
+            raise OSError(0, "the changes hold more bytes than the overlay's tmpfs (sparse files or hard links "
+                             "are not written out on the host)")
+        self.left -= size
+
+
+def _copy_file(name: str, src_dir: int, dst_dir: int, mode: int, budget: _Budget) -> None:
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir)
     try:
+        budget.take(os.fstat(src).st_size)
         dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=dst_dir)
         try:
@@ -206,14 +224,14 @@ def _copy_file(name: str, src_dir: int, dst_dir: int, mode: int) -> None:
         os.close(src)
 
 
-def _copy_tree(src_dir: int, dst_dir: int, depth: int) -> int:
+def _copy_tree(src_dir: int, dst_dir: int, depth: int, budget: _Budget) -> int:
     """Copy regular files, directories and symlinks of `src_dir` into `dst_dir`; returns how many."""
     if depth > MAX_DEPTH:
         raise OSError(0, f"directories deeper than {MAX_DEPTH} levels")
     copied = 0
     for name, st in _entries(src_dir):
         if stat.S_ISREG(st.st_mode):
-            _copy_file(name, src_dir, dst_dir, st.st_mode)
+            _copy_file(name, src_dir, dst_dir, st.st_mode, budget)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(name, dir_fd=src_dir), name, dir_fd=dst_dir)
         elif stat.S_ISDIR(st.st_mode):
@@ -222,7 +240,7 @@ def _copy_tree(src_dir: int, dst_dir: int, depth: int) -> int:
             src_child = os.open(name, _DIR, dir_fd=src_dir)
             dst_child = os.open(name, _DIR, dir_fd=dst_dir)
             try:
-                copied += _copy_tree(src_child, dst_child, depth + 1)
+                copied += _copy_tree(src_child, dst_child, depth + 1, budget)
                 os.fchmod(dst_child, stat.S_IMODE(st.st_mode) & 0o777)
             finally:
                 os.close(src_child)
@@ -235,7 +253,7 @@ def _copy_tree(src_dir: int, dst_dir: int, depth: int) -> int:
     return copied
 
 
-def _tar_tree(src_dir: int, tar: tarfile.TarFile, prefix: str, depth: int, count: int) -> int:
+def _tar_tree(src_dir: int, tar: tarfile.TarFile, prefix: str, depth: int, count: int, budget: _Budget) -> int:
     """Add regular files, directories and symlinks of `src_dir` to `tar` under `prefix`."""
     if depth > MAX_DEPTH:
         raise OSError(0, f"directories deeper than {MAX_DEPTH} levels")
@@ -246,6 +264,7 @@ def _tar_tree(src_dir: int, tar: tarfile.TarFile, prefix: str, depth: int, count
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir)
             with os.fdopen(fd, "rb") as f:
                 info.size = os.fstat(f.fileno()).st_size
+                budget.take(info.size)
                 tar.addfile(info, f)
         elif stat.S_ISLNK(st.st_mode):
             info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=src_dir)
@@ -255,7 +274,7 @@ def _tar_tree(src_dir: int, tar: tarfile.TarFile, prefix: str, depth: int, count
             tar.addfile(info)
             child = os.open(name, _DIR, dir_fd=src_dir)
             try:
-                count = _tar_tree(child, tar, info.name, depth + 1, count)
+                count = _tar_tree(child, tar, info.name, depth + 1, count, budget)
             finally:
                 os.close(child)
         else:
@@ -270,11 +289,11 @@ def _keep_tar(tmpfs_fd: int, plan: RootfsPlan, destination: str) -> None:
     """The upper layers as a new tar archive at `destination` (never through a symlink)."""
     fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        count = 0
+        count, budget = 0, _Budget(plan.overlay_size_mb << 20)
         for i, (target, _) in enumerate(_layers(plan)):
             upper = os.open(f"{i}/upper", _DIR, dir_fd=tmpfs_fd)
             try:
-                count = _tar_tree(upper, tar, target.rstrip("/"), 0, count)
+                count = _tar_tree(upper, tar, target.rstrip("/"), 0, count, budget)
             finally:
                 os.close(upper)
 
@@ -295,12 +314,13 @@ def keep_changes(tmpfs_fd: int, plan: RootfsPlan, destination: str) -> str | Non
         root = os.open(destination, _DIR)
     except OSError as e:
         return f"filesystem.overlay_keep_dir: cannot make {destination!r}: {e.strerror}"
+    budget = _Budget(plan.overlay_size_mb << 20)
     try:
         for i, (target, _) in enumerate(_layers(plan)):
             upper = os.open(f"{i}/upper", _DIR, dir_fd=tmpfs_fd)
             dst = _make_dirs(root, target)
             try:
-                _copy_tree(upper, dst, 0)
+                _copy_tree(upper, dst, 0, budget)
             finally:
                 os.close(upper)
                 os.close(dst)
