@@ -452,6 +452,10 @@ class NetworkPolicy(_KnownFields):
                                    if d.name is not None and not d.is_host))
 
 
+SECCOMP_PROFILES = ("default", "allow-list", "deny-list", "learn", "off")
+"""The built-in values of SandboxConfig.seccomp (besides an absolute profile path)."""
+
+
 @dataclass(frozen=True)
 class SandboxConfig(_KnownFields):
     """Everything one sandbox enforces. The defaults are the secure profile: every
@@ -467,6 +471,10 @@ class SandboxConfig(_KnownFields):
     uid/gid 65534 mapped to the caller's own. A number: that id, for every sandbox.
 
     `cpu_quota_percent`: 100 means one full CPU, 50 half of one, 200 two CPUs.
+    `seccomp`: "default" (the allow-list for callables, the deny-list for commands),
+    "allow-list", "deny-list", "learn" (let every syscall through but the deny list's
+    and record each one: `result.security_events` of kind "learned_syscall"), "off",
+    or an absolute path to a .toml/.json profile (linux/seccomp.py).
     `no_new_privs`: False needs `seccomp="off"` (the kernel takes a seccomp filter
     from a process without CAP_SYS_ADMIN only under no_new_privs).
     Every field is checked for its type and range; an unknown keyword is a
@@ -541,9 +549,10 @@ class SandboxConfig(_KnownFields):
             raise ConfigError("id_range", "must be (first id, count): first >= 1, 1 <= count <= 65536, "
                               f"first + count <= 4294967295, got {self.id_range!r}")
         if not isinstance(self.seccomp, str) or "\0" in self.seccomp or not (
-            self.seccomp in ("default", "off") or self.seccomp.startswith("/")
+            self.seccomp in SECCOMP_PROFILES or self.seccomp.startswith("/")
         ):
-            raise ConfigError("seccomp", f"must be 'default', 'off' or an absolute file path, got {self.seccomp!r}")
+            raise ConfigError("seccomp", "must be 'default', 'allow-list', 'deny-list', 'learn', 'off' or an "
+                              f"absolute file path, got {self.seccomp!r}")
         if not isinstance(self.no_new_privs, bool):
             raise ConfigError("no_new_privs", f"must be true or false, got {self.no_new_privs!r}")
         if not isinstance(self.rootless_limits, str) or self.rootless_limits not in ROOTLESS_LIMITS:

@@ -66,7 +66,7 @@ def _stage(name: str, *steps: StepTuple) -> list[StepTuple]:
     return [(Step.STAGE, name.encode()), *steps]
 
 
-def _confine(plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...], keep_also: tuple[int, ...],
+def _confine(plan: LaunchPlan, program: bool, fd_map: tuple[tuple[int, int], ...], keep_also: tuple[int, ...],
              still_supervised: StepTuple) -> list[StepTuple]:
     """The stages that confine the payload, in order; the last is seccomp."""
     cfg = plan.config
@@ -84,9 +84,24 @@ def _confine(plan: LaunchPlan, fd_map: tuple[tuple[int, int], ...], keep_also: t
         steps += _stage("no_new_privs", (Step.PRCTL, sc.PR_SET_NO_NEW_PRIVS, 1))
     if plan.landlock is not None:
         steps += _stage("landlock", *landlock_steps(plan.landlock))
-    if plan.seccomp.enabled:
-        steps += _stage("seccomp", (Step.SECCOMP, plan.seccomp.bpf))
+    filter_ = plan.seccomp_for(program)
+    if filter_.learns:  # the deny list, then the filter whose every call init records
+        steps += _stage("seccomp", (Step.SECCOMP, filter_.bpf, 0), (Step.SECCOMP, filter_.learn_bpf, 1))
+    elif filter_.reports:  # its refusals go to init, which answers and counts them
+        steps += _stage("seccomp", (Step.SECCOMP, filter_.reported_bpf, 1))
+    elif filter_.enabled:
+        steps += _stage("seccomp", (Step.SECCOMP, filter_.bpf, 0))
     return steps
+
+
+def _listener(plan: LaunchPlan, program: bool, hand_over: bool) -> list[StepTuple]:
+    """Prepare init's seccomp listener: `hand_over` for a forked payload, which sends
+    init its filter's listener (else init installs the filter on itself)."""
+    filter_ = plan.seccomp_for(program)
+    mode = 2 if filter_.learns else 1 if filter_.reports else 0
+    if not mode:
+        return []
+    return _stage("seccomp listener", (Step.LISTENER, mode, filter_.notify_errnos, int(hand_over)))
 
 
 def _ids(plan: LaunchPlan) -> tuple[int, int]:
@@ -124,11 +139,13 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
     if "pid" not in names:
         steps += _stage("child subreaper", (Step.PRCTL, sc.PR_SET_CHILD_SUBREAPER, 1))
 
-    if program and "pid" in names:
+    if program and "pid" in names and not plan.seccomp_for(program).learns:
         # A program: init confines itself, then starts the program with posix_spawn;
         # the program inherits every protection. In the pid namespace the program
-        # cannot kill init.
-        steps += _confine(plan, fd_map, (pipes.status_write, pipes.sync_read),
+        # cannot kill init. (Learning, init must stay outside the filter that sends
+        # every call to it.)
+        steps += _listener(plan, program, hand_over=False)
+        steps += _confine(plan, program, fd_map, (pipes.status_write, pipes.sync_read),
                           (Step.STILL_SUPERVISED, pipes.sync_read))
         steps += _stage("exec", (Step.SPAWN_PROGRAM, pipes.status_write))
         return steps
@@ -136,10 +153,11 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
     # A Python callable (or no pid namespace): fork the payload, which confines
     # itself; init takes the payload's uid/gid with no capability (enough to signal it).
     # Init re-arms its parent-death signal after the uid change, checking the sync pipe.
+    steps += _listener(plan, program, hand_over=True)
     steps += _stage("fork the payload", (Step.FORK_PAYLOAD, pipes.status_write, *_ids(plan),
                                          int(plan.namespaces.user), pipes.sync_read))
     steps += _stage("parent-death signal", (Step.DIE_WITH_INIT,))
-    steps += _confine(plan, fd_map, (), (Step.DIE_WITH_INIT,))
+    steps += _confine(plan, program, fd_map, (), (Step.DIE_WITH_INIT,))
     # Every stage passed. A callable is untrusted code that never execs: RETURN
     # closes the error pipe (close-on-exec) by hand before it runs.
     steps += _stage("exec", (Step.EXEC_PROGRAM,) if program else (Step.RETURN,))

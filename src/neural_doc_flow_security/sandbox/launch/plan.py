@@ -32,7 +32,7 @@ class LaunchPlan:
     rootfs: RootfsPlan | None
     rlimits: RlimitPlan
     capabilities: CapabilityPlan
-    seccomp: seccomp.SeccompProgram
+    seccomp: seccomp.SeccompProgram  # a callable's filter
     environment: tuple[bytes, ...]
     limits: LimitPlan  # which limit the cgroup enforces, which an rlimit
     landlock: landlock.LandlockPlan | None = None
@@ -40,6 +40,11 @@ class LaunchPlan:
     # The payload's uid and gid; None: each launch's own, from the id range (linux/ids.py).
     uid: int | None = NOBODY
     gid: int | None = NOBODY
+    command_seccomp: seccomp.SeccompProgram | None = None  # a program's, where it differs
+
+    def seccomp_for(self, program: bool) -> seccomp.SeccompProgram:
+        """The seccomp filter of a program's (`program`) or a callable's launch."""
+        return self.command_seccomp if program and self.command_seccomp is not None else self.seccomp
 
     @property
     def needs_ids(self) -> bool:
@@ -52,7 +57,7 @@ class LaunchPlan:
         return bool(self.limits.by_cgroup)
 
     def isolation_report(self, cgroup: str = "", limits: tuple[str, ...] = (),
-                         sandbox_id: int | None = None) -> IsolationReport:
+                         sandbox_id: int | None = None, program: bool = False) -> IsolationReport:
         """What this plan enforces (the bootstrap fails closed, so planned == in force);
         `sandbox_id`: the launch's id, where the plan leaves the uid or gid to it."""
         cfg = self.config
@@ -64,7 +69,7 @@ class LaunchPlan:
             gid=_or(self.gid, sandbox_id),
             capabilities=self.capabilities.names,
             no_new_privs=cfg.no_new_privs,
-            seccomp=self.seccomp.description,
+            seccomp=self.seccomp_for(program).description,
             landlock=self.landlock.description if self.landlock else "off",
             cgroup=cgroup,
             limits=self.limits.described + self.rlimits.describe() + limits,
@@ -111,7 +116,8 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         rlimits=plan_rlimits(config.max_open_files, limits.rlimits),
         limits=limits,
         capabilities=plan_capabilities(config.capabilities),
-        seccomp=seccomp.compile_profile(config.seccomp),
+        seccomp=seccomp.compile_profile("allow-list" if config.seccomp == "default" else config.seccomp),
+        command_seccomp=seccomp.compile_profile("deny-list") if config.seccomp == "default" else None,
         environment=environment_entries(config.environment),
         landlock=ruleset,
         not_enforced=_left_open(config, ns, euid, egid) + landlock_note,

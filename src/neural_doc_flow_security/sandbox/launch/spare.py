@@ -176,7 +176,7 @@ def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
         os.close(memfd)
     spare.launch_socket.close()
     return SpawnedSandbox(plan, spare.pid, spare.pidfd, spare.error_read, spare.status_read, spare.cgroup,
-                          spare.sync_write, started=started, ids=ids)
+                          spare.sync_write, started=started, ids=ids, program=program)
 
 
 def discard(spare: Spare) -> None:

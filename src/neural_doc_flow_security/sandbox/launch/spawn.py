@@ -29,7 +29,7 @@ from ..linux.cgroups.base import CgroupStats, SandboxCgroup
 from ..linux.ids import IdLease
 from ..linux.namespaces import write_id_maps
 from ..linux.steps import StepTuple
-from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult
+from ..result import EXIT_SANDBOX_ERROR, IsolationReport, Outcome, ResourceUsage, SandboxResult, SecurityEvent
 from . import bootstrap
 from .payload import ExecPayload, Payload, run_payload
 from .plan import LaunchPlan
@@ -41,8 +41,13 @@ if TYPE_CHECKING:
 
 STD_FDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2))
 # Exactly what init writes (_child.c run_init): wait status, then the reaped processes'
-# peak RSS in KiB and CPU time (user, system) in microseconds.
-_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}) cpu ([0-9]{1,15}) ([0-9]{1,15}))?")
+# peak RSS in KiB and CPU time (user, system) in microseconds, then what its seccomp
+# listener counted: " s<nr>:<count>:<first, us since the epoch>" per syscall number
+# (1024: any above) and " omitted <n>" for entries that did not fit.
+_STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}) cpu ([0-9]{1,15}) ([0-9]{1,15}))?"
+                     rb"((?: s[0-9]{1,4}:[0-9]{1,20}:[0-9]{1,20})*)(?: omitted ([0-9]{1,4}))?")
+_SYSCALL_ENTRY = re.compile(rb" s([0-9]{1,4}):([0-9]{1,20}):([0-9]{1,20})")
+_STATUS_LIMIT = 4096  # init's report is one write of at most PIPE_BUF
 _INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init could not do its job
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
@@ -121,6 +126,7 @@ class SpawnedSandbox:
     ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
     changes_read: int = -1  # where the child sends a copy-on-write root's tmpfs (linux/overlay_changes.py)
     network: NetworkLease | None = None  # its network policy's link and tables (linux/netpolicy.py)
+    program: bool = False  # it runs a program (else a Python callable)
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -151,7 +157,8 @@ class SpawnedSandbox:
         """The protections in force for this sandbox (built once: audit, zygote reply, result)."""
         if self._isolation is None:
             self._isolation = self.plan.isolation_report(cgroup=self.cgroup.description if self.cgroup else "",
-                                                         sandbox_id=self.ids.id if self.ids else None)
+                                                         sandbox_id=self.ids.id if self.ids else None,
+                                                         program=self.program)
         return self._isolation
 
     def kill(self) -> None:
@@ -290,7 +297,7 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
         if fd is not None and fd >= 0:
             os.close(fd)
     spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write, ids=ids,
-                             changes_read=changes_read)
+                             changes_read=changes_read, program=program is not None)
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)
@@ -386,7 +393,7 @@ def reported_result(spawned: SpawnedSandbox) -> SandboxResult | None:
     pid namespace to end the tree with."""
     if spawned.reported is not None or spawned.status_report is not None or "pid" not in spawned.plan.namespaces.names:
         return spawned.reported
-    spawned.status_report = report = _read_available(spawned.status_read, 128)  # one write by init
+    spawned.status_report = report = _read_available(spawned.status_read, _STATUS_LIMIT)  # one write by init
     if not (_STATUS.fullmatch(report) or _INIT_FAILED.fullmatch(report)):
         return None
     stats = spawned.cgroup.stats() if spawned.cgroup is not None else None
@@ -414,7 +421,7 @@ def finish_sandbox(spawned: SpawnedSandbox, *, destroy_cgroup: bool = True) -> S
         error_report = _read_available(spawned.error_read, 4096)
         status_report = spawned.status_report
         if status_report is None:
-            status_report = _read_available(spawned.status_read, 128)
+            status_report = _read_available(spawned.status_read, _STATUS_LIMIT)
         return _with_changes(spawned, _result(spawned, wait_status, rusage, wall, error_report, status_report,
                                               stats))
     finally:
@@ -423,6 +430,24 @@ def finish_sandbox(spawned: SpawnedSandbox, *, destroy_cgroup: bool = True) -> S
                 spawned.cgroup.destroy()
         finally:
             _close(spawned)
+
+
+def _syscall_events(spawned: SpawnedSandbox, match: re.Match[bytes] | None) -> tuple[SecurityEvent, ...]:
+    """The syscalls init's listener answered: refused ("denied_syscall"), or, learning,
+    let through ("learned_syscall"); most frequent first. A count that did not fit in
+    init's report is one event "(omitted)" with the number of syscalls left out."""
+    if match is None or not match.group(6):
+        return ()
+    from ..linux.seccomp import syscall_name
+
+    kind = "learned_syscall" if spawned.plan.seccomp_for(spawned.program).learns else "denied_syscall"
+    events = [SecurityEvent(kind, syscall_name(int(nr)) if int(nr) < 1024 else "syscall_above_1023", int(count),
+                            int(first) / 1e6)
+              for nr, count, first in _SYSCALL_ENTRY.findall(match.group(6))]
+    events.sort(key=lambda event: (-event.count, event.target))
+    if match.group(7):
+        events.append(SecurityEvent(kind, "(omitted)", int(match.group(7))))
+    return tuple(events)
 
 
 def _result(spawned: SpawnedSandbox, wait_status: int | None, rusage: resource.struct_rusage | None, wall: float,
@@ -443,7 +468,8 @@ def _result(spawned: SpawnedSandbox, wait_status: int | None, rusage: resource.s
     if stats is not None:
         usage = usage_from_cgroup(stats, wall, floor=usage)
     isolation = spawned.isolation()
-    base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation)
+    base = SandboxResult(Outcome.OK, resource_usage=usage, isolation=isolation,
+                         security_events=_syscall_events(spawned, match))
     if error_report:
         return replace(base, outcome=Outcome.SANDBOX_ERROR, error=str(parse_setup_error(error_report)))
     init_failed = _INIT_FAILED.fullmatch(status_report)

@@ -157,6 +157,7 @@ enum {
     STEP_SEND_SLOT = 37,        /* socket fd, slot: hand the slot's fd to the parent (then close both) */
     STEP_IDMAP = 38,         /* sandbox uid, gid (-1: the launch's id), host uid, gid: the user namespace
                               * of the binds marked MOUNT_ATTR_IDMAP; all -2: close it */
+    STEP_LISTENER = 45,      /* mode (1 report, 2 learn), errno per syscall number (int32s), hand over */
 };
 
 typedef struct {
@@ -183,6 +184,17 @@ typedef struct {
 static const char *current_stage = "start";
 static int error_fd = -1;
 static int trace_fd = -1;
+
+/* The seccomp listener (STEP_LISTENER, STEP_SECCOMP with a listener): init answers the
+ * filter's SECCOMP_RET_USER_NOTIF with the errno the rule stands for (report) or lets the
+ * call continue (learn), and counts each syscall number. The payload's process installs
+ * the filter in a forked launch and hands the listener to init over a socketpair. */
+enum { LISTENER_REPORT = 1, LISTENER_LEARN = 2, LISTENER_SLOTS = 1024 };
+static int listener_mode = 0;
+static const char *listener_errnos = NULL; /* int32 per syscall number (0: ENOSYS) */
+static Py_ssize_t listener_nerrnos = 0;
+static int listener_sock[2] = {-1, -1}; /* init's end, the payload's end */
+static int listener_fd = -1;
 
 static size_t append(char *buf, size_t at, size_t cap, const char *text) {
     while (text && *text && at + 1 < cap)
@@ -331,7 +343,8 @@ static const char *parse_launch(const char *buf, size_t len, launch_t *launch, v
             return "a step with too many arguments";
         /* Binary arguments: file contents, BPF, fd lists; everything else is a C string. */
         int binary = step->kind == STEP_WRITE_FILE || step->kind == STEP_SECCOMP || step->kind == STEP_ARRANGE_FDS ||
-                     step->kind == STEP_JOIN_CGROUP || step->kind == STEP_OVERLAY;
+                     step->kind == STEP_JOIN_CGROUP || step->kind == STEP_OVERLAY ||
+                     step->kind == STEP_LISTENER;
         for (uint32_t j = 0; j < nargs && !r.error; j++) {
             if (!readable(&r, 1))
                 break;
@@ -789,7 +802,7 @@ static void loopback_up(void) {
  * others but `keep`, the error pipe and the trace fd. Any fd number works: the
  * kept ones are sorted and the gaps between them closed. */
 static void arrange_fds(const int32_t *map, Py_ssize_t pairs, const int32_t *keep, Py_ssize_t nkeep) {
-    enum { MAX_PAIRS = 64, MAX_KEPT = MAX_PAIRS * 2 + 2 };
+    enum { MAX_PAIRS = 64, MAX_KEPT = MAX_PAIRS * 2 + 3 };
     int above = 3, staged[MAX_PAIRS], kept[MAX_KEPT], nkept = 0;
     if (pairs > MAX_PAIRS || nkeep > MAX_PAIRS)
         fail(EINVAL, "too many fds to pass", "");
@@ -815,6 +828,8 @@ static void arrange_fds(const int32_t *map, Py_ssize_t pairs, const int32_t *kee
         kept[nkept++] = error_fd;
     if (trace_fd >= 0)
         kept[nkept++] = trace_fd;
+    if (listener_sock[1] >= 0)
+        kept[nkept++] = listener_sock[1];
     for (int i = 1; i < nkept; i++) /* insertion sort: a handful of fds */
         for (int j = i; j > 0 && kept[j - 1] > kept[j]; j--) {
             int swap = kept[j];
@@ -881,14 +896,121 @@ static void apply_capabilities(uint64_t allowed, uint64_t ambient, int last_cap)
             check(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "PR_CAP_AMBIENT_RAISE", "");
 }
 
-static void install_seccomp(const char *bpf, Py_ssize_t len) {
+/* Install the filter; with `listener`, keep its listener (init confines itself) or hand
+ * it to init (a forked payload) and close it: the payload never holds it. */
+static void install_seccomp(const char *bpf, Py_ssize_t len, int listener) {
     struct sock_fprog prog = {(unsigned short)(len / sizeof(struct sock_filter)), (struct sock_filter *)bpf};
-    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) {
+    long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, listener ? SECCOMP_FILTER_FLAG_NEW_LISTENER : 0, &prog);
+    if (fd < 0) {
         if (errno == EACCES)
             fail(EACCES, "the kernel refused the filter: no_new_privs is not set and the process lacks "
                          "CAP_SYS_ADMIN", "");
         fail(errno, "the kernel refused the filter", "");
     }
+    if (!listener)
+        return;
+    if (listener_sock[1] < 0) {
+        listener_fd = (int)fd; /* close-on-exec: the program never gets it */
+        return;
+    }
+    union {
+        struct cmsghdr header;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    char tag = 'L';
+    struct iovec iov = {&tag, 1};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    memset(&control, 0, sizeof control);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    int sent = (int)fd;
+    memcpy(CMSG_DATA(c), &sent, sizeof sent);
+    ssize_t rc;
+    do
+        rc = sendmsg(listener_sock[1], &msg, MSG_NOSIGNAL);
+    while (rc < 0 && errno == EINTR);
+    /* Unanswered notifications fail with ENOSYS once the listener is gone: closed. */
+    check(rc, "hand the seccomp listener to init", "");
+    close((int)fd);
+    close(listener_sock[1]);
+    listener_sock[1] = -1;
+}
+
+/* ------------------------------------------------------------------ the listener (in init) */
+
+static ssize_t receive_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds,
+                                int *truncated);
+
+static uint64_t syscall_counts[LISTENER_SLOTS + 1]; /* the last slot: numbers above */
+static int64_t syscall_first_us[LISTENER_SLOTS + 1];
+
+static void answer_notification(int fd) {
+    struct seccomp_notif req;
+    struct seccomp_notif_resp resp;
+    memset(&req, 0, sizeof req);
+    if (ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &req) < 0)
+        return; /* EINTR, or the caller died meanwhile (ENOENT) */
+    unsigned int nr = (unsigned int)req.data.nr;
+    unsigned int slot = nr < LISTENER_SLOTS ? nr : LISTENER_SLOTS;
+    if (syscall_counts[slot]++ == 0) {
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now); /* the vDSO: no syscall */
+        syscall_first_us[slot] = (int64_t)now.tv_sec * 1000000 + now.tv_nsec / 1000;
+    }
+    memset(&resp, 0, sizeof resp);
+    resp.id = req.id;
+    if (listener_mode == LISTENER_LEARN) {
+        resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+    } else {
+        int32_t err = 0;
+        if ((Py_ssize_t)nr < listener_nerrnos)
+            memcpy(&err, listener_errnos + 4 * (size_t)nr, sizeof err);
+        resp.error = -(err > 0 ? err : ENOSYS);
+    }
+    (void)ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &resp); /* ENOENT: the caller was killed */
+}
+
+/* The listener's counts for init's report: " s<nr>:<count>:<first, us since the epoch>" each
+ * (the slot LISTENER_SLOTS for numbers above), then " omitted <n>" for what did not fit. */
+static size_t append_syscalls(char *buf, size_t at, size_t cap) {
+    long long omitted = 0;
+    for (unsigned int slot = 0; slot <= LISTENER_SLOTS; slot++) {
+        if (!syscall_counts[slot])
+            continue;
+        if (at + 64 > cap) {
+            omitted++;
+            continue;
+        }
+        at = append(buf, at, cap, " s");
+        at = append_int(buf, at, cap, slot);
+        at = append(buf, at, cap, ":");
+        at = append_int(buf, at, cap, (long long)syscall_counts[slot]);
+        at = append(buf, at, cap, ":");
+        at = append_int(buf, at, cap, syscall_first_us[slot]);
+    }
+    if (omitted) {
+        at = append(buf, at, cap, " omitted ");
+        at = append_int(buf, at, cap, omitted);
+    }
+    return at;
+}
+
+/* Receive the listener the payload hands over (EOF: it failed before its filter). */
+static void receive_listener(void) {
+    int fds[1], nfds, truncated;
+    char tag;
+    ssize_t got = receive_with_fds(listener_sock[0], &tag, 1, fds, 1, &nfds, &truncated);
+    if (got > 0 && nfds == 1)
+        listener_fd = fds[0];
+    close(listener_sock[0]);
+    listener_sock[0] = -1;
 }
 
 /* ------------------------------------------------------------------ Landlock */
@@ -963,6 +1085,62 @@ static void init_failed(int status_fd, const char *what) {
     _exit(EXIT_SANDBOX_ERROR);
 }
 
+/* Reap until the payload ends; returns its wait status. */
+static int wait_for(pid_t payload, int status_fd) {
+    for (;;) {
+        int st;
+        pid_t pid = waitpid(-1, &st, 0);
+        if (pid < 0) {
+            if (errno == EINTR)
+                continue;
+            init_failed(status_fd, "waitpid"); /* never report a payload it did not see end */
+        }
+        if (pid == payload)
+            return st;
+    }
+}
+
+static void child_ended(int sig) {
+    (void)sig; /* only interrupts ppoll */
+}
+
+/* Reap and answer the listener until the payload ends. SIGCHLD is blocked but while in
+ * ppoll, so that no child's end is missed between the reaping and the wait. */
+static int wait_answering(pid_t payload, int status_fd) {
+    struct sigaction act;
+    memset(&act, 0, sizeof act);
+    act.sa_handler = child_ended;
+    sigset_t chld, during_poll;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    if (sigaction(SIGCHLD, &act, NULL) < 0 || sigprocmask(SIG_BLOCK, &chld, &during_poll) < 0)
+        init_failed(status_fd, "sigaction");
+    sigdelset(&during_poll, SIGCHLD);
+    for (;;) {
+        int st;
+        pid_t pid;
+        while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+            if (pid == payload)
+                return st;
+        if (pid < 0 && errno != EINTR)
+            init_failed(status_fd, "waitpid");
+        if (listener_fd < 0)
+            return wait_for(payload, status_fd);
+        struct pollfd p = {listener_fd, POLLIN, 0};
+        if (ppoll(&p, 1, NULL, &during_poll) < 0) {
+            if (errno == EINTR)
+                continue;
+            init_failed(status_fd, "ppoll");
+        }
+        if (p.revents & POLLIN) {
+            answer_notification(listener_fd);
+        } else if (p.revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            close(listener_fd); /* no filtered process is left */
+            listener_fd = -1;
+        }
+    }
+}
+
 /* pid 1: reap every process, forward signals to the payload, and when it ends
  * report its wait status, the reaped children's peak memory (KiB) and CPU time
  * (user, system, us) ("exit N maxrss K cpu U S" / "signal N maxrss K cpu U S")
@@ -1013,25 +1191,22 @@ static void run_init(pid_t payload, int status_fd, const long long *identity) {
         }
         close(sync_fd);
     }
+    if (listener_sock[0] >= 0)
+        receive_listener();
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
         init_failed(status_fd, "prctl");
-    if ((status_fd > 0 && syscall(SYS_close_range, 0, status_fd - 1, 0) < 0) ||
-        syscall(SYS_close_range, status_fd + 1, ~0U, 0) < 0)
-        init_failed(status_fd, "close_range");
-    int status = 0;
-    for (;;) {
-        int st;
-        pid_t pid = waitpid(-1, &st, 0);
-        if (pid < 0) {
-            if (errno == EINTR)
-                continue;
-            init_failed(status_fd, "waitpid"); /* never report a payload it did not see end */
-        }
-        if (pid == payload) {
-            status = st;
-            break;
-        }
+    int keep[2] = {status_fd < listener_fd ? status_fd : listener_fd, status_fd < listener_fd ? listener_fd : status_fd};
+    unsigned int first = 0;
+    for (int k = 0; k < 2; k++) {
+        if (keep[k] < 0)
+            continue;
+        if ((unsigned int)keep[k] > first && syscall(SYS_close_range, first, (unsigned int)keep[k] - 1, 0) < 0)
+            init_failed(status_fd, "close_range");
+        first = (unsigned int)keep[k] + 1;
     }
+    if (syscall(SYS_close_range, first, ~0U, 0) < 0)
+        init_failed(status_fd, "close_range");
+    int status = listener_fd >= 0 ? wait_answering(payload, status_fd) : wait_for(payload, status_fd);
     /* As pid 1, end the rest of the tree before reporting: the report is taken as the
      * sandbox's end (the parent may answer before init itself is reaped), and what
      * the others used counts. kill(-1) from pid 1 reaches only its own pid namespace
@@ -1044,7 +1219,7 @@ static void run_init(pid_t payload, int status_fd, const long long *identity) {
     /* The largest resident set of the processes init reaped, in KiB: init's own
      * (a copy of its parent's memory) would overstate a small program. */
     struct rusage children;
-    char buf[128];
+    char buf[4096]; /* at most PIPE_BUF: one atomic write */
     size_t at;
     if (WIFSIGNALED(status)) {
         at = append(buf, 0, sizeof buf, "signal ");
@@ -1061,6 +1236,8 @@ static void run_init(pid_t payload, int status_fd, const long long *identity) {
         at = append(buf, at, sizeof buf, " ");
         at = append_int(buf, at, sizeof buf, children.ru_stime.tv_sec * 1000000LL + children.ru_stime.tv_usec);
     }
+    if (listener_mode)
+        at = append_syscalls(buf, at, sizeof buf);
     (void)!write(status_fd, buf, at); /* one write: the parent may take it before we exit */
     _exit(0);
 }
@@ -1311,7 +1488,21 @@ static void run_steps(launch_t *launch) {
             apply_capabilities((uint64_t)n[0], (uint64_t)n[1], (int)n[2]);
             break;
         case STEP_SECCOMP:
-            install_seccomp(s(st, 0), st->len[0]);
+            install_seccomp(s(st, 0), st->len[0], (int)n[1]);
+            break;
+        case STEP_LISTENER:
+            listener_mode = (int)n[0];
+            listener_errnos = s(st, 1);
+            listener_nerrnos = st->len[1] / 4;
+            if (n[2]) { /* a forked payload will hand it over: above every fd it is to get */
+                int pair[2];
+                check(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair), "socketpair", "");
+                for (int k = 0; k < 2; k++) {
+                    listener_sock[k] = fcntl(pair[k], F_DUPFD_CLOEXEC, error_fd + 1);
+                    check(listener_sock[k], "move the listener socket", "");
+                    close(pair[k]);
+                }
+            }
             break;
         case STEP_LANDLOCK_RULESET:
             landlock_ruleset((uint64_t)n[0], (uint64_t)n[1], (uint64_t)n[2]);
@@ -1340,10 +1531,18 @@ static void run_steps(launch_t *launch) {
             check(pid, "fork the payload", "");
             if (pid > 0) {
                 close(error_fd);
+                if (listener_sock[1] >= 0) {
+                    close(listener_sock[1]);
+                    listener_sock[1] = -1;
+                }
                 run_init(pid, (int)n[0], identity);
             }
             close((int)n[0]);
             close((int)n[4]);
+            if (listener_sock[0] >= 0) {
+                close(listener_sock[0]);
+                listener_sock[0] = -1;
+            }
             break;
         }
         case STEP_SPAWN_PROGRAM: {

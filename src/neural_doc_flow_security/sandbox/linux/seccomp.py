@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno as errno_mod
 import os
 import struct
@@ -249,12 +250,77 @@ _DEFAULT_DENY: Final[dict[str, _Match]] = {
     "personality": "unsafe_personality",
 }
 
+SANDBOX_OWN: Final[frozenset[str]] = frozenset({
+    # What the sandbox itself does under the filter: the payload hands the listener to
+    # init (sendmsg, close); init (which, for a program, installs the filter on itself)
+    # answers notifications, reaps, forwards signals, reports and starts the program.
+    "sendmsg", "recvmsg", "close", "close_range", "ioctl", "ppoll", "poll", "wait4", "kill", "getrusage",
+    "write", "exit", "exit_group", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "prctl", "clock_gettime",
+    "getpid", "clone", "vfork", "execve", "newfstatat", "access", "faccessat", "faccessat2", "chdir",
+    "restart_syscall",
+})
+"""Syscalls every allow-list profile allows: without them the sandbox's own init and
+launch would block on their own listener or fail."""
+
+ALLOW_LIST: Final[frozenset[str]] = SANDBOX_OWN | frozenset({
+    # memory
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "mincore", "msync", "mlock", "mlock2",
+    "munlock", "mlockall", "munlockall", "membarrier", "memfd_create", "pkey_alloc", "pkey_free",
+    "pkey_mprotect", "get_mempolicy",
+    # files (open/openat/creat, chmod..., mkdir, mknod keep the deny list's argument checks)
+    "read", "readv", "pread64", "preadv", "preadv2", "write", "writev", "pwrite64", "pwritev", "pwritev2",
+    "open", "openat", "creat", "close", "lseek", "stat", "fstat", "lstat", "newfstatat", "statx", "statfs",
+    "fstatfs", "readlink", "readlinkat", "getdents", "getdents64", "getcwd", "fchdir", "mkdir",
+    "mkdirat", "rmdir", "rename", "renameat", "renameat2", "link", "linkat", "unlink", "unlinkat",
+    "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown",
+    "fchownat", "umask", "truncate", "ftruncate", "fallocate", "fsync", "fdatasync", "sync", "syncfs",
+    "sync_file_range", "utime", "utimes", "utimensat", "futimesat", "fadvise64", "readahead", "flock",
+    "fcntl", "dup", "dup2", "dup3", "pipe", "pipe2", "sendfile", "splice", "tee", "vmsplice",
+    "copy_file_range", "mknod", "mknodat", "getxattr", "lgetxattr", "fgetxattr", "listxattr",
+    "llistxattr", "flistxattr", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+    "fremovexattr", "inotify_init", "inotify_init1", "inotify_add_watch", "inotify_rm_watch",
+    # waiting for events
+    "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
+    "epoll_pwait2", "eventfd", "eventfd2", "signalfd", "signalfd4", "timerfd_create", "timerfd_settime",
+    "timerfd_gettime",
+    # time
+    "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time", "times", "getitimer",
+    "setitimer", "alarm", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun",
+    "timer_delete",
+    # processes, threads, signals (clone keeps its namespace-flag check; clone3 gets ENOSYS)
+    "fork", "execveat", "waitid", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
+    "rt_sigpending", "rt_sigtimedwait", "rt_sigsuspend", "sigaltstack", "pause", "gettid", "getppid",
+    "getpgid", "getpgrp", "setpgid", "getsid", "setsid", "getuid", "geteuid", "getgid", "getegid",
+    "getresuid", "getresgid", "getgroups", "capget", "arch_prctl", "set_tid_address", "set_robust_list",
+    "get_robust_list", "rseq", "futex", "futex_waitv", "sched_yield", "sched_getaffinity",
+    "sched_setaffinity", "sched_getparam", "sched_getscheduler", "sched_get_priority_max",
+    "sched_get_priority_min", "sched_rr_get_interval", "sched_getattr", "getpriority", "getrlimit",
+    "setrlimit", "prlimit64", "sysinfo", "uname", "getcpu", "personality", "pidfd_open",
+    "pidfd_send_signal", "getrandom", "seccomp", "landlock_create_ruleset", "landlock_add_rule",
+    "landlock_restrict_self",
+    # sockets (socket and socketpair keep the family checks)
+    "socket", "socketpair", "bind", "listen", "accept", "accept4", "connect", "getsockname",
+    "getpeername", "sendto", "recvfrom", "sendmmsg", "recvmmsg", "shutdown", "setsockopt", "getsockopt",
+    # System V and POSIX IPC (the sandbox's own IPC namespace)
+    "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl", "msgget", "msgsnd",
+    "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
+    "mq_getsetattr",
+})
+"""The built-in allow-list: what the Python payload (the interpreter, threads, subprocesses,
+cloudpickle, msgpack, the channel), pdftotext and pdftoppm were measured to use (strace -f, see
+benchmarks/README.md), widened to their families so that an ordinary library does not trip
+on a sibling call (pread64 and preadv, epoll_wait and epoll_pwait). Every other syscall,
+known or not yet invented, gets ENOSYS (so libc falls back where it can); the deny list's
+argument checks (clone flags, tty ioctls, socket families, set-id modes, device nodes,
+personality) still apply to the calls allowed here."""
+
 _PROFILE_KEYS: Final = ("extends", "deny", "allow", "action", "errno")
 _BPF_MAX_INSNS: Final = 4096
 _SOCK_FILTER_SIZE: Final = 8
 
 # libseccomp's __NR_SCMP_ERROR; pseudo numbers (< -1) mean "known, not on this arch".
 _NR_UNKNOWN: Final = -1
+_RET_USER_NOTIF: Final = 0x7FC00000  # SECCOMP_RET_USER_NOTIF
 
 
 class _SockFilter(ctypes.Structure):
@@ -290,6 +356,9 @@ class SeccompProgram:
     instructions: int
     denied: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
+    reported_bpf: bytes = field(default=b"", repr=False)
+    notify_errnos: bytes = field(default=b"", repr=False)
+    learn_bpf: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if len(self.bpf) % _SOCK_FILTER_SIZE or len(self.bpf) // _SOCK_FILTER_SIZE != self.instructions:
@@ -306,13 +375,27 @@ class SeccompProgram:
         # The ctypes structures cannot be pickled; rebuild them from the public fields.
         return (
             SeccompProgram,
-            (self.name, self.description, self.bpf, self.instructions, self.denied, self.skipped),
+            (self.name, self.description, self.bpf, self.instructions, self.denied, self.skipped,
+             self.reported_bpf, self.notify_errnos, self.learn_bpf),
         )
 
     @property
     def enabled(self) -> bool:
         """True when installing this program adds a filter."""
         return self.instructions > 0
+
+    @property
+    def reports(self) -> bool:
+        """True when the program has a variant whose refusals a listener answers and counts
+        (``reported_bpf``: the same rules, with SECCOMP_RET_USER_NOTIF where ``bpf``
+        returns the errno; ``notify_errnos``: the errno per syscall number, int32 each)."""
+        return bool(self.reported_bpf)
+
+    @property
+    def learns(self) -> bool:
+        """True for the "learn" program: ``bpf`` (the deny list) and then ``learn_bpf``,
+        which sends every other syscall to the listener, which records and continues it."""
+        return bool(self.learn_bpf)
 
 
 NO_FILTER: Final = SeccompProgram(name="off", description="off: no seccomp filter", bpf=b"", instructions=0)
@@ -338,6 +421,9 @@ class SeccompProfile:
     action: Literal["errno", "kill"] = "errno"
     errno: int = errno_mod.EPERM
     newest_syscall: int | None = None
+    allow: frozenset[str] | None = None
+    """None: a deny-list (allow what is not denied). A set: an allow-list: every other
+    syscall gets ``ENOSYS``; ``deny`` still applies (its argument checks to allowed calls)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,8 +458,14 @@ def _pyseccomp() -> Any:
     return pyseccomp
 
 
+BUILTIN_PROFILES: Final = ("deny-list", "allow-list")
+"""The built-in profiles by name; "default" is the deny-list here (SandboxConfig's
+"default" picks per payload kind, see config.SandboxConfig.seccomp)."""
+
+
 def compile_profile(spec: str) -> SeccompProgram:
-    """Compile ``spec`` ("default", "off" or an absolute profile path) to a SeccompProgram.
+    """Compile ``spec`` ("deny-list", "allow-list", "learn", "default" (the deny-list),
+    "off" or an absolute profile path) to a SeccompProgram.
 
     Results are cached by the spec and, for files, their inode, mtime and size:
     compiling the same unchanged spec again returns the same object. The default
@@ -384,7 +476,7 @@ def compile_profile(spec: str) -> SeccompProgram:
     """
     if spec == "off":
         return NO_FILTER
-    if spec == "default":
+    if spec in ("default", "learn", *BUILTIN_PROFILES):
         key = (spec, 0, 0, 0)
     elif os.path.isabs(spec):
         try:
@@ -394,16 +486,20 @@ def compile_profile(spec: str) -> SeccompProgram:
         key = (spec, st.st_ino, st.st_mtime_ns, st.st_size)
     else:
         raise ConfigError(
-            STAGE, f"expected 'default', 'off' or an absolute path to a .toml/.json profile, got {spec!r}"
+            STAGE, "expected 'default', 'deny-list', 'allow-list', 'learn', 'off' or an absolute path "
+                   f"to a .toml/.json profile, got {spec!r}"
         )
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
             return cached
-        if spec == "default":  # unchanged from the last run's compile, read back from disk
+        if spec == "learn":
+            program = learn_program()
+        elif spec in BUILTIN_PROFILES:  # unchanged from the last run's compile, read back from disk
             from .seccomp_cache import load_or_compile
 
-            program = load_or_compile(lambda: build_program(default_profile()))
+            build = default_profile if spec == "deny-list" else allow_list_profile
+            program = load_or_compile(spec, lambda: build_program(build()))
         else:
             program = build_program(load_profile_file(spec))
         _cache[key] = program
@@ -412,7 +508,32 @@ def compile_profile(spec: str) -> SeccompProgram:
 
 def default_profile() -> SeccompProfile:
     """The built-in deny-list profile (see the module docstring)."""
-    return SeccompProfile(name="default", deny=dict(_DEFAULT_DENY), newest_syscall=_newest_reviewed())
+    return SeccompProfile(name="deny-list", deny=dict(_DEFAULT_DENY), newest_syscall=_newest_reviewed())
+
+
+def allow_list_profile(allow: frozenset[str] = ALLOW_LIST, name: str = "allow-list") -> SeccompProfile:
+    """An allow-list profile: ``allow`` (with SANDBOX_OWN) and the deny list's rules."""
+    return SeccompProfile(name=name, deny=dict(_DEFAULT_DENY), newest_syscall=_newest_reviewed(),
+                          allow=frozenset(allow) | SANDBOX_OWN)
+
+
+def learn_program() -> SeccompProgram:
+    """The "learn" program: the deny list, then a filter that sends every syscall but the
+    listener hand-over's (sendmsg, close) to the sandbox's listener, which records it and
+    lets it continue (SECCOMP_USER_NOTIF_FLAG_CONTINUE)."""
+    base = build_program(default_profile())
+    scmp = _pyseccomp()
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06
+    own = [syscall_number(name) for name in ("sendmsg", "close")]
+    # 0 ld nr, 1.. jeq own -> allow, then ret notify, ret allow
+    insns = [(ld_abs, 0, 0, 0)]
+    for i, nr in enumerate(own):
+        insns.append((jeq, len(own) - i, 0, nr))
+    insns += [(ret, 0, 0, _RET_USER_NOTIF), (ret, 0, 0, int(scmp.ALLOW))]
+    learn = b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+    return dataclasses.replace(
+        base, name="learn", learn_bpf=learn, reported_bpf=b"", notify_errnos=b"",
+        description="learn: every syscall is recorded and let through, except what the deny list refuses")
 
 
 def _newest_reviewed() -> int | None:
@@ -426,11 +547,18 @@ def load_profile_file(path: str) -> SeccompProfile:
 
     Keys (all optional)::
 
-        extends = "default"        # or "none": start from an empty deny list
+        extends = "deny-list"      # ("default" is the same); or "none": start from an empty deny list;
+                                   # or "allow-list" / "minimal": an allow-list, below
         deny = ["name", ...]       # syscalls to refuse in full (added to the inherited list)
         allow = ["name", ...]      # remove inherited denials, e.g. "ptrace", "clone" (its flag check)
         action = "errno"           # or "kill": kill the process with SIGSYS
         errno = "EPERM"            # errno name or number, only with action = "errno"
+
+    With ``extends = "allow-list"`` (the built-in ALLOW_LIST) or ``"minimal"`` (only
+    SANDBOX_OWN, what the sandbox itself needs; ``ndf-sandbox run --seccomp learn``
+    writes such files), ``allow`` adds syscalls to the allowed set and every other
+    syscall gets ENOSYS. The deny list's rules all stay (its argument checks apply to
+    the allowed calls); naming one of its fully refused calls in ``allow`` is an error.
 
     Raises ConfigError("seccomp", "<file>: ...") naming the bad key, value or
     syscall, with a suggestion for misspelled keys and syscall names.
@@ -444,18 +572,28 @@ def load_profile_file(path: str) -> SeccompProfile:
         if key not in _PROFILE_KEYS:
             raise fail(f"unknown key {key!r}{_did_you_mean(str(key), _PROFILE_KEYS)}")
 
-    extends = data.get("extends", "default")
-    if extends not in ("default", "none"):
-        raise fail(f"extends must be 'default' or 'none', got {extends!r}")
-    deny: dict[str, _Match] = dict(_DEFAULT_DENY) if extends == "default" else {}
+    extends = data.get("extends", "deny-list")
+    bases = ("deny-list", "default", "none", "allow-list", "minimal")
+    if extends not in bases:
+        raise fail(f"extends must be one of {', '.join(map(repr, bases))}, got {extends!r}")
+    deny: dict[str, _Match] = dict(_DEFAULT_DENY) if extends != "none" else {}
 
     deny_names = _syscall_list(data, "deny", fail)
     allow_names = _syscall_list(data, "allow", fail)
     both = sorted(set(deny_names) & set(allow_names))
     if both:
         raise fail(f"syscalls both denied and allowed: {', '.join(both)}")
-    for name in allow_names:
-        deny.pop(name, None)
+    allowed: frozenset[str] | None = None
+    if extends in ("allow-list", "minimal"):
+        refused = sorted(name for name in allow_names if _DEFAULT_DENY.get(name) in ("always", "enosys"))
+        if refused:
+            raise fail(f"allow: {', '.join(refused)} stay refused in an allow-list profile (the deny list's "
+                       "rules are kept); lift them with extends = 'deny-list' instead")
+        allowed = (ALLOW_LIST if extends == "allow-list" else SANDBOX_OWN) | frozenset(allow_names)
+        allowed -= frozenset(deny_names)
+    else:
+        for name in allow_names:
+            deny.pop(name, None)
     for name in deny_names:
         deny[name] = "always"
 
@@ -465,44 +603,37 @@ def load_profile_file(path: str) -> SeccompProfile:
     if "errno" in data and action != "errno":
         raise fail("errno is only meaningful with action = 'errno'")
     err = _parse_errno(data.get("errno", "EPERM"), fail)
-    newest = _newest_reviewed() if extends == "default" else None
-    return SeccompProfile(name=path, deny=deny, action=action, errno=err, newest_syscall=newest)
+    newest = _newest_reviewed() if extends != "none" else None
+    return SeccompProfile(name=path, deny=deny, action=action, errno=err, newest_syscall=newest, allow=allowed)
 
 
 def build_program(profile: SeccompProfile) -> SeccompProgram:
-    """Compile a validated profile with libseccomp and export it as raw BPF."""
-    pyseccomp = _pyseccomp()
-
-    flt, denied, skipped = _build_filter(profile)
-    fd = os.memfd_create("ndf-seccomp-bpf", os.MFD_CLOEXEC)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as sink:
-            flt.export_bpf(sink)
-        size = os.lseek(fd, 0, os.SEEK_END)
-        bpf = os.pread(fd, size, 0)
-    except OSError as exc:
-        raise SetupError(STAGE, f"exporting the filter from libseccomp failed: {exc}", exc.errno or 0) from (
-            exc
-        )
-    finally:
-        os.close(fd)
-    if profile.deny.get("personality") == "unsafe_personality":
-        bpf = _personality_prefix(pyseccomp, _deny_action(pyseccomp, profile)) + bpf
-    if profile.newest_syscall is not None:
-        bpf = _newer_syscalls_prefix(pyseccomp, profile.newest_syscall) + bpf
+    """Compile a validated profile with libseccomp and export it as raw BPF, with its
+    reported variant (see SeccompProgram.reports) when its refusals are errnos."""
+    flt, denied, skipped, _ = _build_filter(profile)
+    bpf = _with_prefixes(profile, _export(flt), notify=False)
+    reported_bpf, errnos = b"", b""
+    if profile.action == "errno":
+        reported, _, _, table = _build_filter(profile, notify=True)
+        reported_bpf = _with_prefixes(profile, _export(reported), notify=True)
+        if profile.deny.get("personality") == "unsafe_personality":
+            table[syscall_number("personality")] = profile.errno
+        errnos = b"".join(struct.pack("=i", table.get(nr, 0)) for nr in range(max(table, default=-1) + 1))
 
     instructions = len(bpf) // _SOCK_FILTER_SIZE
     what = f"{profile.action} {errno_mod.errorcode.get(profile.errno, profile.errno)}"
     if profile.action == "kill":
         what = "kill process"
-    parts = [
-        f"{os.path.basename(profile.name) if profile.name != 'default' else 'default'}: "
-        f"allow by default, {len(denied)} syscalls denied ({what})",
-    ]
-    enosys = [name for name in denied if profile.deny[name] == "enosys"]
+    label = os.path.basename(profile.name) if profile.name.startswith("/") else profile.name
+    if profile.allow is None:
+        parts = [f"{label}: allow by default, {len(denied)} syscalls denied ({what})"]
+    else:
+        parts = [f"{label}: allow-list of {len(profile.allow)} syscalls, every other one -> ENOSYS, "
+                 f"{len(denied)} denied ({what})"]
+    enosys = [name for name in denied if profile.deny.get(name) == "enosys"]
     if enosys:
         parts.append("/".join(enosys) + " -> ENOSYS")
-    conditional = [name for name in denied if profile.deny[name] not in ("always", "enosys")]
+    conditional = [name for name in denied if profile.deny.get(name) not in (None, "always", "enosys")]
     if conditional:
         parts.append("argument checks on " + "/".join(conditional))
     if profile.newest_syscall is not None:
@@ -518,7 +649,35 @@ def build_program(profile: SeccompProfile) -> SeccompProgram:
         instructions=instructions,
         denied=tuple(denied),
         skipped=tuple(skipped),
+        reported_bpf=reported_bpf,
+        notify_errnos=errnos,
     )
+
+
+def _export(flt: Any) -> bytes:
+    fd = os.memfd_create("ndf-seccomp-bpf", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as sink:
+            flt.export_bpf(sink)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return os.pread(fd, size, 0)
+    except OSError as exc:
+        raise SetupError(STAGE, f"exporting the filter from libseccomp failed: {exc}", exc.errno or 0) from (
+            exc
+        )
+    finally:
+        os.close(fd)
+
+
+def _with_prefixes(profile: SeccompProfile, bpf: bytes, notify: bool) -> bytes:
+    """The hand-written checks libseccomp cannot express, ahead of its program."""
+    scmp = _pyseccomp()
+    if profile.deny.get("personality") == "unsafe_personality":
+        action = _RET_USER_NOTIF if notify else _deny_action(scmp, profile)
+        bpf = _personality_prefix(scmp, action) + bpf
+    if profile.newest_syscall is not None:
+        bpf = _newer_syscalls_prefix(scmp, profile.newest_syscall, notify) + bpf
+    return bpf
 
 
 def build_libseccomp_filter(profile: SeccompProfile) -> Any:
@@ -528,6 +687,17 @@ def build_libseccomp_filter(profile: SeccompProfile) -> Any:
     installs the exported program (``SeccompProgram.bpf``).
     """
     return _build_filter(profile)[0]
+
+
+def syscall_name(nr: int) -> str:
+    """The native name of syscall number ``nr``, or "syscall_<nr>" for one unknown here."""
+    if 0 <= nr < 4096:
+        with contextlib.suppress(ValueError):
+            return str(_pyseccomp().resolve_syscall(_pyseccomp().Arch.NATIVE, nr).decode())
+        for name, number in NEWER_SYSCALLS.items():
+            if number == nr and os.uname().machine in _UNIFIED_NUMBERS_ARCHES:
+                return name
+    return f"syscall_{nr}"
 
 
 def known_syscalls() -> tuple[str, ...]:
@@ -550,16 +720,27 @@ def libseccomp_version() -> str:
     return f"{v.major}.{v.minor}.{v.micro}"
 
 
-def _build_filter(profile: SeccompProfile) -> tuple[Any, list[str], list[str]]:
+def _build_filter(profile: SeccompProfile,
+                  notify: bool = False) -> tuple[Any, list[str], list[str], dict[int, int]]:
+    """The libseccomp filter, the denied and skipped names, and (with ``notify``: every
+    refusal that would return the profile's errno, or an allow-list's ENOSYS, returns
+    SECCOMP_RET_USER_NOTIF instead) the errno the listener answers per syscall number."""
     scmp = _pyseccomp()
 
     deny_action = _deny_action(scmp, profile)
+    notified: dict[int, int] = {}
     flt = scmp.SyscallFilter(scmp.ALLOW)
     # Only the native arch is in the filter; everything else (i386 via int 0x80, and x32
     # numbers, which libseccomp checks for on x86_64) takes this action.
     flt.set_attr(scmp.Attr.ACT_BADARCH, scmp.KILL_PROCESS)
     with contextlib.suppress(OSError):  # binary tree, O(log n) per syscall; libseccomp >= 2.5
         flt.set_attr(scmp.Attr.CTL_OPTIMIZE, 2)
+
+    def add(action: int, nr: int, args: tuple[Any, ...]) -> None:
+        if notify and action == deny_action and profile.action == "errno":
+            notified[nr] = profile.errno
+            action = _RET_USER_NOTIF
+        flt.add_rule(action, nr, *args)
 
     denied: list[str] = []
     unknown: list[str] = []
@@ -572,15 +753,26 @@ def _build_filter(profile: SeccompProfile) -> tuple[Any, list[str], list[str]]:
         if nr < 0:
             foreign.append(name)
             continue
+        if profile.allow is not None and name not in profile.allow and match not in ("always", "enosys"):
+            continue  # not allowed at all: the allow-list's ENOSYS below, not an argument check
         for action, args in _rules(scmp, name, match, deny_action):
-            flt.add_rule(action, nr, *args)
+            add(action, nr, args)
         denied.append(name)
+    if profile.allow is not None:
+        enosys = int(scmp.ERRNO(errno_mod.ENOSYS))
+        for name in _native_syscall_names():
+            nr = syscall_number(name)
+            if nr < 0 or name in profile.allow or name in denied:
+                continue
+            if notify:
+                notified[nr] = errno_mod.ENOSYS
+            flt.add_rule(_RET_USER_NOTIF if notify else enosys, nr)
     skipped: list[str] = []
     if unknown:
         skipped.append(f"unknown to libseccomp {libseccomp_version()}: {', '.join(unknown)}")
     if foreign:
         skipped.append(f"not syscalls on {os.uname().machine}: {', '.join(foreign)}")
-    return flt, denied, skipped
+    return flt, denied, skipped, notified
 
 
 def _rules(scmp: Any, name: str, match: _Match, deny: int) -> list[tuple[int, tuple[Any, ...]]]:
@@ -697,14 +889,14 @@ def _personality_prefix(scmp: Any, deny_action: int) -> bytes:
 _X32_SYSCALL_BIT: Final = 0x40000000
 
 
-def _newer_syscalls_prefix(scmp: Any, newest: int) -> bytes:
+def _newer_syscalls_prefix(scmp: Any, newest: int, notify: bool = False) -> bytes:
     """BPF that answers ENOSYS to native syscall numbers above ``newest`` (and below
     the x32 bit, whose numbers libseccomp's program kills). Every other call jumps
     to the next instruction after the prefix. The kernel's per-syscall cache still
     sees a constant answer for every number, so allowed calls never run the filter.
     """
     ld_abs, jeq, jge, jgt, ret = 0x20, 0x15, 0x35, 0x25, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JGT}|K, RET|K
-    enosys = int(scmp.ERRNO(errno_mod.ENOSYS))
+    enosys = _RET_USER_NOTIF if notify else int(scmp.ERRNO(errno_mod.ENOSYS))
     # Layout: 0 ld arch, 1 jeq native, 2 ld nr, 3 jge x32 bit, 4 jgt newest, 5 ret ENOSYS; 6 = past the prefix.
     insns = [
         (ld_abs, 0, 0, 4),

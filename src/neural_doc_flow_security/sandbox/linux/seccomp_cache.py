@@ -1,4 +1,4 @@
-"""The compiled default seccomp program, kept on disk between runs.
+"""The compiled built-in seccomp programs (deny-list, allow-list), kept on disk between runs.
 
 Compiling the default profile means importing pyseccomp (which loads libseccomp
 through ctypes.util) and building the filter: several milliseconds, paid by every
@@ -22,8 +22,8 @@ directory is trusted exactly as much as the code beside it: a sandbox that could
 write it could rewrite seccomp.py as well. So the file is trusted only if it and its
 directory belong to the owner of this module's file and are writable by nobody else,
 and it is written only by that owner (an installation the caller cannot write
-compiles every time). Only the "default" spec is cached; profile files are
-compiled each time (their own in-memory cache aside). Anything that does not parse
+compiles every time). Only the built-in profiles (deny-list, allow-list) are cached, one
+file each; profile files are compiled each time (their own in-memory cache aside). Anything that does not parse
 is compiled fresh. Nothing here fails a launch: a cache that cannot be read or
 written is no cache.
 """
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .seccomp import SeccompProgram
 
-FORMAT = "ndf-seccomp-program 1"
+FORMAT = "ndf-seccomp-program 2"
 LIBSECCOMP_SONAME = "libseccomp.so.2"
 _DIR_NAME = "neural-doc-flow-security"
 
@@ -51,12 +51,12 @@ def cache_dir() -> str | None:
     return os.path.join(here, "__pycache__") if os.path.isabs(here) else None
 
 
-def cache_file() -> str | None:
-    """The cache file of the default program of this installation on this architecture, or None."""
+def cache_file(spec: str = "deny-list") -> str | None:
+    """The cache file of built-in program `spec` of this installation on this architecture, or None."""
     directory = cache_dir()
     if directory is None:
         return None
-    return os.path.join(directory, f"seccomp-default-{os.uname().machine}.ndfcache")
+    return os.path.join(directory, f"seccomp-{spec}-{os.uname().machine}.ndfcache")
 
 
 def _code_owner() -> int:
@@ -89,9 +89,9 @@ def cache_key() -> str:
                      _stamp(seccomp.__file__), _stamp(__file__)))
 
 
-def load(key: str) -> SeccompProgram | None:
-    """The cached default program compiled for `key`, or None."""
-    path = cache_file()
+def load(key: str, spec: str = "deny-list") -> SeccompProgram | None:
+    """The cached built-in program `spec` compiled for `key`, or None."""
+    path = cache_file(spec)
     if path is None:
         return None
     try:
@@ -101,11 +101,12 @@ def load(key: str) -> SeccompProgram | None:
     return None if data is None else _parse(data, key)
 
 
-def store(key: str, program: SeccompProgram) -> None:
-    """Keep `program` (the default, compiled for `key`) for later runs; best effort."""
-    path = cache_file()
+def store(key: str, program: SeccompProgram, spec: str = "deny-list") -> None:
+    """Keep `program` (built-in `spec`, compiled for `key`) for later runs; best effort."""
+    path = cache_file(spec)
     fields = [FORMAT, key, program.name, program.description, " ".join(program.denied),
-              "\x1f".join(program.skipped), str(program.instructions), program.bpf.hex()]
+              "\x1f".join(program.skipped), str(program.instructions), program.bpf.hex(),
+              program.reported_bpf.hex(), program.notify_errnos.hex()]
     if path is None or any("\n" in f for f in fields):
         return
     directory = os.path.dirname(path)
@@ -129,17 +130,17 @@ def store(key: str, program: SeccompProgram) -> None:
             pass
 
 
-def load_or_compile(compile_default: Callable[[], SeccompProgram]) -> SeccompProgram:
-    """The default program: from the cache if its inputs are unchanged, else
-    `compile_default()`, which is then cached."""
+def load_or_compile(spec: str, compile_builtin: Callable[[], SeccompProgram]) -> SeccompProgram:
+    """Built-in program `spec`: from the cache if its inputs are unchanged, else
+    `compile_builtin()`, which is then cached."""
     try:
         key = cache_key()
     except OSError:  # no libseccomp to identify: compiling says what is wrong
-        return compile_default()
-    program = load(key)
+        return compile_builtin()
+    program = load(key, spec)
     if program is None:
-        program = compile_default()
-        store(key, program)
+        program = compile_builtin()
+        store(key, program, spec)
     return program
 
 
@@ -172,11 +173,12 @@ def _parse(data: bytes, key: str) -> SeccompProgram | None:
 
     try:
         lines = data.decode().split("\n")
-        if len(lines) != 9 or lines[0] != FORMAT or lines[1] != key or lines[8]:
+        if len(lines) != 11 or lines[0] != FORMAT or lines[1] != key or lines[10]:
             return None
-        name, description, denied, skipped, instructions, bpf = lines[2:8]
+        name, description, denied, skipped, instructions, bpf, reported_bpf, notify_errnos = lines[2:10]
         return SeccompProgram(name=name, description=description, bpf=bytes.fromhex(bpf),
                               instructions=int(instructions), denied=tuple(denied.split()),
-                              skipped=tuple(skipped.split("\x1f")) if skipped else ())
+                              skipped=tuple(skipped.split("\x1f")) if skipped else (),
+                              reported_bpf=bytes.fromhex(reported_bpf), notify_errnos=bytes.fromhex(notify_errnos))
     except ValueError:  # not UTF-8, not hex, a size that does not match
         return None

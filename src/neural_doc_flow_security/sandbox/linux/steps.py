@@ -45,7 +45,7 @@ class Step(IntEnum):
     SETRLIMIT = 20         # resource, value (soft = hard)
     IDENTITY = 21          # uid, gid (-1: the launch's sandbox id), in a user namespace
     CAPABILITIES = 22      # allowed mask, ambient mask, last capability
-    SECCOMP = 23           # BPF program
+    SECCOMP = 23           # BPF program, listener (keep or hand over the filter's listener, see LISTENER)
     CLOSE = 24             # fd
     FORK_PAYLOAD = 25      # status fd, uid, gid (as IDENTITY), in a user namespace, sync fd: fork; this process
                            # becomes init
@@ -65,6 +65,8 @@ class Step(IntEnum):
     SEND_SLOT = 37         # socket fd, slot: send the slot's fd to the parent (SCM_RIGHTS), close both
     IDMAP = 38             # sandbox uid, gid (-1: the launch's id), host uid, gid: make the user namespace
                            # that binds with MOUNT_ATTR_IDMAP apply (rootfs.py); all -2: close it
+    LISTENER = 45          # mode (1 report, 2 learn), errno per syscall number (int32s), hand over (a forked
+                           # payload sends init the listener of its filter; else init installs it on itself)
 
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
