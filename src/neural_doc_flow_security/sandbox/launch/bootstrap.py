@@ -16,11 +16,15 @@ error pipe and the process exits: nothing half-protected ever runs the payload
     7 hostname, loopback                 16 landlock (linux/landlock.py)
     8 wait for the cgroup                17 seccomp (last)
     9 a program: init confines itself    18 exec / run the callable (the error
-      and posix_spawns it; a callable:      pipe is closed first: nothing
-      init forks, the child confines        untrusted ever holds it)
-      itself and returns to Python to
-      run it; init drops to the same
-      uid, reaps and forwards signals
+      and posix_spawns it; a callable       pipe is closed first: nothing
+      (or a program, learning its           untrusted ever holds it)
+      syscalls): init forks, the child
+      confines itself (its seccomp
+      listener goes to init) and returns
+      to Python to run it (or execs);
+      init drops to the same uid, reaps,
+      forwards signals and answers the
+      seccomp listener
 
 The child is the sandbox's pid 1. The parent releases it twice: once the user
 namespace's id maps are written (b"m", only with a user namespace), and once
@@ -95,8 +99,9 @@ def _confine(plan: LaunchPlan, program: bool, fd_map: tuple[tuple[int, int], ...
 
 
 def _listener(plan: LaunchPlan, program: bool, hand_over: bool) -> list[StepTuple]:
-    """Prepare init's seccomp listener: `hand_over` for a forked payload, which sends
-    init its filter's listener (else init installs the filter on itself)."""
+    """Prepare init's seccomp listener: init answers and counts the calls the filter refers
+    to it. `hand_over`: the forked payload sends it its filter's listener (else init
+    installs the filter on itself)."""
     filter_ = plan.seccomp_for(program)
     mode = 2 if filter_.learns else 1 if filter_.reports else 0
     if not mode:
@@ -142,8 +147,9 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
     if program and "pid" in names and not plan.seccomp_for(program).learns:
         # A program: init confines itself, then starts the program with posix_spawn;
         # the program inherits every protection. In the pid namespace the program
-        # cannot kill init. (Learning, init must stay outside the filter that sends
-        # every call to it.)
+        # cannot kill init. Init keeps the filter's listener (the reported filter
+        # never refers init's own calls to it); learning, it must stay outside the
+        # filter, which refers every call.
         steps += _listener(plan, program, hand_over=False)
         steps += _confine(plan, program, fd_map, (pipes.status_write, pipes.sync_read),
                           (Step.STILL_SUPERVISED, pipes.sync_read))

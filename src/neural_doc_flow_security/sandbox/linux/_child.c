@@ -187,8 +187,10 @@ static int trace_fd = -1;
 
 /* The seccomp listener (STEP_LISTENER, STEP_SECCOMP with a listener): init answers the
  * filter's SECCOMP_RET_USER_NOTIF with the errno the rule stands for (report) or lets the
- * call continue (learn), and counts each syscall number. The payload's process installs
- * the filter in a forked launch and hands the listener to init over a socketpair. */
+ * call continue (learn), and counts each syscall number. A forked payload installs the
+ * filter and hands the listener to init over a socketpair. Init runs in the sandbox's
+ * cgroup: a payload that floods refused calls spends the sandbox's CPU, not the host's.
+ * If init is gone, the kernel fails a referred call with ENOSYS (fail closed). */
 enum { LISTENER_REPORT = 1, LISTENER_LEARN = 2, LISTENER_SLOTS = 1024 };
 static int listener_mode = 0;
 static const char *listener_errnos = NULL; /* int32 per syscall number (0: ENOSYS) */
@@ -896,8 +898,9 @@ static void apply_capabilities(uint64_t allowed, uint64_t ambient, int last_cap)
             check(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "PR_CAP_AMBIENT_RAISE", "");
 }
 
-/* Install the filter; with `listener`, keep its listener (init confines itself) or hand
- * it to init (a forked payload) and close it: the payload never holds it. */
+/* Install the filter; with `listener`, keep its listener (init confines itself before it
+ * spawns a program: the filter never refers init's own calls to it, see seccomp.py) or
+ * hand it to init (a forked payload) and close it: the payload never holds it. */
 static void install_seccomp(const char *bpf, Py_ssize_t len, int listener) {
     struct sock_fprog prog = {(unsigned short)(len / sizeof(struct sock_filter)), (struct sock_filter *)bpf};
     long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, listener ? SECCOMP_FILTER_FLAG_NEW_LISTENER : 0, &prog);

@@ -736,8 +736,12 @@ def _build_filter(profile: SeccompProfile,
     with contextlib.suppress(OSError):  # binary tree, O(log n) per syscall; libseccomp >= 2.5
         flt.set_attr(scmp.Attr.CTL_OPTIMIZE, 2)
 
-    def add(action: int, nr: int, args: tuple[Any, ...]) -> None:
-        if notify and action == deny_action and profile.action == "errno":
+    def add(action: int, name: str, nr: int, args: tuple[Any, ...]) -> None:
+        # A program's init installs the filter on itself and holds its listener: a call of
+        # its own (SANDBOX_OWN) refused in full must get its errno directly, or init would
+        # wait for itself. (It never matches an argument check: no namespace flag, no tty.)
+        if (notify and action == deny_action and profile.action == "errno"
+                and (args or name not in SANDBOX_OWN)):
             notified[nr] = profile.errno
             action = _RET_USER_NOTIF
         flt.add_rule(action, nr, *args)
@@ -756,7 +760,7 @@ def _build_filter(profile: SeccompProfile,
         if profile.allow is not None and name not in profile.allow and match not in ("always", "enosys"):
             continue  # not allowed at all: the allow-list's ENOSYS below, not an argument check
         for action, args in _rules(scmp, name, match, deny_action):
-            add(action, nr, args)
+            add(action, name, nr, args)
         denied.append(name)
     if profile.allow is not None:
         enosys = int(scmp.ERRNO(errno_mod.ENOSYS))
