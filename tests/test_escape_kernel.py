@@ -33,6 +33,12 @@ no_leaks = api_helpers.no_leaks
 
 SETID = stat.S_ISUID | stat.S_ISGID
 
+
+@pytest.fixture(params=["deny-list", "allow-list"])
+def seccomp_profile(request: pytest.FixtureRequest) -> str:
+    """Each built-in seccomp profile: the allow-list keeps every rule of the deny list."""
+    return str(request.param)
+
 # Everything a payload may try to leave set-id (or as a device) in a writable bind `d`.
 PLANT_SETID = """
 import errno, os, shutil
@@ -104,17 +110,17 @@ def _assert_refused(found: dict[str, tuple[int, str]]) -> None:
     assert found["link_root_file"] in ((-1, "EPERM"), (-1, "EOVERFLOW")), found
 
 
-def test_cannot_plant_set_id_files_through_a_writable_bind(sandbox_caller: SandboxCaller,
-                                                           shared_host_dir: Path) -> None:
+def test_cannot_plant_set_id_files_through_a_writable_bind(sandbox_caller: SandboxCaller, shared_host_dir: Path,
+                                                           seccomp_profile: str) -> None:
     _prepare_bind(shared_host_dir)
     code = f"import stat\nd = {str(shared_host_dir)!r}\nsetuid_binary = {_setuid_binary()!r}\n" + PLANT_SETID
-    result = sandbox_caller.run([*PY, "--bind", str(shared_host_dir)], python(code))
+    result = sandbox_caller.run([*PY, "--seccomp", seccomp_profile, "--bind", str(shared_host_dir)], python(code))
     assert result.returncode == 0 and "DONE" in out(result), describe(result)
     found = _assert_nothing_set_id(shared_host_dir)
     assert "s" in found and "g2" in found, found  # the payload did write to the host directory
     _assert_refused(probes(out(result)))
     # the same with the coreutils a script would use
-    shell = sandbox_caller.run(["--bind", str(shared_host_dir)],
+    shell = sandbox_caller.run(["--seccomp", seccomp_profile, "--bind", str(shared_host_dir)],
                                ["sh", "-c", f"cd {shared_host_dir} && cp /bin/true t && chmod 4755 t; "
                                             "chmod u+s t; chmod g+s t; mkdir -m 2755 k; echo DONE"])
     assert b"DONE" in shell.stdout, describe(shell)
@@ -123,7 +129,8 @@ def test_cannot_plant_set_id_files_through_a_writable_bind(sandbox_caller: Sandb
 
 @api_helpers.linux_only
 @api_helpers.needs_root
-def test_api_callable_cannot_plant_set_id_files(method: str, no_leaks: LeakTracker) -> None:  # noqa: F811
+def test_api_callable_cannot_plant_set_id_files(method: str, no_leaks: LeakTracker,  # noqa: F811
+                                                seccomp_profile: str) -> None:
     directory = make_host_dir(no_leaks)
     _prepare_bind(directory)
     namespace: dict[str, object] = {}
@@ -140,7 +147,8 @@ def test_api_callable_cannot_plant_set_id_files(method: str, no_leaks: LeakTrack
 
     async def main() -> object:
         async with api_helpers.manager(method) as m:
-            return await m.execute_sandboxed("plant", plant, sandbox_config=rw_bind_config(directory))
+            config = rw_bind_config(directory, seccomp=seccomp_profile)
+            return await m.with_options(sandbox_config=config).execute_sandboxed("plant", plant)
 
     result = api_helpers.run(main())  # type: ignore[arg-type]
     assert result.outcome.value == "ok", api_helpers.describe(result)  # type: ignore[attr-defined]
@@ -197,7 +205,7 @@ def test_cannot_listen_on_vsock(sandbox_caller: SandboxCaller) -> None:
         proc.wait(timeout=60)
 
 
-def test_only_unix_inet_and_route_netlink_sockets(sandbox_caller: SandboxCaller) -> None:
+def test_only_unix_inet_and_route_netlink_sockets(sandbox_caller: SandboxCaller, seccomp_profile: str) -> None:
     code = """
 import errno, socket
 NETLINK_GENERIC, NETLINK_SOCK_DIAG, NETLINK_KOBJECT_UEVENT = 16, 4, 15
@@ -226,7 +234,7 @@ except OSError as e:
 print("PROBE getaddrinfo rc=%d errno=0" % len(socket.getaddrinfo("localhost", 80)))
 print("PROBE if_nameindex rc=%d errno=0" % len(socket.if_nameindex()))
 """
-    result = sandbox_caller.run(list(PY), python(code))
+    result = sandbox_caller.run([*PY, "--seccomp", seccomp_profile], python(code))
     assert result.returncode == 0, describe(result)
     found = probes(out(result))
     for name in ("vsock", "packet", "alg", "bluetooth", "socketpair_inet"):
@@ -240,7 +248,7 @@ print("PROBE if_nameindex rc=%d errno=0" % len(socket.if_nameindex()))
 
 # --- newer syscalls ---------------------------------------------------------------------------
 
-def test_newer_kernel_surfaces_are_refused(sandbox_caller: SandboxCaller) -> None:
+def test_newer_kernel_surfaces_are_refused(sandbox_caller: SandboxCaller, seccomp_profile: str) -> None:
     # x86_64 numbers; bad pointers and unknown flags, so a broken filter does no harm
     code = SYSCALL_PRELUDE + """
 BAD = 1
@@ -254,7 +262,7 @@ print("DONE")
 """
     if os.uname().machine != "x86_64":
         pytest.skip("x86_64 syscall numbers")
-    result = sandbox_caller.run(list(PY), python(code))
+    result = sandbox_caller.run([*PY, "--seccomp", seccomp_profile], python(code))
     assert result.returncode == 0 and "DONE" in out(result), describe(result)
     found = probes(out(result))
     assert found.pop("openat2") == (-1, "ENOSYS")  # libc falls back to openat

@@ -221,9 +221,10 @@ FAMILY_PROBES: dict[str, tuple[str, tuple[int, ...], int]] = {
 """Conditional denials that answer as a kernel without the feature would (not EPERM)."""
 
 
-@pytest.fixture(scope="module")
-def default_program() -> seccomp.SeccompProgram:
-    return seccomp.compile_profile("default")
+@pytest.fixture(scope="module", params=["deny-list", "allow-list"])
+def default_program(request: pytest.FixtureRequest) -> seccomp.SeccompProgram:
+    """Each built-in profile: the allow-list keeps every rule of the deny list."""
+    return seccomp.compile_profile(request.param)
 
 
 def write_profile(tmp_path: Path, name: str, text: str) -> str:

@@ -164,9 +164,13 @@ def _build_run_parser(sub: Any) -> None:
     run.add_argument("--gid", metavar="N", type=int, help="gid of the program (default: like --uid)")
     run.add_argument("--env", metavar="K=V", action="append", default=[],
                      help="set an environment variable (the environment is clean otherwise)")
-    run.add_argument("--seccomp", metavar="default|off|FILE",
-                     help="system call filter: the built-in deny list (default), none, or an absolute "
-                          "path to a .toml/.json profile (see the README)")
+    run.add_argument("--seccomp", metavar="default|allow-list|deny-list|learn|off|FILE",
+                     help="system call filter: the built-in deny list (default for a program), the "
+                          "built-in allow-list, learn (record every syscall the program makes and write "
+                          "the allow-list profile it needs to --seccomp-learn-output), none, or an "
+                          "absolute path to a .toml/.json profile (see the README)")
+    run.add_argument("--seccomp-learn-output", metavar="FILE",
+                     help="with --seccomp learn: write the learned allow-list profile (TOML) here")
     run.add_argument("--landlock", choices=("auto", "required", "off"),
                      help="a Landlock ruleset following the mounts (default: auto, where the kernel has it)")
     run.add_argument("--cwd", metavar="DIR", default="/",
@@ -379,6 +383,17 @@ def _command_run(args: argparse.Namespace) -> int:
     if not args.cwd.startswith("/") or "\0" in args.cwd:
         print(f"ndf-sandbox: invalid --cwd: must be an absolute path, got {args.cwd!r}", file=sys.stderr)
         return EXIT_USAGE
+    if (config.seccomp == "learn") != bool(args.seccomp_learn_output):
+        print("ndf-sandbox: invalid configuration: --seccomp learn and --seccomp-learn-output FILE go "
+              "together", file=sys.stderr)
+        return EXIT_USAGE
+    if args.seccomp_learn_output:
+        try:  # before the program runs, like --json-result
+            args.learn_file = open(args.seccomp_learn_output, "w")  # noqa: SIM115 - closed by _run
+        except OSError as e:
+            print(f"ndf-sandbox: cannot write --seccomp-learn-output {args.seccomp_learn_output!r}: "
+                  f"{e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
     if args.json_result:
         try:  # before the program runs: a run whose result cannot be written is not started
             args.json_file = open(args.json_result, "w")  # noqa: SIM115 - closed by _run
@@ -404,11 +419,13 @@ def _command_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str],
          not_enforced: tuple[str, ...] = ()) -> int:
     json_file = getattr(args, "json_file", None)
+    learn_file = getattr(args, "learn_file", None)
     try:
         return _run_and_report(args, config, command, json_file, not_enforced)
     finally:
-        if json_file is not None:
-            json_file.close()
+        for file in (json_file, learn_file):
+            if file is not None:
+                file.close()
 
 
 def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: list[str], json_file: Any,
@@ -441,6 +458,10 @@ def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: li
     if result.outcome.value == "sandbox_error" or result.outcome.value in ("timeout", "oom"):
         print(f"ndf-sandbox: {result.outcome.value}: {result.error}", file=sys.stderr)
     status = EXIT_NOT_FOUND if _program_not_found(result.error) else result.cli_exit_status()
+    learn_file = getattr(args, "learn_file", None)
+    if learn_file is not None:
+        learned = _write_learned_profile(learn_file, args.seccomp_learn_output, result, command)
+        status = learned if learned != 0 else status
     if json_file is not None:
         import json
 
@@ -454,6 +475,24 @@ def _audit_refused(error: Exception) -> None:
         from . import audit
 
         audit.launch_refused(AUDIT_PLUGIN_ID, error)
+
+
+def _write_learned_profile(file: Any, path: str, result: Any, command: list[str]) -> int:
+    """--seccomp learn: write the allow-list profile of what the program called (0), or
+    say why there is none (the sandbox-error status)."""
+    from .linux.seccomp import learned_profile_text
+
+    events = [e for e in result.security_events if e.kind == "learned_syscall"]
+    if result.outcome.value == "sandbox_error" or not events or any(e.target == "(omitted)" for e in events):
+        why = "the program did not start" if not events else "too many syscalls to record them all"
+        print(f"ndf-sandbox: --seccomp learn: no profile written: {why}", file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
+    file.write(learned_profile_text({e.target: e.count for e in events}, command))
+    note = "" if result.outcome.value == "ok" else f" (the program ended with {result.outcome.value}: " \
+        "a run that did not finish its work may have missed syscalls)"
+    print(f"ndf-sandbox: learned {len(events)} syscalls; use --seccomp {os.path.abspath(path)}{note}",
+          file=sys.stderr)
+    return 0
 
 
 def _program_not_found(error: str | None) -> bool:

@@ -996,7 +996,7 @@ static size_t append_syscalls(char *buf, size_t at, size_t cap) {
         at = append(buf, at, cap, ":");
         at = append_int(buf, at, cap, (long long)syscall_counts[slot]);
         at = append(buf, at, cap, ":");
-        at = append_int(buf, at, cap, syscall_first_us[slot]);
+        at = append_int(buf, at, cap, listener_mode == LISTENER_LEARN ? 0 : syscall_first_us[slot]); /* room */
     }
     if (omitted) {
         at = append(buf, at, cap, " omitted ");

@@ -476,7 +476,9 @@ def compile_profile(spec: str) -> SeccompProgram:
     """
     if spec == "off":
         return NO_FILTER
-    if spec in ("default", "learn", *BUILTIN_PROFILES):
+    if spec == "default":
+        spec = "deny-list"
+    if spec in ("learn", *BUILTIN_PROFILES):
         key = (spec, 0, 0, 0)
     elif os.path.isabs(spec):
         try:
@@ -515,6 +517,26 @@ def allow_list_profile(allow: frozenset[str] = ALLOW_LIST, name: str = "allow-li
     """An allow-list profile: ``allow`` (with SANDBOX_OWN) and the deny list's rules."""
     return SeccompProfile(name=name, deny=dict(_DEFAULT_DENY), newest_syscall=_newest_reviewed(),
                           allow=frozenset(allow) | SANDBOX_OWN)
+
+
+def learned_profile_text(counts: Mapping[str, int], command: list[str]) -> str:
+    """The TOML allow-list profile (``extends = "minimal"``) of the syscalls in ``counts``
+    (name -> calls seen, from ``--seccomp learn``), for ``--seccomp FILE``."""
+    import json
+
+    names = sorted(name for name in counts if syscall_number(name) >= 0)
+    lines = [
+        "# seccomp allow-list learned by `ndf-sandbox run --seccomp learn` from:",
+        "#   " + " ".join(command).replace("\n", " "),
+        "# Every syscall not listed (and every one the deny list refuses or checks the",
+        "# arguments of) stays refused; the program must be run on inputs that take every path.",
+        'extends = "minimal"',
+        "allow = [",
+        *(f"    {json.dumps(name)},  # {counts[name]} calls" for name in names),
+        "]",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def learn_program() -> SeccompProgram:
