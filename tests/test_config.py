@@ -77,7 +77,8 @@ def test_defaults_are_the_secure_profile() -> None:
     ({"gid": 2**32 - 1}, "gid"),
     ({"environment": (("1BAD", "x"),)}, "environment: invalid variable '1BAD'"),
     ({"environment": (("K", "a\0b"),)}, "environment"),
-    ({"seccomp": "strict"}, "seccomp: must be 'default', 'off' or an absolute file path, got 'strict'"),
+    ({"seccomp": "strict"}, "seccomp: must be 'default', 'allow-list', 'deny-list', 'learn', 'off' or an absolute "
+                             "file path, got 'strict'"),
     ({"namespaces": {"net": True}}, "namespaces: must be NamespaceConfig"),
 ])
 def test_invalid_value_names_the_field_and_the_value(changes: dict[str, object], message: str) -> None:

@@ -18,6 +18,7 @@ from ..linux.cgroups.base import CgroupSupport
 from ..linux.namespaces import NamespacePlan, plan_namespaces
 from ..linux.rlimits import RlimitPlan, plan_rlimits
 from ..linux.rootfs import RootfsPlan, plan_rootfs
+from ..linux.seccomp import SeccompProgram
 from ..result import IsolationReport
 from .limits import LimitPlan, plan_limits
 from .payload import environment_entries
@@ -40,9 +41,9 @@ class LaunchPlan:
     # The payload's uid and gid; None: each launch's own, from the id range (linux/ids.py).
     uid: int | None = NOBODY
     gid: int | None = NOBODY
-    command_seccomp: seccomp.SeccompProgram | None = None  # a program's, where it differs
+    command_seccomp: SeccompProgram | None = None  # a program's, where it differs
 
-    def seccomp_for(self, program: bool) -> seccomp.SeccompProgram:
+    def seccomp_for(self, program: bool) -> SeccompProgram:
         """The seccomp filter of a program's (`program`) or a callable's launch."""
         return self.command_seccomp if program and self.command_seccomp is not None else self.seccomp
 
