@@ -63,15 +63,24 @@ def fresh_default() -> seccomp.SeccompProgram:
 def test_cached_default_program_is_exactly_a_fresh_compile(cache_home: Path, compiles: list[str]) -> None:
     expected = fresh_default()
     first = seccomp.compile_profile("default")
-    assert compiles == ["default"]
+    assert compiles == ["deny-list"]
     path = seccomp_cache.cache_file()
     assert path is not None and path.startswith(str(cache_home))
     assert os.stat(path).st_mode & 0o022 == 0
     seccomp._cache.clear()  # as a new process would start
     loaded = seccomp.compile_profile("default")
-    assert compiles == ["default"], "the second process compiled again"
+    assert compiles == ["deny-list"], "the second process compiled again"
     assert loaded is not first
     assert fields(loaded) == fields(first) == fields(expected)
+
+
+def test_the_allow_list_and_its_reported_variant_are_cached_too(cache_home: Path, compiles: list[str]) -> None:
+    first = seccomp.compile_profile("allow-list")
+    seccomp._cache.clear()
+    loaded = seccomp.compile_profile("allow-list")
+    assert compiles == ["allow-list"]
+    assert fields(loaded) == fields(first)
+    assert loaded.reports and (loaded.reported_bpf, loaded.notify_errnos) == (first.reported_bpf, first.notify_errnos)
 
 
 def test_changed_inputs_compile_again(cache_home: Path, compiles: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +89,7 @@ def test_changed_inputs_compile_again(cache_home: Path, compiles: list[str], mon
     key = seccomp_cache.cache_key()
     monkeypatch.setattr(seccomp_cache, "cache_key", lambda: key.replace(os.uname().release, "another-kernel"))
     assert fields(seccomp.compile_profile("default")) == fields(fresh_default())
-    assert compiles == ["default", "default"]
+    assert compiles == ["deny-list", "deny-list"]
 
 
 @pytest.mark.parametrize("damage", ["group-writable", "not-ours", "garbage", "short", "symlink"])
@@ -104,7 +113,7 @@ def test_a_cache_file_that_is_not_ours_alone_or_damaged_is_not_used(
         path.rename(elsewhere)
         path.symlink_to(elsewhere)
     assert fields(seccomp.compile_profile("default")) == fields(fresh_default())
-    assert compiles == ["default", "default"]
+    assert compiles == ["deny-list", "deny-list"]
 
 
 def test_profile_files_are_compiled_fresh_and_not_cached(cache_home: Path, compiles: list[str],

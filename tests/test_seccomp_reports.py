@@ -193,7 +193,7 @@ def _host_evidence(sentinel: subprocess.Popen[bytes], directory: Path) -> None:
 @api_helpers.needs_root
 def test_callable_refused_syscalls_are_reported_and_had_no_effect(
         method: str, seccomp_profile: str, no_leaks: LeakTracker,  # noqa: F811
-        sentinel_process: subprocess.Popen[bytes]) -> None:
+        sentinel_process: subprocess.Popen[bytes], audit_events: list[dict[str, Any]]) -> None:
     directory = make_host_dir(no_leaks)
 
     async def main() -> tuple[Any, float, float]:
@@ -213,6 +213,9 @@ def test_callable_refused_syscalls_are_reported_and_had_no_effect(
     assert firsts["ptrace"] <= firsts["mount"] <= firsts["keyctl"] <= firsts["unshare"]  # the order of the calls
     assert result.isolation.seccomp.startswith(f"{seccomp_profile}:")
     _host_evidence(sentinel_process, directory)
+    # The audit log has them too, from the manager (each event validated against the schema).
+    audited = {(e["event"], e["target"], e["count"]) for e in audit_events if e["event"] == "denied_syscall"}
+    assert audited == EXPECTED_EVENTS
 
 
 COMMAND_ATTEMPTS = SYSCALL_PRELUDE + """

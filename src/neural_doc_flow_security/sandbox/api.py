@@ -515,7 +515,8 @@ class SandboxHandle:
                 await self._starter.notify("kill", self.sandbox_id)
                 await asyncio.shield(exit_future)
         if exit_future.done() and not exit_future.cancelled() and exit_future.exception() is None:
-            # What the host observed while it ran (denied connections) is in the ended result.
+            # What the host observed while it ran (denied connections) and init's seccomp listener
+            # counted (refused syscalls; none if init was killed before reporting) are in the ended result.
             events = exit_future.result().security_events
             if events:
                 result = dataclasses.replace(result, security_events=result.security_events + events)
