@@ -9,7 +9,8 @@ does the same from Python, for a process of one's own (the tests use it to
 check the filter outside a sandbox).
 
 Profiles
-    ``"default"``
+    ``"deny-list"`` (``"default"`` here; SandboxConfig's "default" is the allow-list
+    for callables and this for programs)
         Allow by default and deny, with ``EPERM``, the calls Docker's default
         profile keeps from an unprivileged container: mounts and the new mount
         API, namespaces (``unshare``, ``setns``, ``clone`` with any
@@ -34,11 +35,29 @@ Profiles
         arguments the filter can see. Only the native architecture is in the
         filter: a call through a foreign ABI (i386 ``int 0x80``, x32) kills the
         process.
+    ``"allow-list"``
+        Only :data:`ALLOW_LIST` (what the payload kinds were measured to use);
+        every other syscall, known or not, gets ``ENOSYS``. Every rule of the
+        deny-list stays: built as the deny-list plus an ``ENOSYS`` rule for each
+        native syscall outside the list, so the argument checks keep applying to
+        the allowed calls (libseccomp would let an unconditional allow rule
+        override them) and allowed calls stay in the kernel's per-syscall cache.
+    ``"learn"``
+        The deny-list, then a second filter that refers every other call to the
+        sandbox's listener, which records it and lets it continue
+        (:func:`learn_program`, :func:`learned_profile_text`).
     ``"off"``
         No filter: returns :data:`NO_FILTER`, which :func:`install_program`
         skips, so callers never need a ``None`` check.
     ``/absolute/path.toml`` or ``.json``
         A profile file, see :func:`load_profile_file`.
+
+Reports: every program with ``action = "errno"`` has a variant
+(``SeccompProgram.reported_bpf``) whose refusals return ``SECCOMP_RET_USER_NOTIF``;
+the sandbox's init holds the listener and answers each with the errno the rule
+stands for (``SeccompProgram.notify_errnos``), counting it (linux/_child.c). The
+answers that mimic a kernel without the feature (``clone3``/``openat2`` ``ENOSYS``,
+refused socket families) stay in the filter, unreported.
 
 Syscalls newer than the system libseccomp (2.5.4 knows nothing after
 ``fchmodat2``/``map_shadow_stack``) are denied by their number, from
