@@ -69,7 +69,7 @@ def test_allow_list_refuses_unlisted_and_future_syscalls_with_enosys() -> None:
 
 def test_allow_list_covers_what_the_payload_kinds_were_measured_to_use() -> None:
     # strace -f of the Python payload (threads, subprocesses, sockets, cloudpickle, msgpack),
-    # pdftotext and pdftoppm (benchmarks/README.md); clone3 keeps its ENOSYS (libc falls back).
+    # pdftotext and pdftoppm (benchmarks/syscall_usage.py); clone3 keeps its ENOSYS (libc falls back).
     measured = {
         "accept4", "access", "arch_prctl", "bind", "brk", "chdir", "chmod", "clock_gettime", "clock_nanosleep",
         "clone", "close", "close_range", "connect", "dup2", "epoll_create1", "epoll_ctl", "epoll_wait",

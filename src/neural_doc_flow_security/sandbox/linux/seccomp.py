@@ -327,7 +327,7 @@ ALLOW_LIST: Final[frozenset[str]] = SANDBOX_OWN | frozenset({
 })
 """The built-in allow-list: what the Python payload (the interpreter, threads, subprocesses,
 cloudpickle, msgpack, the channel), pdftotext and pdftoppm were measured to use (strace -f, see
-benchmarks/README.md), widened to their families so that an ordinary library does not trip
+benchmarks/syscall_usage.py), widened to their families so that an ordinary library does not trip
 on a sibling call (pread64 and preadv, epoll_wait and epoll_pwait). Every other syscall,
 known or not yet invented, gets ENOSYS (so libc falls back where it can); the deny list's
 argument checks (clone flags, tty ioctls, socket families, set-id modes, device nodes,
