@@ -405,3 +405,15 @@ def test_profile_names_in_the_config() -> None:
     with pytest.raises(ConfigError, match="'allow-list'.*got 'allowlist'"):
         SandboxConfig(seccomp="allowlist")
     assert seccomp.compile_profile("default") is seccomp.compile_profile("deny-list")
+
+
+def test_an_allow_list_config_exports_as_an_oci_allow_list() -> None:
+    from neural_doc_flow_security.sandbox.oci import spec_from_config
+
+    exported = spec_from_config(SandboxConfig(seccomp="allow-list"))["linux"]["seccomp"]
+    assert (exported["defaultAction"], exported["defaultErrnoRet"]) == ("SCMP_ACT_ERRNO", errno.ENOSYS)
+    allowed, denied = exported["syscalls"]
+    assert allowed["action"] == "SCMP_ACT_ALLOW" and set(allowed["names"]) == seccomp.ALLOW_LIST
+    assert denied["action"] == "SCMP_ACT_ERRNO" and {"ptrace", "mount", "keyctl"} <= set(denied["names"])
+    assert spec_from_config(SandboxConfig(seccomp="deny-list"))["linux"]["seccomp"]["defaultAction"] == \
+        "SCMP_ACT_ALLOW"

@@ -20,6 +20,7 @@ runc, crun or podman), as far as the spec can say it (see the README).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -492,14 +493,22 @@ def spec_from_config(config: SandboxConfig, args: tuple[str, ...] = ("sh",)) -> 
         },
     }
     if config.seccomp != "off":
-        profile = seccomp.default_profile() if config.seccomp == "default" else seccomp.load_profile_file(
-            config.seccomp)
+        profile = seccomp.profile_for(config.seccomp)
         always = sorted(name for name, match in profile.deny.items() if match == "always")
-        spec["linux"]["seccomp"] = {
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-            "syscalls": [{"names": always, "action": "SCMP_ACT_ERRNO", "errnoRet": profile.errno}],
-        }
+        denials = {"names": always, "action": "SCMP_ACT_ERRNO", "errnoRet": profile.errno}
+        if profile.allow is None:
+            spec["linux"]["seccomp"] = {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "syscalls": [denials],
+            }
+        else:  # an allow-list: every other syscall fails with ENOSYS
+            spec["linux"]["seccomp"] = {
+                "defaultAction": "SCMP_ACT_ERRNO",
+                "defaultErrnoRet": errno.ENOSYS,
+                "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                "syscalls": [{"names": sorted(profile.allow - set(always)), "action": "SCMP_ACT_ALLOW"}, denials],
+            }
         spec["annotations"] = {"org.neural-doc-flow.seccomp": "the sandbox's argument checks (set-id modes, "
                                "clone flags, socket families, terminal ioctls) have no equivalent here"}
     return spec

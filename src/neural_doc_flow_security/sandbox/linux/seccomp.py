@@ -527,6 +527,14 @@ def compile_profile(spec: str) -> SeccompProgram:
         return program
 
 
+def profile_for(spec: str) -> SeccompProfile:
+    """The profile a spec names: "default", "deny-list" and "learn" (whose rules are the
+    deny list's) the deny-list, "allow-list" the allow-list, else the file at `spec`."""
+    if spec == "allow-list":
+        return allow_list_profile()
+    return default_profile() if spec in ("default", "deny-list", "learn") else load_profile_file(spec)
+
+
 def default_profile() -> SeccompProfile:
     """The built-in deny-list profile (see the module docstring)."""
     return SeccompProfile(name="deny-list", deny=dict(_DEFAULT_DENY), newest_syscall=_newest_reviewed())
