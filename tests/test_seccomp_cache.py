@@ -136,7 +136,7 @@ def test_a_caller_who_does_not_own_the_installation_neither_writes_nor_trusts_a_
     seccomp._cache.clear()
     monkeypatch.setattr(seccomp_cache, "_code_owner", lambda: os.geteuid() + 1)
     assert fields(seccomp.compile_profile("default")) == fields(fresh_default())
-    assert compiles == ["default", "default"]
+    assert compiles == ["deny-list", "deny-list"]
     path = Path(str(seccomp_cache.cache_file()))
     path.unlink()
     seccomp._cache.clear()
