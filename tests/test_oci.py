@@ -18,6 +18,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,12 +169,33 @@ def test_a_bundle_seccomp_deny_list_applies_like_runc(host_tmp: Path, runc: Any,
     spec = base_spec(["/bin/sh", "-c", "mkdir /tmp/d && echo made || echo refused"], seccomp=seccomp)
     spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]})
     bundle = make_bundle(host_tmp / "bundle", spec)
-    # the bundle's extra denials become a profile file in the user's cache: this test's own directory
-    monkeypatch.setenv("XDG_CACHE_HOME", str(host_tmp))
-    assert load_bundle(bundle).config.seccomp.startswith(f"{host_tmp}/neural-doc-flow-security/oci-seccomp/")
-    mine, _ = ours(bundle, XDG_CACHE_HOME=str(host_tmp))
+    # the bundle's extra denials become a profile file in a private directory under TMPDIR: this test's own
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    assert load_bundle(bundle).config.seccomp.startswith(f"{host_tmp}/ndf-oci-seccomp-{os.geteuid()}/")
+    mine, _ = ours(bundle, TMPDIR=str(host_tmp))
     theirs = runc(bundle)
     assert mine.stdout == theirs.stdout == b"refused\n", (mine, theirs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="an owner = 'caller' bind as root")
+def test_a_sandbox_cannot_empty_a_bundles_deny_list_for_later_runs(host_tmp: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file a bundle's extra denials are written to is reused by name: a sandbox
+    that could write its directory (here a writable bind of it whose files are the
+    caller's) replaces it with an empty deny list; the next load of the bundle must
+    apply the bundle's list all the same."""
+    seccomp = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+    bundle = make_bundle(host_tmp / "bundle", base_spec(["/bin/true"], seccomp=seccomp))
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    profile = Path(load_bundle(bundle).config.seccomp)
+    expected = profile.read_bytes()
+    forge = subprocess.run([NDF_SANDBOX, "run", "--bind", f"{profile.parent}:/p", "--bind-owner", "caller", "--",
+                            "/bin/sh", "-c", "for f in /p/*.json; do echo '{\"deny\": []}' > $f; done"],
+                           capture_output=True, env=ndf_host_env(), cwd="/tmp", timeout=60, check=False)
+    assert forge.returncode == 0, forge.stderr.decode()
+    again = Path(load_bundle(bundle).config.seccomp)
+    assert again.read_bytes() == expected, again.read_bytes()
 
 
 @needs_runc

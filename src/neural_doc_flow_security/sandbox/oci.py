@@ -24,6 +24,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -384,32 +385,44 @@ def _seccomp(m: _Mapper, value: Any, config: SandboxConfig) -> SandboxConfig:
 
 
 def _profile_file(profile: dict[str, Any]) -> str:
-    """The profile as a JSON file named by its content, in this user's cache directory
-    (kept, like the compiled default program: the same bundle reuses it; without a
-    home directory, a private directory under TMPDIR)."""
+    """The profile as a JSON file named by its content, in a private directory of this
+    user under TMPDIR (the same bundle reuses the name, and the compiled filter cached
+    by it). What is there is never trusted: a sandbox that can write the directory (a
+    writable bind of it as this uid) could have put an empty deny list in the file, so
+    unless the file holds exactly this profile it is written again before use."""
     import hashlib
 
-    from .linux.seccomp_cache import cache_dir
-
     text = json.dumps(profile, sort_keys=True).encode()
-    cache = cache_dir()
-    directory = (os.path.join(cache, "oci-seccomp") if cache is not None
-                 else os.path.join(tempfile.gettempdir(), f"ndf-oci-seccomp-{os.geteuid()}"))
-    try:
-        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(directory)
-    if not os.path.isdir(directory) or os.path.islink(directory) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise OciError("linux.seccomp", f"{directory!r} is not a private directory of this user")
+    directory = os.path.join(tempfile.gettempdir(), f"ndf-oci-seccomp-{os.geteuid()}")
     path = os.path.join(directory, hashlib.sha256(text).hexdigest()[:32] + ".json")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    try:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(directory)
+        if not os.path.isdir(directory) or os.path.islink(directory) or st.st_uid != os.geteuid() \
+                or st.st_mode & 0o077:
+            raise OciError("linux.seccomp", f"{directory!r} is not a private directory of this user")
+        if _read_no_follow(path, len(text)) != text:
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise OciError("linux.seccomp", f"cannot write the bundle's deny list into {directory!r}: "
+                                        f"{e.strerror or e}") from None
     return path
+
+
+def _read_no_follow(path: str, size: int) -> bytes | None:
+    """Up to `size` + 1 bytes of the regular file `path`, or None (missing, a link, not a file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(size + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _paths(m: _Mapper, linux: Mapping[str, Any]) -> None:
