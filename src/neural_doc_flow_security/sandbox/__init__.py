@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .executor import SandboxExecutor, SandboxFuture
     from .ipc.messages import ControlMessage, IpcMessage, MessageKind, StatusUsage
     from .launch.python_worker import PluginContext
+    from .live_limits import LimitUpdate, LimitUpdateError
 
 # The asyncio API is imported on first use, so that `ndf-sandbox run` (which
 # does not need it) starts fast.
@@ -47,6 +48,7 @@ _LAZY = {
     "ControlMessage": ".ipc.messages", "IpcMessage": ".ipc.messages", "MessageKind": ".ipc.messages",
     "StatusUsage": ".ipc.messages",
     "PluginContext": ".launch.python_worker",
+    "LimitUpdate": ".live_limits", "LimitUpdateError": ".live_limits",
 }
 
 
@@ -62,6 +64,8 @@ __all__ = [
     "ControlMessage",
     "Health",
     "IpcMessage",
+    "LimitUpdate",
+    "LimitUpdateError",
     "ManagerStats",
     "MessageKind",
     "PluginContext",

@@ -50,6 +50,7 @@ from .launch.launcher import LaunchRequest
 from .launch.payload import ExecPayload, Payload
 from .launch.python_worker import CHANNEL_FD, PythonWorkerPayload, context_parameter
 from .launch.start_methods import ForkStarter, StartMethod, ZygoteStarter, ZygoteStats
+from .live_limits import LimitUpdate, LimitUpdateError, checked_changes
 from .pool import WarmPool
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 
@@ -212,6 +213,13 @@ class _OutputCapture:
         return kept, truncated
 
 
+class _Default:
+    """The type of a keyword's "not given" marker (None is a value there)."""
+
+
+_DEFAULT = _Default()
+
+
 class SandboxHandle:
     """A running sandbox: talk to it, watch it, pause, resume, stop, wait for it.
 
@@ -306,6 +314,8 @@ class SandboxHandle:
                 await self.pause()
             elif command is ControlMessage.RESUME:
                 await self.resume()
+            elif command is ControlMessage.UPDATE_LIMITS:
+                await self.update_limits(**dict(message.limits))
             else:
                 await self.stop()
             return
@@ -402,6 +412,37 @@ class SandboxHandle:
         if not reply.get("ok"):
             raise SandboxError(f"{self.plugin_id}: cannot resume: {reply.get('error')}")
         self._health_changed(Health.RUNNING)
+
+    async def update_limits(self, *, memory_limit_mb: int | None | _Default = _DEFAULT,
+                            cpu_quota_percent: int | None | _Default = _DEFAULT,
+                            max_processes: int | None | _Default = _DEFAULT,
+                            io_read_bps: int | None | _Default = _DEFAULT,
+                            io_write_bps: int | None | _Default = _DEFAULT) -> LimitUpdate:
+        """Change the cgroup limits of the running sandbox; None lifts one, a field
+        not given stays. Values are checked like the config's (ConfigError naming the
+        field). A lowered memory limit is the kernel's to enforce: cgroup v2 reclaims,
+        else OOM-kills in the sandbox (`oom_kills` in the returned LimitUpdate, and the
+        result's outcome is then `oom`); cgroup v1 reclaims, else refuses. A change
+        that cannot be made raises LimitUpdateError naming the field, and nothing of
+        it was applied. Each change, and each refusal, is an audit event."""
+        self._manager._check_loop()
+        given = {"memory_limit_mb": memory_limit_mb, "cpu_quota_percent": cpu_quota_percent,
+                 "max_processes": max_processes, "io_read_bps": io_read_bps, "io_write_bps": io_write_bps}
+        config, changes = checked_changes(self.config, {k: v for k, v in given.items()
+                                                        if not isinstance(v, _Default)})
+        if self._exit.done():
+            raise LimitUpdateError(next(iter(changes)), f"{self.plugin_id} has ended: its limits cannot change")
+        reply = await self._starter.control("update_limits", self.sandbox_id, changes=changes)
+        if not reply.get("ok"):
+            field = reply.get("field") or next(iter(changes))
+            error = str(reply.get("error") or "refused")
+            audit.limits_update_refused(self.sandbox_id, self.plugin_id, changes, field, error)
+            prefix = f"{field}: "
+            raise LimitUpdateError(field, error[len(prefix):] if error.startswith(prefix) else error)
+        update = LimitUpdate.from_dict(reply["update"])
+        self.config = config
+        audit.limits_updated(self.sandbox_id, self.plugin_id, update)
+        return update
 
     def _health_changed(self, health: Health) -> None:
         if self.health is not Health.EXITED:
@@ -681,13 +722,6 @@ class SandboxCalls:
         """SandboxManager.spawn with these options."""
         context = self.manager._context_flag(function, self.context, stacklevel=2)
         return await self.manager._spawn(plugin_id, function, args, kwargs, self.sandbox_config, context)
-
-
-class _Default:
-    """The type of a keyword's "not given" marker (None is a value there)."""
-
-
-_DEFAULT = _Default()
 
 
 def shlex_example(argv: str | bytes) -> str:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import logging
 
     from .config import SandboxConfig
+    from .live_limits import LimitUpdate
     from .result import IsolationReport, SandboxResult
 
 LOGGER_NAME = "neural_doc_flow_security.audit"
@@ -108,8 +109,9 @@ def sandbox_started(sandbox_id: int, plugin_id: str, pid: int, isolation: Isolat
 
 
 def sandbox_ended(sandbox_id: int, plugin_id: str, result: SandboxResult) -> None:
-    """A sandbox has ended: first what it hit (timeout, limits, denied syscalls and
-    connections), then its end (outcome, usage) as the caller got it."""
+    """A sandbox has ended: first what it hit (timeout, limits: OOM kills, forks
+    refused at pids.max, CPU throttling; denied syscalls and connections), then its
+    end (outcome, usage) as the caller got it."""
     if not enabled(INFO) and not enabled(WARNING):
         return
     import dataclasses
@@ -119,9 +121,14 @@ def sandbox_ended(sandbox_id: int, plugin_id: str, result: SandboxResult) -> Non
     outcome = result.outcome.value
     if outcome == "timeout":
         emit("timeout", WARNING, **ids, error=_error_text(result.error))
-    if outcome == "oom":
-        emit("limit_hit", WARNING, **ids, limit="memory", count=max(1, getattr(usage, "oom_kills", 0)),
-             error=_error_text(result.error))
+    oom_kills = usage.oom_kills or (1 if outcome == "oom" else 0)  # without a cgroup: the outcome says
+    if oom_kills:
+        emit("limit_hit", WARNING, **ids, limit="memory", count=oom_kills, error=_error_text(result.error))
+    if usage.pids_limit_hits:
+        emit("limit_hit", WARNING, **ids, limit="pids", count=usage.pids_limit_hits)
+    if usage.cpu_throttled_periods:
+        emit("limit_hit", INFO, **ids, limit="cpu", count=usage.cpu_throttled_periods,
+             throttled_seconds=round(usage.cpu_throttled_seconds, 6))
     for attempt in result.security_events:
         emit(attempt.kind, WARNING, **ids, target=attempt.target, count=attempt.count,
              first_seen=attempt.first_seen)
@@ -153,6 +160,20 @@ def protocol_violation(sandbox_id: int, plugin_id: str, what: str) -> None:
     """The sandbox sent bytes the host refused (it is killed)."""
     emit("protocol_violation", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id,
          error=_error_text(what))
+
+
+def limits_updated(sandbox_id: int, plugin_id: str, update: LimitUpdate) -> None:
+    """The host changed a running sandbox's limits (a warning when the kernel
+    OOM-killed in it to enforce a lowered memory limit)."""
+    emit("limits_updated", WARNING if update.oom_kills else INFO, sandbox_id=sandbox_id, plugin_id=plugin_id,
+         **update.to_dict())
+
+
+def limits_update_refused(sandbox_id: int, plugin_id: str, changes: dict[str, int | None], field: str,
+                          error: str) -> None:
+    """A live limit change was refused; nothing of it was applied."""
+    emit("limits_update_refused", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id, changes=changes,
+         field=field, error=_error_text(error))
 
 
 def zygote_replaced(old_pid: int | None, how: str, new_pid: int | None, restarts: int) -> None:

@@ -31,7 +31,12 @@ EXIT_PROTOCOL_VIOLATION = 123
 
 @dataclass(frozen=True)
 class ResourceUsage:
-    """Resources the run used, as measured by the kernel (cgroup files, rusage)."""
+    """Resources the run used, as measured by the kernel (cgroup files, rusage).
+
+    The limits it ran into (cgroup only, else 0): `oom_kills`, processes the kernel
+    OOM-killed at its memory limit; `pids_limit_hits`, forks refused at
+    max_processes (pids.events); `cpu_throttled_periods` / `cpu_throttled_seconds`,
+    scheduler periods in which its CPU quota stopped it, and for how long (cpu.stat)."""
 
     wall_seconds: float = 0.0
     cpu_user_seconds: float = 0.0
@@ -40,6 +45,10 @@ class ResourceUsage:
     processes_peak: int = 0
     io_read_bytes: int = 0
     io_write_bytes: int = 0
+    oom_kills: int = 0
+    pids_limit_hits: int = 0
+    cpu_throttled_periods: int = 0
+    cpu_throttled_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

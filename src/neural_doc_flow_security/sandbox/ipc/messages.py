@@ -39,6 +39,7 @@ class ControlMessage(enum.StrEnum):
     STOP = "stop"
     PAUSE = "pause"
     RESUME = "resume"
+    UPDATE_LIMITS = "update_limits"  # carried out by the host on the sandbox's cgroup: never sent to it
 
 
 class MessageKind(enum.StrEnum):
@@ -146,6 +147,7 @@ class StatusUsage(Mapping[str, float]):
 
 
 _EMPTY_USAGE: Mapping[str, float] = StatusUsage()
+_NO_LIMITS: Mapping[str, int | None] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ class IpcMessage:
     traceback: str = ""
     sequence: int = 0
     payload: Blob = b""
+    limits: Mapping[str, int | None] = field(default_factory=lambda: _NO_LIMITS)  # an UPDATE_LIMITS control
 
     def __repr__(self) -> str:
         # Only the fields that are set, and blobs by size: a message may carry a gigabyte.
@@ -196,6 +199,14 @@ class IpcMessage:
     def control(cls, command: ControlMessage) -> IpcMessage:
         """Host -> sandbox: stop, pause or resume."""
         return cls(MessageKind.CONTROL, control_message=ControlMessage(command))
+
+    @classmethod
+    def update_limits(cls, **limits: int | None) -> IpcMessage:
+        """Host only: change a running sandbox's limits (SandboxHandle.update_limits'
+        keywords), by send_message(). The manager carries it out on the sandbox's
+        cgroup; it never reaches the sandbox, and a sandbox cannot send one."""
+        return cls(MessageKind.CONTROL, control_message=ControlMessage.UPDATE_LIMITS,
+                   limits=MappingProxyType(dict(limits)))
 
     @classmethod
     def status(
@@ -277,6 +288,8 @@ class IpcMessage:
         if kind is MessageKind.CONTROL:
             if self.control_message is None:
                 raise ValueError("control message without a command")
+            if self.control_message is ControlMessage.UPDATE_LIMITS:
+                raise ValueError("update_limits is carried out by the host, never sent to a sandbox")
             wire["control"] = self.control_message.value
         elif kind is MessageKind.STATUS:
             wire.update(health=self.health, heartbeat_age=self.heartbeat_age, usage=dict(self.usage))
@@ -329,9 +342,12 @@ class IpcMessage:
         if kind is MessageKind.CONTROL:
             command = _str(obj, "control")
             try:
-                return cls.control(ControlMessage(command))
+                control = ControlMessage(command)
             except ValueError:
                 raise ProtocolViolation(f"unknown control command {_short(command)}") from None
+            if control is ControlMessage.UPDATE_LIMITS:  # the host's own, never on a channel
+                raise ProtocolViolation(f"unknown control command {_short(command)}")
+            return cls.control(control)
         if kind is MessageKind.STATUS:
             usage = obj["usage"]
             if not isinstance(usage, dict) or not all(isinstance(name, str) for name in usage):

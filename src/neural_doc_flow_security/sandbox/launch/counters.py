@@ -22,8 +22,10 @@ from ..result import ResourceUsage
 # memory and CPU counters are required.
 _V1 = (("memory", ("memory.max_usage_in_bytes",)), ("cpuacct", ("cpuacct.usage_user",)),
        ("cpuacct", ("cpuacct.usage_sys",)), ("pids", ("pids.peak", "pids.current")),
-       ("io", ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes")))
-_V2 = (("memory.peak", "memory.current"), ("cpu.stat",), ("pids.peak", "pids.current"), ("io.stat",))
+       ("io", ("blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes")),
+       ("memory", ("memory.oom_control",)), ("pids", ("pids.events",)), ("cpu", ("cpu.stat",)))
+_V2 = (("memory.peak", "memory.current"), ("cpu.stat",), ("pids.peak", "pids.current"), ("io.stat",),
+       ("memory.events",), ("pids.events",))
 _REQUIRED = 3  # the first three counters of either list
 
 
@@ -48,10 +50,16 @@ def _keyed(text: bytes) -> dict[bytes, int]:
     return {key: int(value) for key, _, value in (line.partition(b" ") for line in text.splitlines())}
 
 
-def _v2_cpu(text: bytes) -> dict[str, float]:
+def _cpu_stat(text: bytes) -> dict[str, float]:
+    """cpu.stat: v2's has the CPU time and throttling (usec); v1's only the throttling (ns)."""
     stat = _keyed(text)
-    return {"cpu_user_seconds": stat.get(b"user_usec", 0) / 1e6,
-            "cpu_system_seconds": stat.get(b"system_usec", 0) / 1e6}
+    values: dict[str, float] = {"cpu_throttled_periods": stat.get(b"nr_throttled", 0)}
+    if b"user_usec" in stat:
+        values.update(cpu_user_seconds=stat[b"user_usec"] / 1e6, cpu_system_seconds=stat.get(b"system_usec", 0) / 1e6,
+                      cpu_throttled_seconds=stat.get(b"throttled_usec", 0) / 1e6)
+    else:
+        values["cpu_throttled_seconds"] = stat.get(b"throttled_time", 0) / 1e9
+    return values
 
 
 def _io(split: Callable[[str], tuple[int, int]]) -> Callable[[bytes], dict[str, float]]:
@@ -67,7 +75,10 @@ _PARSERS: dict[str, Callable[[bytes], dict[str, float]]] = {
     "memory.current": lambda t: {"memory_peak_bytes": int(t)},
     "cpuacct.usage_user": lambda t: {"cpu_user_seconds": int(t) / 1e9},
     "cpuacct.usage_sys": lambda t: {"cpu_system_seconds": int(t) / 1e9},
-    "cpu.stat": _v2_cpu,
+    "cpu.stat": _cpu_stat,
+    "memory.oom_control": lambda t: {"oom_kills": _keyed(t).get(b"oom_kill", 0)},
+    "memory.events": lambda t: {"oom_kills": _keyed(t).get(b"oom_kill", 0)},
+    "pids.events": lambda t: {"pids_limit_hits": _keyed(t).get(b"max", 0)},
     "pids.peak": lambda t: {"processes_peak": int(t)},
     "pids.current": lambda t: {"processes_peak": int(t)},
     "blkio.throttle.io_service_bytes_recursive": _io(_files.blkio_bytes),

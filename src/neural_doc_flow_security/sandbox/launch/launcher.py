@@ -9,6 +9,7 @@ into results, freezes, thaws, signals and kills them, and reads live stats.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import signal
 import time
@@ -19,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..config import SandboxConfig
 from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import cgroups, ids, landlock, network
-from ..linux.cgroups.base import SandboxCgroup
+from ..linux.cgroups.base import CgroupLimits, SandboxCgroup
 from ..linux.rootfs import RootfsPlan
+from ..live_limits import LimitUpdate, LimitUpdateError
 from ..result import Outcome, ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from . import spare as spare_sandbox
@@ -93,6 +95,14 @@ def _log() -> Any:
     import logging
 
     return logging.getLogger(__name__)
+
+
+def _restore_limits(cgroup: SandboxCgroup, limits: CgroupLimits) -> None:
+    """Write `limits` back after a failed update (best effort: it is logged)."""
+    try:
+        cgroup.update(limits)
+    except (SandboxError, OSError) as e:
+        _log().error("cannot restore the limits of a cgroup after a failed update: %s", e)
 
 
 class Launcher:
@@ -335,6 +345,51 @@ class Launcher:
             self.thaw(sandbox_id)
         except (OSError, KeyError):
             pass  # a frozen tree is killed anyway (SIGKILL reaches frozen tasks)
+
+    def update_limits(self, sandbox_id: int, changes: dict[str, int | None]) -> LimitUpdate:
+        """Change the cgroup limits of a running sandbox (`changes`: config fields,
+        checked by the caller, see live_limits.py). Raises LimitUpdateError naming the
+        field when it cannot be changed here; then nothing was changed."""
+        spawned = self.running[sandbox_id]
+        field = next(iter(changes))
+        if spawned.cgroup is None:
+            raise LimitUpdateError(field, "this sandbox has no cgroup (none could be made here, or it was "
+                                          "started without limits and accounting): its limits cannot change")
+        plan = spawned.plan
+        for name in changes:
+            if getattr(plan.config, name) is not None and name not in plan.limits.by_cgroup:
+                raise LimitUpdateError(name, "is enforced by an rlimit in this sandbox (no cgroup controller "
+                                             "for it here), which cannot change while it runs")
+        config = dataclasses.replace(plan.config, **changes)  # type: ignore[arg-type]
+        by_cgroup = plan.limits.by_cgroup | {n for n, v in changes.items() if v is not None}
+        new_plan = dataclasses.replace(plan, config=config,
+                                       limits=dataclasses.replace(plan.limits, by_cgroup=frozenset(by_cgroup)))
+        cgroup, old = spawned.cgroup, spawned.cgroup.limits
+        try:
+            limits = dataclasses.replace(resources.cgroup_limits(config, new_plan),
+                                         memory_high_bytes=old.memory_high_bytes, swap_bytes=old.swap_bytes)
+            before = cgroup.stats()
+            try:
+                cgroup.update(limits)
+            except BaseException:
+                _restore_limits(cgroup, old)  # a file written before the one that failed
+                raise
+        except UnsupportedError as e:
+            e = resources.in_config_terms(e)
+            raise LimitUpdateError(e.protection, e.reason) from None
+        except SetupError as e:  # a control file refused the value
+            if e.errno == errno.EBUSY and "memory_limit_mb" in changes:
+                raise LimitUpdateError("memory_limit_mb", f"the kernel refused {changes['memory_limit_mb']} MiB: "
+                                       "the sandbox uses more that it cannot reclaim (cgroup v1 refuses a "
+                                       "limit below that instead of OOM-killing); the limit is unchanged") from None
+            raise LimitUpdateError(field, f"cannot be written to the cgroup: {e}") from None
+        except OSError as e:  # its cgroup is gone: it has ended
+            raise LimitUpdateError(field, f"cannot be changed: {e}") from None
+        spawned.plan = new_plan  # a later update starts from here
+        after = cgroup.stats()
+        return LimitUpdate(previous={n: getattr(plan.config, n) for n in changes}, applied=dict(changes),
+                           memory_current_bytes=after.memory_current_bytes,
+                           oom_kills=max(0, after.oom_kills - before.oom_kills))
 
     def stats(self, sandbox_id: int) -> dict[str, Any]:
         """Live usage from the kernel (cgroup, else /proc of the tree), named as in

@@ -183,6 +183,10 @@ def usage_from_cgroup(stats: CgroupStats, wall: float, floor: ResourceUsage | No
         processes_peak=stats.pids_peak,
         io_read_bytes=stats.io_read_bytes,
         io_write_bytes=stats.io_write_bytes,
+        oom_kills=stats.oom_kills,
+        pids_limit_hits=stats.pids_limit_hits,
+        cpu_throttled_periods=stats.cpu_nr_throttled,
+        cpu_throttled_seconds=stats.cpu_throttled_usec / 1e6,
     )
 
 

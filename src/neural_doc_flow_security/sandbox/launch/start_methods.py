@@ -157,6 +157,12 @@ class ForkStarter(StartMethod):
                 return {"ok": True, "stats": self._launcher.stats(sandbox_id)}
             if op == "collect":
                 return {"ok": True, "usage": dataclasses.asdict(self._launcher.collect(sandbox_id))}
+            if op == "update_limits":
+                try:
+                    update = self._launcher.update_limits(sandbox_id, args["changes"])
+                except SandboxError as e:
+                    return {"ok": False, "error": str(e), "field": getattr(e, "field", None)}
+                return {"ok": True, "update": update.to_dict()}
             if op == "signal":
                 self._launcher.signal(sandbox_id, args["signal"])
             elif op == "arm":

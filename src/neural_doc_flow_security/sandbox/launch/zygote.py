@@ -153,13 +153,15 @@ def _handle(launcher: Launcher, request: dict[str, Any], fds: list[int]) -> dict
             launcher.signal(sandbox_id, request["signal"])
         elif op == "stats":
             reply["stats"] = launcher.stats(sandbox_id)
+        elif op == "update_limits":
+            reply["update"] = launcher.update_limits(sandbox_id, request["changes"]).to_dict()
         else:
             return {"op": "reply", "id": sandbox_id, "ok": False, "error": f"unknown op {op!r}"}
         return reply
     except KeyError:
         return {"op": "reply", "id": sandbox_id, "ok": False, "error": "no such sandbox (it has exited)"}
     except (SandboxError, OSError) as e:
-        return {"op": "reply", "id": sandbox_id, "ok": False, "error": str(e)}
+        return {"op": "reply", "id": sandbox_id, "ok": False, "error": str(e), "field": getattr(e, "field", None)}
 
 
 def serve(sock: socket.socket, launcher: Launcher) -> None:

@@ -62,6 +62,12 @@ class SandboxCgroup(abc.ABC):
     """
 
     version: str  # "v1" or "v2"
+    _limits: CgroupLimits | None = None
+
+    @property
+    def limits(self) -> CgroupLimits:
+        """The limits last applied (none: unlimited)."""
+        return self._limits or CgroupLimits()
 
     @abc.abstractmethod
     def apply(self, limits: CgroupLimits) -> None:
