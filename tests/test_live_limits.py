@@ -169,12 +169,13 @@ def test_v2_a_memory_limit_below_usage_ends_in_oom(audit_events: list[Event]) ->
         async with SandboxManager(status_interval=None) as m:
             config = SandboxConfig(memory_limit_mb=256, timeout_seconds=120)
             handle = await _started(m, "holder", config, hold_memory, 100 * MiB)
+            limit_file = memory_limit_file(handle)
             update = await handle.update_limits(memory_limit_mb=32)
-            limit = read(memory_limit_file(handle))
+            limit = read(limit_file) if os.path.exists(limit_file) else "gone"  # it may have ended already
             return update, limit, await asyncio.wait_for(handle.wait(), 120)
 
     update, limit, result = run(scenario())
-    assert int(limit) == 32 * MiB and update.oom_kills >= 1
+    assert limit in ("gone", str(32 * MiB)) and update.oom_kills >= 1
     assert result.outcome is Outcome.OOM, describe(result)
     [event] = [e for e in audit_events if e["event"] == "limits_updated"]
     assert event["oom_kills"] >= 1
