@@ -232,3 +232,25 @@ def test_cli_run_without_audit_log_does_not_import_logging() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env=ndf_host_env())
     assert out.stdout.split() == ["0", "False"], out
+
+
+def test_syslog_and_stderr_sinks_carry_the_json_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    address = str(tmp_path / "log")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(30)
+    syslog = audit.add_syslog_sink(address)
+    stderr = audit.add_stderr_sink()
+    try:
+        audit.sandbox_killed(3, "plugin", "stop")
+    finally:
+        audit.remove_sink(syslog)
+        audit.remove_sink(stderr)
+    datagram = receiver.recv(65536).decode()
+    receiver.close()
+    assert "ndf-sandbox-audit: " in datagram
+    sent = json.loads(datagram.split("ndf-sandbox-audit: ", 1)[1].rstrip("\x00"))
+    written = json.loads(capsys.readouterr().err.strip())
+    assert sent == written and (sent["event"], sent["reason"]) == ("kill", "stop")
