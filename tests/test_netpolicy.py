@@ -213,22 +213,33 @@ def test_payload_cannot_change_the_network(hosts: dict[str, NetHost]) -> None:
     assert hosts["a"].connections()[before:] == [f"tcp {ALLOWED} 8080"]
 
 
-def test_nothing_left_after_a_killed_manager() -> None:
-    """Every CLI run's link, addresses, host table and slot go with it; a SIGKILLed
-    manager's host table is removed by `ndf-sandbox cleanup`."""
-    for _ in range(3):
-        done = ROOT_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["true"])
-        assert done.returncode == 0, done.stderr.decode()
-    assert not _leftovers()
+def _kill_a_manager() -> int:
+    """Start `ndf-sandbox run` with a policy, SIGKILL it once its sandbox runs: its
+    host table stays (the namespace, and with it the veth pair, goes with the sandbox)."""
     manager = ROOT_CALLER.popen(["--net-allow", f"{ALLOWED}:8080/tcp"], ["sleep", "60"])
     try:
         assert wait_until(lambda: any(pid == manager.pid for pid, _ in _host_entries()), timeout=30)
         manager.send_signal(signal.SIGKILL)
     finally:
         manager.wait()
-    # The namespace (and with it the veth pair) goes with the sandbox; the host's table stays.
     assert wait_until(lambda: [n for n in _leftovers() if not n.startswith("ndf_")] == [], timeout=30)
     assert f"ndf_{manager.pid}_" in " ".join(_leftovers())
+    return manager.pid
+
+
+def test_nothing_left_after_a_killed_manager() -> None:
+    """Every CLI run's link, addresses, host table and slot go with it; what a
+    SIGKILLed manager left is removed by the next start of a sandbox with a policy,
+    and by `ndf-sandbox cleanup`."""
+    for _ in range(3):
+        done = ROOT_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["true"])
+        assert done.returncode == 0, done.stderr.decode()
+    assert not _leftovers()
+    _kill_a_manager()
+    done = ROOT_CALLER.run(["--net-allow", f"{ALLOWED}:8080/tcp"], ["true"])
+    assert done.returncode == 0, done.stderr.decode()
+    assert not _leftovers()
+    _kill_a_manager()
     done = subprocess.run([ROOT_CALLER.program[0], "cleanup"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert not _leftovers()

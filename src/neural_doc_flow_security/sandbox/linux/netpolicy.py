@@ -9,8 +9,9 @@ host takes slots the same way, and the kernel releases the lock of a holder that
 dies). What the host side is made of is named after the holder's pid and the
 slot: the link `ndf<pid hex>-<slot hex>` and the table `inet ndf_<pid>_<slot>`.
 The namespace goes with the sandbox's last process, and with it the veth pair;
-the host's table would stay after a killed manager: whoever takes the slot next
-(and `ndf-sandbox cleanup`) removes what a dead holder left.
+the host's table would stay after a killed manager: the next process to start a
+sandbox with a policy (once, at its first), whoever takes the slot next, and
+`ndf-sandbox cleanup` remove what dead holders left.
 
 Forwarding: the host forwards what comes from the sandbox's link (that link's
 own `forwarding`, IPv6 `force_forwarding`); replies from elsewhere come back
@@ -286,9 +287,21 @@ def setup(policy: NetworkPolicy) -> NetworkLease:
     return in_thread(lambda: _setup(policy))
 
 
+_swept = False  # this process has removed what dead holders left (once, at its first policy)
+
+
 def _setup(policy: NetworkPolicy) -> NetworkLease:
     from pyroute2 import IPRoute
 
+    global _swept
+    if not _swept:
+        _swept = True
+        try:
+            _cleanup()
+        except (SandboxError, OSError) as e:
+            import logging
+
+            logging.getLogger(__name__).warning("network policy: cannot remove leftovers of dead holders: %s", e)
     slot, lock_fd = _acquire_slot(policy)
     lease: NetworkLease | None = None
     try:
