@@ -415,11 +415,11 @@ def test_a_sandbox_lost_with_its_zygote_and_never_awaited_leaves_no_unretrieved_
 
 
 def test_a_control_request_to_a_stopped_zygote_fails_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(start_methods, "LAUNCH_ANSWER_WAIT", 1.0)
-
     async def scenario() -> tuple[str, int, bool, str]:
         async with SandboxManager(status_interval=None) as m:
             handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+            # Short only from here: the launch above may take longer on a loaded machine.
+            monkeypatch.setattr(start_methods, "LAUNCH_ANSWER_WAIT", 1.0)
             zygote = m._starter._owner[handle.sandbox_id].process
             assert zygote is not None
             init = psutil.Process(handle.pid)
