@@ -375,14 +375,25 @@ def _close(spawned: SpawnedSandbox) -> None:
     spawned.changes_read = -1
 
 
+_INIT_EXIT_MS = 10_000  # generous: init exits right after its report
+
+
 def _with_changes(spawned: SpawnedSandbox, result: SandboxResult) -> SandboxResult:
     """The result with what the payload changed on its copy-on-write root, when the
     config asks (read once, after the payload ended: nothing in the sandbox runs)."""
     if spawned.changes_read < 0 or spawned.plan.rootfs is None or result.outcome is Outcome.SANDBOX_ERROR:
         return result
     from ..linux import overlay_changes
+    from ..result import FilesystemChanges
 
     try:
+        # Init reports just before it exits: until it has, a process the payload left
+        # could still be changing the upper layer under the host's walk.
+        poller = select.poll()
+        poller.register(spawned.pidfd, select.POLLIN)
+        if not poller.poll(_INIT_EXIT_MS):
+            return replace(result, filesystem_changes=FilesystemChanges(
+                complete=False, error="the sandbox's init had not exited: its changes were not read"))
         changes = overlay_changes.collect(spawned.changes_read, spawned.plan.rootfs)
     finally:
         os.close(spawned.changes_read)

@@ -211,12 +211,14 @@ class _Budget:
 def _copy_file(name: str, src_dir: int, dst_dir: int, mode: int, budget: _Budget) -> None:
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir)
     try:
-        budget.take(os.fstat(src).st_size)
+        size = os.fstat(src).st_size
+        budget.take(size)
         dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=dst_dir)
         try:
-            while chunk := os.read(src, 1 << 20):
+            while size > 0 and (chunk := os.read(src, min(size, 1 << 20))):  # no more than was counted
                 os.write(dst, chunk)
+                size -= len(chunk)
             os.fchmod(dst, stat.S_IMODE(mode) & 0o777)
         finally:
             os.close(dst)
