@@ -161,6 +161,30 @@ def test_pids_limit_like_runc(host_tmp: Path, runc: Any) -> None:
     assert "max_processes=8: cgroup" in result["isolation"]["limits"]
 
 
+def test_a_bundle_cannot_lift_the_callers_limits(host_tmp: Path) -> None:
+    """A bundle may tighten the sandbox's limits, not lift them: memory, processes and
+    open files above the caller's stay the caller's (said in not_enforced) unless
+    --trust-bundle."""
+    spec = base_spec(["/bin/sh", "-c", "ulimit -n"], resources={"memory": {"limit": 64 << 30},
+                                                                 "pids": {"limit": 100_000}})
+    spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}]
+    bundle = make_bundle(host_tmp / "bundle", spec)
+    mine, result = ours(bundle)
+    assert mine.returncode == 0, mine
+    assert mine.stdout == b"256\n"
+    defaults = SandboxConfig()
+    limits = " ".join(result["isolation"]["limits"])
+    assert f"max_processes={defaults.max_processes}" in limits and "max_processes=100000" not in limits, limits
+    assert f"memory_limit_mb={defaults.memory_limit_mb}" in limits, limits
+    lifted = " ".join(result["isolation"]["not_enforced"])
+    for field in ("linux.resources.memory.limit", "linux.resources.pids.limit", "process.rlimits.RLIMIT_NOFILE"):
+        assert field in lifted, lifted
+    tightened = load_bundle(make_bundle(host_tmp / "small", base_spec(["true"], resources={"pids": {"limit": 8}})))
+    assert tightened.config.max_processes == 8 and not tightened.not_enforced
+    trusted = load_bundle(bundle, trust_bundle=True).config
+    assert (trusted.memory_limit_mb, trusted.max_processes, trusted.max_open_files) == (64 << 10, 100_000, 65536)
+
+
 @needs_runc
 def test_a_bundle_seccomp_deny_list_applies_like_runc(host_tmp: Path, runc: Any,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:

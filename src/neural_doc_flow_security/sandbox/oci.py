@@ -10,7 +10,9 @@ listed in `OciBundle.not_enforced` (and the isolation report's `not_enforced`).
 The sandbox's own hardening stays on unless the bundle asks otherwise and the
 caller allows it (`trust_bundle`): capabilities, `noNewPrivileges: false`, a
 namespace left out (the host's shared) and a bind of a host path outside the
-bundle are refused without it, naming the field; a bundle's seccomp rules are
+bundle are refused without it, naming the field, and a limit (memory, CPU,
+processes, open files, file size, I/O) above the caller's stays the caller's
+(listed in not_enforced); a bundle's seccomp rules are
 added to the default list, never replace it. A bundle without
 `noNewPrivileges` or `linux.seccomp` keeps ours (runc would run without).
 
@@ -76,6 +78,16 @@ class _Mapper:
         if not self.trust_bundle:
             raise OciError(field, f"the bundle asks for {what}, weaker than the sandbox's default: allow it "
                                   "with --trust-bundle (trust_bundle=True)")
+
+    def limit(self, field: str, config: SandboxConfig, name: str, value: int) -> int:
+        """`value` for the limit `name`, at most the caller's (`config`'s) unless the
+        bundle is trusted: a bundle may tighten a limit, not lift it."""
+        ours = getattr(config, name)
+        if self.trust_bundle or ours is None or value <= ours:
+            return value
+        self.not_enforced.append(f"oci {field}: {value} is above the sandbox's {name} = {ours}, which stays "
+                                 "(--trust-bundle / trust_bundle=True applies the bundle's)")
+        return int(ours)
 
     def known(self, table: Mapping[str, Any], prefix: str, keys: tuple[str, ...]) -> None:
         for key in table:
@@ -184,9 +196,10 @@ def _process(m: _Mapper, process: Mapping[str, Any], config: SandboxConfig
         if kind not in _RLIMITS or not isinstance(hard, int):
             m.unsupported(f"process.rlimits.{kind}")
         elif kind == "RLIMIT_NOFILE":
-            changes["max_open_files"] = hard
+            changes["max_open_files"] = m.limit("process.rlimits.RLIMIT_NOFILE", config, "max_open_files", hard)
         elif kind == "RLIMIT_FSIZE":
-            changes["max_file_size_mb"] = max(1, hard >> 20)
+            changes["max_file_size_mb"] = m.limit("process.rlimits.RLIMIT_FSIZE", config, "max_file_size_mb",
+                                                  max(1, hard >> 20))
         elif hard != 0:
             m.weaker("process.rlimits.RLIMIT_CORE", "core dumps")
             m.unsupported("process.rlimits.RLIMIT_CORE", "core dumps stay off")
@@ -305,7 +318,8 @@ def _resources(m: _Mapper, resources: Mapping[str, Any], config: SandboxConfig) 
     memory = _table(resources.get("memory"), "linux.resources.memory")
     m.known(memory, "linux.resources.memory.", ("limit", "swap", "disableOOMKiller"))
     if isinstance(memory.get("limit"), int) and memory["limit"] > 0:
-        changes["memory_limit_mb"] = max(1, math.ceil(memory["limit"] / (1 << 20)))
+        changes["memory_limit_mb"] = m.limit("linux.resources.memory.limit", config, "memory_limit_mb",
+                                             max(1, math.ceil(memory["limit"] / (1 << 20))))
     if memory.get("swap") not in (None, memory.get("limit"), 0, -1):
         m.unsupported("linux.resources.memory.swap", "swap is not limited apart from memory")
     if memory.get("disableOOMKiller"):
@@ -314,14 +328,15 @@ def _resources(m: _Mapper, resources: Mapping[str, Any], config: SandboxConfig) 
     m.known(cpu, "linux.resources.cpu.", ("quota", "period", "shares", "cpus", "mems"))
     quota, period = cpu.get("quota"), cpu.get("period", 100_000)
     if isinstance(quota, int) and quota > 0 and isinstance(period, int) and period > 0:
-        changes["cpu_quota_percent"] = max(1, round(quota * 100 / period))
+        changes["cpu_quota_percent"] = m.limit("linux.resources.cpu.quota", config, "cpu_quota_percent",
+                                               max(1, round(quota * 100 / period)))
     for key in ("shares", "cpus", "mems"):
         if key in cpu:
             m.unsupported(f"linux.resources.cpu.{key}")
     pids = _table(resources.get("pids"), "linux.resources.pids")
     m.known(pids, "linux.resources.pids.", ("limit",))
     if isinstance(pids.get("limit"), int) and pids["limit"] > 0:
-        changes["max_processes"] = pids["limit"]
+        changes["max_processes"] = m.limit("linux.resources.pids.limit", config, "max_processes", pids["limit"])
     block = _table(resources.get("blockIO"), "linux.resources.blockIO")
     m.known(block, "linux.resources.blockIO.", ("throttleReadBpsDevice", "throttleWriteBpsDevice",
                                                 "throttleReadIOPSDevice", "throttleWriteIOPSDevice"))
@@ -333,7 +348,7 @@ def _resources(m: _Mapper, resources: Mapping[str, Any], config: SandboxConfig) 
             m.unsupported(f"linux.resources.blockIO.{key}", "different rates per device (the sandbox has one "
                           "rate for every device)")
         elif rates and isinstance(next(iter(rates)), int):
-            changes[field] = next(iter(rates))
+            changes[field] = m.limit(f"linux.resources.blockIO.{key}", config, field, next(iter(rates)))
     for rule in _list(resources.get("devices"), "linux.resources.devices"):
         if _table(rule, "linux.resources.devices").get("allow"):
             m.unsupported("linux.resources.devices", "a device cgroup rule that allows access")
