@@ -347,8 +347,8 @@ def _resources(m: _Mapper, resources: Mapping[str, Any], config: SandboxConfig) 
         if len(rates) > 1:
             m.unsupported(f"linux.resources.blockIO.{key}", "different rates per device (the sandbox has one "
                           "rate for every device)")
-        elif rates and isinstance(next(iter(rates)), int):
-            changes[field] = m.limit(f"linux.resources.blockIO.{key}", config, field, next(iter(rates)))
+        elif rates and isinstance(rate := next(iter(rates)), int):
+            changes[field] = m.limit(f"linux.resources.blockIO.{key}", config, field, rate)
     for rule in _list(resources.get("devices"), "linux.resources.devices"):
         if _table(rule, "linux.resources.devices").get("allow"):
             m.unsupported("linux.resources.devices", "a device cgroup rule that allows access")
