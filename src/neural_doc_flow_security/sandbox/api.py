@@ -912,7 +912,10 @@ class SandboxManager:
         from .linux.cgroups import remove_stale_cgroups
 
         ensure_std_fds()  # a closed fd 0-2 would be taken by the zygote's socket or a sandbox's pipe
+        if sys.platform == "linux":
+            from .linux.cgroups.delegation import adopt_delegated_subtree
 
+            adopt_delegated_subtree()  # alone in a delegated cgroup: before the zygote, which would share it
         with contextlib.suppress(OSError, SandboxError):
             remove_stale_cgroups()
         with contextlib.suppress(OSError, ValueError):  # e.g. no /proc/sys/fs/nr_open (macOS)

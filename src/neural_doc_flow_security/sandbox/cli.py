@@ -405,6 +405,10 @@ def _command_run(args: argparse.Namespace) -> int:
     from .launch import resources
     from .linux import network
 
+    if config.cgroup_limits_requested:
+        from .linux.cgroups.delegation import adopt_delegated_subtree
+
+        adopt_delegated_subtree()  # alone in a delegated cgroup (systemd-run -p Delegate=yes): use it
     # As root: the sandbox's network namespace (and its cgroup, for limits) are made in
     # threads while we import.
     network.make_ahead()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 
 from ...errors import UnsupportedError
 from . import _files
 from .base import CgroupLimits, CgroupStats, CgroupSupport, ControllerSupport, SandboxCgroup
+from .delegation import MANAGER_LABEL
 from .v1 import V1Cgroup
 from .v2 import V2Cgroup
 
@@ -41,6 +43,7 @@ CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "io", "freezer")
 _V1_NAMES = {"memory": "memory", "cpu": "cpu", "cpuacct": "cpuacct", "pids": "pids",
              "io": "blkio", "freezer": "freezer"}
 _V2_LIMIT_CONTROLLERS = ("memory", "cpu", "pids", "io")
+_ADOPTED_LEAF = re.compile(rf"^(.*)/{PARENT_NAME}/ndf-\d+-\d+-\d+-{MANAGER_LABEL}$")
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,16 @@ def _cgroup_mounts() -> list[_Mount]:
 
 
 def _own_cgroups() -> dict[str, str]:
-    """hierarchy key -> own path: "" for the unified hierarchy, else each v1 controller."""
+    """hierarchy key -> own path: "" for the unified hierarchy, else each v1 controller.
+    A manager that moved into a leaf of its delegated cgroup (delegation.py) owns the
+    delegated cgroup: its sandboxes are the leaf's siblings."""
     own: dict[str, str] = {}
     with open("/proc/self/cgroup") as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             if controllers == "":
-                own[""] = path
+                adopted = _ADOPTED_LEAF.match(path)
+                own[""] = (adopted.group(1) or "/") if adopted else path
             for c in controllers.split(","):
                 if c:
                     own[c] = path

@@ -15,11 +15,20 @@ the cgroup facts alone, so it is read from them, with no systemd needed:
 - the path names the systemd unit (run-r<ID>.scope, user@UID.service, ...), and
   systemd >= 251 marks a delegated cgroup with the `user.delegate` /
   `trusted.delegate` extended attribute (read where permitted).
+
+A process that is alone in a delegated cgroup cannot give its children controllers
+while it lives there (the no-internal-processes rule). `adopt_delegated_subtree()`
+moves it into a leaf, `<cgroup>/neural-doc-flow/ndf-<pid>-<start>-<n>-manager`, then
+enables the handed-down limit controllers in `<cgroup>/cgroup.subtree_control`: its
+sandbox cgroups are then that leaf's siblings, and the cgroup layer treats `<cgroup>`
+as the manager's own. The leaf is named as sandbox cgroups are, so the stale-cgroup
+cleanup removes it once its process is gone.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 
 LIMITS_BY_CONTROLLER = {
@@ -31,6 +40,8 @@ LIMITS_BY_CONTROLLER = {
 """The config fields each v2 controller enforces."""
 
 _UNIT_SUFFIXES = (".scope", ".service", ".slice")
+MANAGER_LABEL = "manager"
+"""The label of the leaf a manager moves itself into (ndf-<pid>-<start>-<n>-manager)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,8 @@ class Delegation:
     `own_processes`: how many processes live in the cgroup itself (children cannot
     get controllers while any does). `limits` are the config fields the offered
     controllers can enforce; `usable_now` says whether sandbox cgroups can take
-    them as things stand, `reason` why not.
+    them as things stand; `movable` that this process is alone in the cgroup, so
+    adopt_delegated_subtree() can make them usable; `reason` why neither.
     """
 
     cgroup: str = ""  # the path in the unified hierarchy, e.g. /user.slice/.../run-r1.scope
@@ -59,6 +71,7 @@ class Delegation:
     own_processes: int = 0
     limits: tuple[str, ...] = ()
     usable_now: bool = False
+    movable: bool = False  # adopt_delegated_subtree() would make the limits usable
     reason: str = ""
 
 
@@ -140,17 +153,23 @@ def detect_delegation(mountpoint: str | None = None, mount_root: str = "/",
     elif not offered_limits:
         reason = (f"no limit controller is handed down to it ({directory}/cgroup.controllers: "
                   f"{' '.join(offered) or 'empty'})")
-    elif not usable_now:
+    marked = _marked(directory)
+    # Root may write anywhere: only a cgroup systemd marked as delegated is root's to rearrange.
+    movable = (delegated and bool(offered_limits) and not usable_now and (euid != 0 or marked)
+               and _only_us(directory, proc_cgroup is None))
+    if delegated and offered_limits and not usable_now and not movable:
         reason = (f"{', '.join(c for c in offered_limits if c not in enabled)} not enabled in "
                   f"{directory}/cgroup.subtree_control, and {own} process(es) live in that cgroup, "
-                  "so none can be (no-internal-processes rule): ndf-sandbox does not move itself into "
-                  "a leaf of it yet, so its sandbox cgroups cannot take these limits")
+                  "so none can be (no-internal-processes rule)")
+        reason += (": root rearranges only a cgroup systemd marked as delegated" if euid == 0 and not marked
+                   else ": start ndf-sandbox (or the program using the API) as the only process of a "
+                        "delegated scope (systemd-run --scope -p Delegate=yes ...)")
     return Delegation(
         cgroup=path, directory=directory, unit=unit, user_manager=manager, owner_uid=st.st_uid,
-        marked_delegated=_marked(directory), delegated=delegated, offered=offered_limits,
+        marked_delegated=marked, delegated=delegated, offered=offered_limits,
         enabled=tuple(c for c in enabled if c in LIMITS_BY_CONTROLLER), own_processes=own,
         limits=tuple(field for c in offered_limits for field in LIMITS_BY_CONTROLLER[c]),
-        usable_now=usable_now, reason=reason)
+        usable_now=usable_now, movable=movable, reason=reason)
 
 
 def _writable(path: str, euid: int) -> bool:
@@ -166,6 +185,54 @@ def _writable(path: str, euid: int) -> bool:
     return bool(st.st_mode & 0o002)
 
 
+def _only_us(directory: str, this_process: bool) -> bool:
+    """Whether the cgroup holds exactly one process, this one (for a fake tree, one)."""
+    try:
+        pids = _read(os.path.join(directory, "cgroup.procs")).split()
+    except OSError:
+        return False
+    return pids == [str(os.getpid())] if this_process else len(pids) == 1
+
+
+def adopt_delegated_subtree() -> str:
+    """Move this process into a leaf of the delegated cgroup v2 it is alone in, and
+    enable the handed-down limit controllers for the leaf's siblings (this process's
+    sandbox cgroups). Returns the leaf's directory, or "" when there is nothing to do
+    or it cannot be done (`ndf-sandbox check` tells why). Call it before this process
+    starts other processes (a zygote) and before the cgroup probe matters.
+    """
+    if sys.platform != "linux":
+        return ""
+    try:
+        found = detect_delegation()
+    except (OSError, ValueError):
+        return ""
+    if found is None or not found.movable:
+        return ""
+    from ...errors import SandboxError
+    from . import PARENT_NAME, _files, _probe
+
+    parent = os.path.join(found.directory, PARENT_NAME)
+    leaf = os.path.join(parent, _files.sandbox_dir_name(MANAGER_LABEL))
+    try:
+        _files.make_dir(parent)
+        os.mkdir(leaf)
+        try:
+            _files.write_text(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        except SandboxError:
+            os.rmdir(leaf)
+            raise
+    except (OSError, SandboxError):
+        return ""
+    for controller in found.offered:  # one by one: one the kernel refuses leaves the others
+        try:
+            _files.write_text(os.path.join(found.directory, "cgroup.subtree_control"), f"+{controller}")
+        except SandboxError:
+            continue
+    _probe.cache_clear()
+    return leaf
+
+
 def describe(delegation: Delegation) -> tuple[str, str]:
     """(status, detail) for `ndf-sandbox check`: "yes" (sandbox cgroups can take the
     offered limits), "not used" (offered, but not usable as things stand) or "no"."""
@@ -175,4 +242,8 @@ def describe(delegation: Delegation) -> tuple[str, str]:
     offers = f"{where}: delegated (owner uid {delegation.owner_uid}{', marked by systemd' if delegation.marked_delegated else ''}), offers {' '.join(delegation.offered)} -> {', '.join(delegation.limits)}"  # noqa: E501
     if delegation.usable_now:
         return "yes", offers
+    if delegation.movable:
+        return "yes", (f"{offers}; ndf-sandbox run and SandboxManager.start() move this process into "
+                       f"{delegation.directory}/neural-doc-flow/ndf-...-{MANAGER_LABEL} and enable them there "
+                       "for its sandboxes")
     return "not used", f"{offers}; {delegation.reason}"
