@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from dataclasses import dataclass
 
 from ...errors import UnsupportedError
 from . import _files
 from .base import CgroupLimits, CgroupStats, CgroupSupport, ControllerSupport, SandboxCgroup
-from .delegation import MANAGER_LABEL
+from .delegation import adopted_base
 from .v1 import V1Cgroup
 from .v2 import V2Cgroup
 
@@ -43,7 +42,6 @@ CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "io", "freezer")
 _V1_NAMES = {"memory": "memory", "cpu": "cpu", "cpuacct": "cpuacct", "pids": "pids",
              "io": "blkio", "freezer": "freezer"}
 _V2_LIMIT_CONTROLLERS = ("memory", "cpu", "pids", "io")
-_ADOPTED_LEAF = re.compile(rf"^(.*)/{PARENT_NAME}/ndf-\d+-\d+-\d+-{MANAGER_LABEL}$")
 
 
 @dataclass(frozen=True)
@@ -89,8 +87,7 @@ def _own_cgroups() -> dict[str, str]:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             if controllers == "":
-                adopted = _ADOPTED_LEAF.match(path)
-                own[""] = (adopted.group(1) or "/") if adopted else path
+                own[""] = adopted_base(path)
             for c in controllers.split(","):
                 if c:
                     own[c] = path

@@ -28,6 +28,7 @@ cleanup removes it once its process is gone.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 
@@ -89,6 +90,18 @@ def _unified_path(proc_cgroup: str) -> str | None:
     return None
 
 
+def adopted_base(path: str) -> str:
+    """For the path of a leaf a manager moved into (adopt_delegated_subtree), the
+    delegated cgroup it came from, which stays the manager's own; else `path`."""
+    from . import PARENT_NAME
+
+    head, _, leaf = path.rpartition("/")
+    base, _, parent = head.rpartition("/")
+    if parent == PARENT_NAME and re.fullmatch(rf"ndf-\d+-\d+-\d+-{MANAGER_LABEL}", leaf):
+        return base or "/"
+    return path
+
+
 def _units(path: str) -> tuple[str, str]:
     names = [part for part in path.split("/") if part]
     units = [n for n in names if n.endswith(_UNIT_SUFFIXES)]
@@ -126,6 +139,7 @@ def detect_delegation(mountpoint: str | None = None, mount_root: str = "/",
     path = _unified_path(_read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup)
     if path is None:
         return None
+    path = adopted_base(path)  # moved already: the delegated cgroup is still what it has
     root = mount_root.rstrip("/")
     if path != root and not path.startswith(root + "/"):
         return Delegation(cgroup=path, reason=f"own cgroup {path} is not visible below {mountpoint}")
