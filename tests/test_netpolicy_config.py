@@ -91,3 +91,21 @@ def test_cli_error_names_the_option() -> None:
                           capture_output=True, text=True, env=ndf_host_env(), check=False)
     assert done.returncode == 2
     assert "--net-host" in done.stderr and "network.hosts" in done.stderr and "10.0.0.300" in done.stderr
+
+
+def test_the_resolver_answers_only_allowed_names() -> None:
+    """The sandbox's resolver (linux/dns_responder.py), packet in, packet out: A and
+    AAAA for an allowed name, NXDOMAIN for another, nothing for garbage or a reply."""
+    from dnslib import QTYPE, RCODE, DNSRecord
+
+    from neural_doc_flow_security.sandbox.linux.dns_responder import answer
+
+    names = {"svc.internal": ["10.0.3.2", "fd00::2"]}
+    a = DNSRecord.parse(answer(DNSRecord.question("SVC.internal.", "A").pack(), names) or b"")
+    assert [str(r.rdata) for r in a.rr] == ["10.0.3.2"] and a.header.rcode == RCODE.NOERROR
+    aaaa = DNSRecord.parse(answer(DNSRecord.question("svc.internal", "AAAA").pack(), names) or b"")
+    assert [str(r.rdata) for r in aaaa.rr] == ["fd00::2"] and aaaa.rr[0].rtype == QTYPE.AAAA
+    other = DNSRecord.parse(answer(DNSRecord.question("example.com", "A").pack(), names) or b"")
+    assert other.header.rcode == RCODE.NXDOMAIN and not other.rr
+    assert answer(b"\x00garbage", names) is None
+    assert answer(a.pack(), names) is None  # a reply is not a query

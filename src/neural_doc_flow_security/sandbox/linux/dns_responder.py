@@ -24,6 +24,9 @@ import sys
 
 TTL = 60
 _MAX_PACKET = 4096
+# Queries answered per second at most (a burst of as many): the responder runs on the
+# host, outside the sandbox's cgroup, so a flood must not become the host's CPU work.
+RATE = 200
 
 
 def answer(packet: bytes, names: dict[str, list[str]]) -> bytes | None:
@@ -78,6 +81,9 @@ def serve(addresses: list[str]) -> None:
     selector.register(sys.stdin.buffer, selectors.EVENT_READ)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
+    import time
+
+    tokens, last = float(RATE), time.monotonic()
     while True:
         for key, _ in selector.select():
             if key.fileobj is sys.stdin.buffer:
@@ -89,7 +95,15 @@ def serve(addresses: list[str]) -> None:
                 packet, peer = sock.recvfrom(_MAX_PACKET)
             except BlockingIOError:
                 continue
-            reply = answer(packet, names)
+            now = time.monotonic()
+            tokens, last = min(float(RATE), tokens + (now - last) * RATE), now
+            if tokens < 1:
+                continue  # over the rate: dropped, as a busy resolver would
+            tokens -= 1
+            try:
+                reply = answer(packet, names)
+            except Exception:  # noqa: BLE001 - one odd packet must not end the resolver
+                reply = None
             if reply is not None:
                 try:
                     sock.sendto(reply, peer)
