@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT_CALLER, wait_until
+from conftest import ROOT_CALLER, processes_with_argument, unique_marker, wait_until
 from net_hosts import NetHost
 
 pytestmark = [
@@ -216,12 +216,16 @@ def test_payload_cannot_change_the_network(hosts: dict[str, NetHost]) -> None:
 def _kill_a_manager() -> int:
     """Start `ndf-sandbox run` with a policy, SIGKILL it once its sandbox runs: its
     host table stays (the namespace, and with it the veth pair, goes with the sandbox)."""
-    manager = ROOT_CALLER.popen(["--net-allow", f"{ALLOWED}:8080/tcp"], ["sleep", "60"])
+    marker = unique_marker()
+    manager = ROOT_CALLER.popen(["--net-allow", f"{ALLOWED}:8080/tcp"], ["sleep", marker])
     try:
-        assert wait_until(lambda: any(pid == manager.pid for pid, _ in _host_entries()), timeout=30)
+        # Once the payload runs (the sandbox's init has armed its parent-death signal).
+        assert wait_until(lambda: processes_with_argument(marker), timeout=30)
+        assert any(pid == manager.pid for pid, _ in _host_entries())
         manager.send_signal(signal.SIGKILL)
     finally:
         manager.wait()
+    assert wait_until(lambda: not processes_with_argument(marker), timeout=30)
     assert wait_until(lambda: [n for n in _leftovers() if not n.startswith("ndf_")] == [], timeout=30)
     assert f"ndf_{manager.pid}_" in " ".join(_leftovers())
     return manager.pid
@@ -417,14 +421,17 @@ def test_the_next_start_removes_a_dead_holders_leftovers_and_slots_are_not_share
         done = ROOT_CALLER.run(["--profile", str(profile)], ["true"])
         assert done.returncode == 0, done.stderr.decode()
         assert not _leftovers()
-        holder = ROOT_CALLER.popen(["--profile", str(profile)], ["sleep", "60"])
+        marker = unique_marker()
+        holder = ROOT_CALLER.popen(["--profile", str(profile)], ["sleep", marker])
         try:
-            assert wait_until(lambda: (holder.pid, f"ndf_{holder.pid}_0") in _host_entries(), timeout=30)
+            assert wait_until(lambda: processes_with_argument(marker), timeout=30)
+            assert (holder.pid, f"ndf_{holder.pid}_0") in _host_entries()
             second = ROOT_CALLER.run(["--profile", str(profile)], ["true"])
             assert second.returncode == 126 and b"network.ipv4_range" in second.stderr, second.stderr
         finally:
             holder.kill()
             holder.wait()
+            assert wait_until(lambda: not processes_with_argument(marker), timeout=30)
     finally:
         subprocess.run(["nft", "delete", "table", "inet", "ndf_1_0"], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", "ndf1-0"], capture_output=True, check=False)
