@@ -36,9 +36,11 @@ from .result import (
 if TYPE_CHECKING:
     from .api import Health, ManagerStats, SandboxCalls, SandboxHandle, SandboxInfo, SandboxManager
     from .executor import SandboxExecutor, SandboxFuture
+    from .ipc.limits import DecodeLimits
     from .ipc.messages import ControlMessage, IpcMessage, MessageKind, StatusUsage
     from .launch.python_worker import PluginContext
     from .live_limits import LimitUpdate, LimitUpdateError
+    from .workers import KeyedWorkerCalls, WorkerPool
 
 # The asyncio API is imported on first use, so that `ndf-sandbox run` (which
 # does not need it) starts fast.
@@ -49,6 +51,7 @@ _LAZY = {
     "StatusUsage": ".ipc.messages",
     "PluginContext": ".launch.python_worker",
     "LimitUpdate": ".live_limits", "LimitUpdateError": ".live_limits",
+    "WorkerPool": ".workers", "KeyedWorkerCalls": ".workers", "DecodeLimits": ".ipc.limits",
 }
 
 
@@ -62,8 +65,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ControlMessage",
+    "DecodeLimits",
     "Health",
     "IpcMessage",
+    "KeyedWorkerCalls",
     "LimitUpdate",
     "LimitUpdateError",
     "ManagerStats",
@@ -75,6 +80,7 @@ __all__ = [
     "SandboxHandle",
     "SandboxInfo",
     "SandboxManager",
+    "WorkerPool",
     "BindMount",
     "CapabilityConfig",
     "ConfigError",

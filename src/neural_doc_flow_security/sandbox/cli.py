@@ -3,6 +3,7 @@
     ndf-sandbox run [limits...] -- CMD ARGS...   run a program in a fresh sandbox
     ndf-sandbox check [--json]                   what this host can enforce
     ndf-sandbox cleanup                          remove the leftovers of dead managers
+    ndf-sandbox oci run|spec ...                 run an OCI bundle, or write a profile as config.json
     ndf-sandbox demo [--json] [--cluster dask|ray]   a document pipeline with hostile plugins
 
 Exit status of `run`: the program's own code; 128+N when it was killed by
@@ -165,10 +166,11 @@ def _build_run_parser(sub: Any) -> None:
     run.add_argument("--env", metavar="K=V", action="append", default=[],
                      help="set an environment variable (the environment is clean otherwise)")
     run.add_argument("--seccomp", metavar="default|allow-list|deny-list|learn|off|FILE",
-                     help="system call filter: the built-in deny list (default for a program), the "
-                          "built-in allow-list, learn (record every syscall the program makes and write "
-                          "the allow-list profile it needs to --seccomp-learn-output), none, or an "
-                          "absolute path to a .toml/.json profile (see the README)")
+                     help="system call filter: default (the built-in deny list, for a program), "
+                          "deny-list, allow-list (the built-in allow-list), learn (record every syscall the "
+                          "program makes and write the allow-list profile it needs to "
+                          "--seccomp-learn-output), off (no filter), or an absolute path to a .toml/.json "
+                          "profile (see the README)")
     run.add_argument("--seccomp-learn-output", metavar="FILE",
                      help="with --seccomp learn: write the learned allow-list profile (TOML) here")
     run.add_argument("--landlock", choices=("auto", "required", "off"),
@@ -177,7 +179,8 @@ def _build_run_parser(sub: Any) -> None:
                      help="working directory inside the sandbox, an absolute path (default /)")
     run.add_argument("--json-result", metavar="FILE",
                      help="write the result as JSON to FILE (outcome, exit code, signal, argv, resource "
-                          "usage, isolation); FILE is opened before CMD runs")
+                          "usage, isolation, refused syscalls, overlay changes); FILE is opened before CMD "
+                          "runs")
     run.add_argument("--audit-log", metavar="FILE",
                      help="append the run's audit events (start, end, limits hit, refusals) to FILE as JSON "
                           "lines (see the README's Audit log)")
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _build_run_parser(sub)
     check = sub.add_parser("check", help="report what this host can enforce")
     check.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("cleanup", help="remove what sandboxes of dead managers left behind (their cgroups)")
+    sub.add_parser("cleanup", help="remove what sandboxes of dead managers left behind (their cgroups, "
+                                     "network-policy links and nftables tables)")
     _build_oci_parser(sub)
     demo = sub.add_parser("demo", help="run a document pipeline with good and hostile plugins")
     demo.add_argument("--json", action="store_true", help="machine-readable output")

@@ -43,6 +43,7 @@ class LimitUpdate:
     oom_kills: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {"previous": dict(self.previous), "applied": dict(self.applied),
                 "memory_current_bytes": self.memory_current_bytes, "oom_kills": self.oom_kills}
 

@@ -73,6 +73,7 @@ class IsolationReport:
     worker_call: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -95,6 +96,7 @@ class SecurityEvent:
     first_seen: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return dataclasses.asdict(self)
 
 
@@ -110,6 +112,7 @@ class FileChange:
     size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return dataclasses.asdict(self)
 
 
@@ -126,6 +129,7 @@ class FilesystemChanges:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
         return {"changes": [change.to_dict() for change in self.changes], "complete": self.complete,
                 "kept_in": self.kept_in, "error": self.error}
 
@@ -179,6 +183,7 @@ class SandboxResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the outcome is `ok`."""
         return self.outcome is Outcome.OK
 
     def raise_for_outcome(self) -> SandboxResult:
