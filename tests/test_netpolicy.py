@@ -459,3 +459,21 @@ def test_host_and_metadata_only_when_named(hosts: dict[str, NetHost],
     assert all(not v.startswith("ok") for v in found.values()), found
     assert hosts["m"].connections()[before:] == [f"tcp {METADATA} 80"]
     assert _accepted(*host_listener) == 0
+
+
+def test_a_kernel_without_ipv6_force_forwarding_is_stated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before Linux 6.17 no per-interface IPv6 forwarding exists: the lease says so
+    (the result's isolation.not_enforced carries it), and still cleans up."""
+    from neural_doc_flow_security.sandbox import NetworkPolicy
+    from neural_doc_flow_security.sandbox.linux import netpolicy
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(netpolicy.os.path, "exists",
+                        lambda path: False if str(path).endswith("force_forwarding") else real_exists(path))
+    lease = netpolicy.setup(NetworkPolicy(allow=(f"{ALLOWED}:8080/tcp",)))
+    try:
+        assert any("IPv6 is not forwarded" in note for note in lease.notes)
+        assert [pid for pid, _ in _host_entries()].count(os.getpid()) == 2  # its link and table
+    finally:
+        lease.release()
+    assert os.getpid() not in [pid for pid, _ in _host_entries()]

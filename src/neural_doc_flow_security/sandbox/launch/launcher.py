@@ -192,6 +192,9 @@ class Launcher:
                 raise resources.explain_setup_failure(config, e) from None
             raise
         spawned.network = policy
+        if policy is not None and policy.notes:  # what this host leaves open of the policy
+            isolation = spawned.isolation()
+            spawned._isolation = dataclasses.replace(isolation, not_enforced=isolation.not_enforced + policy.notes)
         return spawned
 
     def _started(self, sandbox_id: int, request: LaunchRequest, spawned: SpawnedSandbox) -> SpawnedSandbox:
