@@ -59,6 +59,16 @@ def test_every_cli_flag_is_documented_in_the_readme() -> None:
     assert sorted(_cli_flags() - documented) == []
 
 
+def test_every_audit_event_kind_is_in_the_readme_table() -> None:
+    from neural_doc_flow_security.sandbox import audit
+
+    kinds = set(re.findall(r'"const": *"([a-z_]+)"', Path(audit.schema_path()).read_text()))
+    table = _readme().split("\n### Audit log\n")[1].split("\n#")[0]
+    rows = {kind for line in table.splitlines() if line.startswith("| `")
+            for kind in re.findall(r"`([a-z_]+)`", line.split(" | ")[0])}
+    assert sorted(kinds - rows) == []
+
+
 def test_table_of_contents_lists_every_section() -> None:
     text = _readme()
     headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
