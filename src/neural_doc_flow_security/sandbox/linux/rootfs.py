@@ -52,6 +52,9 @@ ETC_ENTRIES = (
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+MAX_PTYS = 16
+"""Pseudo-terminals a sandbox's devpts hands out: they come from the host's pool
+(kernel.pty.max, 4096 by default, shared by every devpts instance but the host's own)."""
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 PROC_MASKED_FILES = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms",
                      "kpagecount", "kpageflags", "kpagecgroup", "config.gz", "vmallocinfo")
@@ -323,6 +326,15 @@ def _relative(path: str) -> str:
     return os.path.normpath(path).lstrip("/")
 
 
+def _tmpfs_data(size_mb: int, mode: str) -> str:
+    """Options of a tmpfs the payload writes: `size_mb` MiB and as many inodes as it has
+    4 KiB pages. size= bounds file data only; an empty file, a directory or a short
+    link takes no page, and without nr_inodes (default: half the host's RAM pages) a
+    payload could fill the kernel's memory with millions of them, charged to no one
+    without a memory cgroup."""
+    return f"size={size_mb}m,nr_inodes={max(1024, size_mb * 256)},mode={mode}"
+
+
 def _proc_steps(devnull_slot: int) -> list[StepTuple]:
     """A fresh /proc; its kernel knobs read-only, its leaky files masked (steps
     for entries this kernel lacks are skipped)."""
@@ -339,14 +351,16 @@ def _proc_steps(devnull_slot: int) -> list[StepTuple]:
 def _dev_steps() -> list[StepTuple]:
     """A minimal /dev: harmless nodes, a private devpts and /dev/shm; read-only."""
     steps: list[StepTuple] = [(Step.MKDIR, b"dev"),
-                              _mount("tmpfs", "dev", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,mode=0755")]
+                              _mount("tmpfs", "dev", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC,
+                                     "size=64k,nr_inodes=1024,mode=0755")]
     steps += [_bind(-1, "/dev/" + name, f"dev/{name}", sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
               for name in DEV_NODES]
     steps += [(Step.SYMLINK, _b(link), _b(f"dev/{name}")) for name, link in DEV_LINKS]
     steps += [(Step.MKDIR, b"dev/pts"),
-              _mount("devpts", "dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+              _mount("devpts", "dev/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+                     f"newinstance,ptmxmode=0666,mode=0620,max={MAX_PTYS}"),
               (Step.MKDIR, b"dev/shm"),
-              _mount("tmpfs", "dev/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64m,mode=1777"),
+              _mount("tmpfs", "dev/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, _tmpfs_data(64, "1777")),
               (Step.SETATTR, b"dev", sc.MOUNT_ATTR_RDONLY, 0)]
     return steps
 
@@ -387,7 +401,7 @@ def _layered_steps(plan: RootfsPlan, changes_socket: int) -> list[StepTuple]:
     layers = plan.upper_layers
     if layers:
         steps += [(Step.MKDIR, b"rw"), _mount("tmpfs", "rw", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                                               f"size={plan.overlay_size_mb}m,mode=0755")]
+                                               _tmpfs_data(plan.overlay_size_mb, "0755"))]
         for i in range(len(layers)):
             steps += [(Step.MKDIR, f"rw/{i}/upper".encode()), (Step.MKDIR, f"rw/{i}/work".encode()),
                       (Step.OPEN_SOURCE, upper_slot + 2 * i, f"rw/{i}/upper".encode()),
@@ -400,7 +414,7 @@ def _layered_steps(plan: RootfsPlan, changes_socket: int) -> list[StepTuple]:
     steps += [(Step.MKDIR, b"root"),
               _overlay("root", lowers, upper, work, options),
               (Step.CHDIR, b"root"),
-              _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
+              _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, _tmpfs_data(plan.tmp_size_mb, "1777"))]
     if plan.idmap is not None:  # the user namespace of the idmapped binds, while the host's /proc is here
         steps.append((Step.IDMAP, *plan.idmap))
     layer = 1
@@ -437,7 +451,7 @@ def rootfs_steps(plan: RootfsPlan, changes_socket: int = -1) -> tuple[StepTuple,
               _mount("tmpfs", _STAGING, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755"),
               (Step.CHDIR, _b(_STAGING)),
               (Step.MKDIR, b"tmp"),
-              _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={plan.tmp_size_mb}m,mode=1777")]
+              _mount("tmpfs", "tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, _tmpfs_data(plan.tmp_size_mb, "1777"))]
     # The root's own links and files before any bind: the set-up writes nothing into a
     # bind (a user's bind on /etc/hosts covers ours; a bind nested in a writable one needs
     # its mount point there already), and their
