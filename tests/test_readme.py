@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +93,24 @@ def test_public_name_is_exported_documented_and_in_the_readme(name: str) -> None
             if inspect.isfunction(function):
                 assert function.__doc__, f"{name}.{member} has no docstring"
     assert re.search(rf"\b{name}\b", _readme()), f"{name} is not named in README.md"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the example sets a memory limit: as root, or with a delegated cgroup")
+def test_the_python_api_example_runs_as_shown(tmp_path: Path) -> None:
+    example = re.findall(r"```python\n(.*?)```", _readme(), re.DOTALL)[0]
+    assert "asyncio.run(main())" in example
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["ok", "3"]
+
+
+def test_the_profile_examples_load(tmp_path: Path) -> None:
+    from neural_doc_flow_security.sandbox import NetworkPolicy, SandboxConfig
+
+    profile, network = re.findall(r"```toml\n(.*?)```", _readme(), re.DOTALL)
+    (tmp_path / "plain.toml").write_text(profile)
+    assert SandboxConfig.from_toml(tmp_path / "plain.toml").memory_limit_mb == 256
+    (tmp_path / "policy.toml").write_text(profile.replace('network = "none"', "") + network)
+    assert isinstance(SandboxConfig.from_toml(tmp_path / "policy.toml").network, NetworkPolicy)
