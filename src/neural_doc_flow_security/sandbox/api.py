@@ -122,9 +122,19 @@ def _outside_python_paths(source: str) -> bool:
     return not covered(os.path.realpath(source), python_paths())
 
 
+_application_modules_seen: tuple[tuple[int, str | None], list[types.ModuleType]] | None = None
+
+
 def _application_modules() -> list[types.ModuleType]:
     """The imported modules a sandbox cannot import: their file lies outside the
-    Python installation that is bound in (a script, a test, an application directory)."""
+    Python installation that is bound in (a script, a test, an application directory).
+    Looked up again only when a module was imported or removed since the last call
+    (sys.modules' size or latest entry changed): a walk of it costs ~0.3 ms, paid by
+    every call otherwise (the caller holds _by_value_lock)."""
+    global _application_modules_seen
+    state = (len(sys.modules), next(reversed(sys.modules), None))
+    if _application_modules_seen is not None and _application_modules_seen[0] == state:
+        return _application_modules_seen[1]
     found = []
     for name, module in list(sys.modules.items()):
         source = getattr(module, "__file__", None)
@@ -133,6 +143,7 @@ def _application_modules() -> list[types.ModuleType]:
         if (isinstance(module, types.ModuleType) and isinstance(source, str) and name == module.__name__
                 and name != "__main__" and _outside_python_paths(source)):
             found.append(module)
+    _application_modules_seen = (state, found)
     return found
 
 
@@ -264,6 +275,10 @@ class SandboxHandle:
         self._violation: ProtocolViolation | None = None
         self._stopped_by_host = False
         self._answered_then_killed = False
+        # A reused worker (workers.py): let go between calls (its clean exit is an ok end),
+        # or killed because a call ran over its wall timeout (the error text).
+        self._let_go = False
+        self._call_timed_out: str | None = None
         self._started = time.monotonic()
         self._armed_at = self._started  # its wall clock runs from here (a pooled one: from its call)
         self._last_seen = self._started
@@ -574,6 +589,8 @@ class SandboxHandle:
                                        error=f"protocol violation: {self._violation}")
         if result.outcome in (Outcome.TIMEOUT, Outcome.OOM, Outcome.SANDBOX_ERROR):
             return result
+        if self._call_timed_out is not None and result.outcome is Outcome.KILLED:
+            return dataclasses.replace(result, outcome=Outcome.TIMEOUT, error=self._call_timed_out)
         if self._answered_then_killed and result.outcome is Outcome.KILLED:  # by us, after its answer
             result = dataclasses.replace(result, outcome=Outcome.OK, signal=None, error=None)
         reply = self._reply
@@ -586,6 +603,8 @@ class SandboxHandle:
                                        traceback=reply.traceback)
         if reply is not None and result.outcome is Outcome.OK:
             return dataclasses.replace(result, output=reply.value)
+        if self._let_go and result.outcome is Outcome.OK:
+            return result
         if result.outcome is Outcome.OK:
             what = "was stopped by the host" if self._stopped_by_host else "exited"
             return dataclasses.replace(result, outcome=Outcome.KILLED if self._stopped_by_host else Outcome.ERROR,
