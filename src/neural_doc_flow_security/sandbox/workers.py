@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .api import SandboxHandle, SandboxManager
 
 _Key = tuple[str, SandboxConfig, Hashable]  # (plugin id, config, reuse_key)
-RETIRE_GRACE = 2.0  # seconds a worker let go between calls has to exit before it is killed
+RETIRE_GRACE = 5.0  # seconds a worker let go between calls has to exit before it is killed
 
 
 def check_max_tasks_per_child(value: object) -> int | None:
@@ -262,6 +262,7 @@ class WorkerPool:
                 self._forget(worker)  # it ended while idle (its exit callback has not run yet)
                 continue
             if self._alive < self.max_workers:
+                self._alive += 1
                 return self._taken(await self._start(key))
             victim = next((workers[0] for workers in self._idle.values()), None)
             if victim is not None:
@@ -284,6 +285,7 @@ class WorkerPool:
         if limit is not None and worker.calls + 1 >= limit:
             self._uncount(worker)
             if not self._idle.get(worker.key) and self._alive < self.max_workers and not self._closed:
+                self._alive += 1  # now: a caller woken meanwhile must not take this place too
                 self._background(self._start_ahead(worker.key))
         return worker
 
@@ -296,7 +298,7 @@ class WorkerPool:
             self._wake()
 
     async def _start(self, key: _Key) -> _Worker:
-        self._alive += 1
+        """Start a worker; the caller has counted it in _alive already."""
         # pooled: it warms up its call path before it says it is ready.
         payload = PythonWorkerPayload(pooled=True, serve=True, reset_tmp=self.reset_tmp)
         try:
