@@ -47,7 +47,7 @@ from .config import SandboxConfig
 from .errors import ConfigError, ProtocolViolation, SandboxError
 from .ipc.channel import AsyncChannel
 from .ipc.messages import IpcMessage, MessageKind
-from .launch.python_worker import PythonWorkerPayload
+from .launch.python_worker import PythonWorkerPayload, import_modules
 from .result import IsolationReport, Outcome, ResourceUsage, SandboxResult
 
 if TYPE_CHECKING:
@@ -70,8 +70,9 @@ class _Worker:
     handle: SandboxHandle
     isolation: dict[str, Any]  # its IsolationReport's fields, worker_id included
     calls: int = 0
-    counted: bool = True  # counts against max_workers (until its last call starts)
-    retired: bool = False  # it is being killed
+    counted: bool = True  # counts against max_workers (until its replacement is being started)
+    superseded: bool = False  # its replacement is ready: it takes no more calls
+    retired: bool = False  # it is being ended
     usage: ResourceUsage | None = None  # its cgroup's counters after its last call
 
 
@@ -158,10 +159,11 @@ class WorkerPool:
         from .api import _pickle_call
 
         call = _pickle_call((function, args, kwargs, context, self._limits))
-        return await manager._count(self._call((plugin_id, config, reuse_key), call))
+        module = getattr(function, "__module__", None)
+        return await manager._count(self._call((plugin_id, config, reuse_key), call, module))
 
-    async def _call(self, key: _Key, call: bytes) -> SandboxResult:
-        worker = await self._acquire(key)
+    async def _call(self, key: _Key, call: bytes, module: str | None) -> SandboxResult:
+        worker = await self._acquire(key, module)
         try:
             result = await self._run(worker, call)
         except BaseException:
@@ -246,7 +248,7 @@ class WorkerPool:
 
     # -- the workers --------------------------------------------------------------
 
-    async def _acquire(self, key: _Key) -> _Worker:
+    async def _acquire(self, key: _Key, module: str | None) -> _Worker:
         """An idle worker of `key`, else a new one (an idle worker of another key is
         ended to make room), else wait for one of those."""
         while True:
@@ -258,12 +260,12 @@ class WorkerPool:
                 if not idle:
                     del self._idle[key]
                 if not worker.handle._exit.done():
-                    return self._taken(worker)
+                    return self._taken(worker, module)
                 self._forget(worker)  # it ended while idle (its exit callback has not run yet)
                 continue
             if self._alive < self.max_workers:
                 self._alive += 1
-                return self._taken(await self._start(key))
+                return self._taken(await self._start(key), module)
             victim = next((workers[0] for workers in self._idle.values()), None)
             if victim is not None:
                 self._retire(victim)
@@ -277,25 +279,51 @@ class WorkerPool:
                     self._wake()  # it was this caller's turn: pass it on
                 raise
 
-    def _taken(self, worker: _Worker) -> _Worker:
-        """A worker taken for a call. For its last call it stops counting against
-        max_workers and its replacement starts now, so that the next call of its
-        key need not wait for a sandbox to start."""
+    def _taken(self, worker: _Worker, module: str | None) -> _Worker:
+        """A worker taken for a call. From its last twentieth of calls (its last call
+        when max_tasks_per_child < 20) on, it stops counting against max_workers and its
+        replacement is started, warmed up and given the call's module, so that no call
+        of its key waits for a sandbox to start; it serves calls (up to its limit)
+        until the replacement is ready."""
         limit = self.max_tasks_per_child
-        if limit is not None and worker.calls + 1 >= limit:
+        if limit is not None and worker.counted and worker.calls + 1 >= limit - limit // 20:
             self._uncount(worker)
-            if not self._idle.get(worker.key) and self._alive < self.max_workers and not self._closed:
+            if self._alive < self.max_workers and not self._closed:
                 self._alive += 1  # now: a caller woken meanwhile must not take this place too
-                self._background(self._start_ahead(worker.key))
+                self._background(self._start_ahead(worker, module))
         return worker
 
-    async def _start_ahead(self, key: _Key) -> None:
-        worker = await self._start(key)
-        if self._closed:
+    async def _start_ahead(self, predecessor: _Worker, module: str | None) -> None:
+        worker = await self._start(predecessor.key)
+        await asyncio.wait([worker.handle._prepared])  # warmed up: calls go to live workers until then
+        if module and module != "__main__" and not self._closed:
+            await self._import(worker, module)
+        if self._closed or worker.handle._exit.done():
             self._retire(worker)
-        else:
-            self._idle.setdefault(key, []).append(worker)
-            self._wake()
+            return
+        predecessor.superseded = True
+        if predecessor in self._idle.get(predecessor.key, ()):
+            self._retire(predecessor)
+        self._idle.setdefault(worker.key, []).append(worker)
+        self._wake()
+
+    async def _import(self, worker: _Worker, module: str) -> None:
+        """Import `module` in the worker (not a call of its key: not counted, its usage
+        not reported; a module the sandbox cannot import is left to the call)."""
+        from .api import _pickle_call
+
+        handle = worker.handle
+        channel = handle._channel
+        assert channel is not None
+        try:
+            channel.next_call()
+            await channel.send(IpcMessage.call(_pickle_call((import_modules, (module,), {}, False, self._limits))))
+            await _answer(channel)  # its reader stopped at the heartbeat: the channel is ours
+        except (OSError, ProtocolViolation):
+            return  # it ended: its exit says how
+        for output in handle._outputs:
+            output.take()
+        self._usage(worker, 0.0)
 
     async def _start(self, key: _Key) -> _Worker:
         """Start a worker; the caller has counted it in _alive already."""
@@ -322,7 +350,9 @@ class WorkerPool:
     def _release(self, worker: _Worker, ok: bool) -> None:
         if worker.retired:
             return  # its call timed out: it is being killed
-        if ok and worker.counted and not self._closed and not worker.handle._exit.done():
+        limit = self.max_tasks_per_child
+        usable = worker.counted or not (worker.superseded or (limit is not None and worker.calls >= limit))
+        if ok and usable and not self._closed and not worker.handle._exit.done():
             self._idle.setdefault(worker.key, []).append(worker)
             self._wake()
         else:

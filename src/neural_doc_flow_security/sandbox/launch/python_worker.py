@@ -198,6 +198,14 @@ class PythonWorkerPayload(Payload):
                 return  # something in it could not be removed: this worker must not serve another call
 
 
+def import_modules(*names: str) -> None:
+    """Import these modules (a reused worker's replacement, before its first call)."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
+
+
 def _answer(channel: SyncChannel, payload: bytes) -> None:
     """Run the call and send its result (or its exception) to the host."""
     reply = _run_call(payload, channel)
