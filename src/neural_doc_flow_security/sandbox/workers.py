@@ -70,8 +70,9 @@ class _Worker:
     handle: SandboxHandle
     isolation: dict[str, Any]  # its IsolationReport's fields, worker_id included
     calls: int = 0
-    counted: bool = True  # counts against max_workers (until its replacement is being started)
-    superseded: bool = False  # its replacement is ready: it takes no more calls
+    counted: bool = True  # counts against max_workers (a replacement waiting to take its place does not)
+    replacing: bool = False  # its replacement has been started
+    successor: _Worker | None = None  # its replacement, ready: it takes this worker's place when it ends
     retired: bool = False  # it is being ended
     usage: ResourceUsage | None = None  # its cgroup's counters after its last call
 
@@ -280,32 +281,30 @@ class WorkerPool:
                 raise
 
     def _taken(self, worker: _Worker, module: str | None) -> _Worker:
-        """A worker taken for a call. From its last twentieth of calls (its last call
-        when max_tasks_per_child < 20) on, it stops counting against max_workers and its
-        replacement is started, warmed up and given the call's module, so that no call
-        of its key waits for a sandbox to start; it serves calls (up to its limit)
-        until the replacement is ready."""
+        """A worker taken for a call. Halfway through its calls its replacement is
+        started, warmed up and given the call's module; it waits (not counted against
+        max_workers) until this worker ends, and takes its place at once: no call of the
+        key waits for a sandbox to start."""
         limit = self.max_tasks_per_child
-        if limit is not None and worker.counted and worker.calls + 1 >= limit - limit // 20:
-            self._uncount(worker)
-            if self._alive < self.max_workers and not self._closed:
-                self._alive += 1  # now: a caller woken meanwhile must not take this place too
-                self._background(self._start_ahead(worker, module))
+        if limit is not None and not worker.replacing and worker.calls + 1 >= limit - limit // 2:
+            worker.replacing = True
+            self._background(self._start_ahead(worker, module))
         return worker
 
     async def _start_ahead(self, predecessor: _Worker, module: str | None) -> None:
-        worker = await self._start(predecessor.key)
-        await asyncio.wait([worker.handle._prepared])  # warmed up: calls go to live workers until then
+        worker = await self._start(predecessor.key, counted=False)
+        await asyncio.wait([worker.handle._prepared])
         if module and module != "__main__" and not self._closed:
             await self._import(worker, module)
-        if self._closed or worker.handle._exit.done():
+        if not predecessor.retired:
+            predecessor.successor = worker  # it takes the place when the predecessor ends (_forget)
+        elif not self._closed and not worker.handle._exit.done() and self._alive < self.max_workers:
+            worker.counted = True  # the predecessor has ended already: its place is free
+            self._alive += 1
+            self._idle.setdefault(worker.key, []).append(worker)
+            self._wake()
+        else:
             self._retire(worker)
-            return
-        predecessor.superseded = True
-        if predecessor in self._idle.get(predecessor.key, ()):
-            self._retire(predecessor)
-        self._idle.setdefault(worker.key, []).append(worker)
-        self._wake()
 
     async def _import(self, worker: _Worker, module: str) -> None:
         """Import `module` in the worker (not a call of its key: not counted, its usage
@@ -325,8 +324,8 @@ class WorkerPool:
             output.take()
         self._usage(worker, 0.0)
 
-    async def _start(self, key: _Key) -> _Worker:
-        """Start a worker; the caller has counted it in _alive already."""
+    async def _start(self, key: _Key, *, counted: bool = True) -> _Worker:
+        """Start a worker; a `counted` one the caller has counted in _alive already."""
         # pooled: it warms up its call path before it says it is ready.
         payload = PythonWorkerPayload(pooled=True, serve=True, reset_tmp=self.reset_tmp)
         try:
@@ -335,14 +334,15 @@ class WorkerPool:
             handle = await self._manager._create(key[0], payload, key[1], keep_messages=False,
                                                  with_channel=True, stdin=None, pooled=True)
         except BaseException:
-            self._alive -= 1
-            self._wake()
+            if counted:
+                self._alive -= 1
+                self._wake()
             raise
         handle._audit_start()  # one sandbox_start and one sandbox_end per worker, not per call
         report = self._manager._starter.isolation.get(handle.sandbox_id) or IsolationReport()
         isolation = {f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "worker_call"}
         isolation["worker_id"] = handle.sandbox_id
-        worker = _Worker(key, handle, isolation)
+        worker = _Worker(key, handle, isolation, counted=counted)
         handle._exit.add_done_callback(lambda _: self._gone(worker))
         self._usage(worker, 0.0)  # the counters as it starts: the first call's usage is the increase
         return worker
@@ -351,8 +351,7 @@ class WorkerPool:
         if worker.retired:
             return  # its call timed out: it is being killed
         limit = self.max_tasks_per_child
-        usable = worker.counted or not (worker.superseded or (limit is not None and worker.calls >= limit))
-        if ok and usable and not self._closed and not worker.handle._exit.done():
+        if ok and (limit is None or worker.calls < limit) and not self._closed and not worker.handle._exit.done():
             self._idle.setdefault(worker.key, []).append(worker)
             self._wake()
         else:
@@ -383,13 +382,18 @@ class WorkerPool:
             idle.remove(worker)
             if not idle:
                 del self._idle[worker.key]
-        self._uncount(worker)
-
-    def _uncount(self, worker: _Worker) -> None:
+        successor, worker.successor = worker.successor, None
         if worker.counted:
             worker.counted = False
-            self._alive -= 1
+            if successor is not None and not self._closed and not successor.handle._exit.done():
+                successor.counted = True  # it takes the place: _alive stays
+                self._idle.setdefault(successor.key, []).append(successor)
+                successor = None
+            else:
+                self._alive -= 1
             self._wake()
+        if successor is not None:
+            self._retire(successor)
 
     def _wake(self) -> None:
         while self._waiters:
