@@ -30,6 +30,11 @@ never to share a worker between parties that must not see each other.
 The wall timeout (config.timeout_seconds) applies to each call, from the
 moment the call is sent: the manager kills the worker when a call runs over
 it (the call's outcome is `timeout`). A worker's life has no wall limit.
+
+Halfway through a worker's calls its replacement is started, warmed up (with
+the module of the call's function imported) and kept waiting, not counted
+against max_workers, until the worker ends: it takes the worker's place at
+once. So up to 2 x max_workers sandboxes exist, the waiting ones idle.
 """
 
 from __future__ import annotations
