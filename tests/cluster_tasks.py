@@ -67,3 +67,9 @@ def word_count(text: str) -> int:
 
 def pid_namespace(_: Any) -> str:
     return os.readlink("/proc/self/ns/pid")
+
+
+async def write_marker_async(marker: str) -> str:
+    """A coroutine task: Dask runs these on the worker's event loop."""
+    Path(marker).write_text("a coroutine task ran here\n")
+    return "ran"

@@ -35,6 +35,7 @@ from cluster_tasks import (
     probe,
     sleep_for,
     word_count,
+    write_marker_async,
 )
 from conftest import accepted_connections, unique_marker, wait_until
 from neural_doc_flow_security.sandbox import BindMount, FilesystemConfig, OutcomeError, SandboxConfig, SandboxResult
@@ -145,6 +146,16 @@ def test_hostile_task_is_contained_on_the_host(client: Client, host_marker: str)
             if sentinel.poll() is None:
                 sentinel.kill()
             sentinel.wait(timeout=WAIT)
+
+
+def test_annotated_coroutine_task_is_refused_not_run_unsandboxed(client: Client, host_marker: str) -> None:
+    with dask.annotate(executor="sandbox"):
+        refused = client.submit(write_marker_async, host_marker, pure=False)
+    with pytest.raises(RuntimeError, match="is a coroutine function"):
+        refused.result(timeout=WAIT)
+    assert not os.path.lexists(host_marker)
+    assert client.submit(write_marker_async, host_marker, pure=False).result(timeout=WAIT) == "ran"
+    assert os.path.exists(host_marker)  # unannotated, it runs on the worker: the check above would see that
 
 
 # -- outcomes, retries, usage ----------------------------------------------------------

@@ -72,12 +72,30 @@ class SandboxPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]  # Any wh
         self.name = name
         self.executor_options = executor_options
         self._replaced: Any = None
+        self._worker: Any = None
 
     async def setup(self, worker: Any) -> None:
         """Start this worker's executor (off the worker's event loop: it starts a zygote)."""
         executor = await asyncio.to_thread(SandboxTaskExecutor, self.config, **self.executor_options)
         self._replaced = worker.executors.get(self.name)
         worker.executors[self.name] = executor
+        self._worker = worker
+
+    def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
+        """Fail closed on a coroutine task annotated for this executor: Dask runs
+        coroutine functions on the worker's event loop, never on an executor, so it
+        would run unsandboxed. Its run_spec is replaced, before it starts, by one that
+        raises (called by the worker's state machine, ahead of the execution)."""
+        if finish != "executing" or self._worker is None:
+            return
+        task = self._worker.state.tasks.get(key)
+        if (task is None or (task.annotations or {}).get("executor") != self.name or task.run_spec is None
+                or not task.run_spec.is_coro):
+            return
+        from dask._task_spec import Task
+
+        name = getattr(getattr(task.run_spec, "func", None), "__qualname__", "the task's function")
+        task.run_spec = Task(key, _refuse_coroutine, name, self.name)
 
     async def teardown(self, worker: Any) -> None:
         """Stop the executor: sandboxes still running are killed, then the zygote stops."""
@@ -88,6 +106,11 @@ class SandboxPlugin(WorkerPlugin):  # type: ignore[misc,unused-ignore]  # Any wh
             else:
                 del worker.executors[self.name]
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+
+async def _refuse_coroutine(name: str, executor: str) -> None:
+    raise RuntimeError(f"{name} is a coroutine function: Dask runs those on the worker itself, never on the "
+                       f"{executor!r} executor, so it cannot run in a sandbox (make it a plain function)")
 
 
 class SandboxTask:
