@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -52,9 +53,11 @@ def run_all(quick: bool, table_class: Any) -> list[Any]:
     rounds = 3 if quick else 7
     rows = {"no sandbox": "default", "sandbox": "sandbox", "sandbox, pypdf preloaded": "sandbox-pypdf"}
     rates: dict[str, list[float]] = {name: [] for name in rows}
-    with LocalCluster(n_workers=WORKERS, processes=True, threads_per_worker=THREADS_PER_WORKER, host="127.0.0.1",
-                      protocol="tcp", dashboard_address=None, worker_dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with tempfile.TemporaryDirectory(prefix="ndf-bench-dask-") as scratch, \
+            dask.config.set({"temporary-directory": scratch}), \
+            LocalCluster(n_workers=WORKERS, processes=True, threads_per_worker=THREADS_PER_WORKER, host="127.0.0.1",
+                         protocol="tcp", dashboard_address=None, worker_dashboard_address=None,
+                         local_directory=scratch) as cluster, Client(cluster) as client:
         client.register_plugin(SandboxPlugin(GOOD_CONFIG))
         client.register_plugin(SandboxPlugin(GOOD_CONFIG, name="sandbox-pypdf", preload=["pypdf"]))
         names, blobs = [name for name, _ in documents], [blob for _, blob in documents]

@@ -69,10 +69,16 @@ def state_dir() -> Iterator[str]:
 def cluster(state_dir: str) -> Iterator[tuple[LocalCluster, Client]]:
     config = SandboxConfig(memory_limit_mb=MEMORY_LIMIT_MB, timeout_seconds=TIMEOUT_SECONDS,
                            filesystem=FilesystemConfig(binds=(BindMount(state_dir, read_only=False),)))
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", protocol="tcp",
-                      dashboard_address=None, worker_dashboard_address=None) as local, Client(local) as client:
-        client.register_plugin(SandboxPlugin(config))
-        yield local, client
+    scratch = tempfile.mkdtemp(prefix="ndf-dask-scratch-")  # the cluster's scratch space, removed afterwards
+    try:
+        with dask.config.set({"temporary-directory": scratch}), \
+                LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", protocol="tcp",
+                             dashboard_address=None, worker_dashboard_address=None,
+                             local_directory=scratch) as local, Client(local) as client:
+            client.register_plugin(SandboxPlugin(config))
+            yield local, client
+    finally:
+        subprocess.run(["rm", "-rf", scratch], check=False)
 
 
 @pytest.fixture

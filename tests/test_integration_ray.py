@@ -10,6 +10,7 @@ sentinel process that the same function, unsandboxed, does reach.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,13 +47,15 @@ def ray_local() -> Iterator[None]:
     modules = (cluster_tasks, sys.modules[__name__])
     for module in modules:
         ray.cloudpickle.register_pickle_by_value(module)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    session_dir = tempfile.mkdtemp(prefix="ndf-ray-")  # Ray's logs and sockets, removed afterwards
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=session_dir)
     try:
         yield
     finally:
         ray.shutdown()
         for module in modules:
             ray.cloudpickle.unregister_pickle_by_value(module)
+        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 def _probe_here_and_sandboxed(marker: str) -> dict[str, Any]:

@@ -18,7 +18,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -111,9 +113,11 @@ def run_on_dask(runs: list[PluginRun]) -> dict[str, Any]:
 
     active = [run for run in runs if run.status != "skipped"]
     placed: dict[int, str] = {}
-    with LocalCluster(n_workers=WORKERS, processes=True, threads_per_worker=max(1, len(active)),
-                      host="127.0.0.1", protocol="tcp", dashboard_address=None, worker_dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with tempfile.TemporaryDirectory(prefix="ndf-demo-dask-") as scratch, \
+            dask.config.set({"temporary-directory": scratch}), \
+            LocalCluster(n_workers=WORKERS, processes=True, threads_per_worker=max(1, len(active)),
+                         host="127.0.0.1", protocol="tcp", dashboard_address=None, worker_dashboard_address=None,
+                         local_directory=scratch, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         client.register_plugin(SandboxPlugin(GOOD_CONFIG))
         workers = sorted(client.scheduler_info()["workers"])
         futures = []
@@ -149,7 +153,9 @@ def run_on_ray(runs: list[PluginRun]) -> dict[str, Any]:
 
     active = [run for run in runs if run.status != "skipped"]
     placed: dict[int, str] = {}
-    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    session_dir = tempfile.mkdtemp(prefix="ndf-demo-ray-")  # Ray's logs and sockets, removed afterwards
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+             _temp_dir=session_dir)
     try:
         remote = ray.remote(_ray_row)
         refs = []
@@ -170,6 +176,7 @@ def run_on_ray(runs: list[PluginRun]) -> dict[str, Any]:
         # Ray SIGKILLs its workers' children (the zygotes): their sandboxes' empty cgroups stay behind.
         with contextlib.suppress(Exception):
             remove_stale_cgroups()
+        shutil.rmtree(session_dir, ignore_errors=True)
     return {"engine": "ray", "workers": sorted(set(placed.values())), "placement": placed}
 
 
