@@ -26,8 +26,8 @@ import pytest
 import cluster_tasks
 from api_helpers import ZYGOTE_MODULE, sandbox_cgroups
 from cluster_tasks import eat_memory, fail, hostile, probe, sleep_for, word_count
-from conftest import NDF_SANDBOX, accepted_connections, unique_marker, wait_until
-from neural_doc_flow_security.sandbox import OutcomeError, SandboxConfig, SandboxResult
+from conftest import accepted_connections, unique_marker, wait_until
+from neural_doc_flow_security.sandbox import OutcomeError, SandboxConfig, SandboxExecutor, SandboxResult
 
 ray = pytest.importorskip("ray")
 
@@ -192,5 +192,5 @@ def test_shutdown_leaves_no_sandbox_processes_or_cgroups(ray_local: None) -> Non
                       timeout=WAIT), zygotes
     # Ray SIGKILLs a worker's children when the worker exits (RAY_kill_child_processes_on_worker_exit),
     # so the zygotes cannot remove their cgroups; the next manager on the host does, at its start.
-    subprocess.run([NDF_SANDBOX, "cleanup"], check=True, capture_output=True, timeout=WAIT)
+    SandboxExecutor().shutdown()
     assert not sandbox_cgroups(owners)
