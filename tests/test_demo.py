@@ -188,3 +188,15 @@ def test_the_report_shows_the_managers_health(root_report: tuple[int, dict[str, 
     manager = root_report[1]["evidence"]["manager"]
     assert manager["zygotes_alive"] >= 1 and manager["zygotes_restarted"] == 0 and manager["zygotes_given_up"] == 0
     assert sum(manager["calls"].values()) == len([p for p in root_report[1]["plugins"] if p["status"] != "skipped"])
+
+
+def test_the_plain_demo_prints_no_audit_lines() -> None:
+    """The audit log's WARNING events (the memory-eater's limit_hit, the timeout) went
+    to stderr through Python's last-resort handler, as JSON lines between the demo's rows."""
+    if os.geteuid() != 0:
+        pytest.skip("the full demo needs root (cgroup limits)")
+    proc = subprocess.run([*ROOT_CALLER.prefix, NDF_SANDBOX, "demo", "--plain"], capture_output=True,
+                          env=ndf_host_env(), cwd="/tmp", timeout=120, check=False)
+    output = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert "[held] memory-eater" in output, output
+    assert "schema_version" not in output, output

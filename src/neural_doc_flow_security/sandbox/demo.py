@@ -21,6 +21,7 @@ import dataclasses
 import importlib.resources
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import audit
 from . import demo_plugins as plugins
 from .api import SandboxManager
 from .config import SandboxConfig
@@ -592,11 +594,21 @@ def _run_rich() -> int:
     return status
 
 
+def _keep_audit_events_off_the_display() -> None:
+    """The demo shows every sandbox's end itself. Unless the audit logger has a
+    handler (up its hierarchy), Python's last-resort handler would print its
+    WARNING events (kill, timeout, limit_hit) as JSON lines between the demo's."""
+    logger = logging.getLogger(audit.LOGGER_NAME)
+    if not logger.hasHandlers():
+        logger.addHandler(logging.NullHandler())
+
+
 def run_demo(json_output: bool = False, plain: bool = False) -> int:
     """Run the demo pipeline and print it (live display on a terminal, plain log
     lines otherwise or with `plain`, a JSON report with `json_output`); returns
     the exit status (0: all good plugins produced text and all hostile ones were
     contained)."""
+    _keep_audit_events_off_the_display()
     try:
         if json_output:
             started = time.monotonic()
