@@ -11,6 +11,7 @@ refuses a config it cannot enforce, and those rows say so).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import tempfile
 from importlib.resources import files
@@ -84,4 +85,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    # The table below shows each sandbox's end; without a handler, the audit log's
+    # WARNING events would also print as JSON lines (README, "Audit log").
+    logging.getLogger("neural_doc_flow_security.audit").addHandler(logging.NullHandler())
     asyncio.run(main())
