@@ -78,7 +78,7 @@ def test_table_of_contents_lists_every_section() -> None:
     contents = text[text.index("\n## Contents\n"):]
     contents = contents[:contents.index("\n## ", 1)]
     toc = re.findall(r"^- \[(.+?)\]\(#[^)]+\)$", contents, re.MULTILINE)
-    assert [h for h in headings if h != "Contents"] == toc
+    assert [h for h in headings if h != "Contents"] == toc, "add the section to README.md's Contents, in order"
 
 
 @pytest.mark.parametrize("name", sandbox.__all__)
