@@ -60,7 +60,7 @@ async def one(method: str, function: Any, *args: Any, sandbox_config: SandboxCon
               **kwargs: Any) -> SandboxResult:
     """Run one callable in a fresh manager."""
     async with manager(method) as m:
-        return await m.execute_sandboxed("test", function, *args, sandbox_config=sandbox_config, **kwargs)
+        return await m.with_options(sandbox_config=sandbox_config).execute_sandboxed("test", function, *args, **kwargs)
 
 
 # --- callables of every shape -------------------------------------------------
@@ -208,7 +208,7 @@ def test_timeout_kills_the_whole_tree(method: str) -> None:
     async def scenario() -> tuple[SandboxResult, list[psutil.Process]]:
         async with manager(method) as m:
             task = asyncio.create_task(
-                m.execute_sandboxed("spin", spin, sandbox_config=SandboxConfig(timeout_seconds=1)))
+                m.with_options(sandbox_config=SandboxConfig(timeout_seconds=1)).execute_sandboxed("spin", spin))
             tree = await _capture_tree(m, "spin")
             result = await task
             # The design promise: when a timeout returns, the process tree is gone.
@@ -236,8 +236,8 @@ def test_timeout_kills_grandchildren_too(method: str) -> None:
 
     async def scenario() -> tuple[SandboxResult, list[psutil.Process]]:
         async with manager(method) as m:
-            task = asyncio.create_task(
-                m.execute_sandboxed("forks", fork_and_spin, sandbox_config=SandboxConfig(timeout_seconds=2)))
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=2))
+            task = asyncio.create_task(bounded.execute_sandboxed("forks", fork_and_spin))
             tree = await _capture_tree(m, "forks", minimum=5)
             result = await task
             still = [p.pid for p in tree if alive(p)]

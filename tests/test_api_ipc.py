@@ -24,6 +24,7 @@ from api_helpers import (
     run,
     tree_of,
 )
+from neural_doc_flow_security.sandbox import PluginContext
 from neural_doc_flow_security.sandbox.api import Health, SandboxHandle
 from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import SandboxError
@@ -55,7 +56,7 @@ async def next_of_kind(handle: SandboxHandle, kind: MessageKind, timeout: float 
 
 # --- plugins (each takes ctx) ------------------------------------------------------
 
-def echo_plugin(ctx: Any) -> str:
+def echo_plugin(ctx: PluginContext) -> str:
     """Answers every data message: tag 'reverse' -> reversed bytes, else a sha256 digest."""
     import hashlib
 
@@ -72,7 +73,7 @@ def echo_plugin(ctx: Any) -> str:
             ctx.send(hashlib.sha256(data).digest(), tag="sha256")
 
 
-def busy_until_stopped(ctx: Any) -> int:
+def busy_until_stopped(ctx: PluginContext) -> int:
     loops = 0
     while not ctx.stop_requested:
         for _ in range(20_000):
@@ -121,7 +122,7 @@ def test_5_mb_payload_each_way_goes_by_memfd(method: str) -> None:
 
 
 def test_progress_and_log_messages_arrive(method: str) -> None:
-    def reporter(ctx: Any) -> str:
+    def reporter(ctx: PluginContext) -> str:
         ctx.report_progress(0.25, "quarter")
         ctx.log("halfway there", "warning")
         ctx.report_progress(1.0, "done")
@@ -172,7 +173,7 @@ def test_status_messages_carry_health_heartbeat_and_usage(method: str) -> None:
     assert result.outcome is Outcome.OK, describe(result)
 
 
-def sends_then_spins(ctx: Any) -> int:
+def sends_then_spins(ctx: PluginContext) -> int:
     for i in range(3):
         ctx.send(b"chunk %d" % i, tag="data")
     return busy_until_stopped(ctx)
@@ -323,7 +324,7 @@ def test_stop_of_a_paused_plugin_still_ends_it(method: str) -> None:
 # --- stop escalation --------------------------------------------------------------
 
 def test_cooperative_plugin_returns_its_result_on_stop(method: str) -> None:
-    def cooperative(ctx: Any) -> dict[str, Any]:
+    def cooperative(ctx: PluginContext) -> dict[str, Any]:
         stopped = ctx.wait_for_stop(timeout=120)
         return {"stopped": stopped, "state": "saved"}
 
@@ -338,7 +339,7 @@ def test_cooperative_plugin_returns_its_result_on_stop(method: str) -> None:
 
 
 def test_plugin_ignoring_stop_and_sigterm_is_killed_after_grace(method: str) -> None:
-    def stubborn(ctx: Any) -> str:
+    def stubborn(ctx: PluginContext) -> str:
         import signal
         import time
 
@@ -363,7 +364,7 @@ def test_plugin_ignoring_stop_and_sigterm_is_killed_after_grace(method: str) -> 
 
 
 def test_plugin_with_default_sigterm_ends_on_sigterm(method: str) -> None:
-    def oblivious(ctx: Any) -> str:
+    def oblivious(ctx: PluginContext) -> str:
         import time
 
         ctx.send(b"", tag="ready")
@@ -372,7 +373,8 @@ def test_plugin_with_default_sigterm_ends_on_sigterm(method: str) -> None:
 
     async def scenario() -> SandboxResult:
         async with manager(method) as m:
-            handle = await m.spawn("oblivious", oblivious, sandbox_config=SandboxConfig(timeout_seconds=300))
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=300))
+            handle = await bounded.spawn("oblivious", oblivious)
             await next_of_kind(handle, MessageKind.DATA)
             return await handle.stop(grace_seconds=1)
 
@@ -384,7 +386,7 @@ def test_plugin_with_default_sigterm_ends_on_sigterm(method: str) -> None:
 def test_receive_returns_none_after_the_plugin_ended(method: str) -> None:
     async def scenario() -> tuple[SandboxResult, IpcMessage | None, Health]:
         async with manager(method, status_interval=None) as m:
-            handle = await m.spawn("quick", lambda ctx: "bye")
+            handle = await m.with_options(context=True).spawn("quick", lambda ctx: "bye")
             result = await handle.wait()
             return result, await handle.receive(timeout=5), handle.health
 
@@ -396,7 +398,7 @@ def test_receive_returns_none_after_the_plugin_ended(method: str) -> None:
 # --- protocol violations ---------------------------------------------------------------
 
 def test_flooding_plugin_is_a_protocol_violation(method: str) -> None:
-    def flood(ctx: Any) -> None:
+    def flood(ctx: PluginContext) -> None:
         while True:
             ctx.send(b"x")
 
@@ -415,7 +417,7 @@ def test_flooding_plugin_is_a_protocol_violation(method: str) -> None:
 
 
 def test_flooding_spawned_plugin_is_a_protocol_violation(method: str) -> None:
-    def flood(ctx: Any) -> None:
+    def flood(ctx: PluginContext) -> None:
         while True:
             ctx.log("again")  # (progress reports would be coalesced)
 
@@ -474,8 +476,8 @@ def test_raw_bytes_on_fd_3_are_a_protocol_violation(method: str, attack: str) ->
 
     async def scenario() -> tuple[SandboxResult, SandboxResult]:
         async with manager(method) as m:
-            bad = await m.execute_sandboxed(attack, hostile, source,
-                                            sandbox_config=SandboxConfig(timeout_seconds=120))
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=120))
+            bad = await bounded.execute_sandboxed(attack, hostile, source)
             after = await m.execute_sandboxed("after", lambda: "host fine")
             return bad, after
 
@@ -493,7 +495,8 @@ def test_a_second_result_is_a_protocol_violation_for_a_spawned_plugin(method: st
 
     async def scenario() -> SandboxResult:
         async with manager(method) as m:
-            handle = await m.spawn("twice", hostile, source, sandbox_config=SandboxConfig(timeout_seconds=120))
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=120))
+            handle = await bounded.spawn("twice", hostile, source)
             return await handle.wait()
 
     result = run(scenario())
@@ -511,8 +514,8 @@ def test_execute_sandboxed_ends_with_the_first_answer(method: str) -> None:
 
     async def scenario() -> SandboxResult:
         async with manager(method) as m:
-            return await m.execute_sandboxed("twice", hostile, source,
-                                             sandbox_config=SandboxConfig(timeout_seconds=120))
+            bounded = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=120))
+            return await bounded.execute_sandboxed("twice", hostile, source)
 
     result = run(scenario())
     assert result.outcome in (Outcome.OK, Outcome.PROTOCOL_VIOLATION), describe(result)
@@ -538,7 +541,7 @@ def test_concurrent_control_requests_on_one_sandbox(method: str) -> None:
     assert "cpu_seconds" in first.usage and "cpu_seconds" in second.usage
 
 
-def _send_one_then_return(ctx: Any) -> int:
+def _send_one_then_return(ctx: PluginContext) -> int:
     ctx.send(b"one")
     return 1
 
