@@ -35,6 +35,7 @@ from api_helpers import (
     tree_of,
     wait_until,
 )
+from neural_doc_flow_security.sandbox import PluginContext
 from neural_doc_flow_security.sandbox.api import Health
 from neural_doc_flow_security.sandbox.result import Outcome, SandboxResult
 
@@ -72,7 +73,7 @@ def sleeper_writing_marker(path: str) -> None:
     time.sleep(600)
 
 
-def sleeper(ctx: Any) -> None:
+def sleeper(ctx: PluginContext) -> None:
     import time
 
     ctx.send(b"", tag="ready")
@@ -96,8 +97,8 @@ def test_cancelling_the_awaiting_task_kills_the_sandbox(method: str, no_leaks: L
 
     async def scenario() -> list[psutil.Process]:
         async with manager(method) as m:
-            task = asyncio.create_task(m.execute_sandboxed(
-                "sleeper", sleeper_writing_marker, str(marker), sandbox_config=rw_bind_config(directory)))
+            task = asyncio.create_task(m.with_options(sandbox_config=rw_bind_config(directory)).execute_sandboxed(
+                "sleeper", sleeper_writing_marker, str(marker)))
             assert await async_wait_until(marker.exists, timeout=60), "the plugin never started"
             listed = [info for info in m.list_sandboxes() if info.plugin_id == "sleeper"]
             assert len(listed) == 1
@@ -261,7 +262,7 @@ def test_a_launch_goes_to_a_zygote_that_is_not_making_a_spare() -> None:
             for preparing in zygotes[:2]:
                 await asyncio.sleep(0.3)  # both have made what they make ahead, and said so
                 preparing.preparing = True  # as if it had just said so
-                handle = await m.spawn("p", lambda ctx: ctx.wait_for_stop())
+                handle = await m.with_options(context=True).spawn("p", lambda ctx: ctx.wait_for_stop())
                 placed.append(m._starter._owner[handle.sandbox_id] is not preparing)
                 await handle.kill()
                 await handle.wait()
@@ -275,7 +276,7 @@ def test_a_launch_goes_to_a_zygote_that_is_not_making_a_spare() -> None:
 def test_hundreds_of_requests_at_once_are_all_carried_out() -> None:
     # More requests than the zygotes' sockets hold: senders queue for the socket to drain
     # (the event loop has one writer callback per fd; every queued request must still go).
-    def idle(ctx: Any) -> None:
+    def idle(ctx: PluginContext) -> None:
         ctx.wait_for_stop()
 
     async def scenario() -> tuple[int, int]:
@@ -370,8 +371,8 @@ MANAGER_SCRIPT = textwrap.dedent("""
         config = SandboxConfig(timeout_seconds=600, memory_limit_mb=256, filesystem=FilesystemConfig(
             binds=(BindMount(directory, read_only=False),)))
         async with SandboxManager(start_method=method) as m:
-            handle = await m.spawn("victim", sleeper, os.path.join(directory, "running"),
-                                   sandbox_config=config)
+            handle = await m.with_options(sandbox_config=config).spawn("victim", sleeper,
+                                                                      os.path.join(directory, "running"))
             zygotes = list(getattr(m._starter, "pids", None) or [])
             print(handle.pid, ",".join(map(str, zygotes)) or "-", flush=True)
             await asyncio.sleep(600)

@@ -263,7 +263,8 @@ async def test_open_files_are_capped(manager: SandboxManager) -> None:
             pass
         return len(opened)
 
-    result = await manager.execute_sandboxed("files", open_many, sandbox_config=CONFIG.replace(max_open_files=16))
+    few_files = manager.with_options(sandbox_config=CONFIG.replace(max_open_files=16))
+    result = await few_files.execute_sandboxed("files", open_many)
     assert result.outcome is Outcome.OK, result.error
     assert result.output < 16
 

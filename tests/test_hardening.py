@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import SANDBOX_IDS
+from neural_doc_flow_security.sandbox import PluginContext
 from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import NamespaceConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.errors import UnsupportedError
@@ -243,7 +244,7 @@ def test_init_of_a_callable_sandbox_runs_as_the_payload_uid_without_capabilities
     # neither uid 0 nor any capability; signalling its own payload needs none.
     from api_helpers import async_wait_until, proc_status_fields
 
-    def wait_for_stop(ctx: Any) -> str:
+    def wait_for_stop(ctx: PluginContext) -> str:
         ctx.wait_for_stop()
         return "stopped"
 

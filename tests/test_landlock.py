@@ -232,11 +232,11 @@ def test_a_callable_runs_under_landlock(method: str, abstract_unix_listener: tup
 
     async def go() -> tuple[SandboxResult, SandboxResult]:
         async with api_helpers.manager(method) as m:
-            on = await m.execute_sandboxed("landlock", connect_abstract, name,
-                                           sandbox_config=SandboxConfig(namespaces=host_net))
+            locked = m.with_options(sandbox_config=SandboxConfig(namespaces=host_net))
+            on = await locked.execute_sandboxed("landlock", connect_abstract, name)
             assert accepted_connections(listener) == 0
-            off = await m.execute_sandboxed("landlock", connect_abstract, name,
-                                            sandbox_config=SandboxConfig(namespaces=host_net, landlock="off"))
+            unlocked = m.with_options(sandbox_config=SandboxConfig(namespaces=host_net, landlock="off"))
+            off = await unlocked.execute_sandboxed("landlock", connect_abstract, name)
             return on, off
 
     on, off = api_helpers.run(go())

@@ -208,7 +208,7 @@ def test_lowered_max_processes_refuses_forks_and_is_a_limit_hit(audit_events: li
 def test_live_limits_are_checked_like_the_config() -> None:
     async def scenario() -> list[BaseException]:
         async with SandboxManager(status_interval=None) as m:
-            handle = await m.spawn("idle", lambda ctx: ctx.wait_for_stop(120))
+            handle = await m.with_options(context=True).spawn("idle", lambda ctx: ctx.wait_for_stop(120))
             errors: list[BaseException] = []
             for bad in ({"memory_limit_mb": 0}, {"max_processes": "8"}, {"cpu_quota_percent": -5}, {}):
                 try:

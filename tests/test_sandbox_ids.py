@@ -188,7 +188,7 @@ MANAGER = textwrap.dedent("""
 
     async def main():
         async with SandboxManager() as manager:
-            await manager.spawn("hold", hold, 600.0)
+            await manager.with_options(context=True).spawn("hold", hold, 600.0)
             message = await manager.receive_message("hold", timeout=60)
             print("UID", bytes(message.content).decode(), flush=True)
             await asyncio.sleep(600)

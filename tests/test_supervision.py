@@ -74,7 +74,7 @@ def test_a_timeout_validation_missed_fails_its_call_and_the_zygotes_go_on(value:
             config = _unchecked(timeout_seconds=value)
             try:
                 if sent_by == "manager":
-                    result = await m.execute_sandboxed("bad", lambda: 1, sandbox_config=config)
+                    result = await m.with_options(sandbox_config=config).execute_sandboxed("bad", lambda: 1)
                 else:
                     await m._starter.spawn(10**6, LaunchRequest(config, ExecPayload(("/bin/true",))), {})
                     result = SandboxResult(Outcome.SANDBOX_ERROR, error="it was started")
@@ -96,7 +96,8 @@ def test_every_boundary_timeout_is_a_config_error_and_the_manager_keeps_working(
     async def scenario() -> tuple[str, object]:
         async with SandboxManager(status_interval=None) as m:
             with pytest.raises(ConfigError) as info:
-                await m.execute_sandboxed("bad", lambda: 1, sandbox_config=SandboxConfig(timeout_seconds=value))  # type: ignore[arg-type]
+                bad = m.with_options(sandbox_config=SandboxConfig(timeout_seconds=value))  # type: ignore[arg-type]
+                await bad.execute_sandboxed("bad", lambda: 1)
             return info.value.field, (await m.execute_sandboxed("after", lambda: 2)).output
 
     assert run(scenario()) == ("timeout_seconds", 2)
@@ -106,7 +107,8 @@ def test_a_sandbox_config_of_the_wrong_type_is_a_config_error_naming_it() -> Non
     async def scenario() -> tuple[str, object]:
         async with SandboxManager(status_interval=None) as m:
             with pytest.raises(ConfigError) as info:
-                await m.execute_sandboxed("bad", lambda: 1, sandbox_config={"timeout_seconds": 5})  # type: ignore[arg-type]
+                bad = m.with_options(sandbox_config={"timeout_seconds": 5})  # type: ignore[arg-type]
+                await bad.execute_sandboxed("bad", lambda: 1)
             return info.value.field, (await m.execute_sandboxed("after", lambda: 2)).output
 
     assert run(scenario()) == ("sandbox_config", 2)
@@ -186,7 +188,7 @@ def test_killed_zygotes_are_replaced_and_their_calls_fail_naming_them(
 
     async def scenario() -> tuple[str, set[int], set[int], list[object], ManagerStats]:
         async with SandboxManager(status_interval=None) as m:
-            handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+            handle = await m.with_options(context=True).spawn("victim", lambda ctx: ctx.wait_for_stop())
             old = set(m._starter.pids)
             for pid in old:
                 os.kill(pid, signal.SIGKILL)  # zygotes this test's manager started
@@ -269,7 +271,7 @@ def test_sigkill_of_a_sandboxs_init_or_payload_ends_its_call_and_nothing_else() 
         async with SandboxManager(status_interval=None) as m:
             seen: list[object] = []
             for target in ("init", "payload"):
-                handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+                handle = await m.with_options(context=True).spawn("victim", lambda ctx: ctx.wait_for_stop())
                 init = psutil.Process(handle.pid)
                 assert wait_until(init.children, timeout=30)
                 victim = handle.pid if target == "init" else init.children()[0].pid
@@ -293,7 +295,7 @@ def test_calls_on_a_stopped_zygote_end_at_their_timeout_and_new_calls_go_elsewhe
             if len(m._starter._zygotes) < 2:
                 pytest.skip("one zygote on a machine with one CPU")
             config = SandboxConfig(timeout_seconds=2)
-            calls = [asyncio.create_task(m.execute_sandboxed("slow", _sleeper, 120, sandbox_config=config))
+            calls = [asyncio.create_task(m.with_options(sandbox_config=config).execute_sandboxed("slow", _sleeper, 120))
                      for _ in range(4)]
             await async_wait_until(lambda: len(m.list_sandboxes()) == 4, timeout=60)
             zygote = m._starter._zygotes[0]
@@ -331,7 +333,7 @@ MANAGER_UNDER_LOAD = textwrap.dedent("""
     async def main():
         config = SandboxConfig(timeout_seconds=600, memory_limit_mb=256)  # a cgroup each
         async with SandboxManager(status_interval=None) as m:
-            handles = [await m.spawn(f"load-{i}", sleeper, sandbox_config=config) for i in range(8)]
+            handles = [await m.with_options(sandbox_config=config).spawn(f"load-{i}", sleeper) for i in range(8)]
             print(",".join(str(h.pid) for h in handles), ",".join(map(str, m._starter.pids)), flush=True)
             await asyncio.sleep(600)
 
@@ -397,7 +399,7 @@ def test_a_sandbox_lost_with_its_zygote_and_never_awaited_leaves_no_unretrieved_
 
     async def use_and_drop() -> None:
         async with SandboxManager(status_interval=None) as m:
-            handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+            handle = await m.with_options(context=True).spawn("victim", lambda ctx: ctx.wait_for_stop())
             owner = m._starter._owner[handle.sandbox_id].process
             assert owner is not None
             del handle  # never awaited
@@ -417,7 +419,7 @@ def test_a_sandbox_lost_with_its_zygote_and_never_awaited_leaves_no_unretrieved_
 def test_a_control_request_to_a_stopped_zygote_fails_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> tuple[str, int, bool, str]:
         async with SandboxManager(status_interval=None) as m:
-            handle = await m.spawn("victim", lambda ctx: ctx.wait_for_stop())
+            handle = await m.with_options(context=True).spawn("victim", lambda ctx: ctx.wait_for_stop())
             # Short only from here: the launch above may take longer on a loaded machine.
             monkeypatch.setattr(start_methods, "LAUNCH_ANSWER_WAIT", 1.0)
             zygote = m._starter._owner[handle.sandbox_id].process

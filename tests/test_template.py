@@ -57,7 +57,7 @@ def test_the_template_holds_only_its_socket_and_sandboxes_are_the_zygotes_childr
             assert len(templates) == 1, templates
             template = templates[0]
             held = [os.readlink(f"/proc/{template.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{template.pid}/fd")]
-            handle = await manager.spawn("idle", lambda ctx: ctx.wait_for_stop())
+            handle = await manager.with_options(context=True).spawn("idle", lambda ctx: ctx.wait_for_stop())
             parent = psutil.Process(handle.pid).ppid()
             await handle.stop()
             return held, parent, set(manager._starter.pids), (await handle.wait()).outcome.value
@@ -99,7 +99,7 @@ def test_a_zygote_whose_template_died_starts_nothing_and_the_others_go_on(manage
 def test_sandboxes_started_before_their_template_died_run_to_their_end(manager: SandboxManager) -> None:
     async def scenario() -> tuple[list[object], bool, str, bool]:
         async with manager:
-            handle = await manager.spawn("started before", lambda ctx: ctx.wait_for_stop())
+            handle = await manager.with_options(context=True).spawn("started before", lambda ctx: ctx.wait_for_stop())
             owner = manager._starter._owner[handle.sandbox_id]
             assert owner.process is not None
             template = _templates(owner.process.pid)[0]
