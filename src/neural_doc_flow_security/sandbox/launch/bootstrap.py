@@ -176,13 +176,20 @@ def _join_netns(netns_fd: int | None) -> list[StepTuple]:
 
 @functools.lru_cache(maxsize=64)
 def child_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: tuple[tuple[int, int], ...],
-                netns_fd: int | None = None) -> tuple[StepTuple, ...]:
+                netns_fd: int | None = None, parent_sync_write: int | None = None) -> tuple[StepTuple, ...]:
     """Everything the clone3 child does, in order, for a program (`program`) or a
     Python callable. `netns_fd`: a network namespace made ahead (lo up) to join
-    instead of cloning one (see linux/network.py)."""
+    instead of cloning one (see linux/network.py). `parent_sync_write`: the parent's
+    end of the sync pipe, which a child cloned by this process (no template) holds
+    a copy of until it closes it."""
     # Above every fd the payload is to get, so that the fd map cannot collide with it.
     steps: list[StepTuple] = [(Step.MOVE_ERROR_FD, max((target for target, _ in fd_map), default=2) + 1)]
     steps += _join_netns(netns_fd) + _init_start()
+    if parent_sync_write is not None:
+        # A parent killed before the parent-death signal was armed: with our copy of
+        # its end closed, the pipe hangs up (else we would wait for its token forever).
+        steps += _stage("parent-death signal", (Step.CLOSE, parent_sync_write),
+                        (Step.STILL_SUPERVISED, pipes.sync_read))
     if plan.namespaces.user:
         steps += _stage("wait for the id maps", (Step.WAIT_TOKEN, pipes.sync_read, ord("m")))
     steps += _NOT_DUMPABLE

@@ -279,7 +279,8 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
         changes_read, changes_write = ours.detach(), theirs.detach()
     program = payload if isinstance(payload, ExecPayload) else None
     pipes = bootstrap.ChildPipes(sync_read, error_write, status_write, changes_write)
-    child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd)
+    child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd,
+                                        sync_write if template is None else None)
     clone_flags = plan.namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
     child_fds = (sync_read, status_write, *(source for _, source in fd_map)) + \
         ((netns_fd,) if netns_fd is not None else ()) + ((changes_write,) if changes_write >= 0 else ())

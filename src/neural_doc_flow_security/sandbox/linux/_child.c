@@ -1405,7 +1405,8 @@ static void run_steps(launch_t *launch) {
              * it died before the parent-death signal was armed. */
             check(prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG", "");
             struct pollfd p = {(int)n[0], POLLIN, 0};
-            if (poll(&p, 1, 0) != 0)
+            /* A token not read yet is no hang-up: only POLLHUP (no writer left) is. */
+            if (poll(&p, 1, 0) != 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL)))
                 fail(ESRCH, "the parent exited", "");
             break;
         }
