@@ -255,6 +255,25 @@ def test_keep_into_an_existing_directory_says_so(host_tmp: Path) -> None:
     assert "overlay_keep_dir" in (result.filesystem_changes.error or "") and os.listdir(kept) == []
 
 
+@needs_root
+def test_keep_holds_only_what_changed(host_tmp: Path) -> None:
+    """The copy held an empty usr/ (the upper layer of the /usr overlay) although
+    nothing below /usr changed and the report listed nothing there."""
+    kept = host_tmp / "kept"
+    config = SandboxConfig(uid=0, gid=0, filesystem=FilesystemConfig(
+        overlay=True, overlay_changes="keep", overlay_keep_dir=str(kept)))
+
+    async def scenario() -> SandboxResult:
+        async with manager("fork") as m:
+            return await m.execute_command("keep", ["/bin/sh", "-c", "echo x > /etc/x"], sandbox_config=config)
+
+    result = run(scenario())
+    assert result.outcome is Outcome.OK, result
+    assert result.filesystem_changes is not None and result.filesystem_changes.kept_in == str(kept)
+    assert [c.path for c in result.filesystem_changes.changes] == ["/etc/x"]
+    assert os.listdir(kept) == ["etc"] and os.listdir(kept / "etc") == ["x"]
+
+
 def test_overlay_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"filesystem\.overlay_changes: 'report' needs overlay = true"):
         FilesystemConfig(overlay_changes="report")

@@ -320,12 +320,16 @@ def keep_changes(tmpfs_fd: int, plan: RootfsPlan, destination: str) -> str | Non
     try:
         for i, (target, _) in enumerate(_layers(plan)):
             upper = os.open(f"{i}/upper", _DIR, dir_fd=tmpfs_fd)
-            dst = _make_dirs(root, target)
             try:
-                _copy_tree(upper, dst, 0, budget)
+                if not os.listdir(upper):
+                    continue  # nothing changed beneath `target`: no empty directory for it
+                dst = _make_dirs(root, target)
+                try:
+                    _copy_tree(upper, dst, 0, budget)
+                finally:
+                    os.close(dst)
             finally:
                 os.close(upper)
-                os.close(dst)
     except OSError as e:
         return f"filesystem.overlay_keep_dir: copying the changes into {destination!r} stopped: " \
                f"{e.strerror or e}"
