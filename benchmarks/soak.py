@@ -121,7 +121,7 @@ async def soak(calls: int, every: int, in_flight: int) -> None:
             function, config, expected = CALLS[kind]
             async with slots:
                 try:
-                    result = await manager.execute_sandboxed(kind, function, i, sandbox_config=config)
+                    result = await manager.with_options(sandbox_config=config).execute_sandboxed(kind, function, i)
                 except Exception as e:  # noqa: BLE001 - counted, the soak goes on
                     outcomes[f"raised {type(e).__name__}"] += 1
                     return
