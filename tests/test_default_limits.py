@@ -157,6 +157,27 @@ def test_a_limit_set_without_a_cgroup_is_refused_naming_its_field(sandbox_caller
     assert proc.returncode == 126 and b"io_write_bps" in proc.stderr
 
 
+def test_a_small_address_space_limit_starts_the_program_and_holds(sandbox_caller: SandboxCaller,
+                                                                    shared_host_dir: Path) -> None:
+    if sandbox_caller.is_root:
+        pytest.skip("root has cgroups here")
+    # 32 MiB is less than the address space of the sandbox's init (a copy of the CLI's
+    # Python): the limit must be set in the program's own process, not in init.
+    proc, result = run_json(sandbox_caller, shared_host_dir, ["--rootless-limits", "rlimit", "--memory", "32M"],
+                            ["sh", "-c", "cat /proc/self/limits"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    limits = {line[:26].strip(): line[26:].split()[:2] for line in proc.stdout.decode().splitlines()[1:]}
+    assert limits["Max address space"] == [str(32 << 20)] * 2
+    assert "memory_limit_mb=32: rlimit RLIMIT_AS (per process)" in result["isolation"]["limits"]
+    # It holds: 64 MiB cannot be had under it.
+    proc = sandbox_caller.run(["--rootless-limits", "rlimit", "--memory", "32M"],
+                              ["python3", "-c", "b = bytearray(64 << 20)"])
+    assert proc.returncode != 0 and (b"MemoryError" in proc.stderr or b"failed to map" in proc.stderr), proc.stderr
+    # A missing program is still a missing program.
+    proc = sandbox_caller.run(["--rootless-limits", "rlimit", "--memory", "32M"], ["/nonexistent/program"])
+    assert proc.returncode == 127, proc.stderr
+
+
 def test_max_file_size_caps_a_file_in_a_writable_bind(sandbox_caller: SandboxCaller, shared_host_dir: Path) -> None:
     target = shared_host_dir / "big"
     proc = sandbox_caller.run(["--max-file-size", "1M", "--bind", f"{shared_host_dir}:/out"],

@@ -43,6 +43,7 @@ sends them. Nothing else of a config is applied before the launch.
 from __future__ import annotations
 
 import functools
+import resource
 import signal
 from dataclasses import dataclass
 
@@ -71,14 +72,16 @@ def _stage(name: str, *steps: StepTuple) -> list[StepTuple]:
 
 
 def _confine(plan: LaunchPlan, program: bool, fd_map: tuple[tuple[int, int], ...], keep_also: tuple[int, ...],
-             still_supervised: StepTuple) -> list[StepTuple]:
-    """The stages that confine the payload, in order; the last is seccomp."""
+             still_supervised: StepTuple, *, skip_rlimits: tuple[int, ...] = ()) -> list[StepTuple]:
+    """The stages that confine the payload, in order; the last is seccomp.
+    `skip_rlimits`: rlimits the caller applies later itself."""
     cfg = plan.config
     caps = plan.capabilities
     fd_pairs = b"".join(t.to_bytes(4, "little") + s.to_bytes(4, "little") for t, s in fd_map)
     keep = b"".join(fd.to_bytes(4, "little") for fd in keep_also)
     steps = _stage("file descriptors", (Step.ARRANGE_FDS, fd_pairs, keep))
-    steps += _stage("rlimits", *((Step.SETRLIMIT, which, value) for which, value in plan.rlimits.limits))
+    steps += _stage("rlimits", *((Step.SETRLIMIT, which, value) for which, value in plan.rlimits.limits
+                                 if which not in skip_rlimits))
     steps += _stage("identity", (Step.IDENTITY, *_ids(plan), int(plan.namespaces.user)))
     steps += _stage("parent-death signal", still_supervised)  # the uid change cleared it
     if not caps.keep_all:
@@ -150,10 +153,13 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
         # cannot kill init. Init keeps the filter's listener (the reported filter
         # never refers init's own calls to it); learning, it must stay outside the
         # filter, which refers every call.
+        # An address-space limit is set in the program's own process just before its
+        # execve: init is a copy of a large Python process and could map nothing under it.
+        address_space = dict(plan.rlimits.limits).get(resource.RLIMIT_AS, -1)
         steps += _listener(plan, program, hand_over=False)
         steps += _confine(plan, program, fd_map, (pipes.status_write, pipes.sync_read),
-                          (Step.STILL_SUPERVISED, pipes.sync_read))
-        steps += _stage("exec", (Step.SPAWN_PROGRAM, pipes.status_write))
+                          (Step.STILL_SUPERVISED, pipes.sync_read), skip_rlimits=(resource.RLIMIT_AS,))
+        steps += _stage("exec", (Step.SPAWN_PROGRAM, pipes.status_write, address_space))
         return steps
 
     # A Python callable (or no pid namespace): fork the payload, which confines

@@ -143,7 +143,7 @@ enum {
     STEP_SECCOMP = 23,       /* BPF */
     STEP_CLOSE = 24,         /* fd */
     STEP_FORK_PAYLOAD = 25,  /* status fd, uid, gid, in a user ns, sync fd: this process becomes init */
-    STEP_SPAWN_PROGRAM = 26, /* status fd: start the program, become its init */
+    STEP_SPAWN_PROGRAM = 26, /* status fd, RLIMIT_AS or -1: start the program, become its init */
     STEP_EXEC_PROGRAM = 27,
     STEP_RETURN = 28,        /* to Python (a callable's payload process) */
     STEP_MOVE_ERROR_FD = 29, /* lowest: above every fd the payload is to get (and the trace fd) */
@@ -1369,6 +1369,47 @@ static long long launch_id(const launch_t *launch, long long id) {
 }
 
 /* Run the steps. Returns only in a callable's payload process (STEP_RETURN). */
+/* posix_spawn with RLIMIT_AS set in the program's own process just before its execve:
+ * init, a copy of a large Python process, could not map posix_spawn's stack under a
+ * small limit. The exec's error comes back through a close-on-exec pipe. */
+static int spawn_with_address_limit(pid_t *pid, const char *path, launch_t *launch, rlim_t limit) {
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) < 0)
+        return errno;
+    pid_t child = fork();
+    if (child < 0) {
+        int err = errno;
+        close(report[0]);
+        close(report[1]);
+        return err;
+    }
+    if (child == 0) {
+        struct rlimit rl = {limit, limit};
+        int err = setrlimit(RLIMIT_AS, &rl) < 0 ? errno : 0;
+        if (!err) {
+            execve(path, launch->argv, launch->envp);
+            err = errno;
+        }
+        ssize_t unused = write(report[1], &err, sizeof err);
+        (void)unused;
+        _exit(127);
+    }
+    close(report[1]);
+    int err = 0;
+    ssize_t got;
+    do
+        got = read(report[0], &err, sizeof err);
+    while (got < 0 && errno == EINTR);
+    close(report[0]);
+    if (got == (ssize_t)sizeof err && err) {
+        while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+            ;
+        return err;
+    }
+    *pid = child;
+    return 0;
+}
+
 static void run_steps(launch_t *launch) {
     static int slots[MAX_SLOTS];
     pid_t init_pid = (pid_t)syscall(SYS_getpid);
@@ -1554,7 +1595,8 @@ static void run_steps(launch_t *launch) {
             const char *path = find_program(launch, path_buf, sizeof path_buf);
             check(chdir(launch->cwd), "chdir ", launch->cwd);
             pid_t pid;
-            int err = posix_spawn(&pid, path, NULL, NULL, launch->argv, launch->envp);
+            int err = n[1] >= 0 ? spawn_with_address_limit(&pid, path, launch, (rlim_t)n[1])
+                                : posix_spawn(&pid, path, NULL, NULL, launch->argv, launch->envp);
             if (err)
                 fail(err, "cannot execute ", path);
             close(error_fd);
