@@ -17,6 +17,7 @@ import ctypes
 import errno
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -417,3 +418,147 @@ def test_an_allow_list_config_exports_as_an_oci_allow_list() -> None:
     assert denied["action"] == "SCMP_ACT_ERRNO" and {"ptrace", "mount", "keyctl"} <= set(denied["names"])
     assert spec_from_config(SandboxConfig(seccomp="deny-list"))["linux"]["seccomp"]["defaultAction"] == \
         "SCMP_ACT_ALLOW"
+
+
+# ------------------------------------------------------------------------------ killed sandboxes report too
+
+KILLED_EVENTS = {("denied_syscall", "ptrace", 3), ("denied_syscall", "keyctl", 2), ("denied_syscall", "mount", 1)}
+
+
+def _refuse_then_hang(directory: str) -> None:
+    """Refused calls (harmless if they were let through: no such process, a keyring of
+    this process, no such mount point), a marker once made, then a wait for the kill."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    for _ in range(3):
+        libc.syscall(ctypes.c_long(101), ctypes.c_long(PTRACE_ATTACH), ctypes.c_long(0), ctypes.c_long(0),
+                     ctypes.c_long(0))
+    for _ in range(2):
+        libc.syscall(ctypes.c_long(250), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), b"ndf-test-keyring")
+    libc.syscall(ctypes.c_long(165), b"none", b"/ndf-no-such-mount-point", b"tmpfs", ctypes.c_long(0),
+                 ctypes.c_long(0))
+    with open(os.path.join(directory, "marker"), "w") as f:
+        f.write("refused calls made\n")
+    time.sleep(600)
+
+
+def _assert_killed_report(result: Any, outcome: str, directory: Path, audit_events: list[dict[str, Any]]) -> None:
+    assert result.outcome.value == outcome, api_helpers.describe(result)
+    assert (directory / "marker").exists(), "the payload did not get to its refused calls"
+    assert kinds_targets_counts(result.security_events) == KILLED_EVENTS, result.security_events
+    audited = {(e["event"], e["target"], e["count"]) for e in audit_events if e["event"] == "denied_syscall"}
+    assert audited == KILLED_EVENTS
+
+
+@api_helpers.linux_only
+@api_helpers.needs_root
+def test_a_timed_out_callable_still_reports_its_refused_syscalls(
+        method: str, no_leaks: LeakTracker, audit_events: list[dict[str, Any]]) -> None:  # noqa: F811
+    directory = make_host_dir(no_leaks)
+
+    async def main() -> Any:
+        async with api_helpers.manager(method) as m:
+            config = rw_bind_config(directory, timeout_seconds=4)
+            return await m.with_options(sandbox_config=config).execute_sandboxed(
+                "hangs", _refuse_then_hang, str(directory))
+
+    _assert_killed_report(api_helpers.run(main()), "timeout", directory, audit_events)
+
+
+@api_helpers.linux_only
+@api_helpers.needs_root
+def test_a_killed_plugin_still_reports_its_refused_syscalls(
+        method: str, no_leaks: LeakTracker, audit_events: list[dict[str, Any]]) -> None:  # noqa: F811
+    directory = make_host_dir(no_leaks)
+
+    async def main() -> Any:
+        async with api_helpers.manager(method) as m:
+            handle = await m.with_options(sandbox_config=rw_bind_config(directory)).spawn(
+                "hangs", _refuse_then_hang, str(directory))
+            for _ in range(600):
+                if (directory / "marker").exists():
+                    break
+                await asyncio.sleep(0.1)
+            return await handle.kill()
+
+    _assert_killed_report(api_helpers.run(main()), "killed", directory, audit_events)
+
+
+@api_helpers.linux_only
+@api_helpers.needs_root
+def test_a_timed_out_worker_still_reports_its_refused_syscalls(
+        no_leaks: LeakTracker, audit_events: list[dict[str, Any]]) -> None:  # noqa: F811
+    directory = make_host_dir(no_leaks)
+
+    async def main() -> Any:
+        async with api_helpers.manager("zygote") as m, m.worker_pool(
+                max_workers=1, max_tasks_per_child=5,
+                sandbox_config=rw_bind_config(directory, timeout_seconds=4)) as pool:
+            return await pool.execute_sandboxed("hangs", _refuse_then_hang, str(directory))
+
+    result = api_helpers.run(main())
+    assert result.isolation.worker_call == 1, result.isolation
+    _assert_killed_report(result, "timeout", directory, audit_events)
+
+
+COMMAND_REFUSES_THEN_HANGS = SYSCALL_PRELUDE + """
+import sys, time
+for _ in range(3):
+    sys_call(101, 16, 0, 0, 0)
+for _ in range(2):
+    sys_call(250, 1, 0, 0, 0)
+target = ctypes.create_string_buffer(b"/ndf-no-such-mount-point")
+sys_call(165, 0, ctypes.addressof(target), 0, 0, 0)
+open(sys.argv[1] + "/marker", "w").write("refused calls made\\n")
+time.sleep(600)
+"""
+
+
+def test_a_timed_out_command_still_reports_its_refused_syscalls_in_the_json_result(
+        root_caller: SandboxCaller, tmp_path: Path) -> None:
+    directory = tmp_path / "bind"
+    directory.mkdir()
+    directory.chmod(0o777)
+    result_file = tmp_path / "result.json"
+    root_caller.run(["--python", "--timeout", "4", "--bind", str(directory), "--json-result", str(result_file)],
+                    [*python(COMMAND_REFUSES_THEN_HANGS), str(directory)])
+    data = json.loads(result_file.read_text())
+    assert data["outcome"] == "timeout", data
+    assert (directory / "marker").exists(), data
+    events = tuple(SecurityEvent(**e) for e in data["security_events"])
+    assert kinds_targets_counts(events) == KILLED_EVENTS, events
+
+
+def _refuse_then_ask_init(directory: str) -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    for _ in range(2):
+        libc.syscall(ctypes.c_long(250), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), b"ndf-test-keyring")
+    with open(os.path.join(directory, "marker"), "w") as f:
+        f.write("refused calls made\n")
+    try:
+        os.kill(1, signal.SIGRTMAX)  # init's "report now": it may end the payload, not erase the counts
+    except PermissionError:
+        return "init is out of reach"
+    time.sleep(600)
+    return "not ended"
+
+
+@api_helpers.linux_only
+@api_helpers.needs_root
+def test_a_payload_asking_its_init_to_report_cannot_erase_its_counts(
+        method: str, no_leaks: LeakTracker) -> None:  # noqa: F811
+    directory = make_host_dir(no_leaks)
+
+    async def main() -> Any:
+        async with api_helpers.manager(method) as m:
+            config = rw_bind_config(directory, timeout_seconds=120)
+            return await m.with_options(sandbox_config=config).execute_sandboxed(
+                "asks", _refuse_then_ask_init, str(directory))
+
+    result = api_helpers.run(main())
+    # Either it cannot signal its init (another uid), or init ends it as its own SIGKILL would.
+    assert ((result.outcome.value, result.output) == ("ok", "init is out of reach")
+            or (result.outcome.value, result.signal) == ("killed", signal.SIGKILL)), api_helpers.describe(result)
+    assert (directory / "marker").exists()
+    assert kinds_targets_counts(result.security_events) == {("denied_syscall", "keyctl", 2)}, result.security_events

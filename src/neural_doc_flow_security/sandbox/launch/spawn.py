@@ -49,6 +49,11 @@ _STATUS = re.compile(rb"(exit|signal) (-?[0-9]{1,3})(?: maxrss ([0-9]{1,15}) cpu
 _SYSCALL_ENTRY = re.compile(rb" s([0-9]{1,4}):([0-9]{1,20}):([0-9]{1,20})")
 _STATUS_LIMIT = 4096  # init's report is one write of at most PIPE_BUF
 _INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init could not do its job
+# Asks a reporting init (one holding a seccomp listener) to end its payload and report
+# now, so that the refused syscalls it counted survive a kill (_child.c REPORT_SIGNAL).
+# Its killer waits at most REPORT_WAIT_MS for init to exit, then kills it anyway.
+REPORT_SIGNAL = signal.SIGRTMAX
+REPORT_WAIT_MS = 50
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
@@ -166,6 +171,11 @@ class SpawnedSandbox:
         process in it; without one, the cgroup is killed too (finish_sandbox kills
         the cgroup again once init is gone, so nothing that forked meanwhile stays)."""
         self.killed = True
+        seccomp = self.plan.seccomp_for(self.program)
+        # Only pid 1 of a pid namespace ignores the signal before its handler is there.
+        if ((seccomp.reports or seccomp.learns) and "pid" in self.plan.namespaces.names
+                and self.reported is None and self.status_report is None):
+            ask_report(self.pidfd)
         self.signal(signal.SIGKILL)
         if self.cgroup is not None and "pid" not in self.plan.namespaces.names:
             self.cgroup.kill()
@@ -331,6 +341,19 @@ def python_signal_handlers() -> tuple[int, ...]:
     C child resets every signal, and the payload makes Python's view agree
     touching only what it changes."""
     return tuple(sig for sig in range(1, 32) if signal.getsignal(sig) not in (signal.SIG_DFL, None))
+
+
+def ask_report(pidfd: int) -> None:
+    """Ask the sandbox's init (pid 1 of its pid namespace) to end its payload and report
+    what its seccomp listener counted, and wait (at most REPORT_WAIT_MS) for it to exit:
+    called before a SIGKILL. An init that holds no listener has no handler: it ignores it."""
+    try:
+        sc.pidfd_send_signal(pidfd, REPORT_SIGNAL)
+    except ProcessLookupError:
+        return
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.poll(REPORT_WAIT_MS)
 
 
 def has_exited(pidfd: int, *more: int) -> bool:

@@ -1107,21 +1107,44 @@ static void child_ended(int sig) {
     (void)sig; /* only interrupts ppoll */
 }
 
+/* REPORT_SIGNAL asks init to end the payload now and report (its host-side killer sends it,
+ * then waits briefly before its SIGKILL): the listener's counts survive a kill. The payload
+ * may send it too (pid 1 in its namespace has a handler): that only ends the payload, as
+ * its own SIGKILL would; the counts in the report are still init's. */
+#define REPORT_SIGNAL (SIGRTMAX)
+static volatile sig_atomic_t report_asked = 0;
+
+static void ask_report(int sig) {
+    (void)sig;
+    report_asked = 1;
+}
+
 /* Reap and answer the listener until the payload ends. SIGCHLD is blocked but while in
  * ppoll, so that no child's end is missed between the reaping and the wait. */
 static int wait_answering(pid_t payload, int status_fd) {
     struct sigaction act;
     memset(&act, 0, sizeof act);
     act.sa_handler = child_ended;
+    struct sigaction report_act;
+    memset(&report_act, 0, sizeof report_act);
+    report_act.sa_handler = ask_report;
     sigset_t chld, during_poll;
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
-    if (sigaction(SIGCHLD, &act, NULL) < 0 || sigprocmask(SIG_BLOCK, &chld, &during_poll) < 0)
+    sigaddset(&chld, REPORT_SIGNAL);
+    if (sigaction(SIGCHLD, &act, NULL) < 0 || sigaction(REPORT_SIGNAL, &report_act, NULL) < 0 ||
+        sigprocmask(SIG_BLOCK, &chld, &during_poll) < 0)
         init_failed(status_fd, "sigaction");
     sigdelset(&during_poll, SIGCHLD);
+    sigdelset(&during_poll, REPORT_SIGNAL);
+    int payload_killed = 0;
     for (;;) {
         int st;
         pid_t pid;
+        if (report_asked && !payload_killed) {
+            payload_killed = 1;
+            kill(payload, SIGKILL); /* then reaped below: the report follows as at its end */
+        }
         while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
             if (pid == payload)
                 return st;
