@@ -78,6 +78,7 @@ class _Worker:
     counted: bool = True  # counts against max_workers (a replacement waiting to take its place does not)
     replacing: bool = False  # its replacement has been started
     successor: _Worker | None = None  # its replacement, ready: it takes this worker's place when it ends
+    place_passed: bool = False  # it ended while its replacement was starting: the place is kept for that
     retired: bool = False  # it is being ended
     usage: ResourceUsage | None = None  # its cgroup's counters after its last call
 
@@ -297,19 +298,29 @@ class WorkerPool:
         return worker
 
     async def _start_ahead(self, predecessor: _Worker, module: str | None) -> None:
-        worker = await self._start(predecessor.key, counted=False)
+        try:
+            worker = await self._start(predecessor.key, counted=False)
+        except BaseException:
+            self._free_passed_place(predecessor)
+            raise
         await asyncio.wait([worker.handle._prepared])
         if module and module != "__main__" and not self._closed:
             await self._import(worker, module)
-        if not predecessor.retired:
+        if predecessor.counted:
             predecessor.successor = worker  # it takes the place when the predecessor ends (_forget)
-        elif not self._closed and not worker.handle._exit.done() and self._alive < self.max_workers:
-            worker.counted = True  # the predecessor has ended already: its place is free
-            self._alive += 1
+        elif predecessor.place_passed and not self._closed and not worker.handle._exit.done():
+            worker.counted = True  # the predecessor has ended meanwhile and kept its place for this one
             self._idle.setdefault(worker.key, []).append(worker)
             self._wake()
         else:
+            self._free_passed_place(predecessor)
             self._retire(worker)
+
+    def _free_passed_place(self, predecessor: _Worker) -> None:
+        if predecessor.place_passed:
+            predecessor.place_passed = False
+            self._alive -= 1
+            self._wake()
 
     async def _import(self, worker: _Worker, module: str) -> None:
         """Import `module` in the worker (not a call of its key: not counted, its usage
@@ -394,6 +405,9 @@ class WorkerPool:
                 successor.counted = True  # it takes the place: _alive stays
                 self._idle.setdefault(successor.key, []).append(successor)
                 successor = None
+            elif successor is None and worker.replacing and not self._closed:
+                worker.place_passed = True  # its replacement is starting: the place waits for it
+                return
             else:
                 self._alive -= 1
             self._wake()
