@@ -62,6 +62,21 @@ def burn_cpu(seconds: float) -> float:
     return time.process_time() - start
 
 
+def fork_sleepers(count: int) -> int:
+    """Start up to `count` children that sleep (they outlive the call); how many started."""
+    started = 0
+    for _ in range(count):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        started += 1
+    return started
+
+
 def hog_memory(megabytes: int) -> int:
     block = b"x" * (megabytes << 20)  # every page written: counted by the cgroup
     return len(block)
@@ -335,4 +350,22 @@ def test_usage_is_the_workers_cgroup_counters_over_the_call() -> None:
             assert busy_cpu >= 0.4, busy.resource_usage  # the kernel's count for the worker's cgroup
             assert idle_cpu < 0.25, idle.resource_usage  # the increase over this call only
             assert busy.to_dict()["isolation"]["worker_call"] == 1
+    run(main())
+
+
+def test_the_process_limit_holds_across_the_calls_of_a_reused_worker() -> None:
+    config = SandboxConfig(max_processes=8)
+
+    async def main() -> None:
+        async with SandboxManager() as manager, \
+                manager.worker_pool(max_workers=1, max_tasks_per_child=None, sandbox_config=config) as pool:
+            seen = Workers(manager)
+            first = seen.record(await pool.execute_sandboxed("p", fork_sleepers, 5))
+            second = seen.record(await pool.execute_sandboxed("p", fork_sleepers, 20))
+            assert first.ok and second.ok, api_helpers.describe(second)
+            assert second.isolation.worker_id == first.isolation.worker_id  # the first call's sleepers live on
+            assert first.output == 5 and first.output + second.output < 8
+            tree = psutil.Process(seen.pid[first.isolation.worker_id]).children(recursive=True)
+            assert len(tree) <= 8, tree  # the worker's init is not in its cgroup's count; its payload is
+            assert second.resource_usage.processes_peak <= 8
     run(main())
