@@ -356,6 +356,21 @@ def ask_report(pidfd: int) -> None:
     poller.poll(REPORT_WAIT_MS)
 
 
+async def ask_report_async(pidfd: int) -> None:
+    """ask_report for an event loop that serves other sandboxes meanwhile: the wait
+    (at most REPORT_WAIT_MS, e.g. for a payload whose large memory takes long to free)
+    never blocks it."""
+    import asyncio
+
+    try:
+        sc.pidfd_send_signal(pidfd, REPORT_SIGNAL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + REPORT_WAIT_MS / 1000
+    while not has_exited(pidfd) and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
+
+
 def has_exited(pidfd: int, *more: int) -> bool:
     """Whether the process behind `pidfd` has exited (poll: any fd number works), or
     any of `more` is readable."""

@@ -34,7 +34,7 @@ from ..errors import SandboxError, UnsupportedError
 from ..result import IsolationReport, Outcome, SandboxResult
 from .counters import counter_files
 from .launcher import Launcher, LaunchRequest
-from .spawn import SpawnedSandbox, ask_report
+from .spawn import SpawnedSandbox, ask_report_async
 
 
 class StartMethod(abc.ABC):
@@ -732,13 +732,13 @@ class ZygoteStarter(StartMethod):
             Outcome.TIMEOUT, signal=signal.SIGKILL, isolation=self.isolation.get(sandbox_id) or IsolationReport(),
             error=f"wall timeout of {timeout}s (enforced by the manager: {zygote.name} did not answer)"))
 
-    def _ask_report(self, sandbox_id: int) -> None:
+    async def _ask_report(self, sandbox_id: int) -> None:
         """Before a kill: let a reporting init (a pid namespace's, which ignores the signal
         when it holds no listener) write what its listener counted (bounded wait)."""
         pidfd = self._pidfds.get(sandbox_id)
         isolation = self.isolation.get(sandbox_id)
         if pidfd is not None and isolation is not None and "pid" in isolation.namespaces:
-            ask_report(pidfd)
+            await ask_report_async(pidfd)  # the manager's loop goes on serving meanwhile
 
     def _kill_directly(self, sandbox_id: int) -> None:
         """SIGKILL the sandbox's init through its pidfd (its pid namespace goes with it)."""
@@ -754,7 +754,7 @@ class ZygoteStarter(StartMethod):
         if zygote is None:
             return {"ok": False, "error": "no such sandbox (it has exited)"}
         if op == "kill":  # at once, whether or not its zygote answers; the zygote then ends the rest
-            self._ask_report(sandbox_id)
+            await self._ask_report(sandbox_id)
             self._kill_directly(sandbox_id)
             with contextlib.suppress(ZygoteGone):
                 await zygote.send({"op": "kill", "id": sandbox_id}, [])
