@@ -724,10 +724,10 @@ static void overlay_mount(int *slots, const char *target, const char *lowers, Py
     }
 }
 
-/* Send `fd` over the unix socket `sock` (SCM_RIGHTS), one byte of data with it. */
-static void send_fd(int sock, int fd) {
-    char byte = 'f';
-    struct iovec iov = {&byte, 1};
+/* Send `fd` over the unix socket `sock` (SCM_RIGHTS) with the one byte `tag`; a failure
+ * fails the stage, naming `what`. */
+static void send_fd(int sock, char tag, int fd, const char *what) {
+    struct iovec iov = {&tag, 1};
     union {
         struct cmsghdr header;
         char buf[CMSG_SPACE(sizeof(int))];
@@ -744,7 +744,11 @@ static void send_fd(int sock, int fd) {
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    check(sendmsg(sock, &msg, MSG_NOSIGNAL), "send the overlay's upper layer to the parent", "");
+    ssize_t rc;
+    do
+        rc = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    while (rc < 0 && errno == EINTR);
+    check(rc, what, "");
 }
 
 static void write_file(const char *path, const char *content, Py_ssize_t len) {
@@ -916,31 +920,8 @@ static void install_seccomp(const char *bpf, Py_ssize_t len, int listener) {
         listener_fd = (int)fd; /* close-on-exec: the program never gets it */
         return;
     }
-    union {
-        struct cmsghdr header;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } control;
-    char tag = 'L';
-    struct iovec iov = {&tag, 1};
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    memset(&control, 0, sizeof control);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof control.buf;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    int sent = (int)fd;
-    memcpy(CMSG_DATA(c), &sent, sizeof sent);
-    ssize_t rc;
-    do
-        rc = sendmsg(listener_sock[1], &msg, MSG_NOSIGNAL);
-    while (rc < 0 && errno == EINTR);
     /* Unanswered notifications fail with ENOSYS once the listener is gone: closed. */
-    check(rc, "hand the seccomp listener to init", "");
+    send_fd(listener_sock[1], 'L', (int)fd, "hand the seccomp listener to init");
     close((int)fd);
     close(listener_sock[1]);
     listener_sock[1] = -1;
@@ -1510,7 +1491,7 @@ static void run_steps(launch_t *launch) {
         case STEP_SEND_SLOT:
             if (n[1] < 0 || n[1] >= MAX_SLOTS)
                 fail(EINVAL, "bad slot", "");
-            send_fd((int)n[0], slots[n[1]]);
+            send_fd((int)n[0], 'f', slots[n[1]], "send the overlay's upper layer to the parent");
             close(slots[n[1]]);
             slots[n[1]] = -1;
             close((int)n[0]);
