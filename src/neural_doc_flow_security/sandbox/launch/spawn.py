@@ -349,7 +349,7 @@ def ask_report(pidfd: int) -> None:
     called before a SIGKILL. An init that holds no listener has no handler: it ignores it."""
     try:
         sc.pidfd_send_signal(pidfd, REPORT_SIGNAL)
-    except ProcessLookupError:
+    except OSError:  # gone, or not ours to ask: the SIGKILL that follows must happen all the same
         return
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -364,7 +364,7 @@ async def ask_report_async(pidfd: int) -> None:
 
     try:
         sc.pidfd_send_signal(pidfd, REPORT_SIGNAL)
-    except ProcessLookupError:
+    except OSError:  # gone, or not ours to ask: the SIGKILL that follows must happen all the same
         return
     deadline = time.monotonic() + REPORT_WAIT_MS / 1000
     while not has_exited(pidfd) and time.monotonic() < deadline:
