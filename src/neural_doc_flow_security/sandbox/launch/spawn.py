@@ -443,11 +443,16 @@ def _with_changes(spawned: SpawnedSandbox, result: SandboxResult) -> SandboxResu
 def reported_result(spawned: SpawnedSandbox) -> SandboxResult | None:
     """The result as soon as init has reported the payload's end (its status pipe is
     readable): init exits right after, and with it, as pid 1, every process of the
-    sandbox. None when it has not (it was killed: finish_sandbox tells), or has no
-    pid namespace to end the tree with."""
+    sandbox. None when it has not, when it was killed (finish_sandbox tells, once the
+    tree is gone), or has no pid namespace to end the tree with."""
     if spawned.reported is not None or spawned.status_report is not None or "pid" not in spawned.plan.namespaces.names:
         return spawned.reported
     spawned.status_report = report = _read_available(spawned.status_read, _STATUS_LIMIT)  # one write by init
+    if spawned.killed:
+        # Init wrote its report because it was asked to before the SIGKILL: its tree may
+        # still be dying. A killed sandbox's result waits for init's exit (finish_sandbox),
+        # so that whoever killed it finds no process of it running.
+        return None
     if not (_STATUS.fullmatch(report) or _INIT_FAILED.fullmatch(report)):
         return None
     stats = spawned.cgroup.stats() if spawned.cgroup is not None else None

@@ -34,7 +34,7 @@ from ..errors import SandboxError, UnsupportedError
 from ..result import IsolationReport, Outcome, SandboxResult
 from .counters import counter_files
 from .launcher import Launcher, LaunchRequest
-from .spawn import SpawnedSandbox, ask_report_async
+from .spawn import SpawnedSandbox, ask_report_async, has_exited
 
 
 class StartMethod(abc.ABC):
@@ -513,6 +513,8 @@ class ZygoteStarter(StartMethod):
         self._requests = itertools.count(1)
         self._pidfds: dict[int, int] = {}  # by sandbox id: its init, to kill it without the zygote
         self._timeouts: dict[int, float] = {}  # by sandbox id: its wall timeout (seconds)
+        self._killed: set[int] = set()  # sandbox ids the manager sent SIGKILL to
+        self._init_ending: set[int] = set()  # killed, result in, init not yet exited (pidfd watched)
         self._watchdogs: dict[int, asyncio.TimerHandle] = {}
         self._failed_starts = [0] * len(self._zygotes)  # by slot, in a row
         self._given_up: dict[int, str] = {}  # slot -> why it is not restarted
@@ -690,8 +692,26 @@ class ZygoteStarter(StartMethod):
 
         self._background(kill())
 
+    def _exited(self, sandbox_id: int, result: SandboxResult) -> None:
+        pidfd = self._pidfds.get(sandbox_id)
+        if sandbox_id in self._killed and pidfd is not None and not has_exited(pidfd):
+            # A killed init may report (its tree already ended) before it has exited
+            # itself: whoever killed the sandbox finds no process of it once the result is in.
+            self._init_ending.add(sandbox_id)
+            finish = super()._exited
+
+            def init_exited() -> None:
+                self._init_ending.discard(sandbox_id)
+                asyncio.get_running_loop().remove_reader(pidfd)
+                finish(sandbox_id, result)
+
+            asyncio.get_running_loop().add_reader(pidfd, init_exited)
+            return
+        super()._exited(sandbox_id, result)
+
     def _forget(self, sandbox_id: int) -> None:
         super()._forget(sandbox_id)
+        self._killed.discard(sandbox_id)
         self._owner.pop(sandbox_id, None)
         self._timeouts.pop(sandbox_id, None)
         watchdog = self._watchdogs.pop(sandbox_id, None)
@@ -699,6 +719,9 @@ class ZygoteStarter(StartMethod):
             watchdog.cancel()
         pidfd = self._pidfds.pop(sandbox_id, None)
         if pidfd is not None:
+            if sandbox_id in self._init_ending:  # its zygote died meanwhile: _failed() tells
+                self._init_ending.discard(sandbox_id)
+                asyncio.get_running_loop().remove_reader(pidfd)
             os.close(pidfd)
 
     # -- the manager's own deadline -------------------------------------------
@@ -744,6 +767,7 @@ class ZygoteStarter(StartMethod):
         """SIGKILL the sandbox's init through its pidfd (its pid namespace goes with it)."""
         pidfd = self._pidfds.get(sandbox_id)
         if pidfd is not None:
+            self._killed.add(sandbox_id)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
