@@ -724,10 +724,10 @@ static void overlay_mount(int *slots, const char *target, const char *lowers, Py
     }
 }
 
-/* Send `fd` over the unix socket `sock` (SCM_RIGHTS) with the one byte `tag`; a failure
- * fails the stage, naming `what`. */
-static void send_fd(int sock, char tag, int fd, const char *what) {
-    struct iovec iov = {&tag, 1};
+/* Send `len` bytes of `data` over the unix socket `sock`, with `fd` attached
+ * (SCM_RIGHTS) unless it is < 0; EINTR is retried. Returns sendmsg's result. */
+static ssize_t send_with_fd(int sock, const void *data, size_t len, int fd) {
+    struct iovec iov = {(void *)data, len};
     union {
         struct cmsghdr header;
         char buf[CMSG_SPACE(sizeof(int))];
@@ -737,18 +737,25 @@ static void send_fd(int sock, char tag, int fd, const char *what) {
     memset(&control, 0, sizeof control);
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof control.buf;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    if (fd >= 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof control.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
     ssize_t rc;
     do
         rc = sendmsg(sock, &msg, MSG_NOSIGNAL);
     while (rc < 0 && errno == EINTR);
-    check(rc, what, "");
+    return rc;
+}
+
+/* Send `fd` over `sock` with the one byte `tag`; a failure fails the stage, naming `what`. */
+static void send_fd(int sock, char tag, int fd, const char *what) {
+    check(send_with_fd(sock, &tag, 1, fd), what, "");
 }
 
 static void write_file(const char *path, const char *content, Py_ssize_t len) {
@@ -1834,25 +1841,7 @@ static int receive_request(int sock, request_t *request, int *fds, int *nfds) {
 
 static void reply(int sock, long pid_or_error, int pidfd) {
     int64_t value = pid_or_error;
-    struct iovec iov = {&value, sizeof value};
-    union {
-        struct cmsghdr header;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    if (pidfd >= 0) {
-        msg.msg_control = control.buf;
-        msg.msg_controllen = sizeof control.buf;
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &pidfd, sizeof(int));
-    }
-    (void)!sendmsg(sock, &msg, MSG_NOSIGNAL);
+    (void)!send_with_fd(sock, &value, sizeof value, pidfd);
 }
 
 /* Place the received fds at the requested numbers (out of the way first, so that no
