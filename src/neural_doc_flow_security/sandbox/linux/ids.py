@@ -16,14 +16,13 @@ close-on-exec and the child closes every fd it is not given).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
 import random
 from dataclasses import dataclass
 
 from ..errors import SandboxError
+from . import flock
 
 ID_DIRECTORY = "/run/ndf-sandbox/ids"
 ACCOUNTS_DIRECTORY = "/run/ndf-sandbox/accounts"
@@ -75,16 +74,6 @@ def account_files(contents: tuple[tuple[str, bytes], ...]) -> tuple[tuple[str, s
     return tuple(paths)
 
 
-def _open_lock(number: int) -> int:
-    path = f"{ID_DIRECTORY}/{number}"
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        return os.open(path, flags, 0o600)
-    except FileNotFoundError:  # the first sandbox since boot (/run is a tmpfs)
-        _directory()
-        return os.open(path, flags, 0o600)
-
-
 def acquire(id_range: tuple[int, int]) -> IdLease:
     """Take a free id of `id_range` (first, count). Raises SandboxError when every
     one is held (by live sandboxes of any process on this host)."""
@@ -92,15 +81,9 @@ def acquire(id_range: tuple[int, int]) -> IdLease:
     start = random.randrange(count)  # processes starting at once rarely try the same ids
     for i in range(count):
         number = first + (start + i) % count
-        fd = _open_lock(number)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                continue
-            raise SandboxError(f"id_range: cannot lock {ID_DIRECTORY}/{number}: {e.strerror}") from None
-        return IdLease(number, fd)
+        fd = flock.try_lock(ID_DIRECTORY, number, "id_range")
+        if fd is not None:
+            return IdLease(number, fd)
     raise SandboxError(f"id_range: all {count} sandbox ids from {first} are in use by live sandboxes "
                        "(make the range larger, or wait for some to end)")
 

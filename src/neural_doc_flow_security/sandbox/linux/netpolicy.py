@@ -22,8 +22,6 @@ router). The host's global forwarding switch is never changed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import ipaddress
 import os
 import re
@@ -38,7 +36,7 @@ from ..config import NetworkPolicy
 from ..errors import SandboxError, SetupError
 from ..netdest import parse_destination
 from ..result import SecurityEvent
-from . import dns_responder, nftables
+from . import dns_responder, flock, nftables
 from . import syscalls as sc
 from .network import NetworkNamespaceMaker
 
@@ -85,28 +83,6 @@ def slot_count(policy: NetworkPolicy) -> int:
     v4 = ipaddress.ip_network(policy.ipv4_range).num_addresses // 4
     v6 = ipaddress.ip_network(policy.ipv6_range).num_addresses // 4
     return min(v4, v6, MAX_SLOTS)
-
-
-def _open_lock(slot: int) -> int:
-    path = f"{NET_DIRECTORY}/{slot}"
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        return os.open(path, flags, 0o600)
-    except FileNotFoundError:
-        os.makedirs(NET_DIRECTORY, mode=0o700, exist_ok=True)
-        return os.open(path, flags, 0o600)
-
-
-def _try_lock(slot: int) -> int | None:
-    fd = _open_lock(slot)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise SandboxError(f"network: cannot lock {NET_DIRECTORY}/{slot}: {e.strerror}") from None
-    return fd
 
 
 def in_thread(work: Callable[[], T], netns_fd: int | None = None) -> T:
@@ -251,7 +227,7 @@ def _acquire_slot(policy: NetworkPolicy) -> tuple[int, int]:
     start = random.randrange(count)
     for i in range(count):
         slot = (start + i) % count
-        fd = _try_lock(slot)
+        fd = flock.try_lock(NET_DIRECTORY, slot, "network")
         if fd is not None:
             return slot, fd
     raise SandboxError(f"network.ipv4_range: all {count} link addresses of {policy.ipv4_range} are in use by "
@@ -371,7 +347,7 @@ def _cleanup() -> list[str]:
             if match:
                 slots.add(int(match.group(1), 16))
     for slot in sorted(slots):
-        fd = _try_lock(slot)
+        fd = flock.try_lock(NET_DIRECTORY, slot, "network")
         if fd is None:
             continue  # a live sandbox's
         try:
