@@ -80,6 +80,8 @@ WRONG: dict[str, st.SearchStrategy[Any]] = {
     **{f"filesystem.{name}": st.one_of(INTS, FLOATS, BOOLS, INT_LISTS, TABLES,
                                        st.sampled_from(["relative/dir", "/a/../b", "/x\0y"]))
        for name in ("image", "overlay_keep_dir")},
+    "filesystem.image_root_path": st.one_of(INTS, FLOATS, BOOLS, INT_LISTS, TABLES,
+                                            st.sampled_from(["", "/rootfs", "a/../b", "x\0y", "rootfs"])),
     "filesystem.overlay": NOT_A_BOOL,
     "filesystem.overlay_size_mb": st.one_of(NOT_A_NUMBER, FLOATS, st.integers(max_value=0)),
     "filesystem.overlay_changes": st.one_of(NOT_A_STR, st.sampled_from(["", "save", "Report"])),

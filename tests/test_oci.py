@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 
 import image_helpers
+from api_helpers import run
 from conftest import NDF_SANDBOX, SandboxCaller, accepted_connections, ndf_host_env
 from image_helpers import BUSYBOX, make_image
+from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import ConfigError
 from neural_doc_flow_security.sandbox.oci import load_bundle, spec_from_config
@@ -304,6 +306,29 @@ def test_a_bundle_cannot_weaken_the_hardening_without_the_callers_consent(host_t
     write_spec(bundle, spec)
     with pytest.raises(ConfigError, match=r"mounts\[2\]\.source.*outside the bundle"):
         load_bundle(bundle)
+
+
+def test_a_change_to_config_json_after_the_bundle_was_read_is_not_seen(host_tmp: Path) -> None:
+    """config.json is read once (load_bundle, as `oci run` does): a root.path pointed
+    elsewhere afterwards, or a config.json no longer valid, does not reach the launch."""
+    bundle = make_bundle(host_tmp / "bundle", base_spec(["/bin/cat", "/marker"]))
+    make_image(bundle / "other", marker="another root")
+    mapped = load_bundle(bundle)
+    assert mapped.config.filesystem.image_root_path == "rootfs"
+    changed = base_spec(["/bin/cat", "/marker"])
+    changed["root"]["path"] = "other"
+    outputs = []
+    for text in (json.dumps(changed), "not json"):
+        (bundle / "config.json").write_text(text)
+
+        async def launch() -> Any:
+            async with SandboxManager(mapped.config) as m:
+                return await m.execute_command("oci", list(mapped.args), timeout=60)
+
+        result = run(launch())
+        assert result.ok, result
+        outputs.append(result.stdout)
+    assert outputs == [b"from the image\n"] * 2
 
 
 def test_the_bundle_maps_onto_the_config(host_tmp: Path) -> None:

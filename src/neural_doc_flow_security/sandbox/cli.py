@@ -298,6 +298,7 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
             else fs.tmp_size_mb,
             python=fs.python or args.python,
             image=os.path.abspath(args.image) if args.image else fs.image,
+            image_root_path=None if args.image else fs.image_root_path,
             overlay=fs.overlay or args.overlay,
             overlay_size_mb=parse_size_mb(args.overlay_size, "filesystem.overlay_size_mb") if args.overlay_size
             else fs.overlay_size_mb,

@@ -282,6 +282,9 @@ class FilesystemConfig(_KnownFields):
     read-only, instead of the host's system directories; the usual /proc, /dev and
     /tmp and the binds go on top, and /etc/passwd, group, hosts and hostname are
     synthesized where the image lacks them. It runs programs, not Python callables.
+    `image_root_path`: with an OCI bundle as `image`, its root.path as already read
+    (from_oci_bundle sets it): the bundle's config.json is then not read again at
+    launch, so a change to it after the bundle was checked is not seen.
 
     `overlay`: the root is copy-on-write (overlayfs): writes anywhere succeed and
     land in a tmpfs of `overlay_size_mb` (default: `tmp_size_mb`) inside the sandbox,
@@ -298,6 +301,7 @@ class FilesystemConfig(_KnownFields):
     python: bool = False
     bind_mounts: tuple[BindMount, ...] = ()
     image: str | None = None
+    image_root_path: str | None = None
     overlay: bool = False
     overlay_size_mb: int | None = None
     overlay_changes: str = "discard"
@@ -324,6 +328,11 @@ class FilesystemConfig(_KnownFields):
                 raise ConfigError(f"filesystem.{name}", f"must be an absolute path, got {value!r}")
             if ".." in value.split("/"):
                 raise ConfigError(f"filesystem.{name}", f"must not contain '..', got {value!r}")
+        path = self.image_root_path
+        if path is not None and (self.image is None or not isinstance(path, str) or not path or "\0" in path
+                                 or path.startswith("/") or ".." in path.split("/")):
+            raise ConfigError("filesystem.image_root_path", "must be a path beneath filesystem.image (relative, "
+                              f"no '..') and needs it, got {path!r}")
         if not isinstance(self.overlay, bool):
             raise ConfigError("filesystem.overlay", f"must be true or false, got {self.overlay!r}")
         if isinstance(self.overlay_size_mb, float):

@@ -112,7 +112,8 @@ def _list(value: Any, field: str) -> list[Any]:
 
 
 def read_spec(bundle: str) -> dict[str, Any]:
-    """The bundle's config.json (bounded, never through a symlink)."""
+    """The bundle's config.json (bounded, never through a symlink): the one reader of
+    it, for load_bundle and for a bundle given as `filesystem.image` (rootfs.image_root)."""
     path = os.path.join(bundle, "config.json")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -121,14 +122,23 @@ def read_spec(bundle: str) -> dict[str, Any]:
     with os.fdopen(fd, "rb") as f:
         data = f.read(_MAX_CONFIG_BYTES + 1)
     if len(data) > _MAX_CONFIG_BYTES:
-        raise OciError("config.json", f"larger than {_MAX_CONFIG_BYTES} bytes")
+        raise OciError("config.json", f"{path!r} is larger than {_MAX_CONFIG_BYTES} bytes")
     try:
         spec = json.loads(data)
     except ValueError as e:
-        raise OciError("config.json", f"not valid JSON: {e}") from None
+        raise OciError("config.json", f"{path!r} is not valid JSON: {e}") from None
     if not isinstance(spec, dict):
-        raise OciError("config.json", "the top level must be an object")
+        raise OciError("config.json", f"{path!r}: the top level must be an object")
     return spec
+
+
+def root_path(spec: Mapping[str, Any], default: str | None = None) -> str:
+    """The spec's root.path (`default` when it has none), checked: a path beneath the
+    bundle (relative, no '..')."""
+    path = _table(spec.get("root"), "root").get("path", default)
+    if not isinstance(path, str) or not path or "\0" in path or path.startswith("/") or ".." in path.split("/"):
+        raise OciError("root.path", f"must be a path beneath the bundle (relative, no '..'), got {path!r}")
+    return path
 
 
 def load_bundle(path: str | os.PathLike[str], *, ignore_unsupported: bool = False,
@@ -144,7 +154,7 @@ def load_bundle(path: str | os.PathLike[str], *, ignore_unsupported: bool = Fals
     config = base or SandboxConfig()
     process = _table(spec.get("process"), "process")
     args, cwd, config = _process(m, process, config)
-    config = _root(m, _table(spec.get("root"), "root"), config)
+    config = _root(m, spec, config)
     if "hostname" in spec:
         config = replace(config, hostname=spec["hostname"])
     linux = _table(spec.get("linux"), "linux")
@@ -225,18 +235,19 @@ def _process(m: _Mapper, process: Mapping[str, Any], config: SandboxConfig
     return tuple(args), cwd, config
 
 
-def _root(m: _Mapper, root: Mapping[str, Any], config: SandboxConfig) -> SandboxConfig:
+def _root(m: _Mapper, spec: Mapping[str, Any], config: SandboxConfig) -> SandboxConfig:
+    root = _table(spec.get("root"), "root")
     m.known(root, "root.", ("path", "readonly"))
-    path = root.get("path")
-    if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
-        raise OciError("root.path", f"must be a path beneath the bundle (relative, no '..'), got {path!r}")
+    path = root_path(spec)
     # readonly = false: runc writes into the bundle's rootfs; here the writes land in a
     # copy-on-write layer inside the sandbox and are discarded (filesystem.overlay).
     overlay = root.get("readonly") is False
     if overlay:
         m.not_enforced.append("oci root.readonly: false gives a copy-on-write root (filesystem.overlay): "
                               "writes are discarded, never written into the bundle")
-    fs = replace(config.filesystem, image=m.bundle, overlay=config.filesystem.overlay or overlay, python=False)
+    # root.path as read here travels on: the launch does not read config.json again.
+    fs = replace(config.filesystem, image=m.bundle, image_root_path=path,
+                 overlay=config.filesystem.overlay or overlay, python=False)
     return replace(config, filesystem=fs)
 
 
@@ -553,4 +564,4 @@ def bundle_config(path: str | os.PathLike[str], **options: Any) -> SandboxConfig
     return load_bundle(path, **options).config
 
 
-__all__ = ["OciBundle", "OciError", "bundle_config", "load_bundle", "read_spec", "spec_from_config"]
+__all__ = ["OciBundle", "OciError", "bundle_config", "load_bundle", "read_spec", "root_path", "spec_from_config"]

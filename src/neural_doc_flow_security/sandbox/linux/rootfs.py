@@ -180,43 +180,28 @@ def _accounts(uid: int | None, gid: int | None, id_range: tuple[int, int]) -> tu
     return (_PASSWD + users).encode(), (_GROUP + groups).encode()
 
 
-_MAX_BUNDLE_CONFIG = 1 << 20
-
-
-def image_root(image: str) -> str:
+def image_root(image: str, root_path: str | None = None) -> str:
     """The root directory of `image` on the host: the directory itself, or, for an
-    OCI bundle (a config.json beside it), the bundle's root.path ("rootfs" by
-    default), which must lie beneath the bundle: the child opens it without
+    OCI bundle, its root.path beneath it: `root_path` as the caller read it
+    (FilesystemConfig.image_root_path), else from the config.json beside it
+    ("rootfs" by default). It must lie beneath the bundle: the child opens it without
     following a symlink in any component (the bundle is untrusted content)."""
     real = os.path.realpath(image)  # the caller's own path: its links are the caller's
     if not os.path.isdir(real):
         raise ConfigError("filesystem.image", f"not a directory: {image!r}")
-    config_path = os.path.join(real, "config.json")
-    try:
-        fd = os.open(config_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return real
-    except OSError as e:
-        raise ConfigError("filesystem.image", f"cannot open {config_path!r}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        text = f.read(_MAX_BUNDLE_CONFIG + 1)
-    if len(text) > _MAX_BUNDLE_CONFIG:
-        raise ConfigError("filesystem.image", f"{config_path!r} is larger than {_MAX_BUNDLE_CONFIG} bytes")
-    import json  # only for a bundle: a plain run does not import it
+    if root_path is None:
+        if not os.path.lexists(os.path.join(real, "config.json")):
+            return real
+        from ..oci import OciError, read_spec
+        from ..oci import root_path as spec_root_path
 
-    try:
-        spec = json.loads(text)
-        path = spec.get("root", {}).get("path", "rootfs")
-    except (ValueError, AttributeError):
-        raise ConfigError("filesystem.image", f"{config_path!r} is not an OCI runtime config (JSON object)") from None
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise ConfigError("filesystem.image", f"root.path in {config_path!r} must be a path, got {path!r}")
-    if path.startswith("/") or ".." in path.split("/"):
-        raise ConfigError("filesystem.image", f"root.path in {config_path!r} must lie beneath the bundle "
-                          f"(relative, no '..'), got {path!r}")
-    root = os.path.normpath(os.path.join(real, path))
+        try:
+            root_path = spec_root_path(read_spec(real), default="rootfs")
+        except OciError as e:
+            raise ConfigError("filesystem.image", f"{e} (the OCI bundle {image!r})") from None
+    root = os.path.normpath(os.path.join(real, root_path))
     if not os.path.isdir(root):
-        raise ConfigError("filesystem.image", f"root.path {path!r} of the bundle {image!r} is not a directory")
+        raise ConfigError("filesystem.image", f"root.path {root_path!r} of the bundle {image!r} is not a directory")
     return root
 
 
@@ -230,7 +215,7 @@ def plan_rootfs(config: FilesystemConfig, *, uid: int | None, gid: int | None, h
     binds: list[Bind] = []
     symlinks: list[tuple[str, str]] = []
     bound: list[str] = []
-    image = image_root(config.image) if config.image is not None else None
+    image = image_root(config.image, config.image_root_path) if config.image is not None else None
     overlay_mb = config.overlay_mb if config.overlay else 0
     for path in SYSTEM_DIRS if image is None else ():
         if os.path.islink(path):
