@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -83,14 +82,118 @@ def _bind_from_option(option: str, value: str | list[str], owner: str) -> BindMo
     return BindMount(source=value[0], target=value[1], read_only=read_only, owner=owner)
 
 
+RUN_DESCRIPTION = ("Run CMD in a fresh sandbox. Defaults are the secure profile, bounded: 512M memory, 128 "
+                   "processes, a 64M /tmp, 30 s wall time (cgroups; without one, as an unprivileged user, the "
+                   "default memory and process limits are rlimits, see --rootless-limits). Options override "
+                   "the --profile, which overrides the defaults.")
+
+
 def _build_run_parser(sub: Any) -> None:
-    run = sub.add_parser("run", help="run a program in a fresh sandbox",
-                         description="Run CMD in a fresh sandbox. Defaults are the secure profile, bounded: "
-                                     "512M memory, 128 processes, a 64M /tmp, 30 s wall time (cgroups; "
-                                     "without one, as an unprivileged user, the default memory and process "
-                                     "limits are rlimits, see --rootless-limits). Options override the "
-                                     "--profile, which overrides the defaults.",
-                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_arguments(sub.add_parser("run", help="run a program in a fresh sandbox", description=RUN_DESCRIPTION,
+                                      epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+class _RecordedOption:
+    """One add_argument call of the `run` parser, as _parse_run_fast reads it."""
+
+    def __init__(self, flags: tuple[str, ...], kwargs: dict[str, Any], group: int) -> None:
+        self.flags = flags
+        self.action = kwargs.get("action", "store")
+        self.dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")  # as argparse names it
+        self.default = kwargs.get("default", False if self.action == "store_true" else None)
+        self.takes_value = self.action not in ("store_true", "store_false")
+        self.simple = kwargs.get("nargs") is None  # no nargs=2 (--bind-to) or REMAINDER
+        self.type = kwargs.get("type")
+        self.choices = kwargs.get("choices")
+        self.group = group  # > 0: of a mutually exclusive group
+
+
+class _Recorder:
+    """Stands in for the `run` parser to record its options: the fast parser's table
+    comes from the very calls that build the argparse parser."""
+
+    def __init__(self, options: list[_RecordedOption], group: int = 0) -> None:
+        self.options = options
+        self.group = group
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> None:
+        self.options.append(_RecordedOption(flags, kwargs, self.group))
+
+    def add_mutually_exclusive_group(self) -> _Recorder:
+        return _Recorder(self.options, group=len(self.options) + 1)
+
+
+def _parse_run_fast(argv: list[str]) -> argparse.Namespace | None:
+    """`run`'s command line (what follows `run`) parsed as argparse would, without
+    building its parser (which costs `ndf-sandbox run` milliseconds), for the plain
+    forms only: options spelled in full, `--opt VALUE` or `--opt=VALUE`, then the
+    command. None for anything else (help, an abbreviation, a value that starts with
+    "-", nargs=2, a bad value or choice): argparse then parses it, and reports its
+    errors, itself."""
+    options: list[_RecordedOption] = []
+    _add_run_arguments(_Recorder(options))  # type: ignore[arg-type]  # records the same calls
+    by_flag = {flag: option for option in options for flag in option.flags}
+    values: dict[str, Any] = {}
+    for recorded in options:  # the first default of a dest wins, as in argparse
+        default = recorded.default
+        values.setdefault(recorded.dest, list(default) if isinstance(default, list) else default)
+    groups_used: dict[int, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-"):
+            values["command"] = argv[i:]
+            break
+        flag, eq, inline = arg.partition("=")
+        found = by_flag.get(flag)
+        if found is None or not found.simple or (eq and not inline):
+            return None
+        option = found
+        if option.group and groups_used.setdefault(option.group, flag) != flag:
+            return None  # two options of one exclusive group: argparse's error
+        if not option.takes_value:
+            if eq:
+                return None
+            values[option.dest] = option.action == "store_true"
+            i += 1
+            continue
+        if eq:
+            value = inline
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            i += 1
+            value = argv[i]
+        else:
+            return None
+        if option.type is not None:
+            try:
+                value = option.type(value)
+            except ValueError:
+                return None
+        if option.choices is not None and value not in option.choices:
+            return None
+        if option.action == "append":
+            values[option.dest].append(value)
+        elif option.action is _BindOption:
+            values[option.dest].append((flag, value))
+        elif option.action == "store":
+            values[option.dest] = value
+        else:
+            return None
+        i += 1
+    else:
+        values["command"] = []
+    return argparse.Namespace(**values)
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """The parser of `ndf-sandbox run` alone, as the full parser's `run` has it: what
+    main() uses for a `run` command line, without building every other subcommand's."""
+    return _add_run_arguments(argparse.ArgumentParser(
+        prog="ndf-sandbox run", description=RUN_DESCRIPTION, epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--profile", metavar="FILE", help="TOML profile to start from")
     run.add_argument("--memory", metavar="SIZE",
                      help="memory limit, e.g. 256M, 1G (default 512M; none: no limit; 0 is refused)")
@@ -185,6 +288,7 @@ def _build_run_parser(sub: Any) -> None:
                      help="append the run's audit events (start, end, limits hit, refusals) to FILE as JSON "
                           "lines (see the README's Audit log)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    return run
 
 
 def _version() -> str:
@@ -564,6 +668,8 @@ def _command_cleanup() -> int:
     for path in removed:
         print(f"removed {path}")
     print(f"{len(removed)} leftover cgroup directories removed")
+    import shutil
+
     if os.geteuid() == 0 and shutil.which("nft"):
         from .linux import netpolicy
 
@@ -632,7 +738,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .launch.stdio import ensure_std_fds
 
     ensure_std_fds()  # before any pipe or socket: none of ours may become a payload's fd 0-2
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # the common case: no parser at all, or `run`'s alone
+        args = _parse_run_fast(argv[1:]) or build_run_parser().parse_args(argv[1:])
+        args.subcommand = "run"
+    else:
+        args = build_parser().parse_args(argv)
     if args.subcommand == "run":
         return _command_run(args)
     if args.subcommand == "check":

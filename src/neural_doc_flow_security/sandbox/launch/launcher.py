@@ -22,7 +22,6 @@ from ..errors import SandboxError, SetupError, UnsupportedError
 from ..linux import cgroups, ids, landlock, network
 from ..linux.cgroups.base import CgroupLimits, SandboxCgroup
 from ..linux.rootfs import RootfsPlan
-from ..live_limits import LimitUpdate, LimitUpdateError
 from ..result import Outcome, ResourceUsage, SandboxResult
 from . import bootstrap, resources
 from . import spare as spare_sandbox
@@ -33,6 +32,7 @@ from .template import Template, TemplateGone
 
 if TYPE_CHECKING:
     from ..linux.netpolicy import NetworkLease
+    from ..live_limits import LimitUpdate
 
 MAX_SPARE_FAILURES = 3  # then no more spares: something on this host refuses them (logged)
 MAX_SPARES = 2  # one for each root of the latest launches (a callable's and a program's differ)
@@ -353,6 +353,8 @@ class Launcher:
         """Change the cgroup limits of a running sandbox (`changes`: config fields,
         checked by the caller, see live_limits.py). Raises LimitUpdateError naming the
         field when it cannot be changed here; then nothing was changed."""
+        from ..live_limits import LimitUpdate, LimitUpdateError  # not on `ndf-sandbox run`'s path
+
         spawned = self.running[sandbox_id]
         field = next(iter(changes))
         if spawned.cgroup is None:

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 
 from ..errors import SandboxError
-from ..ipc.memfd import seal_bytes
 from ..linux import network
 from ..linux import syscalls as sc
 from ..linux.cgroups.base import SandboxCgroup
@@ -162,6 +161,8 @@ def launch(spare: Spare, plan: LaunchPlan, payload: bootstrap.Payload,
     """Send the spare its launch; it runs the payload of `plan` like a cold child. The
     cgroup's name and limits must be in place (the caller's). Raises OSError if the
     spare is gone (the caller discards it)."""
+    from ..ipc.memfd import seal_bytes  # mmap: not on `ndf-sandbox run`'s path
+
     program = isinstance(payload, bootstrap.ExecPayload)
     staged = tuple((target, spare.staging + i) for i, (target, _) in enumerate(fd_map))
     launch_steps = bootstrap.launch_steps(plan, program, spare.pipes, staged, spare.loopback,

@@ -21,13 +21,11 @@ from __future__ import annotations
 import array
 import errno
 import os
-import pickle
 import socket
 import struct
 from typing import NoReturn
 
 from ..errors import SandboxError
-from ..ipc.memfd import seal_bytes
 from ..linux import _child
 from ..result import EXIT_SANDBOX_ERROR
 from .payload import run_payload
@@ -61,6 +59,8 @@ class Template:
         cgroup_fd and trace_fd are added). Returns (pid, pidfd); the child is ours."""
         needed = tuple(dict.fromkeys((*fds, error_fd) + ((cgroup_fd,) if cgroup_fd is not None else ())
                                      + ((trace_fd,) if trace_fd >= 0 else ())))
+        from ..ipc.memfd import seal_bytes  # mmap: not on `ndf-sandbox run`'s path
+
         memfd = seal_bytes(launch, "ndf-launch")
         try:
             header = _REQUEST.pack(clone_flags, -1 if cgroup_fd is None else cgroup_fd, error_fd, trace_fd,
@@ -110,6 +110,8 @@ def _serve(sock: socket.socket, parent: int) -> NoReturn:
         served = _child.serve(fd, parent)
         if served is not None:  # a callable's payload process
             code = EXIT_SANDBOX_ERROR
+            import pickle  # here: `ndf-sandbox run` imports this module, never runs a template
+
             run_payload(*pickle.loads(served[2]))
     finally:
         os._exit(code)
