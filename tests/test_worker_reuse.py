@@ -369,3 +369,45 @@ def test_the_process_limit_holds_across_the_calls_of_a_reused_worker() -> None:
             assert len(tree) <= 8, tree  # the worker's init is not in its cgroup's count; its payload is
             assert second.resource_usage.processes_peak <= 8
     run(main())
+
+
+def test_a_workers_audit_events_say_which_call_it_served(tmp_path: Any) -> None:
+    """The audit log's JSON lines of a reused worker carry `worker_call`, as its results do
+    (0 at its start); a sandbox used once has none."""
+    import json
+
+    import jsonschema
+
+    from neural_doc_flow_security.sandbox import audit
+
+    log = tmp_path / "audit.jsonl"
+
+    async def main() -> tuple[SandboxResult, SandboxResult, SandboxResult]:
+        async with SandboxManager(audit_log=str(log)) as manager:
+            async with manager.worker_pool(max_workers=1, max_tasks_per_child=2) as pool:
+                first = await pool.execute_sandboxed("w", ok, 1)
+                second = await pool.execute_sandboxed("w", ok, 2)  # its last: the worker ends
+                failed = await pool.execute_sandboxed("w", fail, "bad document")  # ends the next one
+            single = await manager.execute_sandboxed("single", ok, 3)
+            assert first.ok and second.ok and single.ok and failed.outcome is Outcome.ERROR
+            return first, failed, single
+
+    first, failed, single = run(main())
+    with open(audit.schema_path()) as f:
+        validator = jsonschema.Draft202012Validator(json.load(f))
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    for event in events:
+        validator.validate(event)
+    worker_a, worker_b = first.isolation.worker_id, failed.isolation.worker_id
+    assert worker_a != worker_b and failed.isolation.worker_call == 1
+
+    def calls(sandbox_id: int | None, kind: str) -> list[int | None]:
+        return [e.get("worker_call") for e in events if e.get("sandbox_id") == sandbox_id and e["event"] == kind]
+
+    assert calls(worker_a, "sandbox_start") == [0] and calls(worker_a, "sandbox_end") == [2]
+    assert calls(worker_b, "sandbox_start") == [0]
+    assert calls(worker_b, "kill") == [1] and calls(worker_b, "sandbox_end") == [1]
+    workers = [e for e in events if e.get("plugin_id") == "w"]
+    assert workers and all(isinstance(e.get("worker_call"), int) for e in workers), workers
+    [single_id] = {e["sandbox_id"] for e in events if e.get("plugin_id") == "single"}
+    assert calls(single_id, "sandbox_start") == [None] and calls(single_id, "sandbox_end") == [None]

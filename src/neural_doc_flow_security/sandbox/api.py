@@ -286,6 +286,7 @@ class SandboxHandle:
         self._result: SandboxResult | None = None
         self._audit_start_done = False  # its start is audited once it runs for a plugin (a pooled one: when taken)
         self._audit_end_done = False
+        self._worker_call: int | None = None  # a reused worker's current call number (WorkerPool sets it)
         # Taken before the launch: the start method forgets it once it is resolved.
         self._exit: asyncio.Future[SandboxResult] = self._starter.exit_future(sandbox_id)
         self._exit.add_done_callback(self._ended)
@@ -300,13 +301,14 @@ class SandboxHandle:
         if isolation is None and self._exit.done() and not self._exit.cancelled() and self._exit.exception() is None:
             isolation = self._exit.result().isolation  # it has ended already: its result has it
         audit.sandbox_started(self.sandbox_id, self.plugin_id, self.pid, isolation or IsolationReport(),
-                              config=self.config, kind=self.kind, start_method=self._manager._start_method_name)
+                              config=self.config, kind=self.kind, start_method=self._manager._start_method_name,
+                              worker_call=self._worker_call)
 
     def _audit_end(self, result: SandboxResult) -> SandboxResult:
         """Audit its end once, with the result its caller gets."""
         if self._audit_start_done and not self._audit_end_done:
             self._audit_end_done = True
-            audit.sandbox_ended(self.sandbox_id, self.plugin_id, result)
+            audit.sandbox_ended(self.sandbox_id, self.plugin_id, result, worker_call=self._worker_call)
         return result
 
     @property
@@ -451,12 +453,13 @@ class SandboxHandle:
         if not reply.get("ok"):
             field = reply.get("field") or next(iter(changes))
             error = str(reply.get("error") or "refused")
-            audit.limits_update_refused(self.sandbox_id, self.plugin_id, changes, field, error)
+            audit.limits_update_refused(self.sandbox_id, self.plugin_id, changes, field, error,
+                                        worker_call=self._worker_call)
             prefix = f"{field}: "
             raise LimitUpdateError(field, error[len(prefix):] if error.startswith(prefix) else error)
         update = LimitUpdate.from_dict(reply["update"])
         self.config = config
-        audit.limits_updated(self.sandbox_id, self.plugin_id, update)
+        audit.limits_updated(self.sandbox_id, self.plugin_id, update, worker_call=self._worker_call)
         return update
 
     def _health_changed(self, health: Health) -> None:
@@ -472,7 +475,7 @@ class SandboxHandle:
             await self.resume()
         exit_future = self._exit
         if not exit_future.done() and self._audit_start_done:
-            audit.sandbox_killed(self.sandbox_id, self.plugin_id, "stop")
+            audit.sandbox_killed(self.sandbox_id, self.plugin_id, "stop", worker_call=self._worker_call)
         self._stopped_by_host = True
         if self._channel is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -496,7 +499,7 @@ class SandboxHandle:
         self._stopped_by_host = True
         if not self._exit.done():
             if self._audit_start_done:
-                audit.sandbox_killed(self.sandbox_id, self.plugin_id, reason)
+                audit.sandbox_killed(self.sandbox_id, self.plugin_id, reason, worker_call=self._worker_call)
             await self._starter.control("kill", self.sandbox_id)
         return await self.wait()
 
@@ -672,9 +675,11 @@ class SandboxHandle:
         except ProtocolViolation as violation:
             self._violation = violation.with_traceback(None)  # its frames held what it refused
             self._manager._backoff.violated(self.plugin_id)
-            audit.protocol_violation(self.sandbox_id, self.plugin_id, str(violation))
+            audit.protocol_violation(self.sandbox_id, self.plugin_id, str(violation),
+                                     worker_call=self._worker_call)
             if not self._exit.done() and self._audit_start_done:
-                audit.sandbox_killed(self.sandbox_id, self.plugin_id, "protocol_violation")
+                audit.sandbox_killed(self.sandbox_id, self.plugin_id, "protocol_violation",
+                                        worker_call=self._worker_call)
             with contextlib.suppress(SandboxError):
                 await self._starter.control("kill", self.sandbox_id)
         except (OSError, SandboxError):
@@ -972,7 +977,7 @@ class SandboxManager:
         handles = list(self._handles.values())  # forgotten as they end, in close()
         for handle in handles:
             if handle._audit_start_done and not handle._exit.done():
-                audit.sandbox_killed(handle.sandbox_id, handle.plugin_id, "shutdown")
+                audit.sandbox_killed(handle.sandbox_id, handle.plugin_id, "shutdown", worker_call=handle._worker_call)
         await self._starter.close()
         await asyncio.gather(*(h.wait() for h in handles), return_exceptions=True)  # their fds are closed
         await asyncio.gather(*self._background, return_exceptions=True)

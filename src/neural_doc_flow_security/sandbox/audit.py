@@ -9,8 +9,10 @@ zygote, never from what a sandbox says about itself. `host_pid` names it.
 
 Every event has `schema_version`, `event`, `time` (UTC, RFC 3339) and
 `host_pid`; sandbox events add `sandbox_id` (unique within `host_pid`) and
-`plugin_id`. The event kinds and their fields are in `audit.schema.json` (JSON
-Schema, shipped in the package; see SCHEMA_VERSION and the README's "Audit log").
+`plugin_id`, and, for a reused worker (WorkerPool, max_tasks_per_child),
+`worker_call`: which of its calls it was serving (1: its first; 0: none yet).
+The event kinds and their fields are in `audit.schema.json` (JSON Schema,
+shipped in the package; see SCHEMA_VERSION and the README's "Audit log").
 
 Nothing is built when nobody listens: each event first asks the logger whether
 it records at that level, and a program that never imported `logging` (the
@@ -93,22 +95,32 @@ def _error_text(text: str | None) -> str | None:
     return None if text is None else text[:ERROR_TEXT_LIMIT]
 
 
+def _ids(sandbox_id: int, plugin_id: str, worker_call: int | None) -> dict[str, Any]:
+    """The fields naming a sandbox event's sandbox (`worker_call`: None unless a reused worker's)."""
+    ids: dict[str, Any] = {"sandbox_id": sandbox_id, "plugin_id": plugin_id}
+    if worker_call is not None:
+        ids["worker_call"] = worker_call
+    return ids
+
+
 # -- the events ---------------------------------------------------------------
 
 def sandbox_started(sandbox_id: int, plugin_id: str, pid: int, isolation: IsolationReport, *,
                     config: SandboxConfig, kind: str, start_method: str,
-                    argv: list[str] | None = None) -> None:
+                    argv: list[str] | None = None, worker_call: int | None = None) -> None:
     """A sandbox runs: its config's digest and the isolation actually in force (a
-    warning when a protection is not enforced); `argv`: the program it runs."""
+    warning when a protection is not enforced); `argv`: the program it runs;
+    `worker_call`: a reused worker's call number (here 0), None for any other sandbox."""
     level = WARNING if isolation.not_enforced else INFO
     if not enabled(level):
         return
-    emit("sandbox_start", level, sandbox_id=sandbox_id, plugin_id=plugin_id, pid=pid, kind=kind,
+    emit("sandbox_start", level, **_ids(sandbox_id, plugin_id, worker_call), pid=pid, kind=kind,
          start_method=start_method, config_digest=config_digest(config), isolation=isolation.to_dict(),
          not_enforced=list(isolation.not_enforced), **({} if argv is None else {"argv": list(argv)}))
 
 
-def sandbox_ended(sandbox_id: int, plugin_id: str, result: SandboxResult) -> None:
+def sandbox_ended(sandbox_id: int, plugin_id: str, result: SandboxResult, *,
+                  worker_call: int | None = None) -> None:
     """A sandbox has ended: first what it hit (timeout, limits: OOM kills, forks
     refused at pids.max, CPU throttling; denied syscalls and connections), then its
     end (outcome, usage) as the caller got it."""
@@ -116,7 +128,7 @@ def sandbox_ended(sandbox_id: int, plugin_id: str, result: SandboxResult) -> Non
         return
     import dataclasses
 
-    ids = {"sandbox_id": sandbox_id, "plugin_id": plugin_id}
+    ids = _ids(sandbox_id, plugin_id, worker_call)
     usage = result.resource_usage
     outcome = result.outcome.value
     if outcome == "timeout":
@@ -150,29 +162,29 @@ def launch_refused(plugin_id: str, error: BaseException, *, sandbox_id: int | No
     emit("launch_refused", WARNING, **fields)
 
 
-def sandbox_killed(sandbox_id: int, plugin_id: str, reason: str) -> None:
+def sandbox_killed(sandbox_id: int, plugin_id: str, reason: str, *, worker_call: int | None = None) -> None:
     """The host ends a sandbox before it ended by itself (`reason`: "kill", "stop",
     "protocol_violation", "cancelled", "shutdown")."""
-    emit("kill", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id, reason=reason)
+    emit("kill", WARNING, **_ids(sandbox_id, plugin_id, worker_call), reason=reason)
 
 
-def protocol_violation(sandbox_id: int, plugin_id: str, what: str) -> None:
+def protocol_violation(sandbox_id: int, plugin_id: str, what: str, *, worker_call: int | None = None) -> None:
     """The sandbox sent bytes the host refused (it is killed)."""
-    emit("protocol_violation", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id,
-         error=_error_text(what))
+    emit("protocol_violation", WARNING, **_ids(sandbox_id, plugin_id, worker_call), error=_error_text(what))
 
 
-def limits_updated(sandbox_id: int, plugin_id: str, update: LimitUpdate) -> None:
+def limits_updated(sandbox_id: int, plugin_id: str, update: LimitUpdate, *,
+                   worker_call: int | None = None) -> None:
     """The host changed a running sandbox's limits (a warning when the kernel
     OOM-killed in it to enforce a lowered memory limit)."""
-    emit("limits_updated", WARNING if update.oom_kills else INFO, sandbox_id=sandbox_id, plugin_id=plugin_id,
+    emit("limits_updated", WARNING if update.oom_kills else INFO, **_ids(sandbox_id, plugin_id, worker_call),
          **update.to_dict())
 
 
 def limits_update_refused(sandbox_id: int, plugin_id: str, changes: dict[str, int | None], field: str,
-                          error: str) -> None:
+                          error: str, *, worker_call: int | None = None) -> None:
     """A live limit change was refused; nothing of it was applied."""
-    emit("limits_update_refused", WARNING, sandbox_id=sandbox_id, plugin_id=plugin_id, changes=changes,
+    emit("limits_update_refused", WARNING, **_ids(sandbox_id, plugin_id, worker_call), changes=changes,
          field=field, error=_error_text(error))
 
 

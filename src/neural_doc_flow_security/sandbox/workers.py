@@ -185,6 +185,7 @@ class WorkerPool:
         channel = handle._channel
         assert channel is not None
         worker.calls += 1
+        handle._worker_call = worker.calls
         timeout = worker.key[1].timeout_seconds
         timer = (asyncio.get_running_loop().call_later(timeout, self._time_out, worker)
                  if timeout is not None else None)
@@ -354,6 +355,7 @@ class WorkerPool:
                 self._alive -= 1
                 self._wake()
             raise
+        handle._worker_call = 0  # its audit events say which call it serves (_run counts)
         handle._audit_start()  # one sandbox_start and one sandbox_end per worker, not per call
         report = self._manager._starter.isolation.get(handle.sandbox_id) or IsolationReport()
         isolation = {f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "worker_call"}
