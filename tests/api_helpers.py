@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from conftest import wait_until  # noqa: F401 - also re-exported to the API test modules
+from conftest import remove_cgroup_dirs, wait_until  # noqa: F401 - also re-exported to the API test modules
 from neural_doc_flow_security.sandbox.api import SandboxManager
 from neural_doc_flow_security.sandbox.config import BindMount, FilesystemConfig, SandboxConfig
 from neural_doc_flow_security.sandbox.launch import start_methods
@@ -181,14 +181,6 @@ def sandbox_cgroups(owner_pids: set[int] | None = None) -> list[str]:
             if top.count("/") - base_depth >= 3:
                 dirs.clear()
     return sorted(found)
-
-
-def remove_cgroup_dirs(paths: list[str]) -> None:
-    """Cleanup after a failure: rmdir (empty) cgroups this test's managers left."""
-    from conftest import _try_rmdir
-
-    for path in paths:
-        wait_until(lambda p=path: _try_rmdir(p), timeout=10)  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------

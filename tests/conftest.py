@@ -8,6 +8,7 @@ what it provides. Helpers for running the `ndf-sandbox` CLI live in the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,12 +268,21 @@ def cgroups_of(owner_pid: int) -> list[str]:
 
 def remove_cgroups_of(owner_pid: int) -> None:
     """Cleanup: remove the (empty) cgroups a SIGKILLed ndf-sandbox `owner_pid` left."""
-    for path in cgroups_of(owner_pid):
-        wait_until(lambda p=path: _try_rmdir(p), timeout=10)  # type: ignore[misc]
+    remove_cgroup_dirs(cgroups_of(owner_pid))
 
 
-def _try_rmdir(path: str) -> bool:
+def remove_cgroup_dirs(paths: Iterable[str], timeout: float = 10) -> list[str]:
+    """Cleanup: remove each cgroup of `paths` and the cgroups below it, deepest first,
+    waiting up to `timeout` seconds each for the processes in it to be gone (a cgroup
+    directory can only be removed empty). Returns the paths still there."""
+    return [path for path in paths if not wait_until(functools.partial(_remove_cgroup_tree, path), timeout=timeout)]
+
+
+def _remove_cgroup_tree(path: str) -> bool:
     try:
+        for top, dirs, _ in os.walk(path, topdown=False):
+            for name in dirs:
+                os.rmdir(os.path.join(top, name))
         os.rmdir(path)
     except FileNotFoundError:
         return True

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NDF_SANDBOX, ndf_host_env, wait_until
+from conftest import NDF_SANDBOX, ndf_host_env, remove_cgroup_dirs, wait_until
 from neural_doc_flow_security.sandbox.linux.cgroups.delegation import describe, detect_delegation
 
 USER = 4242
@@ -175,10 +175,8 @@ def delegated_scope() -> Iterator[Path]:
     try:
         yield scope
     finally:
-        for directory in sorted((p for p in scope.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            directory.rmdir()
-        for directory in reversed(made):
-            directory.rmdir()
+        left = remove_cgroup_dirs([str(directory) for directory in reversed(made)])  # the scope first
+        assert not left, f"cgroups left: {left}"
 
 
 def in_scope(scope: Path, *argv: str) -> list[str]:

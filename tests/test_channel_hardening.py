@@ -17,6 +17,7 @@ import pytest
 
 import api_helpers
 from api_helpers import linux_only, needs_root, run
+from conftest import remove_cgroup_dirs
 from neural_doc_flow_security.sandbox.api import INBOX_BLOBS, INBOX_MESSAGES
 from neural_doc_flow_security.sandbox.config import SandboxConfig
 from neural_doc_flow_security.sandbox.errors import ProtocolViolation
@@ -550,26 +551,12 @@ def limited_memory_cgroup() -> Any:
             os.rmdir(path)
         pytest.skip(f"cannot make a limited memory cgroup below our own: {exc}")
     yield path
-    assert api_helpers.wait_until(lambda: _rmdir(path), timeout=30), f"cgroup {path} left"
+    assert not remove_cgroup_dirs([path], timeout=30), f"cgroup {path} left"
 
 
 def _own_unified_path() -> str:
     with open("/proc/self/cgroup") as f:
         return next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
-
-
-def _rmdir(path: str) -> bool:
-    """Remove `path` and the (empty) cgroups the manager made below it."""
-    try:
-        for top, dirs, _ in os.walk(path, topdown=False):
-            for name in dirs:
-                os.rmdir(os.path.join(top, name))
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 @linux_only
