@@ -102,3 +102,23 @@ def test_the_run_path_imports_nothing_it_does_not_need() -> None:
     assert sorted(set(NOT_ON_THE_RUN_PATH) & modules) == []
     if os.geteuid() == os.stat(seccomp_cache.__file__).st_uid:  # the cache is ours to write: warm now
         assert "pyseccomp" not in modules
+
+
+def _run_options() -> list[cli._RecordedOption]:
+    options: list[cli._RecordedOption] = []
+    cli._add_run_arguments(cli._Recorder(options))  # type: ignore[arg-type]
+    return options
+
+
+@pytest.mark.parametrize("option", [o for o in _run_options() if o.plain], ids=lambda o: o.flags[0])
+def test_every_plain_option_parses_as_argparse_does(option: cli._RecordedOption) -> None:
+    """Each option of `run` (those added later too), given alone and twice, in both spellings."""
+    value = [str(option.choices[0]) if option.choices else "7" if option.type is int else "/srv/x"]
+    given = [option.flags[0], *(value if option.takes_value else [])]
+    twice = [*given, f"{option.flags[-1]}={value[0]}" if option.takes_value else option.flags[-1]]
+    for argv in (given, twice):
+        fast = cli._parse_run_fast([*argv, "--", "/bin/true"])
+        assert fast is not None, argv
+        slow = vars(build_parser().parse_args(["run", *argv, "--", "/bin/true"]))
+        slow.pop("subcommand")
+        assert vars(fast) == slow, argv

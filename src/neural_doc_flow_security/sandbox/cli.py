@@ -99,10 +99,16 @@ class _RecordedOption:
     def __init__(self, flags: tuple[str, ...], kwargs: dict[str, Any], group: int) -> None:
         self.flags = flags
         self.action = kwargs.get("action", "store")
-        self.dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")  # as argparse names it
-        self.default = kwargs.get("default", False if self.action == "store_true" else None)
+        long = next((flag for flag in flags if flag.startswith("--")), flags[0])
+        self.dest = kwargs.get("dest") or long.lstrip("-").replace("-", "_")  # as argparse names it
+        self.default = kwargs.get("default", {"store_true": False, "store_false": True}.get(self.action))
         self.takes_value = self.action not in ("store_true", "store_false")
-        self.simple = kwargs.get("nargs") is None  # no nargs=2 (--bind-to) or REMAINDER
+        # What the fast parser reads as argparse does; anything else (nargs=2 as in
+        # --bind-to, the REMAINDER, other actions, SUPPRESS, const) is left to argparse.
+        self.plain = (kwargs.get("nargs") is None and "const" not in kwargs
+                      and self.action in ("store", "store_true", "store_false", "append", _BindOption)
+                      and self.default is not argparse.SUPPRESS)
+        self.required = bool(kwargs.get("required"))
         self.type = kwargs.get("type")
         self.choices = kwargs.get("choices")
         self.group = group  # > 0: of a mutually exclusive group
@@ -132,6 +138,8 @@ def _parse_run_fast(argv: list[str]) -> argparse.Namespace | None:
     errors, itself."""
     options: list[_RecordedOption] = []
     _add_run_arguments(_Recorder(options))  # type: ignore[arg-type]  # records the same calls
+    if any(option.required for option in options):
+        return None  # argparse alone says which is missing
     by_flag = {flag: option for option in options for flag in option.flags}
     values: dict[str, Any] = {}
     for recorded in options:  # the first default of a dest wins, as in argparse
@@ -146,7 +154,7 @@ def _parse_run_fast(argv: list[str]) -> argparse.Namespace | None:
             break
         flag, eq, inline = arg.partition("=")
         found = by_flag.get(flag)
-        if found is None or not found.simple or (eq and not inline):
+        if found is None or not found.plain or (eq and not inline):
             return None
         option = found
         if option.group and groups_used.setdefault(option.group, flag) != flag:
@@ -167,14 +175,14 @@ def _parse_run_fast(argv: list[str]) -> argparse.Namespace | None:
         if option.type is not None:
             try:
                 value = option.type(value)
-            except ValueError:
+            except Exception:  # noqa: BLE001 - argparse reports it, as it would have
                 return None
         if option.choices is not None and value not in option.choices:
             return None
         if option.action == "append":
-            values[option.dest].append(value)
+            values[option.dest] = [*(values[option.dest] or []), value]
         elif option.action is _BindOption:
-            values[option.dest].append((flag, value))
+            values[option.dest] = [*(values[option.dest] or []), (flag, value)]
         elif option.action == "store":
             values[option.dest] = value
         else:
