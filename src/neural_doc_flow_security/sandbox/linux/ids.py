@@ -16,9 +16,7 @@ close-on-exec and the child closes every fd it is not given).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 from dataclasses import dataclass
 
 from ..errors import SandboxError
@@ -54,6 +52,8 @@ def account_files(contents: tuple[tuple[str, bytes], ...]) -> tuple[tuple[str, s
     """Host files with these contents ((name, content): /etc/passwd and /etc/group
     listing every id of a range), made once and bound read-only into each sandbox:
     tens of kilobytes that a launch would otherwise copy. Returns (name, host path)."""
+    import hashlib  # here: OpenSSL's load is not needed where no plan has account files
+
     digest = hashlib.sha256(repr(contents).encode()).hexdigest()[:20]
     directory = _directory(os.path.join(ACCOUNTS_DIRECTORY, digest))
     paths = []
@@ -78,7 +78,7 @@ def acquire(id_range: tuple[int, int]) -> IdLease:
     """Take a free id of `id_range` (first, count). Raises SandboxError when every
     one is held (by live sandboxes of any process on this host)."""
     first, count = id_range
-    start = random.randrange(count)  # processes starting at once rarely try the same ids
+    start = int.from_bytes(os.urandom(4), "little") % count  # processes starting at once rarely try the same ids
     for i in range(count):
         number = first + (start + i) % count
         fd = flock.try_lock(ID_DIRECTORY, number, "id_range")
