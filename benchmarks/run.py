@@ -221,6 +221,12 @@ def scenario_cli(nsj: str | None, rounds: int) -> list[Table]:
     return [table, time_to_payload(nsj, max(10, rounds // 2)), import_cost(), whole_command(nsj, rounds)]
 
 
+# The modules `ndf-sandbox run` imports (with theirs): the whole command less this is
+# the interpreter's start plus the run itself.
+RUN_PATH_IMPORTS = "import " + ", ".join(f"neural_doc_flow_security.sandbox.{name}" for name in (
+    "cli", "launch.supervise", "launch.resources", "linux.network", "linux.cgroups.delegation", "linux.seccomp_cache"))
+
+
 def whole_command(nsj: str | None, runs: int) -> Table:
     """The whole command as a shell user starts it: `hyperfine -N` (no shell, no Python
     parent), every tool in one hyperfine run, with the CPU each used (issue #20's measure)."""
@@ -231,11 +237,14 @@ def whole_command(nsj: str | None, runs: int) -> Table:
                   "hyperfine's mean. Default profiles (ndf-sandbox: 512M/128 processes, so a cgroup as "
                   "root; its seccomp program read from the cache after the first run).")
     commands = {"ndf-sandbox run -- /bin/true": [NDF, "run", "--", "/bin/true"],
+                "ndf-sandbox run --memory none --pids none -- /bin/true (no limits: no cgroup)":
+                    [NDF, "run", "--memory", "none", "--pids", "none", "--", "/bin/true"],
                 "bwrap /bin/true": bwrap("/bin/true")}
     if nsj:
         commands["nsjail /bin/true"] = nsjail(nsj, "/bin/true")
     commands["python3 -I -S -c pass"] = [SYSTEM_PY, "-I", "-S", "-c", "pass"]
     commands["venv python -c pass (the console script's start)"] = [PY, "-c", "pass"]
+    commands["venv python importing what `run` imports, running nothing"] = [PY, "-c", RUN_PATH_IMPORTS]
     if not shutil.which("hyperfine"):
         for name in commands:
             table.rows.append({"name": name, "missing": True, "why": "hyperfine not installed (benchmarks/install.sh)"})

@@ -63,11 +63,17 @@ def test_other_forms_are_left_to_argparse(argv: list[str]) -> None:
     assert cli._parse_run_fast(argv) is None
 
 
-def test_an_option_error_is_argparses_own(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv", [["--nofile", "many"], ["--bogus"], ["--net", "--no-net"], ["--memory"], ["-h"]],
+                         ids=" ".join)
+def test_errors_and_help_are_the_full_parsers_own(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """What main() prints and exits with is exactly what the full parser does."""
+    with pytest.raises(SystemExit) as expected:
+        build_parser().parse_args(["run", *argv, "--", "/bin/true"])
+    wanted = capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["run", "--nofile", "many", "--", "/bin/true"])
-    assert exit_info.value.code == cli.EXIT_USAGE
-    assert "ndf-sandbox run: error: argument --nofile: invalid int value: 'many'" in capsys.readouterr().err
+        cli.main(["run", *argv, "--", "/bin/true"])
+    assert exit_info.value.code == expected.value.code
+    assert capsys.readouterr() == wanted
 
 
 _IMPORTED = """

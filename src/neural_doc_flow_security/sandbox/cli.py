@@ -193,14 +193,6 @@ def _parse_run_fast(argv: list[str]) -> argparse.Namespace | None:
     return argparse.Namespace(**values)
 
 
-def build_run_parser() -> argparse.ArgumentParser:
-    """The parser of `ndf-sandbox run` alone, as the full parser's `run` has it: what
-    main() uses for a `run` command line, without building every other subcommand's."""
-    return _add_run_arguments(argparse.ArgumentParser(
-        prog="ndf-sandbox run", description=RUN_DESCRIPTION, epilog=RUN_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-
-
 def _add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--profile", metavar="FILE", help="TOML profile to start from")
     run.add_argument("--memory", metavar="SIZE",
@@ -747,11 +739,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ensure_std_fds()  # before any pipe or socket: none of ours may become a payload's fd 0-2
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run"]:  # the common case: no parser at all, or `run`'s alone
-        args = _parse_run_fast(argv[1:]) or build_run_parser().parse_args(argv[1:])
-        args.subcommand = "run"
-    else:
-        args = build_parser().parse_args(argv)
+    # The common case, a plain `run` command line, needs no parser built (they cost
+    # milliseconds); anything else, errors and help included, is argparse's.
+    fast = _parse_run_fast(argv[1:]) if argv[:1] == ["run"] else None
+    if fast is not None:
+        fast.subcommand = "run"
+    args = fast or build_parser().parse_args(argv)
     if args.subcommand == "run":
         return _command_run(args)
     if args.subcommand == "check":
