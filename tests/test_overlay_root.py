@@ -239,18 +239,23 @@ def test_keep_writes_no_more_than_the_overlay_holds(host_tmp: Path, kept_as: str
     assert "overlay_keep_dir" in (changes.error or "") and "more bytes than the overlay" in (changes.error or "")
 
 
-@needs_root
-def test_keep_into_an_existing_directory_says_so(host_tmp: Path) -> None:
-    kept = host_tmp / "kept"
-    kept.mkdir()
+def _write_etc_x_keeping_into(kept: Path) -> SandboxResult:
+    """Run `echo x > /etc/x` as root on a copy-on-write root kept into `kept`."""
     config = SandboxConfig(uid=0, gid=0, filesystem=FilesystemConfig(
         overlay=True, overlay_changes="keep", overlay_keep_dir=str(kept)))
 
     async def scenario() -> SandboxResult:
-        async with manager("fork") as m:
-            return await m.execute_command("keep", ["/bin/sh", "-c", "echo x > /etc/x"], sandbox_config=config)
+        async with manager("fork", config=config) as m:
+            return await m.execute_command("keep", ["/bin/sh", "-c", "echo x > /etc/x"])
 
-    result = run(scenario())
+    return run(scenario())
+
+
+@needs_root
+def test_keep_into_an_existing_directory_says_so(host_tmp: Path) -> None:
+    kept = host_tmp / "kept"
+    kept.mkdir()
+    result = _write_etc_x_keeping_into(kept)
     assert result.filesystem_changes is not None and result.filesystem_changes.kept_in is None
     assert "overlay_keep_dir" in (result.filesystem_changes.error or "") and os.listdir(kept) == []
 
@@ -260,14 +265,7 @@ def test_keep_holds_only_what_changed(host_tmp: Path) -> None:
     """The copy held an empty usr/ (the upper layer of the /usr overlay) although
     nothing below /usr changed and the report listed nothing there."""
     kept = host_tmp / "kept"
-    config = SandboxConfig(uid=0, gid=0, filesystem=FilesystemConfig(
-        overlay=True, overlay_changes="keep", overlay_keep_dir=str(kept)))
-
-    async def scenario() -> SandboxResult:
-        async with manager("fork") as m:
-            return await m.execute_command("keep", ["/bin/sh", "-c", "echo x > /etc/x"], sandbox_config=config)
-
-    result = run(scenario())
+    result = _write_etc_x_keeping_into(kept)
     assert result.outcome is Outcome.OK, result
     assert result.filesystem_changes is not None and result.filesystem_changes.kept_in == str(kept)
     assert [c.path for c in result.filesystem_changes.changes] == ["/etc/x"]

@@ -87,23 +87,30 @@ def test_allow_list_covers_what_the_payload_kinds_were_measured_to_use() -> None
     assert not seccomp.ALLOW_LIST & {name for name, how in seccomp._DEFAULT_DENY.items() if how == "always"}
 
 
+def _install_with_listener(program: seccomp.SeccompProgram) -> int:
+    """Install `program`'s reporting filter in this (forked) process with a new
+    listener (SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER); its fd."""
+    insns = program.reported_bpf
+    buf = ctypes.create_string_buffer(insns, len(insns))
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(insns) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    listener = int(libc.syscall(ctypes.c_long(nr("seccomp")), ctypes.c_long(1), ctypes.c_long(8),
+                                ctypes.byref(fprog)))
+    assert listener >= 0, ctypes.get_errno()
+    return listener
+
+
 def test_refused_calls_fail_closed_when_the_listener_is_gone() -> None:
     program = seccomp.compile_profile("deny-list")
     assert program.reports
 
     def without_listener() -> dict[str, list[int]]:
-        insns = program.reported_bpf
-        buf = ctypes.create_string_buffer(insns, len(insns))
-
-        class Fprog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-        fprog = Fprog(len(insns) // 8, ctypes.cast(buf, ctypes.c_void_p))
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        listener = libc.syscall(ctypes.c_long(nr("seccomp")), ctypes.c_long(1), ctypes.c_long(8),  # NEW_LISTENER
-                                ctypes.byref(fprog))
-        assert listener >= 0, ctypes.get_errno()
+        listener = _install_with_listener(program)
         os.close(listener)  # nobody answers any more
         return {"ptrace": list(raw_syscall(nr("ptrace"), PTRACE_ATTACH, 0x3FFFFFFF, 0, 0)),
                 "getppid": list(raw_syscall(nr("getppid")))}
@@ -117,18 +124,7 @@ def test_allowed_calls_never_reach_the_listener() -> None:
     program = seccomp.compile_profile("allow-list")
 
     def unanswered() -> list[Any]:
-        insns = program.reported_bpf
-        buf = ctypes.create_string_buffer(insns, len(insns))
-
-        class Fprog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-        fprog = Fprog(len(insns) // 8, ctypes.cast(buf, ctypes.c_void_p))
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        listener = libc.syscall(ctypes.c_long(nr("seccomp")), ctypes.c_long(1), ctypes.c_long(8),
-                                ctypes.byref(fprog))
-        assert listener >= 0
+        listener = _install_with_listener(program)
         # A call referred to the listener would wait forever: nobody answers it here.
         fd = os.open("/dev/null", os.O_RDONLY)
         os.close(fd)
