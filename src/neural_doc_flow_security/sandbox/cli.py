@@ -229,6 +229,10 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="with a network policy: a resolver answering only the allowed names")
     run.add_argument("--net-host", metavar="NAME=ADDR[,ADDR]", action="append", default=[],
                      help="with a network policy: NAME has these addresses (not looked up; repeatable)")
+    run.add_argument("--net-method", choices=("auto", "veth", "proxy"),
+                     help="with a network policy: how it is enforced: veth (a veth pair and nftables, as root), "
+                          "proxy (a connect proxy: TCP only, for proxy-aware clients), auto (default: veth as "
+                          "root, else proxy)")
     run.add_argument("--ro-bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
                      help="bind a host path read-only (at DST, default the same path)")
     run.add_argument("--bind", metavar="SRC[:DST]", dest="bind_specs", action=_BindOption, default=[],
@@ -380,7 +384,7 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
         changes["io_write_bps"] = _optional(args.io_write_bps, "io_write_bps", lambda v: parse_rate(v, "io_write_bps"))
     if args.net is not None:
         changes["namespaces"] = replace(config.namespaces, net=not args.net)
-    if args.net_allow or args.net_deny or args.net_dns or args.net_host:
+    if args.net_allow or args.net_deny or args.net_dns or args.net_host or args.net_method:
         policy = config.network or NetworkPolicy()
         hosts = dict(policy.hosts)
         for item in args.net_host:
@@ -390,7 +394,7 @@ def config_from_args(args: argparse.Namespace, profile: SandboxConfig | None = N
             hosts[name.lower()] = tuple(addresses.split(","))
         changes["network"] = replace(policy, allow=policy.allow + tuple(args.net_allow),
                                      deny=policy.deny + tuple(args.net_deny), dns=policy.dns or args.net_dns,
-                                     hosts=tuple(hosts.items()))
+                                     hosts=tuple(hosts.items()), method=args.net_method or policy.method)
     if (args.bind_specs or args.tmpfs_size or args.python or args.image or args.overlay or args.overlay_size
             or args.overlay_changes or args.overlay_keep):
         fs = config.filesystem
@@ -439,6 +443,7 @@ _OPTIONS = {
     "filesystem.binds": "bind_specs", "filesystem.image": "image", "filesystem.overlay_size_mb": "overlay_size",
     "filesystem.overlay_changes": "overlay_changes", "filesystem.overlay_keep_dir": "overlay_keep",
     "network.allow": "net_allow", "network.deny": "net_deny", "network.hosts": "net_host", "network": "net",
+    "network.method": "net_method",
 }
 
 

@@ -361,6 +361,8 @@ class FilesystemConfig(_KnownFields):
         return self.read_only_binds + self.binds + self.bind_mounts
 
 
+NETWORK_METHODS = ("auto", "veth", "proxy")
+"""The values of NetworkPolicy.method."""
 DEFAULT_NET_RANGE = "10.213.0.0/16"
 DEFAULT_NET_RANGE6 = "fd8d:f1c3:a1e2::/48"
 
@@ -422,7 +424,12 @@ class NetworkPolicy(_KnownFields):
     only the allowed names, with the addresses resolved at launch.
     `hosts`: names with fixed addresses (not looked up), like /etc/hosts.
     `ipv4_range`/`ipv6_range`: private ranges the sandboxes' links take their
-    addresses from (a /30 and a /126 each)."""
+    addresses from (a /30 and a /126 each).
+    `method`: how the policy is enforced: "veth" (the veth pair and nftables, as
+    root), "proxy" (a connect proxy on the host, linux/connect_proxy.py: the sandbox
+    keeps only loopback and reaches allowed TCP endpoints through HTTP CONNECT or
+    SOCKS5 at 127.0.0.1:3128; no UDP, no `dns`), "auto" (the default: "veth" as
+    root without a user namespace, else "proxy")."""
 
     _prefix = "network."
 
@@ -432,6 +439,7 @@ class NetworkPolicy(_KnownFields):
     hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()
     ipv4_range: str = DEFAULT_NET_RANGE
     ipv6_range: str = DEFAULT_NET_RANGE6
+    method: str = "auto"
 
     def __post_init__(self) -> None:
         import ipaddress
@@ -451,6 +459,26 @@ class NetworkPolicy(_KnownFields):
                 raise ConfigError(f"network.{name}", f"must be a private IPv{version} CIDR of /{longest} or "
                                   f"larger, got {value!r}")
             object.__setattr__(self, name, str(net))
+        if self.method not in NETWORK_METHODS:
+            raise ConfigError("network.method", f"must be one of {', '.join(map(repr, NETWORK_METHODS))}, "
+                              f"got {self.method!r}")
+        problem = self.proxy_problem() if self.method == "proxy" else None
+        if problem is not None:
+            raise ConfigError(*problem)
+
+    def proxy_problem(self) -> tuple[str, str] | None:
+        """What of this policy the connect proxy cannot enforce, as (field, why), or
+        None: it carries TCP only and has no resolver inside the sandbox (fail closed)."""
+        from .netdest import parse_destination
+
+        if self.dns:
+            return ("network.dns", "true needs a resolver inside the sandbox; the connect proxy (network.method "
+                    "'proxy') has none: names resolve through it (socks5h://, CONNECT name:port)")
+        for entry in self.allow:
+            if parse_destination(entry).protocol == "udp":
+                return ("network.allow", f"{entry!r} allows UDP; the connect proxy (network.method 'proxy') "
+                        "carries TCP only")
+        return None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -647,7 +647,7 @@ def missing_for(config: SandboxConfig, features: HostFeatures) -> list[str]:
                        f"{features.overlayfs_in_user_namespace_reason}")
     if config.no_new_privs and not features.no_new_privs:
         missing.append("no_new_privs: required, but prctl(PR_GET_NO_NEW_PRIVS) is not supported")
-    if config.network is not None and not features.network_policy:
+    if config.network is not None and config.network.method != "proxy" and not features.network_policy:
         missing.append(f"network: a network policy is required, but {features.network_policy_reason}")
     missing.extend(_missing_limits(config, features, user_wanted))
     return missing

@@ -13,8 +13,9 @@ error pipe and the process exits: nothing half-protected ever runs the payload
     4 wait for the id maps               13 parent-death signal, re-armed
     5 not dumpable                       14 capabilities
     6 mounts (new root, pivot_root)      15 no_new_privs
-    7 hostname, loopback                 16 landlock (linux/landlock.py)
-    8 wait for the cgroup                17 seccomp (last)
+    7 hostname, loopback, the connect    16 landlock (linux/landlock.py)
+      proxy's socket (rootless policy)   17 seccomp (last)
+    8 wait for the cgroup
     9 a program: init confines itself    18 exec / run the callable (the error
       and posix_spawns it; a callable       pipe is closed first: nothing
       (or a program, learning its           untrusted ever holds it)
@@ -48,6 +49,7 @@ import signal
 from dataclasses import dataclass
 
 from ..linux import syscalls as sc
+from ..linux.connect_proxy import PROXY_PORT
 from ..linux.landlock import landlock_steps
 from ..linux.rootfs import RootfsPlan, rootfs_steps
 from ..linux.steps import Step, StepTuple
@@ -65,6 +67,7 @@ class ChildPipes:
     error_write: int   # CLOEXEC: closed by exec, so EOF means "all stages passed"
     status_write: int  # init reports the payload's wait status here
     changes_write: int = -1  # a copy-on-write root's tmpfs is sent here (rootfs.hands_back_changes)
+    proxy_write: int = -1  # the connect proxy's listening socket is sent here (linux/connect_proxy.py)
 
 
 def _stage(name: str, *steps: StepTuple) -> list[StepTuple]:
@@ -142,6 +145,8 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
         steps += _stage("hostname", (Step.SETHOSTNAME, plan.config.hostname.encode()))
     if "net" in names and loopback:
         steps += _stage("loopback", (Step.LOOPBACK_UP,))
+    if "net" in names and pipes.proxy_write >= 0:
+        steps += _stage("connect proxy", (Step.PROXY_LISTENER, pipes.proxy_write, PROXY_PORT))
     if cgroup_token:
         steps += _stage("wait for the cgroup", (Step.WAIT_TOKEN, pipes.sync_read, ord("c")))
     if "pid" not in names:

@@ -31,6 +31,7 @@ from .spawn import SpawnedSandbox, finish_sandbox, reported_result, spawn_sandbo
 from .template import Template, TemplateGone
 
 if TYPE_CHECKING:
+    from ..linux.connect_proxy import ConnectProxy
     from ..linux.netpolicy import NetworkLease
     from ..live_limits import LimitUpdate
 
@@ -162,9 +163,14 @@ class Launcher:
         early = cgroups.joined_at_clone()
         cgroup = make_cgroup() if early else None
         policy: NetworkLease | None = None
+        proxy: ConnectProxy | None = None
         try:
-            if config.network is not None:
-                from ..linux import netpolicy  # only here: a run without a policy imports none of it
+            if plan.network_method == "proxy" and config.network is not None:
+                from ..linux import connect_proxy  # only here: a run without a policy imports none of it
+
+                proxy = connect_proxy.start(config.network)  # it starts up while the sandbox does
+            if plan.network_method == "veth" and config.network is not None:
+                from ..linux import netpolicy
 
                 policy = netpolicy.setup(config.network)
                 netns_fd: int | None = os.dup(policy.netns_fd)
@@ -181,8 +187,9 @@ class Launcher:
                 self.template_gone(str(e))
                 raise TemplateGone(self.template_lost) from None
         except BaseException as e:
-            if policy is not None:
-                policy.release()
+            for held in (policy, proxy):
+                if held is not None:
+                    held.release()
             if cgroup is not None:
                 try:
                     cgroup.destroy()
@@ -191,10 +198,19 @@ class Launcher:
             if isinstance(e, SetupError):
                 raise resources.explain_setup_failure(config, e) from None
             raise
-        spawned.network = policy
-        if policy is not None and policy.notes:  # what this host leaves open of the policy
-            isolation = spawned.isolation()
-            spawned._isolation = dataclasses.replace(isolation, not_enforced=isolation.not_enforced + policy.notes)
+        if proxy is not None:
+            # The listening socket the child made in its network namespace (none: it failed
+            # a stage before, which its result tells; then the sandbox reaches nothing).
+            proxy.hand_over(spawned.proxy_read)
+            os.close(spawned.proxy_read)
+            spawned.proxy_read = -1
+            spawned.network = proxy
+        if policy is not None:
+            spawned.network = policy
+            if policy.notes:  # what this host leaves open of the policy
+                isolation = spawned.isolation()
+                spawned._isolation = dataclasses.replace(isolation,
+                                                         not_enforced=isolation.not_enforced + policy.notes)
         return spawned
 
     def _started(self, sandbox_id: int, request: LaunchRequest, spawned: SpawnedSandbox) -> SpawnedSandbox:

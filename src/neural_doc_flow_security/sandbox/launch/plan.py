@@ -42,6 +42,7 @@ class LaunchPlan:
     uid: int | None = NOBODY
     gid: int | None = NOBODY
     command_seccomp: SeccompProgram | None = None  # a program's, where it differs
+    network_method: str = ""  # how its network policy is enforced: "veth", "proxy" ("": it has none)
 
     def seccomp_for(self, program: bool) -> SeccompProgram:
         """The seccomp filter of a program's (`program`) or a callable's launch."""
@@ -103,11 +104,16 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
     rootfs = (plan_rootfs(config.filesystem, uid=uid, gid=gid, hostname=config.hostname, id_range=config.id_range,
                           user_namespace=ns.user, caller=None if user_namespace else (euid, egid))
               if config.namespaces.mnt else None)
-    if config.network is not None and (ns.user or euid != 0):
-        from ..linux.netpolicy import ROOTLESS_REASON
+    method = _network_method(config, ns.user or euid != 0)
+    environment = config.environment
+    notes: tuple[str, ...] = ()
+    if method == "proxy":
+        from ..linux import connect_proxy
 
-        raise UnsupportedError("network", f"a network policy is enforced only as root (a veth pair and nftables "
-                               f"rules); {ROOTLESS_REASON}")
+        names = {name for name, _ in connect_proxy.environment()}
+        environment = tuple(p for p in environment if p[0] not in names) + connect_proxy.environment()
+        notes = (f"network: the policy is enforced by a connect proxy (HTTP CONNECT, SOCKS5 at "
+                 f"{connect_proxy.PROXY_ADDRESS}): TCP only, for proxy-aware clients; no UDP",)
     limits = plan_limits(config, _cgroup_support(), ns.user)
     ruleset, landlock_note = _plan_landlock_rules(config, rootfs)
     return LaunchPlan(
@@ -119,12 +125,33 @@ def _plan_launch(config: SandboxConfig, euid: int, egid: int) -> LaunchPlan:
         capabilities=plan_capabilities(config.capabilities),
         seccomp=seccomp.compile_profile("allow-list" if config.seccomp == "default" else config.seccomp),
         command_seccomp=seccomp.compile_profile("deny-list") if config.seccomp == "default" else None,
-        environment=environment_entries(config.environment),
+        environment=environment_entries(environment),
         landlock=ruleset,
-        not_enforced=_left_open(config, ns, euid, egid) + landlock_note,
+        not_enforced=_left_open(config, ns, euid, egid) + landlock_note + notes,
         uid=uid,
         gid=gid,
+        network_method=method,
     )
+
+
+def _network_method(config: SandboxConfig, unprivileged: bool) -> str:
+    """How the config's network policy is enforced ("": it has none): "veth" as root
+    without a user namespace, else the connect proxy; refused (naming the field) where
+    the method asked for cannot, or the proxy cannot carry the policy."""
+    policy = config.network
+    if policy is None:
+        return ""
+    if policy.method == "veth" and unprivileged:
+        from ..linux.netpolicy import ROOTLESS_REASON
+
+        raise UnsupportedError("network.method", "'veth' needs root without a user namespace (a veth pair and "
+                               f"nftables rules); {ROOTLESS_REASON}")
+    if policy.method == "veth" or (policy.method == "auto" and not unprivileged):
+        return "veth"
+    problem = policy.proxy_problem()
+    if problem is not None:
+        raise UnsupportedError(problem[0], f"{problem[1]} (without root it enforces the network policy)")
+    return "proxy"
 
 
 def _cgroup_support() -> CgroupSupport | None:
@@ -153,7 +180,7 @@ def _plan_landlock_rules(config: SandboxConfig,
     elif not config.namespaces.net:
         notes.append("landlock: TCP bind/connect unrestricted (namespaces.net is off: the host's network is shared)")
     elif config.network is not None:
-        notes.append("landlock: TCP connect left to the network policy (nftables)")
+        notes.append("landlock: TCP connect left to the network policy")
     elif not ruleset.handled_net:
         notes.append("landlock: TCP bind/connect left to the sandbox's network namespace (the payload may serve: "
                      "CAP_NET_BIND_SERVICE)")

@@ -36,6 +36,7 @@ from .plan import LaunchPlan
 from .setup_errors import parse_setup_error
 
 if TYPE_CHECKING:
+    from ..linux.connect_proxy import ConnectProxy
     from ..linux.netpolicy import NetworkLease
     from .template import Template
 
@@ -130,7 +131,8 @@ class SpawnedSandbox:
     status_report: bytes | None = None
     ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
     changes_read: int = -1  # where the child sends a copy-on-write root's tmpfs (linux/overlay_changes.py)
-    network: NetworkLease | None = None  # its network policy's link and tables (linux/netpolicy.py)
+    network: NetworkLease | ConnectProxy | None = None  # its network policy's link and tables (linux/netpolicy.py)
+    proxy_read: int = -1  # or proxy: where the child sends the proxy's listening socket (linux/connect_proxy.py)
     program: bool = False  # it runs a program (else a Python callable)
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
@@ -287,19 +289,25 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
     if plan.rootfs is not None and plan.rootfs.hands_back_changes:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         changes_read, changes_write = ours.detach(), theirs.detach()
+    proxy_read, proxy_write = -1, -1
+    if plan.network_method == "proxy":
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        proxy_read, proxy_write = ours.detach(), theirs.detach()
     program = payload if isinstance(payload, ExecPayload) else None
-    pipes = bootstrap.ChildPipes(sync_read, error_write, status_write, changes_write)
+    pipes = bootstrap.ChildPipes(sync_read, error_write, status_write, changes_write, proxy_write)
     child_steps = bootstrap.child_steps(plan, program is not None, pipes, fd_map, netns_fd,
                                         sync_write if template is None else None)
     clone_flags = plan.namespaces.clone_flags & ~(sc.CLONE_NEWNET if netns_fd is not None else 0)
     child_fds = (sync_read, status_write, *(source for _, source in fd_map)) + \
-        ((netns_fd,) if netns_fd is not None else ()) + ((changes_write,) if changes_write >= 0 else ())
+        ((netns_fd,) if netns_fd is not None else ()) + ((changes_write,) if changes_write >= 0 else ()) + \
+        ((proxy_write,) if proxy_write >= 0 else ())
     try:
         pid, pidfd = clone_child(template, clone_flags, cgroup_fd, error_write, child_steps, child_fds,
                                  payload, plan.environment, ids.id if ids else -1)
     except Exception as e:
         for fd in (sync_read, sync_write, error_read, error_write, status_read, status_write, cgroup_fd, netns_fd,
-                   *((changes_read, changes_write) if changes_read >= 0 else ())):
+                   *((changes_read, changes_write) if changes_read >= 0 else ()),
+                   *((proxy_read, proxy_write) if proxy_read >= 0 else ())):
             if fd is not None:
                 os.close(fd)
         if isinstance(e, SandboxError):  # the template is gone
@@ -308,11 +316,11 @@ def spawn_sandbox(plan: LaunchPlan, payload: Payload, *,
             raise SetupError("launch", f"invalid launch: {e}") from None
         raise SetupError("clone", f"clone3 with namespaces {', '.join(plan.namespaces.names)} "
                          f"failed: {e.strerror}", e.errno or 0) from None
-    for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd, changes_write):
+    for fd in (sync_read, error_write, status_write, cgroup_fd, netns_fd, changes_write, proxy_write):
         if fd is not None and fd >= 0:
             os.close(fd)
     spawned = SpawnedSandbox(plan, pid, pidfd, error_read, status_read, cgroup, sync_write, ids=ids,
-                             changes_read=changes_read, program=program is not None)
+                             changes_read=changes_read, proxy_read=proxy_read, program=program is not None)
     try:
         if plan.namespaces.user:
             write_id_maps(pid, plan.namespaces)
@@ -404,14 +412,15 @@ def _read_available(fd: int, limit: int) -> bytes:
 
 
 def _close(spawned: SpawnedSandbox) -> None:
-    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read, spawned.sync_write, spawned.changes_read):
+    for fd in (spawned.pidfd, spawned.error_read, spawned.status_read, spawned.sync_write, spawned.changes_read,
+               spawned.proxy_read):
         if fd < 0:
             continue
         try:
             os.close(fd)
         except OSError:
             pass
-    spawned.changes_read = -1
+    spawned.changes_read = spawned.proxy_read = -1
 
 
 _INIT_EXIT_MS = 10_000  # generous: init exits right after its report

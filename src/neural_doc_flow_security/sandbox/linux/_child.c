@@ -33,6 +33,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stddef.h>
@@ -157,6 +158,7 @@ enum {
     STEP_SEND_SLOT = 37,        /* socket fd, slot: hand the slot's fd to the parent (then close both) */
     STEP_IDMAP = 38,         /* sandbox uid, gid (-1: the launch's id), host uid, gid: the user namespace
                               * of the binds marked MOUNT_ATTR_IDMAP; all -2: close it */
+    STEP_PROXY_LISTENER = 41, /* socket fd, port: listen on 127.0.0.1:port here, send that socket to the parent */
     STEP_LISTENER = 45,      /* mode (1 report, 2 learn), errno per syscall number (int32s), hand over */
 };
 
@@ -797,6 +799,23 @@ static void reset_signals(void) {
     sigset_t none;
     sigemptyset(&none);
     check(sigprocmask(SIG_SETMASK, &none, NULL), "sigprocmask", "");
+}
+
+/* The connect proxy's listening socket (linux/connect_proxy.py), made in the sandbox's
+ * network namespace and handed to the parent, which gives it to the proxy on the host. */
+static void proxy_listener(int sock, int port) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    check(fd, "socket", "");
+    struct sockaddr_in address;
+    memset(&address, 0, sizeof address);
+    address.sin_family = AF_INET;
+    address.sin_port = htons((uint16_t)port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    check(bind(fd, (struct sockaddr *)&address, sizeof address), "bind the proxy's address", "");
+    check(listen(fd, 128), "listen", "");
+    send_fd(sock, 'p', fd, "send the proxy's socket to the parent");
+    close(fd);
+    close(sock);
 }
 
 static void loopback_up(void) {
@@ -1528,6 +1547,11 @@ static void run_steps(launch_t *launch) {
             break;
         case STEP_LOOPBACK_UP:
             loopback_up();
+            break;
+        case STEP_PROXY_LISTENER:
+            if (n[1] < 1 || n[1] > 65535)
+                fail(EINVAL, "bad port", "");
+            proxy_listener((int)n[0], (int)n[1]);
             break;
         case STEP_ARRANGE_FDS:
             arrange_fds((const int32_t *)s(st, 0), st->len[0] / 8, (const int32_t *)s(st, 1), st->len[1] / 4);

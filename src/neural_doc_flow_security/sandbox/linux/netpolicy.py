@@ -48,14 +48,15 @@ _IFA_F_NODAD = 0x02
 T = TypeVar("T")
 
 
-ROOTLESS_REASON = ("without root no method is built yet (slirp4netns/pasta or a connect proxy): a config with "
-                   "a network policy is refused")
+ROOTLESS_REASON = "without root no veth pair and no nftables rules can be made for the sandbox"
+PROXY_METHOD = ("connect proxy on the host (HTTP CONNECT, SOCKS5; TCP only, for proxy-aware clients; "
+                "no UDP, no dns)")
 
 
 def rootless_evaluation() -> str:
-    """What an unprivileged method would need here: pasta (Debian's passt) and
-    slirp4netns both give a user namespace's network namespace a tap device, which
-    needs /dev/net/tun openable by the user."""
+    """Why pasta (Debian's passt) and slirp4netns are not used: both give a user
+    namespace's network namespace a tap device, which needs /dev/net/tun openable by
+    the user."""
     import shutil
 
     tools = [name for name in ("pasta", "slirp4netns") if shutil.which(name, path="/usr/bin:/bin:/usr/sbin")]
@@ -65,17 +66,17 @@ def rootless_evaluation() -> str:
 
 
 def available_method(euid: int) -> tuple[str, str]:
-    """How a network policy is enforced by a process of `euid` here: (method, "") or
-    ("", why none is)."""
+    """How a network policy with method "auto" is enforced by a process of `euid`
+    here: (method, "") or ("", why it cannot be)."""
     if euid != 0:
-        return "", f"{ROOTLESS_REASON} ({rootless_evaluation()})"
+        return (f"{PROXY_METHOD}: {ROOTLESS_REASON}; pasta/slirp4netns not used ({rootless_evaluation()})", "")
     if nftables.nft_path() is None:
-        return "", "the nft tool is missing (Debian package nftables)"
+        return "", "the nft tool is missing (Debian package nftables); network.method 'proxy' works without it"
     try:
         import pyroute2  # noqa: F401
     except ImportError:
-        return "", "the pyroute2 module is missing (pip install pyroute2)"
-    return "veth pair + nftables (as root)", ""
+        return "", "the pyroute2 module is missing (pip install pyroute2); network.method 'proxy' works without it"
+    return f"veth pair + nftables (as root; network.method 'proxy': the {PROXY_METHOD})", ""
 
 
 def slot_count(policy: NetworkPolicy) -> int:

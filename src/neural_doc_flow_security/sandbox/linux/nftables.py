@@ -95,21 +95,46 @@ def _set_of(nets: Iterable[Network], version: int) -> str:
     return f"{{ {', '.join(chosen)} }}" if chosen else ""
 
 
-def policy_rules(resolved: Resolved, verdict: str, denied: str) -> list[str]:
-    """The policy as nft rules ending in `denied` (a goto or a drop)."""
-    rules: list[str] = []
-    for dest in resolved.deny:
-        rules += [f"{m} {denied}" for m in _matches(dest, resolved)]
+Rule = tuple[tuple[Network, ...], Destination | None, bool]
+
+
+def ordered_rules(resolved: Resolved) -> list[Rule]:
+    """The policy in the order it is evaluated, by nftables (policy_rules) and by the
+    connect proxy (permits) alike: (addresses, the entry whose ports and protocol
+    must match too (None: any), allowed); the first rule that matches decides, and
+    what none matches is denied. Explicit denies first, then what only an allow
+    entry that names it opens (the host, link-local/metadata addresses), then the
+    other allows."""
+    rules: list[Rule] = [(tuple(_networks(dest, resolved)), dest, False) for dest in resolved.deny]
     named = [d for d in resolved.allow if d.is_host or d.names_link_local]
-    for dest in named:
-        rules += [f"{m} {verdict}" for m in _matches(dest, resolved)]
-    for version, family in ((4, "ip"), (6, "ip6")):
-        closed = _set_of((*resolved.host_addresses, *LINK_LOCAL), version)
-        if closed:
-            rules.append(f"{family} daddr {closed} {denied}")
-    for dest in resolved.allow:
-        if dest not in named:
-            rules += [f"{m} {verdict}" for m in _matches(dest, resolved)]
+    rules += [(tuple(_networks(dest, resolved)), dest, True) for dest in named]
+    rules.append(((*resolved.host_addresses, *LINK_LOCAL), None, False))
+    rules += [(tuple(_networks(dest, resolved)), dest, True) for dest in resolved.allow if dest not in named]
+    return rules
+
+
+def permits(resolved: Resolved, address: Address, port: int, protocol: str) -> bool:
+    """Whether the policy lets a connection to address:port/protocol through."""
+    for networks, dest, allowed in ordered_rules(resolved):
+        if not any(address.version == net.version and address in net for net in networks):
+            continue
+        if dest is not None and dest.protocol not in (None, protocol):
+            continue
+        if dest is not None and dest.ports is not None and not dest.ports[0] <= port <= dest.ports[1]:
+            continue
+        return allowed
+    return False
+
+
+def policy_rules(resolved: Resolved, verdict: str, denied: str) -> list[str]:
+    """The policy (ordered_rules) as nft rules ending in `denied` (a goto or a drop)."""
+    rules: list[str] = []
+    for networks, dest, allowed in ordered_rules(resolved):
+        action = verdict if allowed else denied
+        for version, family in ((4, "ip"), (6, "ip6")):
+            nets = _set_of(networks, version)
+            if nets:
+                rules.append(f"{family} daddr {nets}{' ' + _transport(dest) if dest is not None else ''} {action}")
     rules.append(denied)
     return rules
 

@@ -65,6 +65,8 @@ class Step(IntEnum):
     SEND_SLOT = 37         # socket fd, slot: send the slot's fd to the parent (SCM_RIGHTS), close both
     IDMAP = 38             # sandbox uid, gid (-1: the launch's id), host uid, gid: make the user namespace
                            # that binds with MOUNT_ATTR_IDMAP apply (rootfs.py); all -2: close it
+    PROXY_LISTENER = 41    # socket fd, port: listen on 127.0.0.1:port (the sandbox's network namespace) and send
+                           # that socket to the parent (SCM_RIGHTS), for the connect proxy; close both
     LISTENER = 45          # mode (1 report, 2 learn), errno per syscall number (int32s), hand over (a forked
                            # payload sends init the listener of its filter; else init installs it on itself)
 
