@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from neural_doc_flow_security.sandbox.linux.netpolicy import in_netns
 from neural_doc_flow_security.sandbox.linux.network import NetworkNamespaceMaker
@@ -80,3 +83,72 @@ class NetHost:
             for index in ipr.link_lookup(ifname=self.host_if):
                 ipr.link("del", index=index)
         os.close(self.netns)
+
+
+# Fixtures of the network-policy test modules (test_netpolicy.py, test_netpolicy_proxy.py): import them.
+ALLOWED = "10.214.1.2"
+ALLOWED6 = "fd8d:f1c3:b1e2:1::2"
+OTHER = "10.214.2.2"
+METADATA = "169.254.169.254"
+
+LOCK = "/run/lock/ndf-netpolicy-tests.lock"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_run_at_a_time() -> Iterator[None]:
+    """Other runs of this module on the machine (engineers, CI) would make test hosts
+    with the same addresses (169.254.169.254 can only be one's): one at a time."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(LOCK), exist_ok=True)
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module", name="hosts")
+def hosts_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NetHost]]:
+    """Test host A (IPv4 and IPv6: TCP 8080 and 8081, UDP 5353 and 5354), test host B
+    (another private range), and one that owns the metadata address."""
+    logs = tmp_path_factory.mktemp("nethosts")
+    made: dict[str, NetHost] = {}
+    try:
+        made["a"] = NetHost("a", "10.214.1.0/24", ALLOWED, ["tcp:8080", "tcp:8081", "udp:5353", "udp:5354"],
+                             logs, address6=ALLOWED6, network6="fd8d:f1c3:b1e2:1::/64")
+        made["b"] = NetHost("b", "10.214.2.0/24", OTHER, ["tcp:8080", "udp:5353"], logs)
+        made["m"] = NetHost("m", "169.254.169.0/24", METADATA, ["tcp:80"], logs)
+        yield made
+    finally:
+        for host in made.values():
+            host.close()
+
+
+@pytest.fixture(name="host_listener")
+def host_listener_fixture() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """TCP listeners of the host itself on every IPv4 and IPv6 address, one port."""
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v4.bind(("0.0.0.0", 0))
+    port = v4.getsockname()[1]
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    v6.bind(("::", port))
+    for sock in (v4, v6):
+        sock.listen(16)
+        sock.setblocking(False)
+    yield v4, v6
+    v4.close()
+    v6.close()
+
+
+def accepted(*listeners: socket.socket) -> int:
+    count = 0
+    for sock in listeners:
+        while True:
+            try:
+                sock.accept()[0].close()
+                count += 1
+            except BlockingIOError:
+                break
+    return count
+
+

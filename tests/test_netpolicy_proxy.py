@@ -1,0 +1,299 @@
+"""Network policies through the connect proxy (issue 17, the method without root):
+the sandbox keeps loopback only and reaches exactly the allowed TCP endpoints
+through HTTP CONNECT, plain HTTP or SOCKS5 at 127.0.0.1:3128. Run by an
+unprivileged user (its default method) and by root with --net-method proxy. The
+test hosts are network namespaces of the test's own (tests/net_hosts.py) with
+listeners logging every connection: the evidence is on the host's side (what
+reached a listener, which processes and connections are left), and no traffic
+leaves this machine."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT_CALLER, UNPRIVILEGED_CALLER, SandboxCaller, _ensure_unprivileged_user, wait_until
+from net_hosts import (  # noqa: F401 - fixtures
+    ALLOWED,
+    ALLOWED6,
+    METADATA,
+    OTHER,
+    NetHost,
+    accepted,
+    host_listener_fixture,
+    hosts_fixture,
+    one_run_at_a_time,
+)
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.timeout(600),  # may first wait for another run of the network-policy modules (the lock)
+    pytest.mark.skipif(os.geteuid() != 0, reason="builds test hosts in network namespaces (root)"),
+]
+
+PROBE = Path(__file__).with_name("net_proxy_probe.py").read_text()
+PROXY_MODULE = "neural_doc_flow_security.sandbox.linux.connect_proxy"
+
+
+@pytest.fixture(params=["unprivileged", "root"])
+def caller(request: pytest.FixtureRequest) -> Iterator[tuple[SandboxCaller, list[str]]]:
+    """Who runs `ndf-sandbox run`, and the options that choose the proxy: uid 4242
+    (its default), root (--net-method proxy)."""
+    if request.param == "root":
+        yield ROOT_CALLER, ["--net-method", "proxy"]
+        return
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    yield UNPRIVILEGED_CALLER, []
+
+
+def _run(caller: tuple[SandboxCaller, list[str]], policy: list[str],
+         targets: list[str]) -> tuple[dict[str, str], dict[str, object]]:
+    """Run the probe in a sandbox with `policy` (CLI options); its findings and the
+    --json-result."""
+    who, options = caller
+    result_file = Path(f"/tmp/ndf-netproxy-{os.getpid()}.json")
+    try:
+        done = who.run([*options, *policy, "--python", "--json-result", str(result_file)],
+                       ["python3", "-c", PROBE, *targets])
+        assert done.returncode == 0, done.stderr.decode()
+        return json.loads(done.stdout), json.loads(result_file.read_text())
+    finally:
+        result_file.unlink(missing_ok=True)
+
+
+def _denied(result: dict[str, object]) -> dict[str, int]:
+    events = result["security_events"]
+    assert isinstance(events, list)
+    assert all(e["kind"] == "denied_connection" for e in events)
+    return {e["target"]: e["count"] for e in events}
+
+
+def test_allowed_endpoint_only(caller: tuple[SandboxCaller, list[str]], hosts: dict[str, NetHost],
+                               host_listener: tuple[socket.socket, socket.socket]) -> None:
+    """The allowed address:port exchanges data through the proxy (HTTP CONNECT,
+    SOCKS5, plain HTTP from urllib with the proxy of the environment, IPv4 and IPv6);
+    the same host's other port, another test host (a private range not allowed),
+    the metadata address, the host's loopback and own addresses (also written
+    0.0.0.0 or ::ffff:127.0.0.1) are refused, and so is a connect() that ignores
+    the proxy: their listeners see nothing; each refusal is in the result."""
+    port = host_listener[0].getsockname()[1]
+    before = {name: len(h.connections()) for name, h in hosts.items()}
+    found, result = _run(
+        caller, ["--net-allow", f"{ALLOWED}:8080/tcp", "--net-allow", f"[{ALLOWED6}]:8080"],
+        [f"connect:{ALLOWED}:8080", f"socks:{ALLOWED}:8080", f"http:{ALLOWED}:8080", f"socks:[{ALLOWED6}]:8080",
+         f"connect:{ALLOWED}:8081", f"socks:{ALLOWED}:8081", f"connect:[{ALLOWED6}]:8081",
+         f"connect:{OTHER}:8080", f"socks:{OTHER}:8080", f"http:{OTHER}:8080",
+         f"connect:{METADATA}:80", f"socks:{METADATA}:80",
+         f"connect:127.0.0.1:{port}", f"socks:[::1]:{port}", f"connect:[::ffff:127.0.0.1]:{port}",
+         f"socks:0.0.0.0:{port}", f"connect:10.214.1.1:{port}",
+         f"direct:{ALLOWED}:8080", f"direct:{OTHER}:8080"])
+    for target in (f"connect:{ALLOWED}:8080", f"socks:{ALLOWED}:8080", f"http:{ALLOWED}:8080",
+                   f"socks:[{ALLOWED6}]:8080"):
+        assert found.pop(target) == "ok:hello", (target, found)
+    assert all(v in ("http:403", "socks:2") for k, v in found.items() if not k.startswith("direct")), found
+    assert not found[f"direct:{ALLOWED}:8080"].startswith("ok") and not found[f"direct:{OTHER}:8080"].startswith("ok")
+    new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
+    assert new == {"a": [f"tcp {ALLOWED} 8080"] * 3 + [f"tcp {ALLOWED6} 8080"], "b": [], "m": []}
+    assert accepted(*host_listener) == 0
+    denied = _denied(result)
+    assert denied[f"{ALLOWED}:8081/tcp"] == 2 and denied[f"[{ALLOWED6}]:8081/tcp"] == 1
+    assert denied[f"{OTHER}:8080/tcp"] == 3 and denied[f"{METADATA}:80/tcp"] == 2
+    assert denied[f"127.0.0.1:{port}/tcp"] == 2  # ::ffff:127.0.0.1 is judged as what it reaches
+    assert denied[f"[::1]:{port}/tcp"] == 1 and denied[f"0.0.0.0:{port}/tcp"] == 1
+    assert denied[f"10.214.1.1:{port}/tcp"] == 1
+
+
+def test_only_allowed_names_resolve(caller: tuple[SandboxCaller, list[str]], hosts: dict[str, NetHost]) -> None:
+    """A name the policy allows is resolved by the proxy (to its `hosts` addresses)
+    and connects; a name it does not allow gets no answer (no lookup is made, the
+    other test host is not reached); the sandbox has no resolver of its own."""
+    before = {name: len(h.connections()) for name, h in hosts.items()}
+    found, result = _run(
+        caller, ["--net-host", f"svc.ndftest.internal={ALLOWED}", "--net-host", f"other.ndftest.internal={OTHER}",
+                 "--net-allow", "svc.ndftest.internal:8080"],
+        ["socks:svc.ndftest.internal:8080", "connect:svc.ndftest.internal:8080", "connect:svc.ndftest.internal:8081",
+         "socks:other.ndftest.internal:8080", "connect:other.ndftest.internal:8080", "dns:svc.ndftest.internal"])
+    assert found == {"socks:svc.ndftest.internal:8080": "ok:hello", "connect:svc.ndftest.internal:8080": "ok:hello",
+                     "connect:svc.ndftest.internal:8081": "http:403", "socks:other.ndftest.internal:8080": "socks:2",
+                     "connect:other.ndftest.internal:8080": "http:403",
+                     "dns:svc.ndftest.internal": found["dns:svc.ndftest.internal"]}
+    assert found["dns:svc.ndftest.internal"].startswith("gaierror")
+    new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
+    assert new == {"a": [f"tcp {ALLOWED} 8080"] * 2, "b": [], "m": []}
+    assert _denied(result) == {"svc.ndftest.internal:8081/tcp": 1, "other.ndftest.internal:8080/tcp": 2}
+
+
+def test_udp_and_dns_are_refused_without_root() -> None:
+    """The proxy carries TCP only: without root (and with --net-method proxy) a
+    policy that allows UDP, or asks for a resolver, is refused naming the field and
+    the value; nothing runs."""
+    from neural_doc_flow_security.sandbox import ConfigError, NetworkPolicy
+
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    udp = f"{ALLOWED}:5353/udp"
+    done = UNPRIVILEGED_CALLER.run(["--net-allow", udp], ["true"])
+    assert done.returncode != 0 and f"network.allow: cannot be enforced on this host: '{udp}' allows UDP" in \
+        done.stderr.decode()
+    done = UNPRIVILEGED_CALLER.run(["--net-allow", f"{ALLOWED}:8080", "--net-dns"], ["true"])
+    assert done.returncode != 0 and "network.dns: cannot be enforced on this host: true" in done.stderr.decode()
+    done = ROOT_CALLER.run(["--net-method", "proxy", "--net-allow", udp], ["true"])
+    assert done.returncode != 0 and f"network.allow: '{udp}' allows UDP" in done.stderr.decode()
+    with pytest.raises(ConfigError) as raised:
+        NetworkPolicy(allow=(f"{ALLOWED}:8080",), dns=True, method="proxy")
+    assert raised.value.field == "network.dns"
+
+
+def _proxies_of(pid: int) -> list[int]:
+    """The connect proxy processes started by process `pid`."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if PROXY_MODULE in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("end", ["timeout", "killed manager"])
+def test_nothing_outlives_the_sandbox(end: str) -> None:
+    """A connection relayed to an allowed endpoint (the test's own listener on the
+    host: "host:PORT") is closed, and the proxy process is gone, when the sandbox
+    ends: killed at its timeout, or with its manager (`ndf-sandbox run`, uid 4242)
+    SIGKILLed."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(60)
+    timeout = ["--timeout", "3"] if end == "timeout" else []
+    manager = UNPRIVILEGED_CALLER.popen([*timeout, "--net-allow", f"host:{port}/tcp", "--python"],
+                                        ["python3", "-c", PROBE, f"hold:127.0.0.1:{port}"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        connection, _ = listener.accept()
+        connection.settimeout(60)
+        assert connection.recv(16) == b"held\n"
+        [proxy] = _proxies_of(manager.pid)
+        if end == "killed manager":
+            manager.send_signal(signal.SIGKILL)
+        manager.wait(timeout=60)
+        assert connection.recv(16) == b""  # closed by the proxy as it ended
+        assert wait_until(lambda: _gone(proxy), timeout=30)
+        connection.close()
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+        manager.communicate()
+        listener.close()
+
+
+def connect_through_proxy(host: str, port: int) -> str:
+    """In the sandbox: HTTP CONNECT to host:port; the status, then what the endpoint sent."""
+    sock = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    status = data.split(b" ")[1].decode() if b" " in data else "none"
+    return status + ":" + (sock.recv(16).decode().strip() if status == "200" else "")
+
+
+@pytest.mark.parametrize("method", ["zygote", "fork"])
+def test_api_results_carry_the_denied_connections(method: str, hosts: dict[str, NetHost]) -> None:
+    """Through the manager (both start methods), a callable's and a program's
+    result list each denied attempt, counted, and the allowed one connects; no
+    proxy process is left."""
+    import api_helpers
+    from neural_doc_flow_security.sandbox import NetworkPolicy, SandboxConfig
+
+    config = SandboxConfig(network=NetworkPolicy(allow=(f"{ALLOWED}:8080/tcp",), method="proxy"))
+    before = {name: len(h.connections()) for name, h in hosts.items()}
+
+    async def go() -> tuple[object, object, object]:
+        async with api_helpers.manager(method) as m:
+            calls = m.with_options(sandbox_config=config)
+            allowed = await calls.execute_sandboxed("net", connect_through_proxy, ALLOWED, 8080)
+            denied = await calls.execute_sandboxed("net", connect_through_proxy, OTHER, 8080)
+            program = await m.execute_command(
+                "net", ["python3", "-c", PROBE, f"connect:{OTHER}:8080", f"socks:{OTHER}:8080",
+                        f"connect:{ALLOWED}:8081"], sandbox_config=config)
+            return allowed, denied, program
+
+    allowed, denied, program = api_helpers.run(go())
+    assert allowed.output == "200:hello", api_helpers.describe(allowed)  # type: ignore[attr-defined]
+    assert allowed.security_events == ()  # type: ignore[attr-defined]
+    assert denied.output == "403:", api_helpers.describe(denied)  # type: ignore[attr-defined]
+    [event] = denied.security_events  # type: ignore[attr-defined]
+    assert (event.kind, event.target, event.count) == ("denied_connection", f"{OTHER}:8080/tcp", 1)
+    assert {(e.target, e.count) for e in program.security_events} == {  # type: ignore[attr-defined]
+        (f"{OTHER}:8080/tcp", 2), (f"{ALLOWED}:8081/tcp", 1)}
+    new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
+    assert new == {"a": [f"tcp {ALLOWED} 8080"], "b": [], "m": []}
+    assert _proxies_of(os.getpid()) == []
+
+
+UNPRIVILEGED_MANAGER = f"""
+import asyncio, json, socket
+from neural_doc_flow_security.sandbox import NetworkPolicy, SandboxConfig, SandboxManager
+
+{inspect.getsource(connect_through_proxy)}
+
+async def main():
+    config = SandboxConfig(network=NetworkPolicy(allow=("{ALLOWED}:8080/tcp",)))
+    async with SandboxManager() as m:
+        calls = m.with_options(sandbox_config=config)
+        results = [await calls.execute_sandboxed("net", connect_through_proxy, host, 8080)
+                   for host in ("{ALLOWED}", "{OTHER}")]
+    print(json.dumps([[r.outcome.value, r.output, r.error, [[e.target, e.count] for e in r.security_events]]
+                      for r in results]))
+
+asyncio.run(main())
+"""
+
+
+def test_unprivileged_manager(hosts: dict[str, NetHost]) -> None:
+    """A SandboxManager run by an unprivileged user (uid 4242, zygote start method)
+    enforces a policy through the proxy by default."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    before = {name: len(h.connections()) for name, h in hosts.items()}
+    done = subprocess.run([*UNPRIVILEGED_CALLER.prefix, sys.executable, "-c", UNPRIVILEGED_MANAGER],
+                          capture_output=True, text=True, timeout=300, cwd="/tmp", check=False)
+    assert done.returncode == 0, done.stderr
+    allowed, denied = json.loads(done.stdout)
+    assert allowed == ["ok", "200:hello", None, []]
+    assert denied == ["ok", "403:", None, [[f"{OTHER}:8080/tcp", 1]]]
+    new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
+    assert new == {"a": [f"tcp {ALLOWED} 8080"], "b": [], "m": []}
