@@ -120,21 +120,29 @@ class ConnectProxy:
 
     def denied(self) -> tuple[SecurityEvent, ...]:
         """Stop the proxy (the sandbox has ended: its listening socket and every
-        connection close) and return the denied attempts it counted (kept)."""
+        connection close) and return the denied attempts it counted (kept). A proxy
+        that has not begun to serve yet has judged no connection: it is ended at
+        once (a short sandbox does not wait for its start-up)."""
         if self.events is not None:
             return self.events
         self.events = ()
         try:
             self.control.shutdown(socket.SHUT_WR)
-            poller = select.poll()
-            poller.register(self.control, select.POLLIN)
-            reply = self.control.recv(_MESSAGE) if poller.poll(int(_STOP_SECONDS * 1000)) else b""
-        except OSError:
-            reply = b""
-        if not reply:
-            raise OSError("the connect proxy did not report its denied connections")
-        self.events = tuple(SecurityEvent("denied_connection", str(target), int(count), float(first))
-                            for target, count, first in json.loads(reply))
+            if self.control.recv(_MESSAGE, socket.MSG_DONTWAIT) != b"ready":
+                raise OSError("the connect proxy ended before it served")
+        except BlockingIOError:
+            self.process.kill()  # not serving yet: nothing to report
+            return self.events
+        except OSError as e:
+            raise OSError(f"the connect proxy did not report its denied connections: {e}") from None
+        poller = select.poll()
+        poller.register(self.control, select.POLLIN)
+        reply = self.control.recv(_MESSAGE) if poller.poll(int(_STOP_SECONDS * 1000)) else b""
+        try:
+            self.events = tuple(SecurityEvent("denied_connection", str(target), int(count), float(first))
+                                for target, count, first in json.loads(reply))
+        except (ValueError, TypeError) as e:
+            raise OSError(f"the connect proxy did not report its denied connections: {e}") from None
         return self.events
 
     def release(self) -> None:
@@ -386,6 +394,7 @@ async def _run(control: socket.socket, listener: socket.socket, policy: Policy) 
         finally:
             live.discard(task)
 
+    control.sendall(b"ready")  # before any connection is accepted (ConnectProxy.denied)
     server = await asyncio.start_server(accept, sock=listener, limit=HEADER_LIMIT)
     control.setblocking(False)
     while await loop.sock_recv(control, _MESSAGE):
