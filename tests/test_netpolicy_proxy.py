@@ -297,3 +297,60 @@ def test_unprivileged_manager(hosts: dict[str, NetHost]) -> None:
     assert denied == ["ok", "403:", None, [[f"{OTHER}:8080/tcp", 1]]]
     new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
     assert new == {"a": [f"tcp {ALLOWED} 8080"], "b": [], "m": []}
+
+
+def _exchange(address: tuple[str, int], data: bytes) -> bytes:
+    """Send `data` to the proxy, then read what it answers until it closes."""
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        return answer
+
+
+def test_the_proxy_refuses_what_it_does_not_speak() -> None:
+    """The proxy on its own (the test stands in for the sandbox, on loopback): an
+    oversized or malformed request head, a plain request without an absolute URI, a
+    SOCKS5 command other than CONNECT and a destination that is not a name are
+    refused and reach nothing; only the allowed CONNECT reaches the endpoint. A
+    refused name is reported as "(not a name)", never as the sandbox's text."""
+    from neural_doc_flow_security.sandbox import NetworkPolicy
+    from neural_doc_flow_security.sandbox.linux import connect_proxy
+
+    endpoint = socket.create_server(("127.0.0.1", 0))
+    endpoint.setblocking(False)
+    port = endpoint.getsockname()[1]
+    sandbox_side = socket.create_server(("127.0.0.1", 0))
+    proxy = connect_proxy.start(NetworkPolicy(allow=(f"host:{port}/tcp",), method="proxy"))
+    ours, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        socket.send_fds(child, [b"p"], [sandbox_side.fileno()])
+        assert proxy.hand_over(ours.fileno())
+        address = sandbox_side.getsockname()
+        assert _exchange(address, b"CONNECT " + b"a" * 20000 + b":80 HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 403")
+        assert _exchange(address, b"CONNECT " + b"x" * 300 + b":80 HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 403")
+        assert _exchange(address, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").startswith(b"HTTP/1.1 403")
+        assert _exchange(address, b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big")
+                         ).startswith(b"\x05\x00\x05\x07")  # BIND: command not supported
+        assert _exchange(address, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 403")
+        assert accepted(endpoint) == 0
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nrelayed".encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n") and (chunk := sock.recv(1)):
+                head += chunk
+            assert head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+            endpoint.settimeout(30)
+            connection, _ = endpoint.accept()
+            connection.settimeout(30)
+            assert connection.recv(16) == b"relayed"
+            connection.close()
+            assert sock.recv(16) == b""  # the endpoint's end, relayed
+        endpoint.setblocking(False)
+        assert accepted(endpoint) == 0
+        assert {e.target: e.count for e in proxy.denied()} == {"(not a name):80/tcp": 1}
+    finally:
+        proxy.release()
+        for sock in (ours, child, sandbox_side, endpoint):
+            sock.close()

@@ -52,7 +52,7 @@ HEADER_LIMIT = 16384  # an HTTP request head, at most
 HANDSHAKE_SECONDS = 30.0
 CONNECT_SECONDS = 10.0
 _STOP_SECONDS = 10.0
-_MESSAGE = 65536
+_MESSAGE = 262144  # the proxy's report: MAX_TARGETS targets of at most ~280 bytes
 # Besides the host's own addresses: what a connect() from the host reaches the host through.
 _ALSO_HOST = ("0.0.0.0/8", "::/128", "127.0.0.0/8", "::1/128")
 
@@ -211,6 +211,8 @@ class Policy:
             candidates = [address]
         else:
             name = host.rstrip(".").lower()
+            if not _is_name(name):
+                name = "(not a name)"  # the sandbox's text goes into the result only as a valid name
             target = f"{name}:{port}/tcp"
             candidates = list(self.resolved.names.get(name, ())) if name in self.allowed_names else []
         allowed = [a for a in candidates if 1 <= port <= 65535 and permits(self.resolved, a, port, "tcp")]
@@ -225,6 +227,16 @@ class Policy:
             entry[0] += 1
         elif len(self.denied) < MAX_TARGETS:
             self.denied[target] = [1, time.time()]
+
+
+def _is_name(text: str) -> bool:
+    from ..netdest import parse_destination
+
+    try:
+        parsed = parse_destination(text)
+    except ValueError:
+        return False
+    return parsed.name is not None and parsed.ports is None and parsed.protocol is None
 
 
 def _resolved(message: dict[str, Any]) -> tuple[Any, frozenset[str]]:
@@ -437,3 +449,4 @@ def serve() -> None:
 
 if __name__ == "__main__":
     serve()
+    os._exit(0)  # every socket closes with the process; the interpreter's teardown would only delay it
