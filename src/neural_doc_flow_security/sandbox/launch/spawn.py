@@ -131,8 +131,10 @@ class SpawnedSandbox:
     status_report: bytes | None = None
     ids: IdLease | None = None  # its sandbox id, held while it lives (linux/ids.py)
     changes_read: int = -1  # where the child sends a copy-on-write root's tmpfs (linux/overlay_changes.py)
-    network: NetworkLease | ConnectProxy | None = None  # its network policy's link and tables (linux/netpolicy.py)
-    proxy_read: int = -1  # or proxy: where the child sends the proxy's listening socket (linux/connect_proxy.py)
+    # Its network policy's link and tables (linux/netpolicy.py), or its connect proxy
+    # (linux/connect_proxy.py: the child sends the proxy's listening socket on `proxy_read`).
+    network: NetworkLease | ConnectProxy | None = None
+    proxy_read: int = -1
     program: bool = False  # it runs a program (else a Python callable)
     _isolation: IsolationReport | None = field(default=None, repr=False)
 
