@@ -141,6 +141,7 @@ def host_listener_fixture() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 def accepted(*listeners: socket.socket) -> int:
+    """How many connections reached these (non-blocking) listeners: each is accepted and closed."""
     count = 0
     for sock in listeners:
         while True:
