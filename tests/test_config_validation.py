@@ -98,6 +98,7 @@ WRONG: dict[str, st.SearchStrategy[Any]] = {
     "network.ipv4_range": st.one_of(NOT_A_STR, st.sampled_from(["", "10.0.0.0/31", "8.8.8.0/24", "fd00::/64",
                                                                 "10.0.0.1/16"])),
     "network.ipv6_range": st.one_of(NOT_A_STR, st.sampled_from(["", "fd00::/127", "2a00:1450::/64", "10.0.0.0/8"])),
+    "network.method": st.one_of(NOT_A_STR, st.sampled_from(["", "nft", "PROXY", "slirp4netns"])),
 }
 NESTED = {"namespaces": NamespaceConfig, "capabilities": CapabilityConfig, "filesystem": FilesystemConfig,
           "network": NetworkPolicy}

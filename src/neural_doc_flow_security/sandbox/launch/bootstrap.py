@@ -49,7 +49,6 @@ import signal
 from dataclasses import dataclass
 
 from ..linux import syscalls as sc
-from ..linux.connect_proxy import PROXY_PORT
 from ..linux.landlock import landlock_steps
 from ..linux.rootfs import RootfsPlan, rootfs_steps
 from ..linux.steps import Step, StepTuple
@@ -146,6 +145,8 @@ def _sandbox_steps(plan: LaunchPlan, program: bool, pipes: ChildPipes, fd_map: t
     if "net" in names and loopback:
         steps += _stage("loopback", (Step.LOOPBACK_UP,))
     if "net" in names and pipes.proxy_write >= 0:
+        from ..linux.connect_proxy import PROXY_PORT  # only here: a run without the proxy imports none of it
+
         steps += _stage("connect proxy", (Step.PROXY_LISTENER, pipes.proxy_write, PROXY_PORT))
     if cgroup_token:
         steps += _stage("wait for the cgroup", (Step.WAIT_TOKEN, pipes.sync_read, ord("c")))
