@@ -230,10 +230,11 @@ def connect_through_proxy(host: str, port: int) -> str:
 
 
 @pytest.mark.parametrize("method", ["zygote", "fork"])
-def test_api_results_carry_the_denied_connections(method: str, hosts: dict[str, NetHost]) -> None:
+def test_api_results_carry_the_denied_connections(method: str, hosts: dict[str, NetHost],
+                                                  audit_events: list[dict[str, object]]) -> None:
     """Through the manager (both start methods), a callable's and a program's
-    result list each denied attempt, counted, and the allowed one connects; no
-    proxy process is left."""
+    result list each denied attempt, counted, as the audit log does, and the
+    allowed one connects; no proxy process is left."""
     import api_helpers
     from neural_doc_flow_security.sandbox import NetworkPolicy, SandboxConfig
 
@@ -258,6 +259,8 @@ def test_api_results_carry_the_denied_connections(method: str, hosts: dict[str, 
     assert (event.kind, event.target, event.count) == ("denied_connection", f"{OTHER}:8080/tcp", 1)
     assert {(e.target, e.count) for e in program.security_events} == {  # type: ignore[attr-defined]
         (f"{OTHER}:8080/tcp", 2), (f"{ALLOWED}:8081/tcp", 1)}
+    audited = sorted((e["target"], e["count"]) for e in audit_events if e["event"] == "denied_connection")
+    assert audited == [(f"{ALLOWED}:8081/tcp", 1), (f"{OTHER}:8080/tcp", 1), (f"{OTHER}:8080/tcp", 2)]
     new = {name: h.connections()[before[name]:] for name, h in hosts.items()}
     assert new == {"a": [f"tcp {ALLOWED} 8080"], "b": [], "m": []}
     assert _proxies_of(os.getpid()) == []
