@@ -48,7 +48,7 @@ echo "== the wheel in a fresh venv without a compiler: API tests"
 rm -rf "$NDF_WHEEL_VENV"
 /usr/bin/python3 -m venv "$NDF_WHEEL_VENV"
 CC=/bin/false CXX=/bin/false "$NDF_WHEEL_VENV/bin/pip" install -q --only-binary=:all: "$wheel" \
-  "pytest>=8" "pytest-timeout>=2.3"
+  "pytest>=8" "pytest-timeout>=2.3" "jsonschema>=4.17"  # the audit check of tests/conftest.py
 (cd /tmp && "$NDF_WHEEL_VENV/bin/python" -c '
 import sys, neural_doc_flow_security.sandbox.linux._child as c
 assert c.__file__.startswith(sys.prefix), c.__file__

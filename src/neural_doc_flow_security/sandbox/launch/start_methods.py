@@ -778,6 +778,7 @@ class ZygoteStarter(StartMethod):
         if zygote is None:
             return {"ok": False, "error": "no such sandbox (it has exited)"}
         if op == "kill":  # at once, whether or not its zygote answers; the zygote then ends the rest
+            self._killed.add(sandbox_id)  # before the report is asked for: its result may come meanwhile
             await self._ask_report(sandbox_id)
             self._kill_directly(sandbox_id)
             with contextlib.suppress(ZygoteGone):
