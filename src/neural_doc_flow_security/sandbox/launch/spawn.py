@@ -54,7 +54,9 @@ _INIT_FAILED = re.compile(rb"initfail ([0-9]{1,4}) ([a-z_]{1,16})")  # init coul
 # now, so that the refused syscalls it counted survive a kill (_child.c REPORT_SIGNAL).
 # Its killer waits at most REPORT_WAIT_MS for init to exit, then kills it anyway.
 REPORT_SIGNAL = signal.SIGRTMAX
-REPORT_WAIT_MS = 50
+# 200 ms: init reports within a millisecond or two on an idle host, but reaping a payload
+# with much memory, or a CPU quota its payload has used up, can delay it by tens of ms.
+REPORT_WAIT_MS = 200
 trace_fd = -1  # >= 0: every child stage writes "monotonic-ns pid name" here (benchmarks/stages.py)
 
 
@@ -376,9 +378,20 @@ async def ask_report_async(pidfd: int) -> None:
         sc.pidfd_send_signal(pidfd, REPORT_SIGNAL)
     except OSError:  # gone, or not ours to ask: the SIGKILL that follows must happen all the same
         return
-    deadline = time.monotonic() + REPORT_WAIT_MS / 1000
-    while not has_exited(pidfd) and time.monotonic() < deadline:
-        await asyncio.sleep(0.002)
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def ended() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    watched = os.dup(pidfd)  # a loop has one reader per fd number: the caller's own stays its own
+    loop.add_reader(watched, ended)
+    try:
+        await asyncio.wait([exited], timeout=REPORT_WAIT_MS / 1000)
+    finally:
+        loop.remove_reader(watched)
+        os.close(watched)
 
 
 def has_exited(pidfd: int, *more: int) -> bool:

@@ -15,6 +15,7 @@ from . import _files
 from .base import CgroupLimits, CgroupStats, SandboxCgroup
 
 CFS_PERIOD_US = 100_000
+UNFROZEN_KILL_SECONDS = 0.5  # a killed tree is gone in milliseconds as a rule
 _DEVICE = re.compile(r"^\d+:\d+$")
 # Always joined when available: stats, freeze and kill need them.
 _ALWAYS = ("memory", "cpuacct", "pids", "freezer")
@@ -228,11 +229,17 @@ class V1Cgroup(SandboxCgroup):
         return sorted({pid for d in self._dirs.values() for pid in _files.procs(d)})
 
     def kill(self, timeout: float = 30.0) -> None:
-        """Freeze (so nothing forks meanwhile), SIGKILL every member, thaw, wait until empty."""
+        """SIGKILL every member and wait until empty; members still there after
+        UNFROZEN_KILL_SECONDS (forking meanwhile, or frozen) are frozen, SIGKILLed, thawed.
+        Not frozen first: v1 frozen tasks do not die of SIGKILL, so a killer that died
+        (itself SIGKILLed) between the freeze and the thaw would leave them frozen for good."""
         dirs = list(dict.fromkeys(self._dirs.values()))
         if not self._members():
             return
         self._lift_io_limits()
+        _files.signal_members(dirs)
+        if _files.wait_until(lambda: not self._members(), UNFROZEN_KILL_SECONDS):
+            return
         frozen = False
         if "freezer" in self._dirs:
             try:
