@@ -357,3 +357,66 @@ def test_the_proxy_refuses_what_it_does_not_speak() -> None:
         proxy.release()
         for sock in (ours, child, sandbox_side, endpoint):
             sock.close()
+
+
+# In the sandbox: a connection through the proxy held until the proxy ends (the test kills
+# it), then a second attempt; prints what each got.
+HELD_THEN_AGAIN = """
+import socket, sys
+def connect(port):
+    sock = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\\r\\n\\r\\n".encode())
+    head = b""
+    while not head.endswith(b"\\r\\n\\r\\n") and (chunk := sock.recv(1)):
+        head += chunk
+    return sock, head
+port = int(sys.argv[1])
+sock, head = connect(port)
+sock.sendall(b"held\\n")
+sock.settimeout(120)
+first = sock.recv(16)
+try:
+    again = repr(connect(port)[1])
+except OSError as e:
+    again = type(e).__name__
+print(head.split(b" ")[1].decode(), repr(first), again)
+"""
+
+
+def test_a_killed_proxy_fails_closed_and_is_reported(caller: tuple[SandboxCaller, list[str]]) -> None:
+    """The proxy killed while its sandbox runs (as anyone of its uid could): the held
+    connection closes, nothing more reaches the allowed endpoint (a new attempt is
+    refused), and the result says the proxy ended early (its denied connections are not
+    known), not only the launcher's log."""
+    who, options = caller
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(60)
+    result_file = Path(f"/tmp/ndf-netproxy-killed-{os.getpid()}.json")
+    manager = who.popen([*options, "--net-allow", f"host:{port}/tcp", "--python", "--json-result", str(result_file)],
+                        ["python3", "-c", HELD_THEN_AGAIN, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        connection, _ = listener.accept()
+        connection.settimeout(60)
+        assert connection.recv(16) == b"held\n"
+        [proxy] = _proxies_of(manager.pid)
+        os.kill(proxy, signal.SIGKILL)
+        assert connection.recv(16) == b""
+        out, err = manager.communicate(timeout=120)
+        assert manager.returncode == 0, err.decode()
+        status, first, again = out.decode().split()
+        # Refused, or reset: a connect racing the proxy's exit is queued, then dropped with the socket.
+        assert (status, first) == ("200", "b''") and again in ("ConnectionRefusedError", "ConnectionResetError",
+                                                                "b''"), out
+        listener.setblocking(False)
+        assert accepted(listener) == 0
+        notes = json.loads(result_file.read_text())["isolation"]["not_enforced"]
+        assert any("the connect proxy ended before its sandbox" in n for n in notes), notes
+        connection.close()
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+            manager.communicate()
+        listener.close()
+        result_file.unlink(missing_ok=True)
+

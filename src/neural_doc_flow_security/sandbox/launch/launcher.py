@@ -88,7 +88,10 @@ def _with_network_events(spawned: SpawnedSandbox, result: SandboxResult) -> Sand
         events = spawned.network.denied()
     except (SandboxError, OSError) as e:
         _log().error("cannot read the denied connections of a sandbox: %s", e)
-        return result
+        # The result says so too: its security_events lack what the policy counted.
+        isolation = dataclasses.replace(result.isolation,
+                                        not_enforced=(*result.isolation.not_enforced, f"network: {e}"))
+        return dataclasses.replace(result, isolation=isolation)
     return dataclasses.replace(result, security_events=result.security_events + events) if events else result
 
 

@@ -53,6 +53,8 @@ HANDSHAKE_SECONDS = 30.0
 CONNECT_SECONDS = 10.0
 _STOP_SECONDS = 10.0
 _MESSAGE = 262144  # the proxy's report: MAX_TARGETS targets of at most ~280 bytes
+ENDED_EARLY = ("the connect proxy ended before its sandbox (killed, or it failed): the sandbox reached "
+               "nothing through it after that, and its denied connections are not known")
 # Besides the host's own addresses: what a connect() from the host reaches the host through.
 _ALSO_HOST = ("0.0.0.0/8", "::/128", "127.0.0.0/8", "::1/128")
 
@@ -129,7 +131,7 @@ class ConnectProxy:
         try:
             self.control.shutdown(socket.SHUT_WR)
             if self.control.recv(_MESSAGE, socket.MSG_DONTWAIT) != b"ready":
-                raise OSError("the connect proxy ended before it served")
+                raise OSError(ENDED_EARLY)
         except BlockingIOError:
             self.process.kill()  # not serving yet: nothing to report
             return self.events
@@ -137,7 +139,11 @@ class ConnectProxy:
             raise OSError(f"the connect proxy did not report its denied connections: {e}") from None
         poller = select.poll()
         poller.register(self.control, select.POLLIN)
-        reply = self.control.recv(_MESSAGE) if poller.poll(int(_STOP_SECONDS * 1000)) else b""
+        if not poller.poll(int(_STOP_SECONDS * 1000)):
+            raise OSError(f"the connect proxy did not report its denied connections within {_STOP_SECONDS:.0f} s")
+        reply = self.control.recv(_MESSAGE)
+        if not reply:  # it ended without its report
+            raise OSError(ENDED_EARLY)
         try:
             self.events = tuple(SecurityEvent("denied_connection", str(target), int(count), float(first))
                                 for target, count, first in json.loads(reply))
