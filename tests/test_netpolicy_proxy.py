@@ -420,3 +420,70 @@ def test_a_killed_proxy_fails_closed_and_is_reported(caller: tuple[SandboxCaller
         listener.close()
         result_file.unlink(missing_ok=True)
 
+
+# Run as uid 4242: a proxy serving (it has answered one request), its pid printed; it ends
+# when stdin does.
+SERVING_PROXY = """
+import socket, sys
+from neural_doc_flow_security.sandbox import NetworkPolicy
+from neural_doc_flow_security.sandbox.linux import connect_proxy
+proxy = connect_proxy.start(NetworkPolicy(allow=("host:1/tcp",), method="proxy"))
+sandbox_side = socket.create_server(("127.0.0.1", 0))
+ours, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+socket.send_fds(child, [b"p"], [sandbox_side.fileno()])
+assert proxy.hand_over(ours.fileno())
+with socket.create_connection(sandbox_side.getsockname(), timeout=30) as sock:
+    sock.sendall(b"garbage\\r\\n\\r\\n")
+    assert sock.recv(12) == b"HTTP/1.1 403"
+print(proxy.process.pid, flush=True)
+sys.stdin.read()
+proxy.release()
+"""
+
+# Run as uid 4242 too (a process of the proxy's uid, as a sandbox that can see it would
+# be): PTRACE_ATTACH to the proxy and open its memory; prints what each got.
+ATTACH = """
+import ctypes, os, sys
+pid = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+attached = libc.ptrace(16, pid, 0, 0) == 0
+error = ctypes.get_errno()
+if attached:
+    os.waitpid(pid, 0x40000000)
+    libc.ptrace(17, pid, 0, 0)
+try:
+    os.close(os.open(f"/proc/{pid}/mem", os.O_RDWR))
+    mem = "opened"
+except OSError as e:
+    mem = e.__class__.__name__
+print("attached" if attached else os.strerror(error), mem)
+"""
+
+
+def test_the_proxy_cannot_be_traced_by_its_uid() -> None:
+    """The proxy of an unprivileged caller runs as the caller's uid, the uid its
+    sandbox's processes have on the host: it is not dumpable, so a process of that uid
+    that can name it (a sandbox without a pid namespace, or with Landlock missing)
+    can neither ptrace it nor open its memory, and so cannot use its host network."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    _ensure_unprivileged_user()
+    prefix = list(UNPRIVILEGED_CALLER.prefix)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)}
+    serving = subprocess.Popen([*prefix, sys.executable, "-c", SERVING_PROXY], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, cwd="/tmp", env=env)
+    try:
+        assert serving.stdout is not None and serving.stdin is not None
+        pid = int(serving.stdout.readline())
+        assert psutil.Process(pid).uids().real == UNPRIVILEGED_CALLER.uid
+        done = subprocess.run([*prefix, sys.executable, "-c", ATTACH, str(pid)], capture_output=True, text=True,
+                              cwd="/tmp", env=env, timeout=60, check=True)
+        assert done.stdout.split() == ["Operation", "not", "permitted", "PermissionError"], done.stdout
+        with open(f"/proc/{pid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+        serving.stdin.close()
+        assert serving.wait(timeout=60) == 0
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+            serving.wait()

@@ -429,12 +429,18 @@ def _drop_privileges() -> None:
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)  # again: a change of uid resets it
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
 
 
 def serve() -> None:
     """The proxy process: read the policy and the listening socket from stdin, relay
     until stdin ends, answer the denied attempts."""
+    from . import syscalls as sc
+
+    # Not dumpable, first: a process of our uid (a sandbox's, without root) that can name
+    # us must not ptrace us or open /proc/<pid>/mem and use our host network.
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
     control = socket.socket(fileno=os.dup(0))
     os.close(0)
     os.open(os.devnull, os.O_RDONLY)
