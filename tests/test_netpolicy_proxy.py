@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -487,3 +488,24 @@ def test_the_proxy_cannot_be_traced_by_its_uid() -> None:
         if serving.poll() is None:
             serving.kill()
             serving.wait()
+
+
+def test_the_proxy_imports_nothing_from_the_callers_directory(caller: tuple[SandboxCaller, list[str]],
+                                                              hosts: dict[str, NetHost]) -> None:
+    """`python -m` puts the working directory first on sys.path: a json.py there (a
+    directory others, or a sandbox through a writable bind, can write to) must not
+    run in the proxy (as root before its drop, on the host's network). The caller's
+    directory holds one that would leave a marker; the proxy serves regardless."""
+    who, options = caller
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:  # the caller (uid 4242) can enter it
+        planted = Path(directory)
+        planted.chmod(0o777)
+        marker = planted / "ran"
+        (planted / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+        manager = who.popen([*options, "--net-allow", f"{ALLOWED}:8080/tcp", "--python"],
+                            ["python3", "-c", PROBE, f"connect:{ALLOWED}:8080"], cwd=directory,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = manager.communicate(timeout=300)
+        assert manager.returncode == 0, err.decode()
+        assert not marker.exists()
+        assert json.loads(out) == {f"connect:{ALLOWED}:8080": "ok:hello"}

@@ -169,7 +169,9 @@ def start(policy: Any) -> ConnectProxy:
     (ConnectProxy.hand_over)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        process = subprocess.Popen([sys.executable, "-m", __name__], stdin=theirs.fileno(),
+        # -P and cwd "/": `-m` would put the caller's working directory first on sys.path,
+        # and run a json.py planted there (by anyone who can write there) as us.
+        process = subprocess.Popen([sys.executable, "-P", "-m", __name__], stdin=theirs.fileno(), cwd="/",
                                    stdout=subprocess.DEVNULL, start_new_session=True,
                                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": _module_path()})
     except BaseException:
