@@ -421,3 +421,22 @@ def test_a_kernel_without_ipv6_force_forwarding_is_stated(monkeypatch: pytest.Mo
     finally:
         lease.release()
     assert os.getpid() not in [pid for pid, _ in _host_entries()]
+
+
+def test_the_resolver_imports_nothing_from_the_callers_directory(hosts: dict[str, NetHost]) -> None:
+    """`python -m` puts the working directory first on sys.path: a json.py in the
+    caller's directory (anyone who can write there could leave one) must not run in
+    the sandbox's resolver (root, on the host); the resolver answers regardless."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        marker = Path(directory) / "ran"
+        (Path(directory) / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n")
+        manager = ROOT_CALLER.popen(["--net-allow", "svc.ndftest.internal:8080/tcp", "--net-dns", "--net-host",
+                                     f"svc.ndftest.internal={ALLOWED}", "--python"],
+                                    ["python3", "-c", PROBE, "dns:svc.ndftest.internal"], cwd=directory,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = manager.communicate(timeout=300)
+        assert not marker.exists()
+        assert manager.returncode == 0, err.decode()
+        assert json.loads(out) == {"dns:svc.ndftest.internal": f"ok:{ALLOWED}"}

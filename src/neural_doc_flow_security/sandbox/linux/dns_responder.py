@@ -119,8 +119,10 @@ def start(addresses: list[str], names: dict[str, list[str]]) -> subprocess.Popen
     # Where this package and dnslib are installed (a zygote's sys.path may differ from a fresh one's).
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     path = os.pathsep.join(dict.fromkeys([here, os.path.dirname(os.path.dirname(os.path.abspath(dnslib.__file__)))]))
-    process = subprocess.Popen([sys.executable, "-m", __name__, *addresses], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    # -P and cwd "/": `-m` would put the caller's working directory first on sys.path,
+    # and run a json.py planted there (by anyone who can write there) as root.
+    process = subprocess.Popen([sys.executable, "-P", "-m", __name__, *addresses], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": path})
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(json.dumps(names).encode() + b"\n")
