@@ -509,3 +509,24 @@ def test_the_proxy_imports_nothing_from_the_callers_directory(caller: tuple[Sand
         assert manager.returncode == 0, err.decode()
         assert not marker.exists()
         assert json.loads(out) == {f"connect:{ALLOWED}:8080": "ok:hello"}
+
+
+def test_a_name_with_a_mapped_address_is_judged_as_what_it_reaches(
+        caller: tuple[SandboxCaller, list[str]], hosts: dict[str, NetHost],
+        host_listener: tuple[socket.socket, socket.socket]) -> None:
+    """An allowed name whose address (from `hosts`, or the DNS of a name the policy
+    trusts) is an IPv4-mapped IPv6 address: the proxy's connect from the host reaches
+    the IPv4 address, so it is judged as that: ::ffff:127.0.0.1 is the host and
+    ::ffff:169.254.169.254 the metadata address, both closed unless named."""
+    port = host_listener[0].getsockname()[1]
+    before = len(hosts["m"].connections())
+    found, result = _run(
+        caller, ["--net-host", "loop.ndftest.internal=::ffff:127.0.0.1", "--net-allow", f"loop.ndftest.internal:{port}",
+                 "--net-host", f"meta.ndftest.internal=::ffff:{METADATA}", "--net-allow", "meta.ndftest.internal:80"],
+        [f"connect:loop.ndftest.internal:{port}", f"socks:loop.ndftest.internal:{port}",
+         "connect:meta.ndftest.internal:80"])
+    assert found == {f"connect:loop.ndftest.internal:{port}": "http:403",
+                     f"socks:loop.ndftest.internal:{port}": "socks:2", "connect:meta.ndftest.internal:80": "http:403"}
+    assert accepted(*host_listener) == 0
+    assert hosts["m"].connections()[before:] == []
+    assert _denied(result) == {f"loop.ndftest.internal:{port}/tcp": 2, "meta.ndftest.internal:80/tcp": 1}

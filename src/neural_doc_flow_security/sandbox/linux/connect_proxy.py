@@ -213,8 +213,7 @@ class Policy:
         except ValueError:
             address = None
         if address is not None:
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped  # reaches the IPv4 address: judged as that
+            address = _reached(address)
             target = f"[{address}]:{port}/tcp" if address.version == 6 else f"{address}:{port}/tcp"
             candidates = [address]
         else:
@@ -222,7 +221,8 @@ class Policy:
             if not _is_name(name):
                 name = "(not a name)"  # the sandbox's text goes into the result only as a valid name
             target = f"{name}:{port}/tcp"
-            candidates = list(self.resolved.names.get(name, ())) if name in self.allowed_names else []
+            # A name's addresses too (`hosts`, or DNS): ::ffff:169.254.169.254 is the metadata address.
+            candidates = [_reached(a) for a in self.resolved.names.get(name, ())] if name in self.allowed_names else []
         allowed = [a for a in candidates if 1 <= port <= 65535 and permits(self.resolved, a, port, "tcp")]
         if not allowed:
             self.count(target)
@@ -235,6 +235,14 @@ class Policy:
             entry[0] += 1
         elif len(self.denied) < MAX_TARGETS:
             self.denied[target] = [1, time.time()]
+
+
+def _reached(address: Address) -> Address:
+    """What a connect() from the host to `address` reaches: an IPv4-mapped IPv6
+    address reaches the IPv4 address, so it is judged (and connected) as that."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _is_name(text: str) -> bool:
