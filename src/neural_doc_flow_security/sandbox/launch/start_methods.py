@@ -574,7 +574,9 @@ class ZygoteStarter(StartMethod):
             self._departed.remove(old)
             at_start = time.monotonic() - old.started_at < STABLE_AFTER
             self._failed_starts[slot] = self._failed_starts[slot] + 1 if at_start else 0
-            self._remove_leftovers()  # the dead zygote's cgroups (its sandboxes died with it)
+            # The dead zygote's cgroups (its sandboxes died with it), off the loop: killing and
+            # removing them waits for the kernel, while the other zygotes' sandboxes are served.
+            await asyncio.to_thread(self._remove_leftovers)
             if self._failed_starts[slot] >= MAX_FAILED_STARTS:
                 why = (f"{old.name} {status}: the zygotes of this slot died within {STABLE_AFTER}s of their start "
                        f"{self._failed_starts[slot]} times in a row; not restarted")
