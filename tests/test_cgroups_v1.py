@@ -162,6 +162,36 @@ def test_kill_empties_the_cgroup(make_cgroup: Callable[[CgroupLimits], V1Cgroup]
     assert os.WTERMSIG(child.wait()) == signal.SIGKILL
 
 
+def test_a_tree_that_dies_of_sigkill_is_never_frozen(make_cgroup: Callable[[CgroupLimits], V1Cgroup],
+                                                     spawn: Callable[[Body], Child],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # v1 frozen tasks do not die of SIGKILL: a killer SIGKILLed between its freeze and its
+    # thaw (a manager cleaning up after a dead zygote) left the tree frozen for good.
+    cg = make_cgroup(CgroupLimits(max_processes=20))
+    child = run_inside(cg, spawn, fork_bomb(6))
+    assert child.hear() == "6 0"
+    freezes: list[object] = []
+    monkeypatch.setattr(cg, "freeze", lambda *args, **kwargs: freezes.append(args))
+    cg.kill()
+    assert freezes == []
+    for d in cg.paths.values():
+        assert _files.procs(d) == []
+    assert os.WTERMSIG(child.wait()) == signal.SIGKILL
+
+
+def test_kill_ends_a_tree_a_dead_killer_left_frozen(make_cgroup: Callable[[CgroupLimits], V1Cgroup],
+                                                    spawn: Callable[[Body], Child]) -> None:
+    cg = make_cgroup(CgroupLimits(max_processes=20))
+    child = run_inside(cg, spawn, fork_bomb(6))
+    assert child.hear() == "6 0"
+    cg.freeze()  # as a killer that died before its thaw left it
+    cg.kill()
+    for d in cg.paths.values():
+        assert _files.procs(d) == []
+    assert os.WTERMSIG(child.wait()) == signal.SIGKILL
+    assert _files.read_text(f"{cg.paths['freezer']}/freezer.state") == "THAWED"
+
+
 def test_update_changes_limits_while_running(make_cgroup: Callable[[CgroupLimits], V1Cgroup],
                                              spawn: Callable[[Body], Child]) -> None:
     cg = make_cgroup(CgroupLimits(memory_bytes=64 * MiB, max_processes=1, cpu_quota_percent=50))
