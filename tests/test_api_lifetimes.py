@@ -154,6 +154,30 @@ def test_handle_kill_ends_the_tree(method: str) -> None:
     assert result.outcome is Outcome.KILLED, describe(result)
 
 
+def quick(n: int) -> int:
+    return n + 1
+
+
+def test_no_process_of_a_sandbox_is_left_once_its_result_is_in(method: str) -> None:
+    # Init reports the payload's end and exits right after: the result must wait for
+    # that exit, or whoever holds it may still find init running (a pool's close()
+    # did, under load). Many rounds: the window was a scheduling gap.
+    async def scenario() -> list[str]:
+        left: list[str] = []
+        async with manager(method) as m:
+            for round_ in range(40):
+                handle = await m.spawn("quick", quick, round_)
+                result = await handle.wait()
+                assert result.ok and result.output == round_ + 1, describe(result)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    status = psutil.Process(handle.pid).status()
+                    if status != psutil.STATUS_ZOMBIE:
+                        left.append(f"round {round_}: init {handle.pid} is {status}")
+        return left
+
+    assert run(scenario()) == []
+
+
 def test_a_command_ends_with_its_tree_and_inits_report(method: str) -> None:
     # The result is taken from init's report of the program's end, before init is
     # reaped: init first kills and reaps every other process of the sandbox (here a

@@ -364,8 +364,12 @@ def test_a_sigkilled_manager_under_load_leaves_nothing(kill_zygotes_too: bool, n
         watched += [psutil.Process(pid) for pid in zygotes]
         assert len(sandbox_cgroups(owners)) >= 8
         if kill_zygotes_too:
+            # All stopped first: a manager that saw its zygotes die would remove their
+            # cgroups itself (it does, in a thread), and nothing would be left to clean.
+            for pid in (process.pid, *zygotes):
+                os.kill(pid, signal.SIGSTOP)  # the manager this test started and its zygotes
             for pid in zygotes:
-                os.kill(pid, signal.SIGKILL)  # the zygotes of the manager this test started
+                os.kill(pid, signal.SIGKILL)
         process.kill()
         process.wait(timeout=60)
         assert wait_until(lambda: not any(alive(p) for p in watched), timeout=60), \

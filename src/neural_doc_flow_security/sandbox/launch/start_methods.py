@@ -120,16 +120,17 @@ class ForkStarter(StartMethod):
         self.isolation[sandbox_id] = spawned.isolation()
         self.counters[sandbox_id] = counter_files(spawned.cgroup)
         loop = asyncio.get_running_loop()
-        loop.add_reader(spawned.status_read, self._report, sandbox_id, spawned.status_read)
+        loop.add_reader(spawned.status_read, self._report, sandbox_id, spawned)
         loop.add_reader(spawned.pidfd, self._reap, sandbox_id, spawned)
         self._schedule_deadlines()
         return spawned.pid
 
-    def _report(self, sandbox_id: int, status_read: int) -> None:
-        """Init reported the payload's end: the result is known before init is reaped."""
-        asyncio.get_running_loop().remove_reader(status_read)
+    def _report(self, sandbox_id: int, spawned: SpawnedSandbox) -> None:
+        """Init reported the payload's end: the result is known before init is reaped,
+        and given once init has exited (its tree with it; else _reap gives it)."""
+        asyncio.get_running_loop().remove_reader(spawned.status_read)
         result = self._launcher.report(sandbox_id)
-        if result is not None:
+        if result is not None and has_exited(spawned.pidfd):
             self._exited(sandbox_id, result)
 
     def _reap(self, sandbox_id: int, spawned: SpawnedSandbox) -> None:
@@ -338,6 +339,8 @@ class _Zygote:
                 self.starter._orphaned(self, message["id"])
                 return
             message["pidfd"] = fds[0] if fds else -1
+            if fds:  # kept from now on: an "exited" that follows at once waits for init's exit too
+                self.starter._pidfds[message["id"]] = fds[0]
         else:
             for fd in fds:
                 os.close(fd)
@@ -513,8 +516,7 @@ class ZygoteStarter(StartMethod):
         self._requests = itertools.count(1)
         self._pidfds: dict[int, int] = {}  # by sandbox id: its init, to kill it without the zygote
         self._timeouts: dict[int, float] = {}  # by sandbox id: its wall timeout (seconds)
-        self._killed: set[int] = set()  # sandbox ids the manager sent SIGKILL to
-        self._init_ending: set[int] = set()  # killed, result in, init not yet exited (pidfd watched)
+        self._init_ending: set[int] = set()  # result in, init not yet exited (pidfd watched)
         self._watchdogs: dict[int, asyncio.TimerHandle] = {}
         self._failed_starts = [0] * len(self._zygotes)  # by slot, in a row
         self._given_up: dict[int, str] = {}  # slot -> why it is not restarted
@@ -624,14 +626,9 @@ class ZygoteStarter(StartMethod):
             if not ended.done():
                 self._exits.pop(sandbox_id, None)
             raise
-        pidfd = reply.get("pidfd", -1)
-        if ended.done() or sandbox_id not in zygote.running:  # it has ended already
-            if pidfd >= 0:
-                os.close(pidfd)
+        if ended.done() or sandbox_id not in zygote.running:  # it has ended already (its pidfd is closed)
             return int(reply["pid"])
         self._owner[sandbox_id] = zygote
-        if pidfd >= 0:
-            self._pidfds[sandbox_id] = pidfd
         self.isolation[sandbox_id] = IsolationReport.from_dict(reply["isolation"])
         self.counters[sandbox_id] = tuple(reply["counters"])
         timeout = _timeout_of(request)
@@ -696,9 +693,9 @@ class ZygoteStarter(StartMethod):
 
     def _exited(self, sandbox_id: int, result: SandboxResult) -> None:
         pidfd = self._pidfds.get(sandbox_id)
-        if sandbox_id in self._killed and pidfd is not None and not has_exited(pidfd):
-            # A killed init may report (its tree already ended) before it has exited
-            # itself: whoever killed the sandbox finds no process of it once the result is in.
+        if pidfd is not None and not has_exited(pidfd):
+            # Init reports (the payload has ended) before it exits itself, and its tree
+            # ends with it: whoever gets the result finds no process of the sandbox.
             self._init_ending.add(sandbox_id)
             finish = super()._exited
 
@@ -713,7 +710,6 @@ class ZygoteStarter(StartMethod):
 
     def _forget(self, sandbox_id: int) -> None:
         super()._forget(sandbox_id)
-        self._killed.discard(sandbox_id)
         self._owner.pop(sandbox_id, None)
         self._timeouts.pop(sandbox_id, None)
         watchdog = self._watchdogs.pop(sandbox_id, None)
@@ -769,7 +765,6 @@ class ZygoteStarter(StartMethod):
         """SIGKILL the sandbox's init through its pidfd (its pid namespace goes with it)."""
         pidfd = self._pidfds.get(sandbox_id)
         if pidfd is not None:
-            self._killed.add(sandbox_id)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
@@ -780,7 +775,6 @@ class ZygoteStarter(StartMethod):
         if zygote is None:
             return {"ok": False, "error": "no such sandbox (it has exited)"}
         if op == "kill":  # at once, whether or not its zygote answers; the zygote then ends the rest
-            self._killed.add(sandbox_id)  # before the report is asked for: its result may come meanwhile
             await self._ask_report(sandbox_id)
             self._kill_directly(sandbox_id)
             with contextlib.suppress(ZygoteGone):
