@@ -23,7 +23,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
 
-from distutils.command.build_scripts import build_scripts  # noqa: I001 (setuptools' own distutils)
+from distutils.command.build_scripts import build_scripts  # after setuptools: its own distutils
 
 _HINT = ("the C extension neural_doc_flow_security.sandbox.linux._child needs a C compiler and the "
          "Python headers: install them (Debian/Ubuntu: apt-get install gcc python3-dev; Fedora: "

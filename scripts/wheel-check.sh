@@ -42,6 +42,9 @@ sources = [n for n in names if n.endswith((".c", ".h"))]
 assert not sources, f"C sources in the wheel: {sources}"
 assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "no LICENSE in the wheel"
 assert any("/_child." in n and n.endswith(".so") for n in names), "no compiled _child in the wheel"
+client = [n for n in names if n.endswith(".data/scripts/ndf-sandbox")]
+assert client, "no ndf-sandbox program in the wheel's scripts"
+assert zipfile.ZipFile(sys.argv[1]).read(client[0])[:4] == b"\x7fELF", f"{client[0]} is not an ELF program"
 EOF
 
 echo "== the wheel in a fresh venv without a compiler: API tests"
@@ -53,6 +56,7 @@ CC=/bin/false CXX=/bin/false "$NDF_WHEEL_VENV/bin/pip" install -q --only-binary=
 import sys, neural_doc_flow_security.sandbox.linux._child as c
 assert c.__file__.startswith(sys.prefix), c.__file__
 ')
+"$NDF_WHEEL_VENV/bin/ndf-sandbox" --version >/dev/null || fail "the installed ndf-sandbox program does not run"
 CC=/bin/false "$NDF_WHEEL_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_api.py
 
 echo "== a source build without a compiler says what to install"
