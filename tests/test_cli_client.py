@@ -329,6 +329,18 @@ def test_signals_are_forwarded_to_the_server(env: dict[str, str], server: FakeSe
         assert finish(proc) == (128 + sig, b"", b"")
 
 
+def test_a_signal_the_server_got_before_falling_back_is_the_clients_again(
+        client_copy: Path, env: dict[str, str], server: FakeServer) -> None:
+    env["NDF_SANDBOX_SOCKET"] = str(server.path)
+    proc = start(["run", "--", "true"], env, program=client_copy)
+    with server.accept_from(proc) as conn:
+        read_request(conn).close()
+        proc.send_signal(signal.SIGTERM)
+        assert conn.recv(2, socket.MSG_WAITALL) == b"S" + bytes([signal.SIGTERM])
+        conn.sendall(b"F")  # the server did nothing: the client ends as SIGTERM would have ended it
+        assert finish(proc) == (-signal.SIGTERM, b"", b"")  # the Python CLI never ran
+
+
 # ---------------------------------------------------------------------------
 # Only a directory of the user's own that nobody else may enter
 # ---------------------------------------------------------------------------

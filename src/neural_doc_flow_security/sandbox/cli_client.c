@@ -39,6 +39,10 @@
 #define HEADER_LEN (4 + BUILD_ID_LEN + 4 * 4 + N_RLIMITS * 16)
 #define MAX_BODY (4u << 20)
 
+_Static_assert(sizeof NDF_BUILD_ID == 1 || sizeof NDF_BUILD_ID == BUILD_ID_LEN + 1,
+               "NDF_BUILD_ID: 16 characters, or empty in a build without one");
+static const char build_id[BUILD_ID_LEN + 1] = NDF_BUILD_ID;  /* zero-padded */
+
 extern char **environ;
 
 static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP};
@@ -48,11 +52,13 @@ static int handlers_installed;
 
 static volatile sig_atomic_t server_fd = -1;  /* set once the whole request is sent */
 static volatile sig_atomic_t pending[N_FORWARDED];  /* signals that came before that */
+static volatile sig_atomic_t caught[N_FORWARDED];  /* all signals: raised again on falling back */
 
 static void forward_signal(int sig) {
     int saved = errno;
     for (size_t i = 0; i < N_FORWARDED; i++) {
         if (forwarded[i] != sig) continue;
+        caught[i] = 1;
         if (server_fd < 0) {
             pending[i] = 1;
         } else {
@@ -83,15 +89,15 @@ static void install_handlers(void) {
 }
 
 /* Back to the dispositions found (the signal mask was never changed), then a
- * signal caught before the request went out is raised again, so that the Python
- * CLI gets it as it would have without this program. */
+ * signal caught is raised again (the server, if it got it, did nothing), so that
+ * this process reacts as the Python CLI would have. */
 static void restore_signals(void) {
     if (!handlers_installed) return;
     sigaction(SIGPIPE, &found_sigpipe, NULL);
     for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &found_actions[i], NULL);
     handlers_installed = 0;
     for (size_t i = 0; i < N_FORWARDED; i++)
-        if (pending[i]) raise(forwarded[i]);
+        if (caught[i]) raise(forwarded[i]);
 }
 
 static _Noreturn void exec_python_cli(char **argv) {
@@ -133,7 +139,7 @@ static int socket_address(struct sockaddr_un *addr) {
         if (!base || base[0] != '/') base = "/tmp";
         int n = snprintf(dir, sizeof dir, "%s/ndf-sandbox-%u", base, (unsigned)geteuid());
         if (n < 0 || (size_t)n >= sizeof dir) return 0;
-        n = snprintf(path, sizeof path, "%s/%s.sock", dir, NDF_BUILD_ID);
+        n = snprintf(path, sizeof path, "%s/%s.sock", dir, build_id);
         if (n < 0 || (size_t)n >= sizeof path) return 0;
     }
     if (strlen(path) >= sizeof addr->sun_path || !safe_directory(dir)) return 0;
@@ -169,7 +175,7 @@ static unsigned char *build_request(int argc, char **argv, size_t *len) {
     umask(mask);
     unsigned char *p = buf;
     memcpy(p, "NDF1", 4);
-    memcpy(p + 4, NDF_BUILD_ID, BUILD_ID_LEN);
+    memcpy(p + 4, build_id, BUILD_ID_LEN);
     p = put32(p + 4 + BUILD_ID_LEN, (uint32_t)mask);
     p = put32(p, (uint32_t)(argc - 1));
     p = put32(p, (uint32_t)envc);
@@ -232,19 +238,23 @@ static void try_server(int argc, char **argv) {
         if (fcntl(fd, F_GETFD) == -1 && errno == EBADF && open("/dev/null", O_RDWR) != fd) return;
     }
     install_handlers();
-    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (sock < 0) return;
-    int rc;
-    do rc = connect(sock, (struct sockaddr *)&addr, sizeof addr); while (rc < 0 && errno == EINTR);
-    if (rc < 0) { close(sock); return; }
-    int cwd_fd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (cwd_fd < 0) { close(sock); return; }
+    /* All that can fail on this side before connecting: a server never sees half a call. */
     size_t len;
     unsigned char *request = build_request(argc, argv, &len);
-    int sent = request && send_request(sock, request, len, cwd_fd);
+    if (!request) return;
+    int cwd_fd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int rc = -1;
+    if (cwd_fd >= 0 && sock >= 0) {
+        do rc = connect(sock, (struct sockaddr *)&addr, sizeof addr); while (rc < 0 && errno == EINTR);
+    }
+    int sent = rc == 0 && send_request(sock, request, len, cwd_fd);
     free(request);
-    close(cwd_fd);
-    if (!sent) { close(sock); return; }  /* the server did not get the request: it did nothing */
+    if (cwd_fd >= 0) close(cwd_fd);
+    if (!sent) {  /* the server did not get the whole request: it did nothing */
+        if (sock >= 0) close(sock);
+        return;
+    }
     server_fd = sock;
     for (size_t i = 0; i < N_FORWARDED; i++) {
         if (pending[i]) {
@@ -275,7 +285,7 @@ static void try_server(int argc, char **argv) {
 int main(int argc, char **argv) {
     const char *server = getenv("NDF_SANDBOX_SERVER");
     int off = server && (!strcmp(server, "off") || !strcmp(server, "0") || !strcmp(server, "no"));
-    if (argc >= 2 && !strcmp(argv[1], "run") && !off && strlen(NDF_BUILD_ID) == BUILD_ID_LEN)
+    if (argc >= 2 && !strcmp(argv[1], "run") && !off && strlen(build_id) == BUILD_ID_LEN)
         try_server(argc, argv);
     exec_python_cli(argv);
 }
