@@ -51,6 +51,16 @@ def test_exit_status_is_the_programs_own_code(sandbox_caller: SandboxCaller) -> 
         assert result.returncode == code, describe(result)
 
 
+def test_a_callers_restrictive_umask_is_the_programs_and_does_not_break_the_root(
+        sandbox_caller: SandboxCaller) -> None:
+    # With umask 027 the root's directories (made by root) were 0750: the sandbox's uid
+    # could not search them, and every run failed at the landlock stage (EACCES).
+    result = sandbox_caller.run([], ["sh", "-c", "umask; touch /tmp/made; stat -c %a /tmp/made"],
+                                preexec_fn=lambda: os.umask(0o027))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.split() == [b"0027", b"640"]
+
+
 def test_killed_by_signal_exits_128_plus_n(sandbox_caller: SandboxCaller) -> None:
     result = sandbox_caller.run([], ["sh", "-c", "kill -USR1 $$"])
     assert result.returncode == 128 + signal.SIGUSR1 == 138, describe(result)

@@ -82,6 +82,7 @@ def _confine(plan: LaunchPlan, program: bool, fd_map: tuple[tuple[int, int], ...
     fd_pairs = b"".join(t.to_bytes(4, "little") + s.to_bytes(4, "little") for t, s in fd_map)
     keep = b"".join(fd.to_bytes(4, "little") for fd in keep_also)
     steps = _stage("file descriptors", (Step.ARRANGE_FDS, fd_pairs, keep))
+    steps += _stage("umask", (Step.UMASK, _launching_umask()))  # the caller's again (see _init_start)
     steps += _stage("rlimits", *((Step.SETRLIMIT, which, value) for which, value in plan.rlimits.limits
                                  if which not in skip_rlimits))
     steps += _stage("identity", (Step.IDENTITY, *_ids(plan), int(plan.namespaces.user)))
@@ -120,9 +121,21 @@ def _ids(plan: LaunchPlan) -> tuple[int, int]:
     return (-1 if plan.uid is None else plan.uid, -1 if plan.gid is None else plan.gid)
 
 
+def _launching_umask() -> int:
+    """This process's umask, read (os.umask would change it for a moment)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def _init_start() -> list[StepTuple]:
     """The first init stages (this process is pid 1 of the new pid namespace)."""
-    steps = _stage("new session", (Step.SETSID,))
+    # The root is built with a umask of 022 whatever the caller's: with 027, say, its
+    # directories (made by root) could not be searched by the sandbox's uid.
+    steps = _stage("umask", (Step.UMASK, 0o022))
+    steps += _stage("new session", (Step.SETSID,))
     steps += _stage("signals", (Step.RESET_SIGNALS,))
     steps += _stage("parent-death signal", (Step.PRCTL, sc.PR_SET_PDEATHSIG, signal.SIGKILL))
     return steps

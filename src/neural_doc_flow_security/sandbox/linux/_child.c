@@ -160,6 +160,7 @@ enum {
                               * of the binds marked MOUNT_ATTR_IDMAP; all -2: close it */
     STEP_PROXY_LISTENER = 41, /* socket fd, port: listen on 127.0.0.1:port here, send that socket to the parent */
     STEP_LISTENER = 45,      /* mode (1 report, 2 learn), errno per syscall number (int32s), hand over */
+    STEP_UMASK = 46,         /* mask: this process's umask */
 };
 
 typedef struct {
@@ -1544,6 +1545,9 @@ static void run_steps(launch_t *launch) {
             break;
         case STEP_SETHOSTNAME:
             check(sethostname(s(st, 0), strlen(s(st, 0))), "sethostname", "");
+            break;
+        case STEP_UMASK:
+            umask((mode_t)n[0]);
             break;
         case STEP_LOOPBACK_UP:
             loopback_up();

@@ -69,6 +69,7 @@ class Step(IntEnum):
                            # that socket to the parent (SCM_RIGHTS), for the connect proxy; close both
     LISTENER = 45          # mode (1 report, 2 learn), errno per syscall number (int32s), hand over (a forked
                            # payload sends init the listener of its filter; else init installs it on itself)
+    UMASK = 46             # mask: this process's umask
 
 
 _MAGIC = 0x4C46444E  # "NDFL", as _child.c's LAUNCH_MAGIC
