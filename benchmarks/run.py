@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,30 @@ RUN_PATH_IMPORTS = "import " + ", ".join(f"neural_doc_flow_security.sandbox.{nam
     "cli", "launch.supervise", "launch.resources", "linux.network", "linux.cgroups.delegation", "linux.seccomp_cache"))
 
 
+@contextlib.contextmanager
+def cli_server() -> Iterator[str]:
+    """An `ndf-sandbox serve` on a socket of its own, for the duration (its path)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ndf-bench-serve-") as directory:
+        os.chmod(directory, 0o700)
+        path = os.path.join(directory, "cli.sock")
+        server = subprocess.Popen([str(Path(PY).with_name("ndf-sandbox-py")), "serve", "--ready", "3",
+                                   "--socket", path], stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            assert server.stderr is not None
+            line = server.stderr.readline().decode()
+            if "listening on" not in line:
+                raise RuntimeError(f"ndf-sandbox serve did not start: {line}{server.stderr.read().decode()}")
+            time.sleep(1.0)  # its children prepare their sandboxes
+            yield path
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+            if server.stderr is not None:
+                server.stderr.close()
+
+
 def whole_command(nsj: str | None, runs: int) -> Table:
     """The whole command as a shell user starts it: `hyperfine -N` (no shell, no Python
     parent), every tool in one hyperfine run, with the CPU each used (issue #20's measure)."""
@@ -236,9 +260,11 @@ def whole_command(nsj: str | None, runs: int) -> Table:
                   "(not interleaved); CPU is user + system of the command's whole process tree, "
                   "hyperfine's mean. Default profiles (ndf-sandbox: 512M/128 processes, so a cgroup as "
                   "root; its seccomp program read from the cache after the first run).")
-    commands = {"ndf-sandbox run -- /bin/true": [NDF, "run", "--", "/bin/true"],
+    unserved = ["env", "NDF_SANDBOX_SERVER=off", NDF]  # the Python CLI, through the native client
+    commands = {"ndf-sandbox run -- /bin/true": [*unserved, "run", "--", "/bin/true"],
                 "ndf-sandbox run --memory none --pids none -- /bin/true (no limits: no cgroup)":
-                    [NDF, "run", "--memory", "none", "--pids", "none", "--", "/bin/true"],
+                    [*unserved, "run", "--memory", "none", "--pids", "none", "--", "/bin/true"],
+                "ndf-sandbox run -- /bin/true, served by `ndf-sandbox serve`": [NDF, "run", "--", "/bin/true"],
                 "bwrap /bin/true": bwrap("/bin/true")}
     if nsj:
         commands["nsjail /bin/true"] = nsjail(nsj, "/bin/true")
@@ -252,11 +278,12 @@ def whole_command(nsj: str | None, runs: int) -> Table:
     import shlex
     import tempfile
 
-    with tempfile.NamedTemporaryFile(suffix=".json") as export:
+    with tempfile.NamedTemporaryFile(suffix=".json") as export, cli_server() as socket_path:
         argv = ["hyperfine", "-N", "--warmup", "3", "--runs", str(max(10, runs)), "--export-json", export.name]
         for name, command in commands.items():
             argv += ["-n", name, shlex.join(command)]
-        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                       env={**os.environ, "NDF_SANDBOX_SOCKET": socket_path})
         results = json.loads(Path(export.name).read_text())["results"]
     for result in results:
         stats = summary(result["times"])

@@ -349,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("cleanup", help="remove what sandboxes of dead managers left behind (their cgroups, "
                                      "network-policy links and nftables tables)")
     _build_oci_parser(sub)
+    serve = sub.add_parser("serve", help="serve `ndf-sandbox run` calls warm: the native ndf-sandbox hands them "
+                                         "to this server, without the Python start-up (until SIGTERM or Ctrl-C)")
+    serve.add_argument("--socket", metavar="PATH",
+                       help="listen here (default: $NDF_SANDBOX_SOCKET, else "
+                            "$XDG_RUNTIME_DIR or /tmp, /ndf-sandbox-UID/BUILD.sock)")
+    serve.add_argument("--ready", metavar="N", type=int, default=2,
+                       help="children kept waiting for calls, each with its next sandbox made (default 2)")
     demo = sub.add_parser("demo", help="run a document pipeline with good and hostile plugins")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
@@ -516,22 +523,25 @@ def _command_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     if sys.platform != "linux":
         return _run(args, config, command)
-    from .launch import resources
+    from .launch import resources, served
     from .linux import network
 
-    if config.cgroup_limits_requested:
+    serving = served.serving()  # then the server did what follows ahead (cli_server.py)
+    if config.cgroup_limits_requested and not serving:
         from .linux.cgroups.delegation import adopt_delegated_subtree
 
         adopt_delegated_subtree()  # alone in a delegated cgroup (systemd-run -p Delegate=yes): use it
-    # As root: the sandbox's network namespace (and its cgroup, for limits) are made in
-    # threads while we import.
-    network.make_ahead()
-    if config.cgroup_limits_requested:
-        resources.make_spare_cgroup(in_background=True)
+    if not serving:
+        # As root: the sandbox's network namespace (and its cgroup, for limits) are made in
+        # threads while we import.
+        network.make_ahead()
+        if config.cgroup_limits_requested:
+            resources.make_spare_cgroup(in_background=True)
     try:
         return _run(args, config, command)
     finally:
-        resources.discard_spare_cgroup()  # unused (the launch failed before taking it)
+        if not serving:  # else the server's child removes it after its answer
+            resources.discard_spare_cgroup()  # unused (the launch failed before taking it)
 
 
 def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str],
@@ -548,9 +558,11 @@ def _run(args: argparse.Namespace, config: SandboxConfig, command: list[str],
 
 def _run_and_report(args: argparse.Namespace, config: SandboxConfig, command: list[str], json_file: Any,
                     not_enforced: tuple[str, ...] = ()) -> int:
+    from .launch import served
     from .launch.supervise import run_program
 
-    _remove_stale_cgroups()
+    if not served.serving():  # else its server's child did while it waited for the call
+        _remove_stale_cgroups()
     on_start = None
     if args.audit_log:
         from . import audit
@@ -738,6 +750,18 @@ def _command_oci(args: argparse.Namespace) -> int:
     return _run(args, config, list(bundle.args), bundle.not_enforced)
 
 
+def _command_serve(args: argparse.Namespace) -> int:
+    from . import cli_server
+
+    try:
+        if args.ready < 1:
+            raise SandboxError(f"--ready must be at least 1, got {args.ready}")
+        return cli_server.serve(args.socket or cli_server.socket_path(), args.ready)
+    except (SandboxError, OSError) as e:
+        print(f"ndf-sandbox serve: {e}", file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ndf-sandbox` console script."""
     from .launch.stdio import ensure_std_fds
@@ -758,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _command_cleanup()
     if args.subcommand == "oci":
         return _command_oci(args)
+    if args.subcommand == "serve":
+        return _command_serve(args)
     if args.cluster:
         from .demo_cluster import run_cluster_demo
 

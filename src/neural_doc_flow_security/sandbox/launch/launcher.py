@@ -133,8 +133,7 @@ class Launcher:
             raise TemplateGone(self.template_lost)
         config = effective_config(request)
         plan = plan_launch(config)
-        root = spare_sandbox.root_to_build_ahead(plan)
-        self._spare_roots = [root, *(r for r in self._spare_roots if r != root)][:MAX_SPARES]
+        self._expect_plan(plan)
         accounting = request.accounting_cgroup == "always" or (request.accounting_cgroup == "when idle"
                                                                and not self._working())
 
@@ -158,6 +157,15 @@ class Launcher:
                 lease.release()
             raise
         return self._started(sandbox_id, request, spawned)
+
+    def expect(self, request: LaunchRequest) -> None:
+        """Make the spare(s) build only the root of launches like `request` (a fresh
+        launcher that knows what its launches will be)."""
+        self._spare_roots = [spare_sandbox.root_to_build_ahead(plan_launch(effective_config(request)))]
+
+    def _expect_plan(self, plan: LaunchPlan) -> None:
+        root = spare_sandbox.root_to_build_ahead(plan)
+        self._spare_roots = [root, *(r for r in self._spare_roots if r != root)][:MAX_SPARES]
 
     def _launch_cold(self, request: LaunchRequest, config: SandboxConfig, plan: LaunchPlan,
                      lease: ids.IdLease | None, make_cgroup: Callable[[], SandboxCgroup | None]) -> SpawnedSandbox:
@@ -510,6 +518,12 @@ class Launcher:
             self.template_lost = f"{why}: this launcher starts no more sandboxes"
             _log().error("%s", self.template_lost)
 
+    def discard_spares(self) -> None:
+        """Remove the spares made so far (they took this process's rlimits, say, and
+        its next launch is to take others)."""
+        while self._spares:
+            self._discard_spare(self._spares[0])
+
     def _discard_spare(self, spare: Spare) -> None:
         self._spares.remove(spare)
         spare_sandbox.discard(spare)
@@ -534,8 +548,7 @@ class Launcher:
         for sandbox_id in list(self.running):
             self.kill(sandbox_id)
             results.append((sandbox_id, self.finish(sandbox_id)))
-        while self._spares:
-            self._discard_spare(self._spares[0])
+        self.discard_spares()
         self.remove_retired()
         resources.discard_spare_cgroup()
         return results

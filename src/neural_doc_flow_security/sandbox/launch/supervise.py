@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from ..config import SandboxConfig
 from ..result import IsolationReport, SandboxResult
-from . import bootstrap
+from . import bootstrap, served
 from .launcher import Launcher, LaunchRequest
 from .spawn import STD_FDS, SpawnedSandbox, has_exited
 from .stdio import TerminalRelay, ensure_std_fds
@@ -42,9 +42,11 @@ def _forwarding_signals(spawned: SpawnedSandbox, received: list[float]) -> Itera
 
 
 def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: float,
-                 relay: TerminalRelay | None = None) -> None:
+                 relay: TerminalRelay | None = None, control_fd: int | None = None) -> None:
     """Block until the sandbox's init exits, enforcing the timeout and signal grace
-    (and copying between the terminal and the sandbox's pipes, given a relay)."""
+    (and copying between the terminal and the sandbox's pipes, given a relay).
+    `control_fd`: a served run's client connection (launch/served.py); the signals
+    it forwards are forwarded, and its end is a hang-up."""
     deadline = None if timeout is None else spawned.started + timeout
     received: list[float] = []
     # A signal must end the poll (Python would retry it with the old timeout):
@@ -61,6 +63,8 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
                 poller = select.poll()
                 poller.register(spawned.pidfd, select.POLLIN)
                 poller.register(wake_read, select.POLLIN)
+                if control_fd is not None:
+                    poller.register(control_fd, select.POLLIN)
                 if relay is not None:
                     wanted, relay_ms = relay.poll_fds()
                     for fd, events in wanted.items():
@@ -75,6 +79,14 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
                 if wake_read in ready:
                     while _drain(wake_read):
                         pass
+                if control_fd is not None and control_fd in ready:
+                    forwarded = _client_signals(control_fd)
+                    if forwarded is None:  # the client is gone: as if its terminal hung up
+                        control_fd = None
+                        forwarded = [signal.SIGHUP]
+                    for signum in forwarded:
+                        received.append(time.monotonic())
+                        spawned.signal(signum)
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     spawned.timed_out = True
@@ -85,6 +97,19 @@ def wait_sandbox(spawned: SpawnedSandbox, timeout: float | None, grace_seconds: 
         signal.set_wakeup_fd(previous_wakeup)
         os.close(wake_read)
         os.close(wake_write)
+
+
+def _client_signals(fd: int) -> list[int] | None:
+    """The signals a served run's client forwarded (b"S" + the signal number each);
+    None once it has closed its end."""
+    try:
+        data = os.read(fd, 512)
+    except OSError:
+        return None
+    if not data:
+        return None
+    pairs = zip(data[0::2], data[1::2], strict=False)
+    return [number for tag, number in pairs if tag == ord("S") and number in _FORWARD]
 
 
 def _drain(fd: int) -> bool:
@@ -102,7 +127,8 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
     `fd_map` names) copies between them and the caller's terminal meanwhile;
     `on_start(pid, isolation)` is called once it runs (the audit log)."""
     ensure_std_fds()
-    launcher = Launcher()
+    call = served.take()
+    launcher = call.launcher if call is not None else Launcher()
     # A signal that arrives while the sandbox starts is held, then forwarded to it
     # (the child starts with an empty signal mask, see bootstrap's signal stage).
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
@@ -113,7 +139,8 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
         if relay is not None:
             relay.launched()
         try:
-            wait_sandbox(spawned, config.timeout_seconds, grace_seconds, relay)
+            wait_sandbox(spawned, config.timeout_seconds, grace_seconds, relay,
+                         call.control_fd if call is not None else None)
         finally:
             if not _exited(spawned):
                 spawned.kill()
@@ -121,7 +148,8 @@ def run_sandboxed(config: SandboxConfig, payload: bootstrap.Payload, *, name: st
             relay.finish()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-    return launcher.finish(0)
+    # A served run's emptied cgroup is removed once the client has its answer.
+    return launcher.finish(0, defer_cgroup=call is not None)
 
 
 def run_program(config: SandboxConfig, argv: list[str] | tuple[str, ...], *, cwd: str = "/",

@@ -14,6 +14,7 @@ _syscall.restype = ctypes.c_long
 
 # x86_64 and aarch64 share these numbers for the newer (>= 400) calls.
 SYS_pidfd_send_signal = 424
+SYS_ioprio_get = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -64,6 +65,13 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
     """pidfd_send_signal(2): signal exactly the process the pidfd refers to."""
     _check(_syscall(SYS_pidfd_send_signal, pidfd, sig, None, 0))
+
+
+def ioprio_get_process(pid: int) -> int:
+    """ioprio_get(2) of one process (IOPRIO_WHO_PROCESS)."""
+    if SYS_ioprio_get is None:
+        raise OSError(38, f"ioprio_get: not known on {os.uname().machine}")
+    return _check(_syscall(SYS_ioprio_get, 1, pid))
 
 
 def setns(fd: int, nstype: int) -> None:
