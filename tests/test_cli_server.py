@@ -74,6 +74,18 @@ def start_server(directory: Path) -> Server:
     return server
 
 
+def end_servers(*servers: Server | None) -> None:
+    """Cleanup: kill the servers a test started (if still running) and reap them."""
+    for server in servers:
+        if server is None:
+            continue
+        if server.process.poll() is None:
+            server.process.kill()
+        server.process.wait(timeout=60)
+        if server.process.stderr is not None:
+            server.process.stderr.close()
+
+
 @pytest.fixture
 def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     directory = tmp_path_factory.mktemp("ndf-serve")
@@ -219,12 +231,7 @@ def test_the_server_ends_with_nothing_left(server_dir: Path, tmp_path: Path) -> 
         assert again.process.wait(timeout=60) == 0
         assert not os.path.exists(again.socket)
     finally:
-        for process in (first.process, locals().get("again", first).process):
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=60)
-            if process.stderr is not None:
-                process.stderr.close()
+        end_servers(first, locals().get("again"))
 
 
 def test_a_call_under_way_outlives_its_stopped_server(server_dir: Path, tmp_path: Path) -> None:
@@ -253,12 +260,7 @@ def test_a_call_under_way_outlives_its_stopped_server(server_dir: Path, tmp_path
         if client.poll() is None:
             client.kill()
         client.wait(timeout=60)
-        for process in (first.process, locals().get("second", first).process):
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=60)
-            if process.stderr is not None:
-                process.stderr.close()
+        end_servers(first, locals().get("second"))
 
 
 def test_the_server_will_not_listen_in_a_shared_directory(server_dir: Path) -> None:
