@@ -99,18 +99,18 @@ def serve(path: str, ready_children: int = READY_CHILDREN) -> int:
     except BlockingIOError:
         os.close(lock)
         raise SandboxError(f"another ndf-sandbox serve listens on {path}") from None
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # a dead server's (we hold the lock)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    listener.bind(path)
-    listener.listen(64)
-    listener.setblocking(False)  # every waiting child selects it: one of them gets each caller
-    adopt_delegated_subtree()  # as `run` does, once, before any child: alone in a delegated cgroup, use it
-    _warm_up()
-    our_context = _context("self")  # after the delegation's move: what a caller must match
-    gc.freeze()  # what is here now stays out of the collector: fewer copied pages in each child
-    print(f"ndf-sandbox serve: listening on {path}", file=sys.stderr, flush=True)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a dead server's (we hold the lock)
+        listener.bind(path)
+        listener.listen(64)
+        listener.setblocking(False)  # every waiting child selects it: one of them gets each caller
+        adopt_delegated_subtree()  # as `run` does, once, before any child: alone in a delegated cgroup, use it
+        _warm_up()
+        our_context = _context("self")  # after the delegation's move: what a caller must match
+        gc.freeze()  # what is here now stays out of the collector: fewer copied pages in each child
+        print(f"ndf-sandbox serve: listening on {path}", file=sys.stderr, flush=True)
         with _stop_signals() as wake:
             _accept_calls(listener, (*wake, lock), ready_children, our_context)
     finally:
