@@ -263,10 +263,17 @@ def test_a_call_under_way_outlives_its_stopped_server(server_dir: Path, tmp_path
         end_servers(first, locals().get("second"))
 
 
-def test_the_server_will_not_listen_in_a_shared_directory(server_dir: Path) -> None:
-    server_dir.chmod(0o755)
-    refused = subprocess.run([PYTHON_CLI, "serve", "--socket", str(server_dir / "cli.sock")], capture_output=True,
+@pytest.mark.parametrize("how", ["mode 0755", "another user's", "a symlink to a private one"])
+def test_the_server_will_not_listen_in_a_directory_not_its_own(how: str, server_dir: Path) -> None:
+    directory = server_dir / "sockets"
+    if how == "a symlink to a private one":
+        directory.symlink_to(server_dir)
+    else:
+        directory.mkdir(mode=0o755 if how == "mode 0755" else 0o700)
+        if how == "another user's":
+            os.chown(directory, 65534, 65534)
+    refused = subprocess.run([PYTHON_CLI, "serve", "--socket", str(directory / "cli.sock")], capture_output=True,
                              timeout=120, check=False, env=ndf_host_env())
     assert refused.returncode != 0
-    assert str(server_dir) in refused.stderr.decode() and "0700" in refused.stderr.decode()
-    assert not (server_dir / "cli.sock").exists()
+    assert str(directory) in refused.stderr.decode() and "0700" in refused.stderr.decode()
+    assert not (server_dir / "cli.sock").exists() and not os.path.lexists(directory / "cli.sock")

@@ -42,7 +42,6 @@ import resource
 import select
 import signal
 import socket
-import stat
 import struct
 import sys
 import time
@@ -124,10 +123,9 @@ def serve(path: str, ready_children: int = READY_CHILDREN) -> int:
 
 def _private_directory(directory: str) -> None:
     """Make `directory` ours alone (0700), or check that it is."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, 0o700)
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+    from .private_dir import make_private_directory
+
+    if not make_private_directory(directory):
         raise SandboxError(f"{directory} must be a directory of uid {os.geteuid()} that nobody else may use "
                            f"(mode 0700); it is not: the server will not listen there")
 
@@ -271,7 +269,9 @@ def _peer_in_our_context(connection: socket.socket, ours: tuple[object, ...]) ->
         pid, uid, gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if pid <= 0 or uid != os.geteuid() or gid != os.getegid():
             return False
-        pidfd = _peer_pidfd(connection, pid)
+        # The caller's pidfd as it connected: a pid read from SO_PEERCRED could be
+        # recycled before we look. Without SO_PEERPIDFD (Linux < 6.5) nobody is served.
+        pidfd = struct.unpack("i", connection.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))[0]
         try:
             same = _context(str(pid)) == ours
             alive = not select.select([pidfd], [], [], 0)[0]  # its pid was not recycled meanwhile
@@ -280,14 +280,6 @@ def _peer_in_our_context(connection: socket.socket, ours: tuple[object, ...]) ->
         return same and alive
     except OSError:
         return False
-
-
-def _peer_pidfd(connection: socket.socket, pid: int) -> int:
-    try:
-        pidfd: int = struct.unpack("i", connection.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4))[0]
-        return pidfd
-    except OSError:
-        return os.pidfd_open(pid)  # before 6.5: the pid, checked alive after the reads
 
 
 def _context(pid: str) -> tuple[object, ...]:
@@ -342,7 +334,6 @@ def _ready_child(listener: socket.socket, server_link: socket.socket, server: in
     """Prepare the next sandbox, then accept one call from a caller in our context
     (others are told to fall back) and run it. Ends when the server does, unless it
     has taken a call."""
-    from .linux import network
     from .linux import syscalls as sc
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -364,7 +355,6 @@ def _ready_child(listener: socket.socket, server_link: socket.socket, server: in
         call = None
         while call is None:  # its one spare, made ahead; remade when its root gets too old to be used
             launcher.prepare_next()
-            network.settle()
             if not told:
                 with contextlib.suppress(OSError):  # the server stops: the link is readable now
                     server_link.send(b"r")
@@ -500,9 +490,10 @@ def _open_std_streams() -> None:
 
 
 def _read_request(connection: socket.socket) -> _Request | None:
-    """The client's request; None (and the connection closed) when it is not one."""
+    """The client's request; None when it is not one (the fds it sent are closed)."""
     connection.settimeout(_REQUEST_WAIT)
     fixed = _HEADER.size + _RLIMITS * _RLIMIT.size
+    fds: list[int] = []
     try:
         data, fds, _, _ = socket.recv_fds(connection, fixed, 4)
         while len(data) < fixed:
@@ -523,7 +514,7 @@ def _read_request(connection: socket.socket) -> _Request | None:
         if len(strings) != argc + envc or argc < 1 or strings[0] != "run":
             raise ConnectionError("malformed request")
     except (OSError, struct.error, ConnectionError):
-        for fd in locals().get("fds", []):
+        for fd in fds:
             os.close(fd)
         return None
     connection.settimeout(None)

@@ -418,17 +418,13 @@ def _profile_file(profile: dict[str, Any]) -> str:
     unless the file holds exactly this profile it is written again before use."""
     import hashlib
 
+    from .private_dir import make_private_directory
+
     text = json.dumps(profile, sort_keys=True).encode()
     directory = os.path.join(tempfile.gettempdir(), f"ndf-oci-seccomp-{os.geteuid()}")
     path = os.path.join(directory, hashlib.sha256(text).hexdigest()[:32] + ".json")
     try:
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(directory)
-        if not os.path.isdir(directory) or os.path.islink(directory) or st.st_uid != os.geteuid() \
-                or st.st_mode & 0o077:
+        if not make_private_directory(directory):
             raise OciError("linux.seccomp", f"{directory!r} is not a private directory of this user")
         if _read_no_follow(path, len(text)) != text:
             fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
